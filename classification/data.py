@@ -1,0 +1,152 @@
+"""Classification data: ImageFolder trees checked up front, torchvision v2 presets, and the synthetic set."""
+import os
+from functools import partial
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from common.distributed import ShardedEvalSampler
+from common.log import UserError
+from common.synthetic import SHAPES, TensorLoader, make_shapes
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
+LAYOUT_HINT = "--data-path must hold train/ and val/, each with one folder of images per class (ImageNet layout)"
+
+
+def read_image(path):
+    """Any Pillow-readable file as RGB: grayscale, RGBA, palette, CMYK, 16-bit, PNG named .jpg."""
+    try:
+        with Image.open(path) as image:
+            if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit: keep the top 8 bits, not a clipped copy
+                image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
+            return image.convert("RGB")
+    except Exception as e:
+        raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}): "
+                        "delete the file or replace it with a valid image") from None
+
+
+def list_classes(split_dir):
+    """Class folder names of one split; stops on a missing split or an empty class folder."""
+    if not os.path.isdir(split_dir):
+        raise UserError(f"split folder {split_dir} not found: {LAYOUT_HINT}")
+    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    if not classes:
+        raise UserError(f"{split_dir} has no class folders: {LAYOUT_HINT}")
+    for name in classes:
+        folder = os.path.join(split_dir, name)
+        if not any(entry.name.lower().endswith(IMAGE_EXTENSIONS) for entry in os.scandir(folder)):
+            raise UserError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                            "add images or remove the folder")
+    return classes
+
+
+class ImageFolderWithClasses(datasets.ImageFolder):
+    """ImageFolder whose class -> index map is given, so val uses train's indices even with classes absent."""
+
+    def __init__(self, root, classes, transform):
+        self.fixed_classes = classes
+        super().__init__(root, transform=transform, loader=read_image, allow_empty=True)
+
+    def find_classes(self, directory):
+        return self.fixed_classes, {name: i for i, name in enumerate(self.fixed_classes)}
+
+
+def train_preset(args):
+    interpolation = v2.InterpolationMode(args.interpolation)
+    steps = [v2.RandomResizedCrop(args.train_crop_size, interpolation=interpolation, antialias=True),
+             v2.RandomHorizontalFlip()]
+    if args.auto_augment == "ra":
+        steps.append(v2.RandAugment(interpolation=interpolation))
+    elif args.auto_augment == "ta_wide":
+        steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
+    elif args.auto_augment == "augmix":
+        steps.append(v2.AugMix(interpolation=interpolation))
+    elif args.auto_augment:
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(args.auto_augment), interpolation=interpolation))
+    steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    if args.random_erase > 0:
+        steps.append(v2.RandomErasing(p=args.random_erase))
+    return v2.Compose(steps)
+
+
+def val_preset(resize_size, crop_size, interpolation="bilinear"):
+    return v2.Compose([v2.Resize(resize_size, interpolation=v2.InterpolationMode(interpolation), antialias=True),
+                       v2.CenterCrop(crop_size), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(MEAN, STD)])
+
+
+def batch_mixer(args, num_classes):
+    """MixUp and/or CutMix on whole batches (one of them per batch), or None."""
+    mixers = [mixer(alpha=alpha, num_classes=num_classes) for mixer, alpha in
+              ((v2.MixUp, args.mixup_alpha), (v2.CutMix, args.cutmix_alpha)) if alpha > 0]
+    return v2.RandomChoice(mixers) if mixers else None
+
+
+def mix_collate(batch, mixer):
+    return mixer(*default_collate(batch))
+
+
+def synthetic_split(args, split, device):
+    """(images, labels) of the built-in shapes set, already on `device`; image size = --train-crop-size."""
+    size = args.synthetic_train_size if split == "train" else args.synthetic_val_size
+    images, labels = make_shapes(size, args.train_crop_size, args.synthetic_classes, seed=0, split=split)
+    return images.to(device), labels.to(device)
+
+
+def synthetic_loader(images, labels, args, env, train, mixer=None):
+    # Constants made once on the data's device: v2.Normalize builds them from Python lists on every call,
+    # and on a GPU each such host-to-device copy waits for all queued work, a sync in every step.
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    inv_std = 1 / (torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255)
+
+    def transform(images, labels):
+        if train:  # per-sample flips: v2.RandomHorizontalFlip on a batch tensor flips all or none
+            flip = torch.rand(len(images), device=images.device) < 0.5
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        images = (images.float() - mean) * inv_std
+        return mixer(images, labels) if mixer is not None else (images, labels)
+
+    sampler = (DistributedSampler(labels, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True)
+               if train else ShardedEvalSampler(labels, env.rank, env.world_size))
+    return TensorLoader(images, labels, sampler, args.batch_size, transform, drop_last=train)
+
+
+def load_data(args, env, device):
+    """Train and val loaders and the class names; each rank sees its own part of the data."""
+    if args.data_path is None:
+        class_names = list(SHAPES[:args.synthetic_classes])
+        train_loader = synthetic_loader(*synthetic_split(args, "train", device), args, env, True,
+                                        batch_mixer(args, len(class_names)))
+        return train_loader, load_val(args, env, device, class_names), class_names
+    train_dir, val_dir = os.path.join(args.data_path, "train"), os.path.join(args.data_path, "val")
+    class_names = list_classes(train_dir)
+    list_classes(val_dir)  # fail now, not after the first epoch, when val/ is missing or broken
+    train_set = ImageFolderWithClasses(train_dir, class_names, train_preset(args))
+    mixer = batch_mixer(args, len(class_names))
+    # No persistent workers: fresh workers each epoch take their seeds from the per-epoch RNG, which keeps
+    # a resumed run identical to an uninterrupted one.
+    train_loader = DataLoader(
+        train_set, batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
+        sampler=DistributedSampler(train_set, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True),
+        collate_fn=partial(mix_collate, mixer=mixer) if mixer else None, drop_last=True)
+    return train_loader, load_val(args, env, device, class_names), class_names
+
+
+def load_val(args, env, device, class_names):
+    """Validation loader whose labels index `class_names`; every sample lands on exactly one rank."""
+    if args.data_path is None:
+        return synthetic_loader(*synthetic_split(args, "val", device), args, env, False)
+    val_dir = os.path.join(args.data_path, "val")
+    unknown = sorted(set(list_classes(val_dir)) - set(class_names))
+    if unknown:
+        raise UserError(f"{val_dir} has class folders the model was not trained on: {', '.join(unknown[:5])}: "
+                        "add them to train/ or remove them from val/")
+    val_set = ImageFolderWithClasses(val_dir, class_names,
+                                     val_preset(args.val_resize_size, args.val_crop_size, args.interpolation))
+    return DataLoader(val_set, batch_size=args.batch_size, num_workers=args.workers,
+                      pin_memory=device.type == "cuda", sampler=ShardedEvalSampler(val_set, env.rank, env.world_size))

@@ -1,0 +1,125 @@
+"""Evaluate a classifier: top-1, top-5, per-class accuracy and a confusion matrix, exact under torchrun.
+
+    python classification/eval.py --checkpoint runs/r50/best.pth --data-path /data/imagenet --output-json r50.json
+    python classification/eval.py --model resnet50 --weights IMAGENET1K_V2 --data-path /data/imagenet
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+
+import torch
+import torchvision
+
+from classification.data import SHAPES, list_classes, load_val
+from classification.model import create_model
+from common.checkpoint import CheckpointError, load_checkpoint, load_model_state, state_dict_from
+from common.distributed import init_distributed
+from common.engine import evaluate
+from common.log import UserError, confusion_matrix_image, print0, run_cli
+from common.metrics import ClassificationMeter
+
+# Taken from the checkpoint's training arguments unless given here.
+FROM_TRAINING = dict(model=None, val_resize_size=256, val_crop_size=224, interpolation="bilinear",
+                     train_crop_size=32, synthetic_val_size=2_000, synthetic_classes=10)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--checkpoint", help="a checkpoint written by train.py (checkpoint.pth, best.pth) or a bare state dict")
+    add("--use-ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    add("--weights", help="instead of --checkpoint: a torchvision weights name such as IMAGENET1K_V2")
+    add("--data-path", help="ImageFolder root whose val/ is evaluated (default: the synthetic validation set)")
+    add("--model", help="torchvision model name (default: the checkpoint's)")
+    add("--device", help="cuda or cpu (default: cuda when available)")
+    add("-b", "--batch-size", type=int, default=64, help="images per process per step")
+    add("-j", "--workers", type=int, default=8, help="DataLoader worker processes per rank")
+    add("--amp", action="store_true", help="autocast (see --amp-dtype)")
+    add("--amp-dtype", default="float16", choices=["float16", "bfloat16"], help="autocast dtype")
+    add("--channels-last", action="store_true", help="NHWC memory format")
+    add("--val-resize-size", type=int, help="resize of the shorter side (default: the checkpoint's, else 256)")
+    add("--val-crop-size", type=int, help="centre crop (default: the checkpoint's, else 224)")
+    add("--interpolation", choices=["nearest", "bilinear", "bicubic"], help="resize filter (default: checkpoint's)")
+    add("--output-json", help="write acc1, acc5, per_class_acc and num_samples here")
+    add("--confusion-png", help="draw the confusion matrix into this PNG file")
+    return p
+
+
+def model_from_checkpoint(checkpoint, args, num_classes):
+    if args.use_ema and checkpoint.get("model_ema") is None:
+        raise UserError(f"{args.checkpoint} holds no EMA weights: drop --use-ema")
+    model, _ = create_model(args.model, None, num_classes)
+    try:
+        state = state_dict_from({"model": checkpoint["model_ema"]} if args.use_ema else checkpoint)
+        load_model_state(model, state, args.checkpoint)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    return model
+
+
+def weights_categories(model_name, weights):
+    try:
+        return torchvision.models.get_model_weights(model_name)[weights].meta["categories"]
+    except (KeyError, ValueError):
+        raise UserError(f"--weights {weights!r} is not a torchvision weights name of --model {model_name}; "
+                        "pass a file with --checkpoint") from None
+
+
+def main(args):
+    if bool(args.checkpoint) == bool(args.weights):
+        raise UserError("give either --checkpoint PATH (from train.py) or --model NAME --weights NAME")
+    checkpoint = {}
+    if args.checkpoint:
+        try:
+            checkpoint = load_checkpoint(args.checkpoint)
+        except CheckpointError as e:
+            raise UserError(str(e)) from None
+    trained = checkpoint.get("args") or {}
+    for name, default in FROM_TRAINING.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, trained.get(name, default))
+    if not args.model:
+        raise UserError(f"{args.checkpoint} does not say which model it holds: give --model")
+    env, device = init_distributed(args.device)
+
+    class_names = checkpoint.get("class_names")
+    if class_names is None and args.data_path is None:
+        class_names = list(SHAPES[:args.synthetic_classes])
+    elif class_names is None:  # as in training, the sorted folders of train/ (else val/) give the label indices
+        train_dir = os.path.join(args.data_path, "train")
+        class_names = list_classes(train_dir if os.path.isdir(train_dir) else os.path.join(args.data_path, "val"))
+    if args.weights:
+        categories = weights_categories(args.model, args.weights)
+        if len(categories) != len(class_names):
+            raise UserError(f"--weights {args.weights} predicts {len(categories)} classes, but the data has "
+                            f"{len(class_names)}: evaluate a checkpoint fine-tuned on this data instead")
+        model, _ = create_model(args.model, args.weights, len(class_names))
+    else:
+        model = model_from_checkpoint(checkpoint, args, len(class_names))
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+
+    val_loader = load_val(args, env, device, class_names)
+    meter = evaluate(model, val_loader, ClassificationMeter(len(class_names), device), device, args)
+    summary = meter.summary()
+    per_class = meter.confusion.per_class_accuracy()
+    counts = meter.confusion.matrix.sum(1).tolist()
+    width = max(len(name) for name in class_names)
+    print0(f"{'class':<{width}}  {'images':>6}  accuracy")
+    for name, count, accuracy in zip(class_names, counts, per_class):
+        if count:
+            print0(f"{name:<{width}}  {count:>6}  {100 * accuracy:8.2f}")
+    print0(f"top-1 {summary['acc1']:.3f}  top-5 {summary['acc5']:.3f}  on {summary['num_samples']} images")
+    if env.is_main and args.output_json:
+        per_class_acc = {name: (None if count == 0 else 100 * accuracy)
+                         for name, count, accuracy in zip(class_names, counts, per_class)}
+        with open(args.output_json, "w") as f:
+            json.dump({**summary, "per_class_acc": per_class_acc}, f, indent=1)
+    if env.is_main and args.confusion_png:
+        confusion_matrix_image(meter.confusion.matrix.cpu(), class_names).save(args.confusion_png)
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())

@@ -1,0 +1,80 @@
+"""Any torchvision classifier by name, from scratch or from weights, with its head sized to the dataset."""
+import os
+from functools import partial
+
+import torchvision
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from common.checkpoint import CheckpointError, load_checkpoint, load_model_state, state_dict_from
+from common.log import UserError, print0
+
+
+def classifier_models():
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def find_head(model):
+    """Qualified name of the final nn.Linear, the layer that maps features to classes."""
+    linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linear:
+        raise UserError(f"{type(model).__name__} has no nn.Linear classifier to resize: choose another --model")
+    return linear[-1]
+
+
+def replace_head(model, head, num_classes):
+    parent_name, _, attr = head.rpartition(".")
+    old = model.get_submodule(head)
+    setattr(model.get_submodule(parent_name), attr, nn.Linear(old.in_features, num_classes))
+
+
+def create_model(name, weights, num_classes):
+    """Returns (model, head name). `weights`: None, a torchvision enum name such as IMAGENET1K_V2, or a file."""
+    if name not in classifier_models():
+        raise UserError(f"unknown --model {name!r}: use a torchvision classifier such as resnet50, resnet18, "
+                        "convnext_tiny, vit_b_16 (all: torchvision.models.list_models(module=torchvision.models))")
+    if weights and os.path.isfile(weights):
+        model = torchvision.models.get_model(name, num_classes=num_classes)
+        head = find_head(model)
+        try:
+            state = state_dict_from(load_checkpoint(weights))
+            skipped = load_model_state(model, state, weights, skip_mismatched={f"{head}.weight", f"{head}.bias"})
+        except CheckpointError as e:
+            raise UserError(str(e)) from None
+        if skipped:
+            print0(f"new {num_classes}-class head: {', '.join(skipped)} from {weights} not used")
+        return model, head
+    if weights:
+        try:
+            enum = torchvision.models.get_model_weights(name)[weights]
+        except KeyError:
+            options = ", ".join(w.name for w in torchvision.models.get_model_weights(name))
+            raise UserError(f"--weights {weights!r} is neither a file nor a weights name of {name} "
+                            f"({options})") from None
+        model = torchvision.models.get_model(name, weights=enum)  # downloads once into torch's hub cache
+        head = find_head(model)
+        if len(enum.meta["categories"]) != num_classes:
+            replace_head(model, head, num_classes)
+            print0(f"replaced the {len(enum.meta['categories'])}-class head of {weights} with a {num_classes}-class one")
+        return model, head
+    model = torchvision.models.get_model(name, num_classes=num_classes)
+    return model, find_head(model)
+
+
+def enable_grad_checkpointing(model):
+    """Recompute each stage's activations in the backward pass instead of storing them.
+
+    Batch-norm running statistics see each batch twice (forward and recompute), as with timm's
+    checkpoint_seq; gradients are unchanged. Call it after copying the model for EMA, since the
+    copy would keep the patched forward of the original.
+    """
+    if hasattr(model, "layer4"):  # ResNet, ResNeXt, Wide ResNet
+        stages = [getattr(model, f"layer{i}") for i in range(1, 5)]
+    elif hasattr(model, "features"):  # ConvNeXt, EfficientNet, MobileNet, Swin, VGG, ...
+        stages = list(model.features)
+    elif hasattr(model, "encoder") and hasattr(model.encoder, "layers"):  # ViT
+        stages = list(model.encoder.layers)
+    else:
+        raise UserError(f"--grad-checkpointing does not know the stages of {type(model).__name__}")
+    for stage in stages:
+        stage.forward = partial(checkpoint, stage.forward, use_reentrant=False)

@@ -1,0 +1,248 @@
+"""Train an image classifier (ResNet-50 or any torchvision model) on an ImageFolder tree or the synthetic set.
+
+    python classification/train.py                                    # built-in synthetic set, CPU or GPU
+    torchrun --nproc_per_node=8 classification/train.py --data-path /data/imagenet --model resnet50 --amp
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+
+import torch
+from torch import nn
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from classification.data import load_data
+from classification.model import create_model, enable_grad_checkpointing
+from common.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_atomic, state_dict_from, unwrap
+from common.distributed import init_distributed
+from common.engine import evaluate, train_one_epoch
+from common.log import UserError, append_jsonl, confusion_matrix_image, print0, run_cli, tensorboard_writer
+from common.metrics import ClassificationMeter
+from common.optim import create_ema, create_lr_scheduler, create_optimizer, param_groups
+
+# Defaults that depend on the data. Real data gets torchvision's ResNet-50 V1 recipe (76.1% top-1 published,
+# with 8 GPUs x 32 images); the synthetic set gets a small recipe that finishes on a laptop CPU.
+REAL_DATA_DEFAULTS = dict(model="resnet50", batch_size=32, epochs=90, lr=0.1, lr_scheduler="steplr",
+                          lr_warmup_epochs=0, workers=8, train_crop_size=224, print_freq=100)
+SYNTHETIC_DEFAULTS = dict(model="resnet18", batch_size=128, epochs=4, lr=0.05, lr_scheduler="cosineannealinglr",
+                          lr_warmup_epochs=1, workers=0, train_crop_size=32, print_freq=50)
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def get_args_parser():
+    def recipe(name):  # the help text of a default that depends on the data
+        return f"(default: {REAL_DATA_DEFAULTS[name]}; {SYNTHETIC_DEFAULTS[name]} on the synthetic set)"
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--data-path", help="ImageFolder root with train/ and val/ (default: the built-in synthetic set)")
+    add("--model", help=f"torchvision classifier name {recipe('model')}")
+    add("--weights", help="start from weights: a torchvision enum name (IMAGENET1K_V2) or a local .pth state dict")
+    add("--device", help="cuda or cpu (default: cuda when available)")
+    add("-b", "--batch-size", type=positive_int, help=f"images per process per step {recipe('batch_size')}")
+    add("--epochs", type=positive_int, help=f"epochs to train {recipe('epochs')}")
+    add("-j", "--workers", type=int, help=f"DataLoader worker processes per rank {recipe('workers')}")
+    add("--opt", default="sgd", choices=["sgd", "sgd_nesterov", "adamw", "rmsprop"], help="optimizer")
+    add("--lr", type=float, help=f"peak learning rate for the whole run's batch {recipe('lr')}")
+    add("--head-lr", type=float, help="learning rate of the classifier head (default: --lr); for fine-tuning")
+    add("--momentum", type=float, default=0.9, help="SGD/RMSprop momentum")
+    add("--wd", "--weight-decay", type=float, default=1e-4, dest="weight_decay", help="weight decay")
+    add("--norm-weight-decay", type=float, help="weight decay of normalisation layers (default: --wd)")
+    add("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy loss")
+    add("--mixup-alpha", type=float, default=0.0, help="MixUp alpha (0: off)")
+    add("--cutmix-alpha", type=float, default=0.0, help="CutMix alpha (0: off); with MixUp, one of the two per batch")
+    add("--auto-augment", help="ra, ta_wide, augmix, or an AutoAugment policy: imagenet, cifar10, svhn")
+    add("--random-erase", type=float, default=0.0, help="RandomErasing probability")
+    add("--lr-scheduler", choices=["steplr", "cosineannealinglr", "exponentiallr"],
+        help=f"schedule after warmup, stepped every optimizer step {recipe('lr_scheduler')}")
+    add("--lr-step-size", type=int, default=30, help="StepLR: epochs between decays")
+    add("--lr-gamma", type=float, default=0.1, help="StepLR/ExponentialLR: decay factor per step size / epoch")
+    add("--lr-min", type=float, default=0.0, help="CosineAnnealingLR: final learning rate")
+    add("--lr-warmup-epochs", type=int, help=f"epochs of warmup {recipe('lr_warmup_epochs')}")
+    add("--lr-warmup-method", default="linear", choices=["linear", "constant"], help="warmup shape")
+    add("--lr-warmup-decay", type=float, default=0.01, help="warmup starts at this fraction of --lr")
+    add("--clip-grad-norm", type=float, help="clip the gradient norm to this value (default: no clipping)")
+    add("--model-ema", action="store_true", help="keep an exponential moving average of weights and evaluate it")
+    add("--model-ema-steps", type=positive_int, default=32, help="optimizer steps between EMA updates")
+    add("--model-ema-decay", type=float, default=0.99998, help="EMA decay, scaled as in torchvision's reference")
+    add("--train-crop-size", type=positive_int, help=f"RandomResizedCrop size {recipe('train_crop_size')}")
+    add("--val-resize-size", type=positive_int, default=256, help="validation resize of the shorter side")
+    add("--val-crop-size", type=positive_int, default=224, help="validation centre crop")
+    add("--interpolation", default="bilinear", choices=["nearest", "bilinear", "bicubic"], help="resize filter")
+    add("--sync-bn", action="store_true", help="synchronise batch-norm statistics across GPUs")
+    add("--amp", action="store_true", help="mixed precision (autocast); float16 adds loss scaling")
+    add("--amp-dtype", choices=["float16", "bfloat16"], help="autocast dtype (implies --amp; default float16)")
+    add("--accum-steps", type=positive_int, default=1, help="micro-batches per optimizer step")
+    add("--channels-last", action="store_true", help="NHWC memory format (faster convolutions under AMP)")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--grad-checkpointing", action="store_true", help="recompute stage activations in backward to save memory")
+    add("--seed", type=int, default=0, help="seed of weights init, data order and augmentation")
+    add("--use-deterministic-algorithms", action="store_true", help="deterministic kernels only (slower)")
+    add("--output-dir", help="where checkpoints, logs and TensorBoard files go (default: nothing is written)")
+    add("--resume", help="checkpoint to continue from, or 'auto' for <output-dir>/checkpoint.pth if it exists")
+    add("--start-epoch", type=int, default=0, help="first epoch (set by --resume)")
+    add("--test-only", action="store_true", help="only evaluate --resume or --weights on the val split")
+    add("--print-freq", type=positive_int, help=f"optimizer steps between progress lines {recipe('print_freq')}")
+    add("--synthetic-train-size", type=positive_int, default=16_000, help="synthetic set: training images")
+    add("--synthetic-val-size", type=positive_int, default=2_000, help="synthetic set: validation images")
+    add("--synthetic-classes", type=positive_int, default=10, help="synthetic set: number of classes (2-10)")
+    return p
+
+
+def finish_args(args):
+    for name, value in (SYNTHETIC_DEFAULTS if args.data_path is None else REAL_DATA_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.amp = args.amp or args.amp_dtype is not None
+    args.amp_dtype = args.amp_dtype or "float16"
+    if args.resume == "auto" and not args.output_dir:
+        raise UserError("--resume auto looks for <output-dir>/checkpoint.pth: give --output-dir too")
+    return args
+
+
+def resume_path(args):
+    if args.resume != "auto":
+        return args.resume
+    path = os.path.join(args.output_dir, "checkpoint.pth")
+    return path if os.path.isfile(path) else None
+
+
+def checkpoint_state(model, optimizer, lr_scheduler, scaler, model_ema, epoch, best_acc1, args, class_names):
+    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
+            "epoch": epoch, "best_acc1": best_acc1, "args": vars(args), "class_names": class_names}
+
+
+def restore(checkpoint, path, model, optimizer, lr_scheduler, scaler, model_ema, args):
+    """Load a training checkpoint into everything that carries state; returns (start epoch, best acc1)."""
+    trained_with = checkpoint.get("args", {}).get("model")
+    if trained_with != args.model:
+        raise UserError(f"checkpoint {path} was trained with --model {trained_with}, not {args.model}: "
+                        f"pass --model {trained_with} or another checkpoint")
+    try:
+        load_model_state(model, state_dict_from(checkpoint), path)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (CheckpointError, ValueError) as e:
+        raise UserError(f"cannot resume from {path}: {e}. Resume with the flags it was trained with "
+                        "(--opt, --norm-weight-decay, --head-lr)") from None
+    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    if model_ema is not None and checkpoint.get("model_ema") is not None:
+        model_ema.module.load_state_dict(checkpoint["model_ema"])
+        model_ema.n_averaged.fill_(1)
+    return checkpoint["epoch"] + 1, checkpoint["best_acc1"]
+
+
+def main(args):
+    env, device = init_distributed(args.device)
+    args.world_size = env.world_size
+    if args.output_dir and env.is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    print0(f"{' '.join(sys.argv)}\nworld size {env.world_size}, device {device}, torch {torch.__version__}")
+    torch.backends.cudnn.benchmark = not args.use_deterministic_algorithms
+    torch.use_deterministic_algorithms(args.use_deterministic_algorithms)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)
+
+    train_loader, val_loader, class_names = load_data(args, env, device)
+    steps_per_epoch = len(train_loader) // args.accum_steps
+    if steps_per_epoch == 0:
+        raise UserError(f"-b {args.batch_size} x --accum-steps {args.accum_steps} is more than the "
+                        f"{len(train_loader.sampler)} training images per process: lower -b or --accum-steps")
+    print0(f"{len(train_loader.dataset)} training and {len(val_loader.dataset)} validation images, "
+           f"{len(class_names)} classes; effective batch {args.batch_size} x {args.accum_steps} accumulation "
+           f"x {env.world_size} processes = {args.batch_size * args.accum_steps * env.world_size}")
+
+    model, head = create_model(args.model, args.weights, len(class_names))
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    if args.sync_bn and env.distributed:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA devices: drop it on CPU")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    images_per_step = args.batch_size * args.accum_steps * env.world_size
+    model_ema = create_ema(model, args.model_ema_decay, args.model_ema_steps, images_per_step,
+                           args.epochs) if args.model_ema else None
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(model)
+    groups = param_groups(model, args.lr, args.weight_decay, args.norm_weight_decay, head, args.head_lr)
+    optimizer = create_optimizer(args.opt, groups, args.lr, args.momentum, args.weight_decay, device.type)
+    lr_scheduler = create_lr_scheduler(optimizer, args, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and args.amp_dtype == "float16")
+
+    best_acc1, path = 0.0, resume_path(args)
+    if path:
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError as e:
+            raise UserError(str(e)) from None
+        args.start_epoch, best_acc1 = restore(checkpoint, path, model, optimizer, lr_scheduler, scaler, model_ema, args)
+        print0(f"resumed from {path}: next epoch {args.start_epoch}, best top-1 {best_acc1:.2f}")
+
+    if env.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if args.compile:
+        model.compile()  # in place: the state dict keeps its keys
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    writer = tensorboard_writer(args.output_dir)
+
+    def validate(net, name):
+        meter = evaluate(net, val_loader, ClassificationMeter(len(class_names), device), device, args)
+        summary = meter.summary()
+        print0(f"{name}: top-1 {summary['acc1']:.3f}  top-5 {summary['acc5']:.3f}  on {summary['num_samples']} images")
+        return summary, meter
+
+    if args.test_only:
+        validate(model, "Test")
+        return
+
+    for epoch in range(args.start_epoch, args.epochs):
+        # Every epoch's randomness is a function of (seed, epoch, rank): a resumed run replays it exactly,
+        # and ranks draw different augmentations.
+        torch.manual_seed(hash((args.seed, epoch, env.rank)))
+        train_loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, train_loader, device, epoch,
+                                args, model_ema, writer)
+        val, val_meter = validate(model, f"Epoch {epoch} val")
+        record = {"epoch": epoch, **stats, "val_acc1": val["acc1"], "val_acc5": val["acc5"]}
+        if model_ema is not None:
+            ema, _ = validate(model_ema, f"Epoch {epoch} EMA val")
+            record.update(val_ema_acc1=ema["acc1"], val_ema_acc5=ema["acc5"])
+        is_best = val["acc1"] > best_acc1
+        best_acc1 = max(best_acc1, val["acc1"])
+        if args.output_dir and env.is_main:
+            state = checkpoint_state(model, optimizer, lr_scheduler, scaler, model_ema, epoch, best_acc1, args,
+                                     class_names)
+            save_atomic(state, os.path.join(args.output_dir, "checkpoint.pth"))
+            if is_best:
+                save_atomic(state, os.path.join(args.output_dir, "best.pth"))
+            print0(f"saved {args.output_dir}/checkpoint.pth (epoch {epoch})")
+            append_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
+        if writer is not None:
+            for key in ("val_acc1", "val_acc5", "val_ema_acc1", "train_loss", "img_per_s"):
+                if key in record:
+                    writer.add_scalar(f"epoch/{key}", record[key], epoch)
+    print0(f"best top-1 {best_acc1:.3f}")
+
+    if writer is not None and args.start_epoch < args.epochs:  # what the last epoch confuses with what
+        picture = confusion_matrix_image(val_meter.confusion.matrix.cpu(), class_names)
+        writer.add_image("val/confusion_matrix", pil_to_tensor(picture), args.epochs - 1)
+        writer.close()
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    run_cli(lambda a: main(finish_args(a)), args)

@@ -1,0 +1,78 @@
+"""Process-group setup for torchrun and SLURM, and the sampler that makes distributed evaluation exact."""
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from common.log import UserError
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def read_dist_env(environ=os.environ):
+    """Rank layout from torchrun's variables, else SLURM's (one task per GPU), else a single process."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return DistEnv(int(environ["RANK"]), int(environ.get("LOCAL_RANK", 0)), int(environ["WORLD_SIZE"]))
+    if int(environ.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in environ:
+        if "MASTER_ADDR" not in environ:
+            raise UserError("SLURM launch without MASTER_ADDR: add "
+                               "'export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)' "
+                               "to the sbatch script")
+        return DistEnv(int(environ["SLURM_PROCID"]), int(environ.get("SLURM_LOCALID", 0)),
+                       int(environ["SLURM_NTASKS"]))
+    return DistEnv()
+
+
+def init_distributed(device_name=None, timeout_minutes=30):
+    """Start the process group (NCCL on GPUs, gloo on CPU) and return (DistEnv, torch.device) for this rank."""
+    env = read_dist_env()
+    if device_name is None:
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+    if env.distributed:
+        os.environ.setdefault("MASTER_PORT", "29500")
+        # A rank that dies makes the others fail after this timeout instead of hanging forever.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                                rank=env.rank, world_size=env.world_size,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return env, device
+
+
+def all_reduce_sum(tensor):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class ShardedEvalSampler(torch.utils.data.Sampler):
+    """Rank r takes samples r, r + world, r + 2*world, ...: every sample once, no padding.
+
+    DistributedSampler pads the last batch with repeated samples, which counts some of them twice.
+    """
+
+    def __init__(self, dataset, rank=0, world_size=1):
+        self.indices = range(rank, len(dataset), world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)

@@ -1,0 +1,99 @@
+"""The training and evaluation loops shared by the classification and segmentation scripts."""
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+
+from common.checkpoint import unwrap
+from common.distributed import all_reduce_sum
+from common.log import print0
+
+
+def autocast(device, args):
+    return torch.autocast(device.type, dtype=getattr(torch, args.amp_dtype), enabled=args.amp)
+
+
+def to_device(images, targets, device, args):
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    return (images.to(device, non_blocking=True, memory_format=memory_format),
+            targets.to(device, non_blocking=True))
+
+
+def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, device, epoch, args,
+                    model_ema=None, writer=None):
+    """One pass over `loader` in steps of args.accum_steps micro-batches; returns the epoch's summary."""
+    model.train()
+    accum, world_size = args.accum_steps, args.world_size
+    steps = len(loader) // accum
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Per-step values stay on the device until a print step, so the loop never waits for the GPU.
+    losses, grad_norms, loss_total = [], [], 0.0
+    batch_iter = iter(loader)
+    start = last_print = time.perf_counter()
+    images_since_print, data_time = 0, 0.0
+    for step in range(steps):
+        step_loss = torch.zeros((), device=device)
+        for micro in range(accum):
+            t0 = time.perf_counter()
+            images, targets = to_device(*next(batch_iter), device, args)
+            data_time += time.perf_counter() - t0
+            # Gradients are all-reduced only on the last micro-batch of an accumulation group.
+            sync = nullcontext() if micro == accum - 1 or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with autocast(device, args):
+                    loss = criterion(model(images), targets) / accum
+                scaler.scale(loss).backward()
+            step_loss += loss.detach()
+            images_since_print += len(images)
+        scaler.unscale_(optimizer)  # clip and log the true gradient norm, not the scaled one
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(params, args.clip_grad_norm or math.inf))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        losses.append(step_loss)
+        global_step = epoch * steps + step
+        if model_ema is not None and global_step % args.model_ema_steps == 0:
+            model_ema.update_parameters(unwrap(model))
+            if epoch < args.lr_warmup_epochs:
+                model_ema.n_averaged.fill_(0)  # during warmup the EMA copies the model instead of averaging it
+        if (step + 1) % args.print_freq == 0 or step == steps - 1:
+            step_losses = all_reduce_sum(torch.stack(losses)).div_(world_size).tolist()  # the one sync
+            norms = torch.stack(grad_norms).tolist()
+            loss_total += sum(step_losses)
+            first_step = global_step - len(losses) + 1
+            now = time.perf_counter()
+            img_per_s = images_since_print * world_size / (now - last_print)
+            eta = (now - start) / (step + 1) * (steps - step - 1)
+            lr = optimizer.param_groups[0]["lr"]
+            memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0
+            print0(f"Epoch: [{epoch}] [{step + 1:>{len(str(steps))}}/{steps}]  eta: {eta // 60:.0f}:{eta % 60:02.0f}  "
+                   f"lr: {lr:.6f}  loss: {step_losses[-1]:.4f} ({loss_total / (step + 1):.4f})  "
+                   f"grad_norm: {norms[-1]:.3f}  img/s: {img_per_s:.1f}  "
+                   f"data: {data_time / (step + 1) / accum:.4f}s  max mem: {memory:.0f}MB")
+            if writer is not None:
+                for i, (loss_value, norm) in enumerate(zip(step_losses, norms)):
+                    writer.add_scalar("train/loss", loss_value, first_step + i)
+                    writer.add_scalar("train/grad_norm", norm, first_step + i)
+                writer.add_scalar("train/lr", lr, global_step)
+                writer.add_scalar("train/img_per_s", img_per_s, global_step)
+            losses, grad_norms, images_since_print, last_print = [], [], 0, now
+    epoch_time = time.perf_counter() - start
+    memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0
+    return {"train_loss": loss_total / max(steps, 1), "lr": optimizer.param_groups[0]["lr"],
+            "epoch_time_s": epoch_time, "img_per_s": steps * accum * args.batch_size * world_size / epoch_time,
+            "max_memory_mib": memory}
+
+
+@torch.inference_mode()
+def evaluate(model, loader, meter, device, args):
+    """Feed every batch of `loader` to meter.update(output, target), then sum the meter over ranks."""
+    model.eval()
+    for images, targets in loader:
+        images, targets = to_device(images, targets, device, args)
+        with autocast(device, args):
+            output = model(images)
+        meter.update(output, targets)
+    meter.all_reduce()
+    return meter

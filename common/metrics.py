@@ -1,0 +1,65 @@
+"""Counts on the device, summed over ranks once at the end: accuracy, top-k, confusion matrix, IoU."""
+import torch
+
+from common.distributed import all_reduce_sum
+
+
+class ConfusionMatrix:
+    """matrix[true, predicted] counts; entries equal to ignore_index are not counted."""
+
+    def __init__(self, num_classes, device="cpu", ignore_index=None):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, predicted, target):
+        # Ignored entries are added with weight 0 instead of being masked out: boolean masking and
+        # torch.bincount both read a size back from the GPU, a sync per batch.
+        predicted, target = predicted.flatten(), target.flatten()
+        keep = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=bool)
+        cell = torch.where(keep, target * self.num_classes + predicted, 0)
+        self.matrix.view(-1).index_put_((cell,), keep.long(), accumulate=True)
+
+    def all_reduce(self):
+        all_reduce_sum(self.matrix)
+
+    @property
+    def total(self):
+        return int(self.matrix.sum())
+
+    def accuracy(self):
+        return self.matrix.diag().sum().item() / max(self.total, 1)
+
+    def per_class_accuracy(self):
+        """Recall of each class; NaN for a class with no samples."""
+        m = self.matrix.double()
+        return (m.diag() / m.sum(1)).tolist()
+
+    def iou(self):
+        """Intersection over union per class; NaN for a class absent from both target and prediction."""
+        m = self.matrix.double()
+        return (m.diag() / (m.sum(0) + m.sum(1) - m.diag())).tolist()
+
+    def mean_iou(self):
+        return torch.tensor(self.iou(), dtype=torch.float64).nanmean().item()
+
+
+class ClassificationMeter:
+    """Top-1 through the confusion matrix (which also gives per-class accuracy) plus a top-5 count."""
+
+    def __init__(self, num_classes, device="cpu"):
+        self.confusion = ConfusionMatrix(num_classes, device)
+        self.k = min(5, num_classes)
+        self.topk_correct = torch.zeros((), dtype=torch.int64, device=device)
+
+    def update(self, logits, target):
+        self.confusion.update(logits.argmax(1), target)
+        self.topk_correct += (logits.topk(self.k, dim=1).indices == target[:, None]).any(1).sum()
+
+    def all_reduce(self):
+        self.confusion.all_reduce()
+        all_reduce_sum(self.topk_correct)
+
+    def summary(self):
+        total = self.confusion.total
+        return {"acc1": 100 * self.confusion.accuracy(), "acc5": 100 * self.topk_correct.item() / max(total, 1),
+                "num_samples": total}

@@ -1,0 +1,82 @@
+"""Helpers shared by the tests: run the scripts in-process or as subprocesses, write image trees."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough for seconds on 2 CPU cores; resnet18 is the smallest torchvision model with a Linear head
+# and batch norm, which is what the recipe code paths care about.
+TINY = ["--model", "resnet18", "--device", "cpu", "--print-freq", "4", "--synthetic-train-size", "512",
+        "--synthetic-val-size", "301", "-b", "32", "--epochs", "1"]
+
+
+def train(*argv):
+    """classification/train.py in this process (no interpreter start-up); UserError propagates."""
+    from classification import train as script
+    args = script.finish_args(script.get_args_parser().parse_args([str(a) for a in argv]))
+    script.main(args)
+    return args
+
+
+def evaluate(*argv):
+    from classification import eval as script
+    args = script.get_args_parser().parse_args([str(a) for a in argv])
+    script.main(args)
+
+
+# One thread per process: two processes of a torchrun test then share the 2 cores without contention, and
+# runs compared bit for bit use the same reduction order.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run(*argv, timeout=300):
+    """A command from the repository root, as a user would type it; returns the CompletedProcess."""
+    return subprocess.run([str(a) for a in argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def popen(*argv):
+    """A command whose output is read while it runs (stdout as text lines)."""
+    return subprocess.Popen([str(a) for a in argv], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=ENV)
+
+
+def python(script, *argv, **kw):
+    return run(sys.executable, ROOT / script, *argv, **kw)
+
+
+def torchrun(nproc, script, *argv, **kw):
+    return run(sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               ROOT / script, *argv, **kw)
+
+
+def write_image(path, mode="RGB", size=(40, 36), fmt=None, seed=0):
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "I;16":
+        Image.fromarray(rng.integers(0, 65535, size[::-1], dtype=np.uint16)).save(path, format=fmt or "PNG")
+        return
+    channels = {"L": 1, "RGB": 3, "RGBA": 4, "CMYK": 4}[mode]
+    pixels = rng.integers(0, 255, (size[1], size[0], channels), dtype=np.uint8)
+    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode=mode).save(path, format=fmt)
+
+
+def write_tree(root, classes=("cat", "dog", "fox"), train_per_class=8, val_per_class=3):
+    """An ImageFolder tree of small random JPEGs (what is tested is the plumbing, not learning)."""
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for c, name in enumerate(classes):
+            for i in range(count):
+                write_image(root / split / name / f"{i}.jpg", seed=100 * c + i + 50 * (split == "val"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One short synthetic run whose outputs several tests read."""
+    out = tmp_path_factory.mktemp("trained")
+    train(*TINY, "--epochs", "2", "--output-dir", out)
+    return out

@@ -1,0 +1,124 @@
+"""Each bad input stops with one line that names the problem and the fix, before long work where possible."""
+import pytest
+import torch
+import torchvision
+
+from common.log import UserError
+from conftest import TINY, evaluate, python, train, write_image, write_tree
+
+IMAGE_FLAGS = ["--model", "resnet18", "--device", "cpu", "-b", "4", "-j", "0", "--epochs", "1",
+               "--train-crop-size", "32", "--val-resize-size", "32", "--val-crop-size", "32"]
+
+
+def fails_with(pattern, *argv):
+    with pytest.raises(UserError, match=pattern):
+        train(*argv)
+
+
+def test_missing_data_path(tmp_path):
+    fails_with(r"split folder .*nowhere/train not found: --data-path must hold train/ and val/",
+               "--data-path", tmp_path / "nowhere", *IMAGE_FLAGS)
+
+
+def test_missing_val_split_is_caught_before_training(tmp_path):
+    data = write_tree(tmp_path / "data")
+    for f in (data / "val").rglob("*.jpg"):
+        f.unlink()
+    for d in sorted((data / "val").iterdir()):
+        d.rmdir()
+    (data / "val").rmdir()
+    fails_with(r"split folder .*data/val not found", "--data-path", data, *IMAGE_FLAGS)
+
+
+def test_empty_class_folder(tmp_path):
+    data = write_tree(tmp_path / "data")
+    (data / "train" / "emu").mkdir()
+    fails_with(r"class folder .*train/emu holds no images .*add images or remove the folder",
+               "--data-path", data, *IMAGE_FLAGS)
+
+
+def test_val_class_unknown_to_train(tmp_path):
+    data = write_tree(tmp_path / "data")
+    write_image(data / "val" / "yak" / "0.jpg")
+    fails_with(r"val has class folders the model was not trained on: yak", "--data-path", data, *IMAGE_FLAGS)
+
+
+def test_corrupt_image_in_a_worker_is_one_line_naming_the_file(tmp_path):
+    data = write_tree(tmp_path / "data")
+    good = (data / "train" / "dog" / "0.jpg").read_bytes()
+    (data / "train" / "dog" / "broken.jpg").write_bytes(good[: len(good) // 3])  # truncated JPEG
+    flags = [f if f != "0" else "2" for f in IMAGE_FLAGS]  # -j 2: the error is raised in a worker process
+    result = python("classification/train.py", "--data-path", data, *flags)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot read image ") and "dog/broken.jpg" in last and "delete the file" in last
+
+
+def test_batch_larger_than_the_training_set(tmp_path):
+    fails_with(r"-b 64 x --accum-steps 2 is more than the 100 training images per process: lower -b",
+               *TINY, "--synthetic-train-size", "100", "-b", "64", "--accum-steps", "2")
+
+
+@pytest.mark.parametrize("flag", ["--accum-steps", "-b", "--epochs"])
+def test_zero_or_negative_counts_are_refused_by_the_parser(flag):
+    result = python("classification/train.py", flag, "0")
+    assert result.returncode == 2 and "must be a positive integer, got 0" in result.stderr
+
+
+def test_unknown_model():
+    fails_with(r"unknown --model 'resnet5000': use a torchvision classifier", *TINY, "--model", "resnet5000")
+
+
+def test_unknown_weights_name():
+    fails_with(r"--weights 'IMAGENET9K' is neither a file nor a weights name of resnet18 \(IMAGENET1K_V1\)",
+               *TINY, "--weights", "IMAGENET9K")
+
+
+def test_resume_pointing_nowhere(tmp_path):
+    fails_with(r"checkpoint .*missing\.pth does not exist", *TINY, "--resume", tmp_path / "missing.pth")
+
+
+def test_resume_auto_without_output_dir():
+    fails_with(r"--resume auto looks for <output-dir>/checkpoint.pth: give --output-dir", *TINY, "--resume", "auto")
+
+
+def test_resume_from_another_model(trained_run):
+    fails_with(r"trained with --model resnet18, not resnet34: pass --model resnet18",
+               *TINY, "--model", "resnet34", "--resume", trained_run / "checkpoint.pth")
+
+
+def test_resume_with_another_class_count(trained_run):
+    fails_with(r"fc\.weight file \[10, 512\] vs model \[4, 512\]",
+               *TINY, "--synthetic-classes", "4", "--resume", trained_run / "checkpoint.pth")
+
+
+def test_resume_with_an_incompatible_optimizer(trained_run):
+    fails_with(r"cannot resume from .*Resume with the flags it was trained with",
+               *TINY, "--norm-weight-decay", "0", "--resume", trained_run / "checkpoint.pth")
+
+
+def test_truncated_checkpoint(tmp_path, trained_run):
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes((trained_run / "checkpoint.pth").read_bytes()[:5000])
+    fails_with(r"cannot read checkpoint .*broken\.pth .*truncated, corrupt", *TINY, "--resume", broken)
+
+
+def test_eval_of_a_checkpoint_with_another_architecture(tmp_path):
+    torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(UserError, match=r"does not fit this model: .*unexpected keys"):
+        evaluate("--checkpoint", tmp_path / "r34.pth", "--model", "resnet18", "--device", "cpu")
+
+
+def test_eval_with_weights_for_other_classes(tmp_path):
+    data = write_tree(tmp_path / "data")
+    with pytest.raises(UserError, match=r"predicts 1000 classes, but the data has 3"):
+        evaluate("--model", "resnet18", "--weights", "IMAGENET1K_V1", "--data-path", data, "--device", "cpu")
+
+
+def test_sync_bn_on_cpu_processes_is_refused(monkeypatch):
+    # The check runs where a distributed CPU run would start; emulate that without starting two processes.
+    from classification import train as script
+    monkeypatch.setattr(script, "init_distributed", lambda device: (type("E", (), {
+        "rank": 0, "world_size": 2, "distributed": True, "is_main": True})(), torch.device("cpu")))
+    fails_with(r"--sync-bn needs CUDA devices", *TINY, "--sync-bn")

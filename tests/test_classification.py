@@ -1,0 +1,162 @@
+import json
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from classification.model import create_model, enable_grad_checkpointing
+from common.optim import param_groups
+from conftest import ROOT, TINY, evaluate, popen, python, train, write_image, write_tree
+
+
+def log_of(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_learns_the_synthetic_set_far_above_chance(tmp_path):
+    # 10 classes: chance is 10%. AdamW gets there in a few hundred small steps, which keeps this test short.
+    train("--model", "resnet18", "--device", "cpu", "--opt", "adamw", "--lr", "1e-3", "--lr-warmup-epochs", "0",
+          "-b", "32", "--epochs", "2", "--synthetic-train-size", "3072", "--synthetic-val-size", "500",
+          "--output-dir", tmp_path)
+    assert log_of(tmp_path)[-1]["val_acc1"] > 35
+
+
+def test_checkpoint_is_plain_and_loads_with_weights_only(trained_run):
+    checkpoint = torch.load(trained_run / "checkpoint.pth", weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "scaler", "model_ema", "epoch", "best_acc1", "args"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 1 and isinstance(checkpoint["args"], dict)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
+    assert (trained_run / "best.pth").exists() and json.loads((trained_run / "args.json").read_text())["epochs"] == 2
+    records = log_of(trained_run)
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert {"epoch", "train_loss", "lr", "val_acc1", "val_acc5", "epoch_time_s", "img_per_s"} <= set(records[0])
+
+
+def test_tensorboard_gets_every_step_and_the_confusion_matrix(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(trained_run / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(2 * 16))  # 512 images / 32 per step
+    assert len(events.Scalars("train/grad_norm")) == 32
+    assert {"train/lr", "train/img_per_s", "epoch/val_acc1"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"] == ["val/confusion_matrix"]
+
+
+def test_a_killed_run_resumed_with_auto_ends_as_an_uninterrupted_one(tmp_path):
+    flags = [*TINY, "--use-deterministic-algorithms", "--synthetic-train-size", "256", "--epochs", "4",
+             "--lr-scheduler", "cosineannealinglr", "--model-ema", "--model-ema-steps", "2", "--resume", "auto"]
+    straight = python("classification/train.py", *flags, "--output-dir", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    interrupted = tmp_path / "interrupted"
+    process = popen(sys.executable, ROOT / "classification/train.py", *flags, "--output-dir", interrupted)
+    for line in process.stdout:
+        if line.startswith("saved") and "epoch 1" in line:
+            process.kill()  # SIGKILL: no chance to clean up, as when a node dies
+            break
+    process.wait()
+    assert torch.load(interrupted / "checkpoint.pth", weights_only=True)["epoch"] < 3
+    resumed = python("classification/train.py", *flags, "--output-dir", interrupted)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)
+    b = torch.load(interrupted / "checkpoint.pth", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["model_ema"][k], b["model_ema"][k]) for k in a["model_ema"])
+    assert log_of(interrupted)[-1]["val_acc1"] == log_of(tmp_path / "straight")[-1]["val_acc1"]
+
+
+def test_imagefolder_tree_trains_with_the_modern_recipe_and_evaluates(tmp_path):
+    data = write_tree(tmp_path / "data")
+    # Files that must simply work: grayscale, RGBA PNG, CMYK JPEG, PNG content named .jpg, 16-bit PNG.
+    write_image(data / "train" / "cat" / "gray.jpg", mode="L")
+    write_image(data / "train" / "dog" / "rgba.png", mode="RGBA")
+    write_image(data / "train" / "fox" / "cmyk.jpg", mode="CMYK", fmt="JPEG")
+    write_image(data / "val" / "cat" / "really_png.jpg", fmt="PNG")
+    write_image(data / "val" / "dog" / "deep.png", mode="I;16")
+    out = tmp_path / "out"
+    train("--data-path", data, "--model", "resnet18", "--device", "cpu", "-b", "4", "-j", "2", "--epochs", "2",
+          "--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32",
+          "--lr-scheduler", "cosineannealinglr", "--lr-warmup-epochs", "1", "--label-smoothing", "0.1",
+          "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0", "--auto-augment", "ta_wide", "--random-erase", "0.1",
+          "--model-ema", "--model-ema-steps", "1", "--norm-weight-decay", "0", "--clip-grad-norm", "1",
+          "--amp", "--amp-dtype", "bfloat16", "--channels-last", "--accum-steps", "2", "--output-dir", out)
+    record = log_of(out)[-1]
+    assert record["epoch"] == 1 and "val_ema_acc1" in record and record["train_loss"] == record["train_loss"]
+    report = tmp_path / "eval.json"
+    evaluate("--checkpoint", out / "checkpoint.pth", "--data-path", data, "--device", "cpu", "-j", "0",
+             "--output-json", report, "--confusion-png", tmp_path / "cm.png", "--use-ema")
+    result = json.loads(report.read_text())
+    assert result["num_samples"] == 11 and set(result["per_class_acc"]) == {"cat", "dog", "fox"}
+    assert (tmp_path / "cm.png").stat().st_size > 0
+
+
+def test_fine_tuning_loads_the_backbone_and_gives_the_new_head_its_own_lr(tmp_path):
+    source = torchvision.models.resnet18(num_classes=10)
+    torch.save(source.state_dict(), tmp_path / "pretrained.pth")
+    out = tmp_path / "out"
+    # lr 0 and no weight decay: the backbone must come out exactly as loaded; the head must move.
+    train(*TINY, "--weights", tmp_path / "pretrained.pth", "--synthetic-classes", "4", "--lr", "0", "--wd", "0",
+          "--head-lr", "0.05", "--lr-warmup-epochs", "0", "--lr-scheduler", "steplr", "--output-dir", out)
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert torch.equal(checkpoint["model"]["layer3.0.conv1.weight"], source.layer3[0].conv1.weight)
+    assert checkpoint["model"]["fc.weight"].shape == (4, 512)
+    assert sorted(g["initial_lr"] for g in checkpoint["optimizer"]["param_groups"]) == [0.0, 0.05]
+
+
+def test_param_groups_split_norm_and_head():
+    model = torchvision.models.resnet18(num_classes=3)
+    groups = param_groups(model, lr=0.1, weight_decay=1e-4, norm_weight_decay=0.0, head="fc", head_lr=1.0)
+    by_key = {(g["lr"], g["weight_decay"]): len(g["params"]) for g in groups}
+    assert by_key == {(0.1, 1e-4): 20, (0.1, 0.0): 40, (1.0, 1e-4): 2}  # 20 convs, 20 BNs, fc
+
+
+def test_torchvision_weights_replace_the_head(monkeypatch):
+    # No download in tests: the enum's weights are replaced by a local random state dict.
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    monkeypatch.setattr(type(weights), "get_state_dict",
+                        lambda self, *a, **k: torchvision.models.resnet18().state_dict())
+    model, head = create_model("resnet18", "IMAGENET1K_V1", num_classes=7)
+    assert head == "fc" and model.fc.out_features == 7
+
+
+def test_grad_checkpointing_keeps_the_gradients():
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet18(num_classes=4)
+    checkpointed = torchvision.models.resnet18(num_classes=4)
+    checkpointed.load_state_dict(plain.state_dict())
+    enable_grad_checkpointing(checkpointed)
+    images = torch.randn(4, 3, 32, 32)
+    for model in (plain, checkpointed):
+        model(images).square().mean().backward()
+    assert torch.allclose(plain.conv1.weight.grad, checkpointed.conv1.weight.grad, atol=1e-6)
+    assert list(plain.state_dict()) == list(checkpointed.state_dict())
+
+
+@pytest.mark.parametrize("model", ["convnext_tiny", "mobilenet_v3_small"])
+def test_other_torchvision_models_train_a_step(tmp_path, model):
+    train(*TINY, "--model", model, "--synthetic-train-size", "64", "--synthetic-val-size", "16", "-b", "16",
+          "--grad-checkpointing", "--output-dir", tmp_path)
+    assert log_of(tmp_path)[0]["train_loss"] > 0
+
+
+def test_default_command_help_documents_every_flag():
+    result = python("classification/train.py", "--help")
+    assert result.returncode == 0
+    for flag in ("--data-path", "--amp-dtype", "--accum-steps", "--grad-checkpointing", "--head-lr", "--resume"):
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize("opt,schedule,final_lr", [("sgd_nesterov", "exponentiallr", 0.001),
+                                                   ("rmsprop", "steplr", 0.001), ("adamw", "cosineannealinglr", 0.0)])
+def test_every_optimizer_and_schedule_runs(tmp_path, opt, schedule, final_lr):
+    train(*TINY, "--opt", opt, "--lr-scheduler", schedule, "--lr-warmup-method", "constant", "--lr", "0.01",
+          "--lr-step-size", "1", "--epochs", "2", "--synthetic-train-size", "64", "--synthetic-val-size", "16",
+          "-b", "16", "--output-dir", tmp_path)
+    warmup, decayed = log_of(tmp_path)
+    assert warmup["lr"] == pytest.approx(0.01) and decayed["lr"] == pytest.approx(final_lr, abs=1e-9)
+    assert decayed["train_loss"] > 0
+
+
+def test_test_only_reproduces_the_logged_accuracy(trained_run, capsys):
+    train(*TINY, "--test-only", "--resume", trained_run / "checkpoint.pth")
+    last = log_of(trained_run)[-1]
+    assert f"top-1 {last['val_acc1']:.3f}" in capsys.readouterr().out
