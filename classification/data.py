@@ -116,25 +116,25 @@ def synthetic_loader(images, labels, args, env, train, mixer=None):
     return TensorLoader(images, labels, sampler, args.batch_size, transform, drop_last=train)
 
 
-def load_data(args, env, device):
-    """Train and val loaders and the class names; each rank sees its own part of the data."""
+def dataset_classes(args):
+    """Class names in label order: the sorted class folders of train/, or the synthetic shapes."""
     if args.data_path is None:
-        class_names = list(SHAPES[:args.synthetic_classes])
-        train_loader = synthetic_loader(*synthetic_split(args, "train", device), args, env, True,
-                                        batch_mixer(args, len(class_names)))
-        return train_loader, load_val(args, env, device, class_names), class_names
-    train_dir, val_dir = os.path.join(args.data_path, "train"), os.path.join(args.data_path, "val")
-    class_names = list_classes(train_dir)
-    list_classes(val_dir)  # fail now, not after the first epoch, when val/ is missing or broken
-    train_set = ImageFolderWithClasses(train_dir, class_names, train_preset(args))
+        return list(SHAPES[:args.synthetic_classes])
+    return list_classes(os.path.join(args.data_path, "train"))
+
+
+def load_train(args, env, device, class_names):
+    """The training loader; each rank reads its own 1/world_size of every epoch."""
     mixer = batch_mixer(args, len(class_names))
+    if args.data_path is None:
+        return synthetic_loader(*synthetic_split(args, "train", device), args, env, True, mixer)
+    train_set = ImageFolderWithClasses(os.path.join(args.data_path, "train"), class_names, train_preset(args))
     # No persistent workers: fresh workers each epoch take their seeds from the per-epoch RNG, which keeps
     # a resumed run identical to an uninterrupted one.
-    train_loader = DataLoader(
+    return DataLoader(
         train_set, batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
         sampler=DistributedSampler(train_set, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True),
         collate_fn=partial(mix_collate, mixer=mixer) if mixer else None, drop_last=True)
-    return train_loader, load_val(args, env, device, class_names), class_names
 
 
 def load_val(args, env, device, class_names):

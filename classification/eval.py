@@ -21,8 +21,10 @@ from common.engine import evaluate
 from common.log import UserError, confusion_matrix_image, print0, run_cli
 from common.metrics import ClassificationMeter
 
-# Taken from the checkpoint's training arguments unless given here.
-FROM_TRAINING = dict(model=None, val_resize_size=256, val_crop_size=224, interpolation="bilinear",
+# Settings of the training run that evaluation must repeat: flags of this script when given, else the
+# checkpoint's training arguments, else these defaults. The synthetic_* entries and train_crop_size (the
+# synthetic image size) have no flag here: they only select the same synthetic validation set.
+FROM_TRAINING = dict(model=None, data_path=None, val_resize_size=256, val_crop_size=224, interpolation="bilinear",
                      train_crop_size=32, synthetic_val_size=2_000, synthetic_classes=10)
 
 
@@ -32,17 +34,18 @@ def get_args_parser():
     add("--checkpoint", help="a checkpoint written by train.py (checkpoint.pth, best.pth) or a bare state dict")
     add("--use-ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     add("--weights", help="instead of --checkpoint: a torchvision weights name such as IMAGENET1K_V2")
-    add("--data-path", help="ImageFolder root whose val/ is evaluated (default: the synthetic validation set)")
+    add("--data-path", help="ImageFolder root whose val/ is evaluated (default: the checkpoint's training data)")
     add("--model", help="torchvision model name (default: the checkpoint's)")
     add("--device", help="cuda or cpu (default: cuda when available)")
     add("-b", "--batch-size", type=int, default=64, help="images per process per step")
     add("-j", "--workers", type=int, default=8, help="DataLoader worker processes per rank")
     add("--amp", action="store_true", help="autocast (see --amp-dtype)")
-    add("--amp-dtype", default="float16", choices=["float16", "bfloat16"], help="autocast dtype")
+    add("--amp-dtype", choices=["float16", "bfloat16"], help="autocast dtype (implies --amp; default float16)")
     add("--channels-last", action="store_true", help="NHWC memory format")
-    add("--val-resize-size", type=int, help="resize of the shorter side (default: the checkpoint's, else 256)")
-    add("--val-crop-size", type=int, help="centre crop (default: the checkpoint's, else 224)")
-    add("--interpolation", choices=["nearest", "bilinear", "bicubic"], help="resize filter (default: checkpoint's)")
+    add("--val-resize-size", type=int, help="resize of the shorter side (default: the checkpoint's or weights')")
+    add("--val-crop-size", type=int, help="centre crop (default: the checkpoint's or the weights')")
+    add("--interpolation", choices=["nearest", "bilinear", "bicubic"],
+        help="resize filter (default: the checkpoint's or the weights')")
     add("--output-json", help="write acc1, acc5, per_class_acc and num_samples here")
     add("--confusion-png", help="draw the confusion matrix into this PNG file")
     return p
@@ -60,29 +63,42 @@ def model_from_checkpoint(checkpoint, args, num_classes):
     return model
 
 
-def weights_categories(model_name, weights):
+def weights_enum(model_name, weights):
     try:
-        return torchvision.models.get_model_weights(model_name)[weights].meta["categories"]
+        return torchvision.models.get_model_weights(model_name)[weights]
     except (KeyError, ValueError):
         raise UserError(f"--weights {weights!r} is not a torchvision weights name of --model {model_name}; "
                         "pass a file with --checkpoint") from None
 
 
+def preprocessing_of(enum):
+    """The resize, crop and filter that torchvision evaluated these weights with (232 for ResNet-50 V2)."""
+    preset = enum.transforms()
+    return {"val_resize_size": preset.resize_size[0], "val_crop_size": preset.crop_size[0],
+            "interpolation": preset.interpolation.value}
+
+
 def main(args):
     if bool(args.checkpoint) == bool(args.weights):
         raise UserError("give either --checkpoint PATH (from train.py) or --model NAME --weights NAME")
-    checkpoint = {}
+    if args.weights and not args.model:
+        raise UserError("--weights needs --model, e.g. --model resnet50 --weights IMAGENET1K_V2")
+    checkpoint, trained = {}, {}
     if args.checkpoint:
         try:
             checkpoint = load_checkpoint(args.checkpoint)
         except CheckpointError as e:
             raise UserError(str(e)) from None
-    trained = checkpoint.get("args") or {}
+        trained = checkpoint.get("args") or {}
+    else:
+        trained = preprocessing_of(weights_enum(args.model, args.weights))
     for name, default in FROM_TRAINING.items():
         if getattr(args, name, None) is None:
             setattr(args, name, trained.get(name, default))
     if not args.model:
         raise UserError(f"{args.checkpoint} does not say which model it holds: give --model")
+    args.amp = args.amp or args.amp_dtype is not None
+    args.amp_dtype = args.amp_dtype or "float16"
     env, device = init_distributed(args.device)
 
     class_names = checkpoint.get("class_names")
@@ -92,7 +108,7 @@ def main(args):
         train_dir = os.path.join(args.data_path, "train")
         class_names = list_classes(train_dir if os.path.isdir(train_dir) else os.path.join(args.data_path, "val"))
     if args.weights:
-        categories = weights_categories(args.model, args.weights)
+        categories = weights_enum(args.model, args.weights).meta["categories"]
         if len(categories) != len(class_names):
             raise UserError(f"--weights {args.weights} predicts {len(categories)} classes, but the data has "
                             f"{len(class_names)}: evaluate a checkpoint fine-tuned on this data instead")

@@ -28,13 +28,21 @@ def replace_head(model, head, num_classes):
     setattr(model.get_submodule(parent_name), attr, nn.Linear(old.in_features, num_classes))
 
 
+# Models whose training-mode output carries auxiliary heads, while the loop expects plain logits.
+AUX_HEAD_MODELS = ("googlenet", "inception_v3")
+
+
 def create_model(name, weights, num_classes):
     """Returns (model, head name). `weights`: None, a torchvision enum name such as IMAGENET1K_V2, or a file."""
     if name not in classifier_models():
         raise UserError(f"unknown --model {name!r}: use a torchvision classifier such as resnet50, resnet18, "
                         "convnext_tiny, vit_b_16 (all: torchvision.models.list_models(module=torchvision.models))")
+    extra = {"aux_logits": False} if name in AUX_HEAD_MODELS else {}
+    # init_weights=True keeps these models' current initialisation (and silences a FutureWarning); weights
+    # files set it themselves.
+    scratch = {**extra, "init_weights": True} if extra else {}
     if weights and os.path.isfile(weights):
-        model = torchvision.models.get_model(name, num_classes=num_classes)
+        model = torchvision.models.get_model(name, num_classes=num_classes, **scratch)
         head = find_head(model)
         try:
             state = state_dict_from(load_checkpoint(weights))
@@ -51,13 +59,13 @@ def create_model(name, weights, num_classes):
             options = ", ".join(w.name for w in torchvision.models.get_model_weights(name))
             raise UserError(f"--weights {weights!r} is neither a file nor a weights name of {name} "
                             f"({options})") from None
-        model = torchvision.models.get_model(name, weights=enum)  # downloads once into torch's hub cache
+        model = torchvision.models.get_model(name, weights=enum, **extra)  # downloads once into torch's hub cache
         head = find_head(model)
         if len(enum.meta["categories"]) != num_classes:
             replace_head(model, head, num_classes)
             print0(f"replaced the {len(enum.meta['categories'])}-class head of {weights} with a {num_classes}-class one")
         return model, head
-    model = torchvision.models.get_model(name, num_classes=num_classes)
+    model = torchvision.models.get_model(name, num_classes=num_classes, **scratch)
     return model, find_head(model)
 
 
@@ -70,11 +78,16 @@ def enable_grad_checkpointing(model):
     """
     if hasattr(model, "layer4"):  # ResNet, ResNeXt, Wide ResNet
         stages = [getattr(model, f"layer{i}") for i in range(1, 5)]
-    elif hasattr(model, "features"):  # ConvNeXt, EfficientNet, MobileNet, Swin, VGG, ...
+    elif hasattr(model, "features"):  # ConvNeXt, EfficientNet, MobileNet, Swin
         stages = list(model.features)
     elif hasattr(model, "encoder") and hasattr(model.encoder, "layers"):  # ViT
         stages = list(model.encoder.layers)
     else:
-        raise UserError(f"--grad-checkpointing does not know the stages of {type(model).__name__}")
+        stages = []
+    # Stages must be blocks: checkpointing single layers saves nothing, and an in-place ReLU checkpointed
+    # on its own modifies a tensor the previous segment needs again (VGG, AlexNet, DenseNet fail so).
+    if not stages or any(not list(stage.children()) for stage in stages):
+        raise UserError(f"--grad-checkpointing knows the stages of ResNet, ConvNeXt, EfficientNet, MobileNet, "
+                        f"Swin and ViT families, not of {type(model).__name__}: drop the flag")
     for stage in stages:
         stage.forward = partial(checkpoint, stage.forward, use_reentrant=False)

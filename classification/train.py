@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from classification.data import load_data
+from classification.data import dataset_classes, load_train, load_val
 from classification.model import create_model, enable_grad_checkpointing
 from common.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_atomic, state_dict_from, unwrap
 from common.distributed import init_distributed
@@ -91,12 +91,19 @@ def get_args_parser():
     add("--output-dir", help="where checkpoints, logs and TensorBoard files go (default: nothing is written)")
     add("--resume", help="checkpoint to continue from, or 'auto' for <output-dir>/checkpoint.pth if it exists")
     add("--start-epoch", type=int, default=0, help="first epoch (set by --resume)")
-    add("--test-only", action="store_true", help="only evaluate --resume or --weights on the val split")
+    add("--test-only", action="store_true", help="only evaluate --resume (and its EMA) or --weights on val")
     add("--print-freq", type=positive_int, help=f"optimizer steps between progress lines {recipe('print_freq')}")
     add("--synthetic-train-size", type=positive_int, default=16_000, help="synthetic set: training images")
     add("--synthetic-val-size", type=positive_int, default=2_000, help="synthetic set: validation images")
-    add("--synthetic-classes", type=positive_int, default=10, help="synthetic set: number of classes (2-10)")
+    add("--synthetic-classes", type=int, default=10, choices=range(2, 11), metavar="{2..10}",
+        help="synthetic set: number of classes")
     return p
+
+
+# A checkpoint's LR schedule was laid out, step by step, for these values; resuming with others would
+# silently follow the old curve, so they must match.
+SCHEDULE_ARGS = ("epochs", "lr", "head_lr", "lr_scheduler", "lr_step_size", "lr_gamma", "lr_min", "lr_warmup_epochs",
+                 "lr_warmup_method", "lr_warmup_decay", "batch_size", "accum_steps", "world_size")
 
 
 def finish_args(args):
@@ -107,6 +114,14 @@ def finish_args(args):
     args.amp_dtype = args.amp_dtype or "float16"
     if args.resume == "auto" and not args.output_dir:
         raise UserError("--resume auto looks for <output-dir>/checkpoint.pth: give --output-dir too")
+    if args.test_only and not (args.resume or args.weights):
+        raise UserError("--test-only evaluates a trained model: give --resume PATH or --weights NAME")
+    if args.compile and args.grad_checkpointing:
+        raise UserError("--grad-checkpointing and --compile together fail in the compiled backward on CUDA "
+                        "(torch 2.11): use one of them")
+    if args.data_path is None and (args.auto_augment or args.random_erase):
+        print0("note: the synthetic set has its own augmentation; --auto-augment and --random-erase apply to "
+               "--data-path only")
     return args
 
 
@@ -117,66 +132,116 @@ def resume_path(args):
     return path if os.path.isfile(path) else None
 
 
+def read_checkpoint(path, args):
+    try:
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    trained_with = (checkpoint.get("args") or {}).get("model")
+    if trained_with not in (None, args.model):
+        raise UserError(f"checkpoint {path} was trained with --model {trained_with}, not {args.model}: "
+                        f"pass --model {trained_with} or another checkpoint")
+    return checkpoint
+
+
+def load_weights(model, state, path):
+    try:
+        load_model_state(model, state, path)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+
+
 def checkpoint_state(model, optimizer, lr_scheduler, scaler, model_ema, epoch, best_acc1, args, class_names):
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict(),
             "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
+            "model_ema_n_averaged": model_ema.n_averaged if model_ema is not None else None,
             "epoch": epoch, "best_acc1": best_acc1, "args": vars(args), "class_names": class_names}
 
 
 def restore(checkpoint, path, model, optimizer, lr_scheduler, scaler, model_ema, args):
     """Load a training checkpoint into everything that carries state; returns (start epoch, best acc1)."""
-    trained_with = checkpoint.get("args", {}).get("model")
-    if trained_with != args.model:
-        raise UserError(f"checkpoint {path} was trained with --model {trained_with}, not {args.model}: "
-                        f"pass --model {trained_with} or another checkpoint")
+    load_weights(model, state_dict_from(checkpoint), path)
     try:
-        load_model_state(model, state_dict_from(checkpoint), path)
         optimizer.load_state_dict(checkpoint["optimizer"])
-    except (CheckpointError, ValueError) as e:
+    except ValueError as e:
         raise UserError(f"cannot resume from {path}: {e}. Resume with the flags it was trained with "
                         "(--opt, --norm-weight-decay, --head-lr)") from None
+    trained = checkpoint.get("args") or {}
+    changed = [f"{name} {trained.get(name)} -> {getattr(args, name)}" for name in SCHEDULE_ARGS
+               if trained.get(name) != getattr(args, name)]
+    if changed:
+        raise UserError(f"cannot resume from {path}: its LR schedule was laid out for other values "
+                        f"({'; '.join(changed)}). Resume with the same values, or start a new run from its "
+                        f"weights with --weights {path}")
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    if scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run so far had no float16 loss scaling
+        scaler.load_state_dict(checkpoint["scaler"])
     if model_ema is not None and checkpoint.get("model_ema") is not None:
-        model_ema.module.load_state_dict(checkpoint["model_ema"])
-        model_ema.n_averaged.fill_(1)
+        load_weights(model_ema.module, checkpoint["model_ema"], path)
+        model_ema.n_averaged.copy_(checkpoint["model_ema_n_averaged"])
     return checkpoint["epoch"] + 1, checkpoint["best_acc1"]
+
+
+def validate(model, val_loader, class_names, device, args, name):
+    meter = evaluate(model, val_loader, ClassificationMeter(len(class_names), device), device, args)
+    summary = meter.summary()
+    print0(f"{name}: top-1 {summary['acc1']:.3f}  top-5 {summary['acc5']:.3f}  on {summary['num_samples']} images")
+    return summary, meter
+
+
+def test_only(model, val_loader, class_names, device, args):
+    """Evaluate the model of --resume (and its EMA weights, if it has them) or of --weights."""
+    path = resume_path(args)
+    if args.resume and not path:
+        raise UserError(f"--resume auto found no checkpoint in {args.output_dir}: nothing to evaluate")
+    checkpoint = read_checkpoint(path, args) if path else {}
+    if checkpoint:
+        load_weights(model, state_dict_from(checkpoint), path)
+    validate(model, val_loader, class_names, device, args, "Test")
+    if checkpoint.get("model_ema") is not None:
+        load_weights(model, checkpoint["model_ema"], path)
+        validate(model, val_loader, class_names, device, args, "Test EMA")
 
 
 def main(args):
     env, device = init_distributed(args.device)
     args.world_size = env.world_size
-    if args.output_dir and env.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
     print0(f"{' '.join(sys.argv)}\nworld size {env.world_size}, device {device}, torch {torch.__version__}")
     torch.backends.cudnn.benchmark = not args.use_deterministic_algorithms
-    torch.use_deterministic_algorithms(args.use_deterministic_algorithms)
+    if args.use_deterministic_algorithms:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it
+        # A few CUDA kernels (adaptive average pooling's backward among them) have no deterministic version:
+        # on GPUs they warn instead of stopping the run. On CPU every kernel here is deterministic.
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
 
-    train_loader, val_loader, class_names = load_data(args, env, device)
+    class_names = dataset_classes(args)
+    val_loader = load_val(args, env, device, class_names)  # before the long work: val/ problems show now
+    model, head = create_model(args.model, args.weights, len(class_names))
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    if args.test_only:
+        test_only(model, val_loader, class_names, device, args)
+        return
+
+    train_loader = load_train(args, env, device, class_names)
     steps_per_epoch = len(train_loader) // args.accum_steps
     if steps_per_epoch == 0:
         raise UserError(f"-b {args.batch_size} x --accum-steps {args.accum_steps} is more than the "
                         f"{len(train_loader.sampler)} training images per process: lower -b or --accum-steps")
+    images_per_step = args.batch_size * args.accum_steps * env.world_size
     print0(f"{len(train_loader.dataset)} training and {len(val_loader.dataset)} validation images, "
            f"{len(class_names)} classes; effective batch {args.batch_size} x {args.accum_steps} accumulation "
-           f"x {env.world_size} processes = {args.batch_size * args.accum_steps * env.world_size}")
-
-    model, head = create_model(args.model, args.weights, len(class_names))
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
+           f"x {env.world_size} processes = {images_per_step}")
     if args.sync_bn and env.distributed:
         if device.type != "cuda":
             raise UserError("--sync-bn needs CUDA devices: drop it on CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    images_per_step = args.batch_size * args.accum_steps * env.world_size
     model_ema = create_ema(model, args.model_ema_decay, args.model_ema_steps, images_per_step,
                            args.epochs) if args.model_ema else None
-    if args.grad_checkpointing:
+    if args.grad_checkpointing:  # after the EMA copy, which must not inherit the patched forwards
         enable_grad_checkpointing(model)
     groups = param_groups(model, args.lr, args.weight_decay, args.norm_weight_decay, head, args.head_lr)
     optimizer = create_optimizer(args.opt, groups, args.lr, args.momentum, args.weight_decay, device.type)
@@ -185,12 +250,13 @@ def main(args):
 
     best_acc1, path = 0.0, resume_path(args)
     if path:
-        try:
-            checkpoint = load_checkpoint(path)
-        except CheckpointError as e:
-            raise UserError(str(e)) from None
+        checkpoint = read_checkpoint(path, args)
         args.start_epoch, best_acc1 = restore(checkpoint, path, model, optimizer, lr_scheduler, scaler, model_ema, args)
         print0(f"resumed from {path}: next epoch {args.start_epoch}, best top-1 {best_acc1:.2f}")
+    if args.output_dir and env.is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
 
     if env.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -199,30 +265,20 @@ def main(args):
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     writer = tensorboard_writer(args.output_dir)
 
-    def validate(net, name):
-        meter = evaluate(net, val_loader, ClassificationMeter(len(class_names), device), device, args)
-        summary = meter.summary()
-        print0(f"{name}: top-1 {summary['acc1']:.3f}  top-5 {summary['acc5']:.3f}  on {summary['num_samples']} images")
-        return summary, meter
-
-    if args.test_only:
-        validate(model, "Test")
-        return
-
     for epoch in range(args.start_epoch, args.epochs):
-        # Every epoch's randomness is a function of (seed, epoch, rank): a resumed run replays it exactly,
-        # and ranks draw different augmentations.
-        torch.manual_seed(hash((args.seed, epoch, env.rank)))
+        # Every epoch's randomness (data order, augmentation, worker seeds) is a function of (seed, epoch,
+        # rank): a resumed run replays it exactly, and ranks draw different augmentations.
+        torch.manual_seed((args.seed << 32) + (epoch << 16) + env.rank)
         train_loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, train_loader, device, epoch,
                                 args, model_ema, writer)
-        val, val_meter = validate(model, f"Epoch {epoch} val")
+        val, val_meter = validate(model, val_loader, class_names, device, args, f"Epoch {epoch} val")
         record = {"epoch": epoch, **stats, "val_acc1": val["acc1"], "val_acc5": val["acc5"]}
         if model_ema is not None:
-            ema, _ = validate(model_ema, f"Epoch {epoch} EMA val")
+            ema, _ = validate(model_ema, val_loader, class_names, device, args, f"Epoch {epoch} EMA val")
             record.update(val_ema_acc1=ema["acc1"], val_ema_acc5=ema["acc5"])
-        is_best = val["acc1"] > best_acc1
-        best_acc1 = max(best_acc1, val["acc1"])
+        score = record.get("val_ema_acc1", val["acc1"])  # with EMA, its weights are the ones to keep
+        is_best, best_acc1 = score > best_acc1, max(best_acc1, score)
         if args.output_dir and env.is_main:
             state = checkpoint_state(model, optimizer, lr_scheduler, scaler, model_ema, epoch, best_acc1, args,
                                      class_names)
@@ -235,7 +291,7 @@ def main(args):
             for key in ("val_acc1", "val_acc5", "val_ema_acc1", "train_loss", "img_per_s"):
                 if key in record:
                     writer.add_scalar(f"epoch/{key}", record[key], epoch)
-    print0(f"best top-1 {best_acc1:.3f}")
+    print0(f"best top-1 {best_acc1:.3f}{' (EMA)' if model_ema is not None else ''}")
 
     if writer is not None and args.start_epoch < args.epochs:  # what the last epoch confuses with what
         picture = confusion_matrix_image(val_meter.confusion.matrix.cpu(), class_names)

@@ -1,5 +1,7 @@
 """Checkpoints as plain dicts of tensors: written atomically, read with weights_only=True, checked key by key."""
 import os
+import pickle
+import re
 
 import torch
 
@@ -39,10 +41,18 @@ def load_checkpoint(path):
                               "to resume only when <output-dir>/checkpoint.pth exists")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):  # e.g. torchvision's references store an argparse.Namespace
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects besides tensors, which weights_only loading refuses: "
+                "if you trust the file, re-save its tensors with torch.save(torch.load(path, "
+                "weights_only=False)['model'], 'model.pth') and use model.pth") from None
+        cause = e
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}): "
-                              "the file is truncated, corrupt or not a PyTorch checkpoint; use an earlier "
-                              "checkpoint or start without --resume") from None
+        cause = e
+    first_line = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip().splitlines()[0]
+    raise CheckpointError(f"cannot read checkpoint {path} ({type(cause).__name__}: {first_line}): the file is "
+                          "truncated, corrupt or not a PyTorch checkpoint; use an earlier checkpoint")
 
 
 def state_dict_from(checkpoint):
@@ -50,9 +60,12 @@ def state_dict_from(checkpoint):
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError("the file holds no model state dict (expected a dict of tensors or a 'model' key)")
-    for prefix in ("module.", "_orig_mod."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    stripped = True
+    while stripped and state:  # in any order and nesting: module._orig_mod.x, _orig_mod.module.x
+        stripped = False
+        for prefix in ("module.", "_orig_mod."):
+            if all(k.startswith(prefix) for k in state):
+                state, stripped = {k[len(prefix):]: v for k, v in state.items()}, True
     return state
 
 

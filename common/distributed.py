@@ -28,13 +28,14 @@ def read_dist_env(environ=os.environ):
     """Rank layout from torchrun's variables, else SLURM's (one task per GPU), else a single process."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
         return DistEnv(int(environ["RANK"]), int(environ.get("LOCAL_RANK", 0)), int(environ["WORLD_SIZE"]))
-    if int(environ.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in environ:
+    # srun sets SLURM_STEP_NUM_TASKS for the processes of its step; SLURM_NTASKS is the whole allocation's.
+    slurm_tasks = int(environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS", 1)))
+    if slurm_tasks > 1 and "SLURM_PROCID" in environ:
         if "MASTER_ADDR" not in environ:
             raise UserError("SLURM launch without MASTER_ADDR: add "
                                "'export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)' "
                                "to the sbatch script")
-        return DistEnv(int(environ["SLURM_PROCID"]), int(environ.get("SLURM_LOCALID", 0)),
-                       int(environ["SLURM_NTASKS"]))
+        return DistEnv(int(environ["SLURM_PROCID"]), int(environ.get("SLURM_LOCALID", 0)), slurm_tasks)
     return DistEnv()
 
 
@@ -45,7 +46,8 @@ def init_distributed(device_name=None, timeout_minutes=30):
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device_name)
     if device.type == "cuda":
-        device = torch.device("cuda", env.local_rank)
+        if env.distributed or device.index is None:  # one GPU per process, by local rank
+            device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
     if env.distributed:
         os.environ.setdefault("MASTER_PORT", "29500")

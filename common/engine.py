@@ -1,5 +1,8 @@
-"""The training and evaluation loops shared by the classification and segmentation scripts."""
-import math
+"""The training and evaluation loops: a model, a criterion and loaders in; nothing task-specific.
+
+Both read these fields of the script's argparse namespace: amp, amp_dtype, channels_last; training also
+accum_steps, clip_grad_norm, model_ema_steps, lr_warmup_epochs, print_freq, batch_size, world_size.
+"""
 import time
 from contextlib import nullcontext
 
@@ -47,7 +50,10 @@ def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, d
             step_loss += loss.detach()
             images_since_print += len(images)
         scaler.unscale_(optimizer)  # clip and log the true gradient norm, not the scaled one
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(params, args.clip_grad_norm or math.inf))
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if args.clip_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(params, args.clip_grad_norm, grad_norm)
+        grad_norms.append(grad_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -33,6 +33,8 @@ def create_optimizer(name, groups, lr, momentum, weight_decay, device_type):
                                nesterov=name == "sgd_nesterov", **fused)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **fused)
+    # RMSprop has no fused kernel: with float16 loss scaling, GradScaler reads its inf check back to the CPU
+    # every step (a sync); bfloat16 needs no scaler and avoids it.
     if name == "rmsprop":  # the eps and alpha of TF-style RMSprop used by EfficientNet/MobileNet recipes
         return torch.optim.RMSprop(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eps=0.0316, alpha=0.9)
     raise ValueError(f"unknown --opt {name!r}: use sgd, sgd_nesterov, adamw or rmsprop")
@@ -48,8 +50,6 @@ def create_lr_scheduler(optimizer, args, steps_per_epoch):
         main = sched.CosineAnnealingLR(optimizer, T_max=main_steps, eta_min=args.lr_min)
     elif args.lr_scheduler == "exponentiallr":
         main = sched.ExponentialLR(optimizer, gamma=args.lr_gamma ** (1 / steps_per_epoch))
-    elif args.lr_scheduler == "polylr":
-        main = sched.PolynomialLR(optimizer, total_iters=main_steps, power=args.lr_power)
     else:
         raise ValueError(f"unknown --lr-scheduler {args.lr_scheduler!r}")
     if warmup_steps == 0:

@@ -98,6 +98,37 @@ def test_resume_with_an_incompatible_optimizer(trained_run):
                *TINY, "--norm-weight-decay", "0", "--resume", trained_run / "checkpoint.pth")
 
 
+def test_resume_with_another_schedule(trained_run):
+    fails_with(r"its LR schedule was laid out for other values \(epochs 2 -> 4\)", *TINY, "--epochs", "4",
+               "--resume", trained_run / "checkpoint.pth")
+
+
+def test_test_only_needs_something_to_evaluate():
+    fails_with(r"--test-only evaluates a trained model: give --resume PATH or --weights NAME", *TINY, "--test-only")
+
+
+def test_grad_checkpointing_of_a_model_without_blocks():
+    fails_with(r"--grad-checkpointing knows the stages of ResNet.*not of VGG", *TINY, "--model", "vgg11",
+               "--grad-checkpointing")
+
+
+def test_grad_checkpointing_with_compile():
+    fails_with(r"--grad-checkpointing and --compile together fail", *TINY, "--compile", "--grad-checkpointing")
+
+
+def test_synthetic_class_count_out_of_range():
+    result = python("classification/train.py", "--synthetic-classes", "11")
+    assert result.returncode == 2 and "invalid choice: 11" in result.stderr
+
+
+def test_checkpoint_of_torchvision_references_with_an_argparse_namespace(tmp_path):
+    import argparse
+    path = tmp_path / "tv.pth"
+    torch.save({"model": torchvision.models.resnet18(num_classes=10).state_dict(),
+                "args": argparse.Namespace(lr=0.1)}, path)
+    fails_with(r"holds Python objects besides tensors, which weights_only loading refuses", *TINY, "--resume", path)
+
+
 def test_truncated_checkpoint(tmp_path, trained_run):
     broken = tmp_path / "broken.pth"
     broken.write_bytes((trained_run / "checkpoint.pth").read_bytes()[:5000])

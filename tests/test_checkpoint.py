@@ -47,8 +47,9 @@ def test_missing_file_says_so(tmp_path):
         ckpt.load_checkpoint(str(tmp_path / "nope.pth"))
 
 
-def test_prefixes_of_ddp_and_compile_are_removed():
-    state = {"module._orig_mod.fc.weight": torch.zeros(2), "module._orig_mod.fc.bias": torch.zeros(1)}
+@pytest.mark.parametrize("prefix", ["module._orig_mod.", "_orig_mod.module.", "module."])
+def test_prefixes_of_ddp_and_compile_are_removed(prefix):
+    state = {f"{prefix}fc.weight": torch.zeros(2), f"{prefix}fc.bias": torch.zeros(1)}
     assert sorted(ckpt.state_dict_from({"model": state})) == ["fc.bias", "fc.weight"]
 
 

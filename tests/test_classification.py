@@ -50,7 +50,7 @@ def test_a_killed_run_resumed_with_auto_ends_as_an_uninterrupted_one(tmp_path):
     interrupted = tmp_path / "interrupted"
     process = popen(sys.executable, ROOT / "classification/train.py", *flags, "--output-dir", interrupted)
     for line in process.stdout:
-        if line.startswith("saved") and "epoch 1" in line:
+        if line.startswith("saved") and "epoch 0" in line:  # still in LR warmup, where the EMA copies
             process.kill()  # SIGKILL: no chance to clean up, as when a node dies
             break
     process.wait()
@@ -82,7 +82,8 @@ def test_imagefolder_tree_trains_with_the_modern_recipe_and_evaluates(tmp_path):
     record = log_of(out)[-1]
     assert record["epoch"] == 1 and "val_ema_acc1" in record and record["train_loss"] == record["train_loss"]
     report = tmp_path / "eval.json"
-    evaluate("--checkpoint", out / "checkpoint.pth", "--data-path", data, "--device", "cpu", "-j", "0",
+    # No --data-path: eval.py takes the checkpoint's, as it takes its preprocessing.
+    evaluate("--checkpoint", out / "checkpoint.pth", "--device", "cpu", "-j", "0",
              "--output-json", report, "--confusion-png", tmp_path / "cm.png", "--use-ema")
     result = json.loads(report.read_text())
     assert result["num_samples"] == 11 and set(result["per_class_acc"]) == {"cat", "dog", "fox"}
@@ -131,11 +132,22 @@ def test_grad_checkpointing_keeps_the_gradients():
     assert list(plain.state_dict()) == list(checkpointed.state_dict())
 
 
-@pytest.mark.parametrize("model", ["convnext_tiny", "mobilenet_v3_small"])
-def test_other_torchvision_models_train_a_step(tmp_path, model):
+@pytest.mark.parametrize("model,flags", [("convnext_tiny", ["--grad-checkpointing"]),
+                                         ("mobilenet_v3_small", ["--grad-checkpointing"]), ("googlenet", [])])
+def test_other_torchvision_models_train_a_step(tmp_path, model, flags):
     train(*TINY, "--model", model, "--synthetic-train-size", "64", "--synthetic-val-size", "16", "-b", "16",
-          "--grad-checkpointing", "--output-dir", tmp_path)
+          *flags, "--output-dir", tmp_path)
     assert log_of(tmp_path)[0]["train_loss"] > 0
+
+
+def test_resume_may_switch_on_float16_loss_scaling(trained_run):
+    train(*TINY, "--epochs", "2", "--amp", "--resume", trained_run / "checkpoint.pth")  # no error is the test
+
+
+def test_eval_takes_the_preprocessing_of_torchvision_weights():
+    from classification.eval import preprocessing_of
+    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
+    assert preprocessing_of(weights) == {"val_resize_size": 232, "val_crop_size": 224, "interpolation": "bilinear"}
 
 
 def test_default_command_help_documents_every_flag():

@@ -17,6 +17,11 @@ def test_slurm_variables():
     assert (env.rank, env.local_rank, env.world_size) == (3, 3, 16)
 
 
+def test_an_srun_step_smaller_than_the_allocation():
+    env = read_dist_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "2", "MASTER_ADDR": "n"})
+    assert (env.rank, env.world_size) == (1, 2)
+
+
 def test_torchrun_wins_over_slurm_inside_an_allocation():
     env = read_dist_env({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
     assert env.world_size == 2
