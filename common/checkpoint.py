@@ -45,8 +45,8 @@ def load_checkpoint(path):
         if "Weights only load failed" in str(e):  # e.g. torchvision's references store an argparse.Namespace
             raise CheckpointError(
                 f"checkpoint {path} holds Python objects besides tensors, which weights_only loading refuses: "
-                "if you trust the file, re-save its tensors with torch.save(torch.load(path, "
-                "weights_only=False)['model'], 'model.pth') and use model.pth") from None
+                "if you trust the file, load it once with weights_only=False and torch.save its 'model' entry "
+                "to a new file, then use that file") from None
         cause = e
     except Exception as e:
         cause = e
