@@ -15,7 +15,7 @@ import torchvision
 
 from classification.data import SHAPES, list_classes, load_val
 from classification.model import create_model
-from common.checkpoint import CheckpointError, load_checkpoint, load_model_state, state_dict_from
+from common.checkpoint import load_checkpoint, load_model_state, state_dict_from
 from common.distributed import init_distributed
 from common.engine import evaluate
 from common.log import UserError, confusion_matrix_image, print0, run_cli
@@ -55,11 +55,8 @@ def model_from_checkpoint(checkpoint, args, num_classes):
     if args.use_ema and checkpoint.get("model_ema") is None:
         raise UserError(f"{args.checkpoint} holds no EMA weights: drop --use-ema")
     model, _ = create_model(args.model, None, num_classes)
-    try:
-        state = state_dict_from({"model": checkpoint["model_ema"]} if args.use_ema else checkpoint)
-        load_model_state(model, state, args.checkpoint)
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
+    state = state_dict_from({"model": checkpoint["model_ema"]} if args.use_ema else checkpoint)
+    load_model_state(model, state, args.checkpoint)
     return model
 
 
@@ -85,10 +82,7 @@ def main(args):
         raise UserError("--weights needs --model, e.g. --model resnet50 --weights IMAGENET1K_V2")
     checkpoint, trained = {}, {}
     if args.checkpoint:
-        try:
-            checkpoint = load_checkpoint(args.checkpoint)
-        except CheckpointError as e:
-            raise UserError(str(e)) from None
+        checkpoint = load_checkpoint(args.checkpoint)
         trained = checkpoint.get("args") or {}
     else:
         trained = preprocessing_of(weights_enum(args.model, args.weights))

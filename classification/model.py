@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from common.checkpoint import CheckpointError, load_checkpoint, load_model_state, state_dict_from
+from common.checkpoint import load_checkpoint, load_model_state, state_dict_from
 from common.log import UserError, print0
 
 
@@ -44,11 +44,8 @@ def create_model(name, weights, num_classes):
     if weights and os.path.isfile(weights):
         model = torchvision.models.get_model(name, num_classes=num_classes, **scratch)
         head = find_head(model)
-        try:
-            state = state_dict_from(load_checkpoint(weights))
-            skipped = load_model_state(model, state, weights, skip_mismatched={f"{head}.weight", f"{head}.bias"})
-        except CheckpointError as e:
-            raise UserError(str(e)) from None
+        state = state_dict_from(load_checkpoint(weights))
+        skipped = load_model_state(model, state, weights, skip_mismatched={f"{head}.weight", f"{head}.bias"})
         if skipped:
             print0(f"new {num_classes}-class head: {', '.join(skipped)} from {weights} not used")
         return model, head

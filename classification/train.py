@@ -16,7 +16,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from classification.data import dataset_classes, load_train, load_val
 from classification.model import create_model, enable_grad_checkpointing
-from common.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_atomic, state_dict_from, unwrap
+from common.checkpoint import load_checkpoint, load_model_state, save_atomic, state_dict_from, unwrap
 from common.distributed import init_distributed
 from common.engine import evaluate, train_one_epoch
 from common.log import UserError, append_jsonl, confusion_matrix_image, print0, run_cli, tensorboard_writer
@@ -132,22 +132,12 @@ def resume_path(args):
 
 
 def read_checkpoint(path, args):
-    try:
-        checkpoint = load_checkpoint(path)
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
+    checkpoint = load_checkpoint(path)
     trained_with = (checkpoint.get("args") or {}).get("model")
     if trained_with not in (None, args.model):
         raise UserError(f"checkpoint {path} was trained with --model {trained_with}, not {args.model}: "
                         f"pass --model {trained_with} or another checkpoint")
     return checkpoint
-
-
-def load_weights(model, state, path):
-    try:
-        load_model_state(model, state, path)
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
 
 
 def checkpoint_state(model, optimizer, lr_scheduler, scaler, model_ema, epoch, best_acc1, args, class_names):
@@ -160,7 +150,7 @@ def checkpoint_state(model, optimizer, lr_scheduler, scaler, model_ema, epoch, b
 
 def restore(checkpoint, path, model, optimizer, lr_scheduler, scaler, model_ema, args):
     """Load a training checkpoint into everything that carries state; returns (start epoch, best acc1)."""
-    load_weights(model, state_dict_from(checkpoint), path)
+    load_model_state(model, state_dict_from(checkpoint), path)
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
     except ValueError as e:
@@ -177,7 +167,7 @@ def restore(checkpoint, path, model, optimizer, lr_scheduler, scaler, model_ema,
     if scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run so far had no float16 loss scaling
         scaler.load_state_dict(checkpoint["scaler"])
     if model_ema is not None and checkpoint.get("model_ema") is not None:
-        load_weights(model_ema.module, checkpoint["model_ema"], path)
+        load_model_state(model_ema.module, checkpoint["model_ema"], path)
         model_ema.n_averaged.copy_(checkpoint["model_ema_n_averaged"])
     return checkpoint["epoch"] + 1, checkpoint["best_acc1"]
 
@@ -196,10 +186,10 @@ def test_only(model, val_loader, class_names, device, args):
         raise UserError(f"--resume auto found no checkpoint in {args.output_dir}: nothing to evaluate")
     checkpoint = read_checkpoint(path, args) if path else {}
     if checkpoint:
-        load_weights(model, state_dict_from(checkpoint), path)
+        load_model_state(model, state_dict_from(checkpoint), path)
     validate(model, val_loader, class_names, device, args, "Test")
     if checkpoint.get("model_ema") is not None:
-        load_weights(model, checkpoint["model_ema"], path)
+        load_model_state(model, checkpoint["model_ema"], path)
         validate(model, val_loader, class_names, device, args, "Test EMA")
 
 

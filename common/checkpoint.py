@@ -5,9 +5,11 @@ import re
 
 import torch
 
+from common.log import UserError
 
-class CheckpointError(RuntimeError):
-    pass
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used; like every UserError, the scripts report it in one line."""
 
 
 def unwrap(model):

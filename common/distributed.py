@@ -33,8 +33,8 @@ def read_dist_env(environ=os.environ):
     if slurm_tasks > 1 and "SLURM_PROCID" in environ:
         if "MASTER_ADDR" not in environ:
             raise UserError("SLURM launch without MASTER_ADDR: add "
-                               "'export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)' "
-                               "to the sbatch script")
+                            "'export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)' "
+                            "to the sbatch script")
         return DistEnv(int(environ["SLURM_PROCID"]), int(environ.get("SLURM_LOCALID", 0)), slurm_tasks)
     return DistEnv()
 
