@@ -2,32 +2,19 @@
 import os
 from functools import partial
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 
 from common.distributed import ShardedEvalSampler
+from common.images import read_image
 from common.log import UserError
 from common.synthetic import SHAPES, TensorLoader, make_shapes
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
 LAYOUT_HINT = "--data-path must hold train/ and val/, each with one folder of images per class (ImageNet layout)"
-
-
-def read_image(path):
-    """Any Pillow-readable file as RGB: grayscale, RGBA, palette, CMYK, 16-bit, PNG named .jpg."""
-    try:
-        with Image.open(path) as image:
-            if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit: keep the top 8 bits, not a clipped copy
-                image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
-            return image.convert("RGB")
-    except Exception as e:
-        raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}): "
-                        "delete the file or replace it with a valid image") from None
 
 
 def list_classes(split_dir):

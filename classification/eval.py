@@ -13,12 +13,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 import torchvision
 
+from classification.confusion_image import confusion_matrix_image
 from classification.data import SHAPES, list_classes, load_val
 from classification.model import create_model
 from common.checkpoint import load_checkpoint, load_model_state, state_dict_from
 from common.distributed import init_distributed
 from common.engine import evaluate
-from common.log import UserError, confusion_matrix_image, print0, run_cli
+from common.log import UserError, print0, run_cli
 from common.metrics import ClassificationMeter
 
 # Settings of the training run that evaluation must repeat: flags of this script when given, else the

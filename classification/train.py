@@ -14,12 +14,21 @@ import torch
 from torch import nn
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from classification.confusion_image import confusion_matrix_image
 from classification.data import dataset_classes, load_train, load_val
 from classification.model import create_model, enable_grad_checkpointing
-from common.checkpoint import load_checkpoint, load_model_state, save_atomic, state_dict_from, unwrap
+from common.checkpoint import (
+    load_model_state,
+    read_training_checkpoint,
+    restore_training,
+    resume_path,
+    save_training,
+    state_dict_from,
+    training_state,
+)
 from common.distributed import init_distributed
-from common.engine import evaluate, train_one_epoch
-from common.log import UserError, append_jsonl, confusion_matrix_image, print0, run_cli, tensorboard_writer
+from common.engine import configure_torch, evaluate, train_one_epoch
+from common.log import UserError, append_jsonl, positive_int, print0, run_cli, tensorboard_writer
 from common.metrics import ClassificationMeter
 from common.optim import create_ema, create_lr_scheduler, create_optimizer, param_groups
 
@@ -29,13 +38,6 @@ REAL_DATA_DEFAULTS = dict(model="resnet50", batch_size=32, epochs=90, lr=0.1, lr
                           lr_warmup_epochs=0, workers=8, train_crop_size=224, print_freq=100)
 SYNTHETIC_DEFAULTS = dict(model="resnet18", batch_size=128, epochs=4, lr=0.05, lr_scheduler="cosineannealinglr",
                           lr_warmup_epochs=1, workers=0, train_crop_size=32, print_freq=50)
-
-
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def get_args_parser():
@@ -124,52 +126,13 @@ def finish_args(args):
     return args
 
 
-def resume_path(args):
-    if args.resume != "auto":
-        return args.resume
-    path = os.path.join(args.output_dir, "checkpoint.pth")
-    return path if os.path.isfile(path) else None
-
-
-def read_checkpoint(path, args):
-    checkpoint = load_checkpoint(path)
-    trained_with = (checkpoint.get("args") or {}).get("model")
-    if trained_with not in (None, args.model):
-        raise UserError(f"checkpoint {path} was trained with --model {trained_with}, not {args.model}: "
-                        f"pass --model {trained_with} or another checkpoint")
-    return checkpoint
-
-
-def checkpoint_state(model, optimizer, lr_scheduler, scaler, model_ema, epoch, best_acc1, args, class_names):
-    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
-            "model_ema_n_averaged": model_ema.n_averaged if model_ema is not None else None,
-            "epoch": epoch, "best_acc1": best_acc1, "args": vars(args), "class_names": class_names}
-
-
 def restore(checkpoint, path, model, optimizer, lr_scheduler, scaler, model_ema, args):
-    """Load a training checkpoint into everything that carries state; returns (start epoch, best acc1)."""
-    load_model_state(model, state_dict_from(checkpoint), path)
-    try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except ValueError as e:
-        raise UserError(f"cannot resume from {path}: {e}. Resume with the flags it was trained with "
-                        "(--opt, --norm-weight-decay, --head-lr)") from None
-    trained = checkpoint.get("args") or {}
-    changed = [f"{name} {trained.get(name)} -> {getattr(args, name)}" for name in SCHEDULE_ARGS
-               if trained.get(name) != getattr(args, name)]
-    if changed:
-        raise UserError(f"cannot resume from {path}: its LR schedule was laid out for other values "
-                        f"({'; '.join(changed)}). Resume with the same values, or start a new run from its "
-                        f"weights with --weights {path}")
-    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-    if scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run so far had no float16 loss scaling
-        scaler.load_state_dict(checkpoint["scaler"])
+    """Continue a run: returns (start epoch, best top-1)."""
+    start_epoch = restore_training(checkpoint, path, model, optimizer, lr_scheduler, scaler, args, SCHEDULE_ARGS)
     if model_ema is not None and checkpoint.get("model_ema") is not None:
         load_model_state(model_ema.module, checkpoint["model_ema"], path)
         model_ema.n_averaged.copy_(checkpoint["model_ema_n_averaged"])
-    return checkpoint["epoch"] + 1, checkpoint["best_acc1"]
+    return start_epoch, checkpoint["best_acc1"]
 
 
 def validate(model, val_loader, class_names, device, args, name):
@@ -184,7 +147,7 @@ def test_only(model, val_loader, class_names, device, args):
     path = resume_path(args)
     if args.resume and not path:
         raise UserError(f"--resume auto found no checkpoint in {args.output_dir}: nothing to evaluate")
-    checkpoint = read_checkpoint(path, args) if path else {}
+    checkpoint = read_training_checkpoint(path, args.model) if path else {}
     if checkpoint:
         load_model_state(model, state_dict_from(checkpoint), path)
     validate(model, val_loader, class_names, device, args, "Test")
@@ -197,14 +160,7 @@ def main(args):
     env, device = init_distributed(args.device)
     args.world_size = env.world_size
     print0(f"{' '.join(sys.argv)}\nworld size {env.world_size}, device {device}, torch {torch.__version__}")
-    torch.backends.cudnn.benchmark = not args.use_deterministic_algorithms
-    if args.use_deterministic_algorithms:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it
-        # A few CUDA kernels (adaptive average pooling's backward among them) have no deterministic version:
-        # on GPUs they warn instead of stopping the run. On CPU every kernel here is deterministic.
-        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)
+    configure_torch(args, device)
 
     class_names = dataset_classes(args)
     val_loader = load_val(args, env, device, class_names)  # before the long work: val/ problems show now
@@ -239,7 +195,7 @@ def main(args):
 
     best_acc1, path = 0.0, resume_path(args)
     if path:
-        checkpoint = read_checkpoint(path, args)
+        checkpoint = read_training_checkpoint(path, args.model)
         args.start_epoch, best_acc1 = restore(checkpoint, path, model, optimizer, lr_scheduler, scaler, model_ema, args)
         print0(f"resumed from {path}: next epoch {args.start_epoch}, best top-1 {best_acc1:.2f}")
     if args.output_dir and env.is_main:
@@ -269,12 +225,11 @@ def main(args):
         score = record.get("val_ema_acc1", val["acc1"])  # with EMA, its weights are the ones to keep
         is_best, best_acc1 = score > best_acc1, max(best_acc1, score)
         if args.output_dir and env.is_main:
-            state = checkpoint_state(model, optimizer, lr_scheduler, scaler, model_ema, epoch, best_acc1, args,
-                                     class_names)
-            save_atomic(state, os.path.join(args.output_dir, "checkpoint.pth"))
-            if is_best:
-                save_atomic(state, os.path.join(args.output_dir, "best.pth"))
-            print0(f"saved {args.output_dir}/checkpoint.pth (epoch {epoch})")
+            save_training(training_state(
+                model, optimizer, lr_scheduler, scaler, epoch, args, best_acc1=best_acc1, class_names=class_names,
+                model_ema=model_ema.module.state_dict() if model_ema is not None else None,
+                model_ema_n_averaged=model_ema.n_averaged if model_ema is not None else None),
+                args.output_dir, is_best)
             append_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
         if writer is not None:
             for key in ("val_acc1", "val_acc5", "val_ema_acc1", "train_loss", "img_per_s"):

@@ -5,7 +5,7 @@ import re
 
 import torch
 
-from common.log import UserError
+from common.log import UserError, print0
 
 
 class CheckpointError(UserError):
@@ -95,3 +95,60 @@ def load_model_state(model, state, path, skip_mismatched=()):
                               "Use the --model (and class count) the checkpoint was trained with")
     model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=not skipped)
     return skipped
+
+
+def resume_path(args):
+    """The checkpoint --resume names; 'auto' is <output-dir>/checkpoint.pth if it exists, else None (a fresh start)."""
+    if args.resume != "auto":
+        return args.resume
+    path = os.path.join(args.output_dir, "checkpoint.pth")
+    return path if os.path.isfile(path) else None
+
+
+def read_training_checkpoint(path, model_name):
+    checkpoint = load_checkpoint(path)
+    trained_with = (checkpoint.get("args") or {}).get("model")
+    if trained_with not in (None, model_name):
+        raise CheckpointError(f"checkpoint {path} was trained with --model {trained_with}, not {model_name}: "
+                              f"pass --model {trained_with} or another checkpoint")
+    return checkpoint
+
+
+def training_state(model, optimizer, lr_scheduler, scaler, epoch, args, **extra):
+    """Everything a run needs to continue, as plain dicts and tensors (what weights_only loading accepts)."""
+    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+            "args": vars(args), **extra}
+
+
+def restore_training(checkpoint, path, model, optimizer, lr_scheduler, scaler, args, schedule_args):
+    """Load a training checkpoint into model, optimizer, LR schedule and scaler; returns the next epoch.
+
+    The schedule was laid out step by step for the values of `schedule_args`: resuming with other values
+    would silently follow the old curve, so they must match.
+    """
+    load_model_state(model, state_dict_from(checkpoint), path)
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as e:
+        raise CheckpointError(f"cannot resume from {path}: {e}. Resume with the flags it was trained with "
+                              "(--opt, --norm-weight-decay, --head-lr)") from None
+    trained = checkpoint.get("args") or {}
+    changed = [f"{name} {trained.get(name)} -> {getattr(args, name)}" for name in schedule_args
+               if trained.get(name) != getattr(args, name)]
+    if changed:
+        raise CheckpointError(f"cannot resume from {path}: its LR schedule was laid out for other values "
+                              f"({'; '.join(changed)}). Resume with the same values, or start a new run from its "
+                              f"weights with --weights {path}")
+    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    if scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run so far had no float16 loss scaling
+        scaler.load_state_dict(checkpoint["scaler"])
+    return checkpoint["epoch"] + 1
+
+
+def save_training(state, output_dir, is_best):
+    """checkpoint.pth after every epoch, and best.pth when the epoch's score is the best so far."""
+    save_atomic(state, os.path.join(output_dir, "checkpoint.pth"))
+    if is_best:
+        save_atomic(state, os.path.join(output_dir, "best.pth"))
+    print0(f"saved {output_dir}/checkpoint.pth (epoch {state['epoch']}){' and best.pth' if is_best else ''}")

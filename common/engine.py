@@ -3,6 +3,7 @@
 Both read these fields of the script's argparse namespace: amp, amp_dtype, channels_last; training also
 accum_steps, clip_grad_norm, model_ema_steps, lr_warmup_epochs, print_freq, batch_size, world_size.
 """
+import os
 import time
 from contextlib import nullcontext
 
@@ -11,6 +12,18 @@ import torch
 from common.checkpoint import unwrap
 from common.distributed import all_reduce_sum
 from common.log import print0
+
+
+def configure_torch(args, device):
+    """Kernel choices (fast or deterministic, TF32) and the seed of weight initialisation."""
+    torch.backends.cudnn.benchmark = not args.use_deterministic_algorithms
+    if args.use_deterministic_algorithms:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it
+        # A few CUDA kernels (adaptive average pooling's backward among them) have no deterministic version:
+        # on GPUs they warn instead of stopping the run. On CPU every kernel used here is deterministic.
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)
 
 
 def autocast(device, args):

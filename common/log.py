@@ -1,14 +1,22 @@
-"""What a run tells the user: console lines from rank 0, one-line errors, log.jsonl, TensorBoard, pictures."""
+"""What a run tells the user: console lines from rank 0, one-line errors, log.jsonl, TensorBoard."""
+import argparse
 import json
 import os
 import sys
 
 import torch.distributed as dist
-from PIL import Image, ImageDraw
 
 
 class UserError(Exception):
     """A problem the user can fix (bad path, bad flag, bad file): reported in one line, without a traceback."""
+
+
+def positive_int(text):
+    """An argparse type: a flag such as -b 0 is refused with the flag's name instead of failing later."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def is_main_process():
@@ -47,26 +55,3 @@ def tensorboard_writer(output_dir):
     from torch.utils.tensorboard import SummaryWriter  # imported late: it pulls in tensorboard
 
     return SummaryWriter(os.path.join(output_dir, "tb"))
-
-
-def confusion_matrix_image(matrix, class_names=None, cell=None):
-    """Row-normalised confusion matrix as a Pillow image: white = 0, dark blue = all of the row."""
-    n = matrix.shape[0]
-    cell = cell or max(1, min(24, 960 // n))
-    labelled = class_names is not None and cell >= 12
-    margin = 90 if labelled else 0
-    rows = matrix.double() / matrix.sum(1, keepdim=True).clamp(min=1)
-    image = Image.new("RGB", (margin + n * cell, margin + n * cell), "white")
-    draw = ImageDraw.Draw(image)
-    for i in range(n):
-        for j in range(n):
-            v = float(rows[i, j])
-            if v > 0:
-                colour = (int(255 * (1 - v)), int(255 * (1 - 0.8 * v)), 255 - int(100 * v))
-                x, y = margin + j * cell, margin + i * cell
-                draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour)
-    if labelled:  # true classes down the left, predicted classes across the top
-        for i, name in enumerate(class_names):
-            draw.text((2, margin + i * cell + cell // 4), str(name)[:14], fill="black")
-            draw.text((margin + i * cell + 1, 2 + (i % 6) * 14), str(name)[:3], fill="black")
-    return image

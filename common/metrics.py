@@ -1,5 +1,6 @@
 """Counts on the device, summed over ranks once at the end: accuracy, top-k, confusion matrix, IoU."""
 import torch
+import torch.nn.functional as F
 
 from common.distributed import all_reduce_sum
 
@@ -63,3 +64,35 @@ class ClassificationMeter:
         total = self.confusion.total
         return {"acc1": 100 * self.confusion.accuracy(), "acc5": 100 * self.topk_correct.item() / max(total, 1),
                 "num_samples": total}
+
+
+class SegmentationMeter:
+    """Pixel accuracy, mean class accuracy and IoU, each label scored at its own resolution.
+
+    Logits predicted on a resized input are upsampled to the label's size before the argmax, so the
+    score is that of the original annotation, not of a resized one.
+    """
+
+    def __init__(self, num_classes, device="cpu", ignore_index=255):
+        self.confusion = ConfusionMatrix(num_classes, device, ignore_index)
+        self.num_images = torch.zeros((), dtype=torch.int64, device=device)
+
+    def update(self, logits, target):
+        """Count one batch; returns the predicted labels at the target's size."""
+        if logits.shape[-2:] != target.shape[-2:]:
+            logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+        predicted = logits.argmax(1)
+        self.confusion.update(predicted, target)
+        self.num_images += len(target)
+        return predicted
+
+    def all_reduce(self):
+        self.confusion.all_reduce()
+        all_reduce_sum(self.num_images)
+
+    def summary(self):
+        """mIoU and mean accuracy average the classes that occur in labels or predictions; IoU is None otherwise."""
+        iou = self.confusion.iou()
+        return {"miou": self.confusion.mean_iou(), "pixel_acc": self.confusion.accuracy(),
+                "mean_acc": torch.tensor(self.confusion.per_class_accuracy()).nanmean().item(),
+                "per_class_iou": [None if x != x else x for x in iou], "num_images": int(self.num_images)}

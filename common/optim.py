@@ -48,6 +48,8 @@ def create_lr_scheduler(optimizer, args, steps_per_epoch):
         main = sched.StepLR(optimizer, step_size=args.lr_step_size * steps_per_epoch, gamma=args.lr_gamma)
     elif args.lr_scheduler == "cosineannealinglr":
         main = sched.CosineAnnealingLR(optimizer, T_max=main_steps, eta_min=args.lr_min)
+    elif args.lr_scheduler == "polylr":  # the segmentation schedule: lr * (1 - step / steps) ** power
+        main = sched.PolynomialLR(optimizer, total_iters=main_steps, power=args.lr_power)
     elif args.lr_scheduler == "exponentiallr":
         main = sched.ExponentialLR(optimizer, gamma=args.lr_gamma ** (1 / steps_per_epoch))
     else:

@@ -37,7 +37,7 @@ def shape_mask(shape, dx, dy, r):
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _noisy_backgrounds(n, size, generator):
+def noisy_backgrounds(n, size, generator):
     """Random base colours, a random linear gradient and pixel noise, as float images in [0, 1]."""
     base = torch.rand(n, 3, 1, 1, generator=generator) * 0.8 + 0.1
     ramp = torch.linspace(-0.5, 0.5, size)
@@ -59,7 +59,7 @@ def make_shapes(num_samples, image_size=32, num_classes=10, seed=0, split="train
 
 def _draw_shapes(n, image_size, num_classes, generator, min_contrast=0.35):
     labels = torch.randint(num_classes, (n,), generator=generator)
-    images, background = _noisy_backgrounds(n, image_size, generator)
+    images, background = noisy_backgrounds(n, image_size, generator)
     # Foreground colours are pushed away from the background so every shape stays visible.
     colour = torch.rand(n, 3, 1, 1, generator=generator)
     too_close = (colour - background).abs().amax(1, keepdim=True) < min_contrast

@@ -1,0 +1,126 @@
+"""Segmentation data: joint image + mask transforms (torchvision v2), loaders, and the synthetic scenes."""
+import math
+from functools import partial
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from common.distributed import ShardedEvalSampler
+from common.synthetic import SHAPES, TensorLoader, noisy_backgrounds, shape_mask
+from segmentation.datasets import DATASETS, IGNORE_INDEX
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SYNTHETIC_PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                     (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+
+
+def train_transforms(base_size, crop_size, scale_range):
+    """Rescale the shorter side to 0.5-2x the base size, crop (padding images with 0, masks with the ignore
+    index), flip, jitter colours, normalise. v2 resizes tv_tensors.Mask with nearest interpolation, always."""
+    return v2.Compose([
+        v2.RandomResize(int(scale_range[0] * base_size), int(scale_range[1] * base_size) + 1),
+        v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+        v2.RandomHorizontalFlip(),
+        v2.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25),
+        v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True),
+        v2.Normalize(MEAN, STD),
+    ])
+
+
+def val_transform(image, mask, base_size):
+    """Only the image is resized: the mask keeps the resolution it was annotated at, where it is scored."""
+    image = v2.functional.resize(image, base_size, antialias=True)
+    image = v2.functional.normalize(v2.functional.to_dtype(image, torch.float32, scale=True), MEAN, STD)
+    return image, mask.to(torch.int64)
+
+
+def load_dataset(args, split):
+    transforms = (train_transforms(args.base_size, args.crop_size, args.scale_range) if split == "train"
+                  else partial(val_transform, base_size=args.base_size))
+    return DATASETS[args.dataset](args.data_path, split, transforms)
+
+
+def dataset_info(args):
+    """(class names, palette) of the chosen data."""
+    if args.data_path is None:
+        names = ["background", *SHAPES[:args.synthetic_classes - 1]]
+        return names, SYNTHETIC_PALETTE[:len(names)]
+    dataset = DATASETS[args.dataset](args.data_path, "val")
+    return dataset.class_names, dataset.palette
+
+
+def load_train(args, env, device):
+    if args.data_path is None:
+        return synthetic_loader(*synthetic_split(args, "train", device), args, env, train=True)
+    train_set = load_dataset(args, "train")
+    # Not persistent: fresh workers each epoch take their seeds from the per-epoch RNG (exact resume).
+    return DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers,
+                      pin_memory=device.type == "cuda", drop_last=True,
+                      sampler=DistributedSampler(train_set, env.world_size, env.rank, shuffle=True, seed=args.seed,
+                                                 drop_last=True))
+
+
+def load_val(args, env, device):
+    """One image per batch for real data (their sizes differ); every image on exactly one rank."""
+    if args.data_path is None:
+        return synthetic_loader(*synthetic_split(args, "val", device), args, env, train=False)
+    val_set = load_dataset(args, "val")
+    return DataLoader(val_set, batch_size=1, num_workers=args.workers, pin_memory=device.type == "cuda",
+                      sampler=ShardedEvalSampler(val_set, env.rank, env.world_size))
+
+
+def synthetic_split(args, split, device):
+    size = args.synthetic_train_size if split == "train" else args.synthetic_val_size
+    images, masks = make_scenes(size, args.synthetic_image_size, args.synthetic_classes, seed=0, split=split)
+    return images.to(device), masks.to(device)
+
+
+def synthetic_loader(images, masks, args, env, train):
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255  # made once: no copy per step
+    inv_std = 1 / (torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255)
+
+    def transform(images, masks):
+        if train:  # per-sample flips of image and mask together
+            flip = torch.rand(len(images), device=images.device) < 0.5
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+            masks = torch.where(flip.view(-1, 1, 1), masks.flip(-1), masks)
+        return (images.float() - mean) * inv_std, masks.long()
+
+    sampler = (DistributedSampler(masks, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True)
+               if train else ShardedEvalSampler(masks, env.rank, env.world_size))
+    return TensorLoader(images, masks, sampler, args.batch_size, transform, drop_last=train)
+
+
+def make_scenes(num_samples, image_size=64, num_classes=6, seed=0, split="train", max_shapes=3):
+    """(uint8 images [N, 3, S, S], uint8 masks [N, S, S]): one to `max_shapes` shapes on striped, noisy
+    backgrounds; mask 0 is background and k the k-th shape. Deterministic in (seed, split)."""
+    if not 2 <= num_classes <= len(SHAPES) + 1:
+        raise ValueError(f"synthetic scenes have 2 to {len(SHAPES) + 1} classes, not {num_classes}")
+    generator = torch.Generator().manual_seed(seed * 2 + (split != "train"))
+    n, rand = num_samples, partial(torch.rand, generator=generator)
+    images, background = noisy_backgrounds(n, image_size, generator)
+    # Stripes of random direction and frequency: texture that a colour threshold cannot separate from shapes.
+    angle, cycles, phase = rand(n, 1, 1) * math.pi, rand(n, 1, 1) * 6 + 2, rand(n, 1, 1) * 2 * math.pi
+    coords = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size
+    along = coords.view(1, 1, -1) * angle.cos() + coords.view(1, -1, 1) * angle.sin()
+    images = images + 0.12 * torch.sin(2 * math.pi * cycles * along + phase)[:, None]
+    masks = torch.zeros(n, image_size, image_size, dtype=torch.uint8)
+    for slot in range(max_shapes):
+        present = rand(n) < (1.0 if slot == 0 else 0.6)
+        labels = torch.randint(1, num_classes, (n,), generator=generator)
+        colour = rand(n, 3, 1, 1)
+        too_close = (colour - background).abs().amax(1, keepdim=True) < 0.35
+        colour = torch.where(too_close, (background + 0.5) % 1.0, colour)
+        radius = (rand(n) * 0.13 + 0.12) * image_size
+        centre = radius[:, None] + rand(n, 2) * (image_size - 2 * radius[:, None])
+        dx = coords.view(1, 1, -1) * image_size - centre[:, 0].view(-1, 1, 1)
+        dy = coords.view(1, -1, 1) * image_size - centre[:, 1].view(-1, 1, 1)
+        for k in range(1, num_classes):
+            idx = (present & (labels == k)).nonzero().squeeze(1)
+            inside = shape_mask(SHAPES[k - 1], dx[idx], dy[idx], radius[idx].view(-1, 1, 1))
+            images[idx] = torch.where(inside[:, None], colour[idx], images[idx])
+            masks[idx] = torch.where(inside, k, masks[idx]).to(torch.uint8)
+    images += torch.randn(images.shape, generator=generator) * 0.08
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8), masks

@@ -1,0 +1,130 @@
+"""Evaluate a segmenter: mIoU, pixel and mean class accuracy, per-class IoU, exact under torchrun.
+
+    python segmentation/eval.py --checkpoint runs/deeplab/best.pth --output-json scores.json
+    python segmentation/eval.py --checkpoint best.pth --eval-scales 0.5,0.75,1.0,1.25,1.5,1.75 --eval-flip \\
+        --save-predictions predictions/
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+
+import torch
+from PIL import Image
+
+from common.checkpoint import load_checkpoint, load_model_state, state_dict_from
+from common.distributed import init_distributed
+from common.engine import evaluate
+from common.log import UserError, print0, run_cli
+from common.metrics import SegmentationMeter
+from segmentation.data import dataset_info, load_val
+from segmentation.datasets import CITYSCAPES_LABEL_IDS, DATASETS, IGNORE_INDEX
+from segmentation.inference import add_eval_args, predictor_from_args
+from segmentation.model import create_model
+
+# Settings of the training run that evaluation repeats: this script's flags when given, else the
+# checkpoint's training arguments, else these defaults. Those without a flag here only select the model
+# or the same synthetic validation set.
+FROM_TRAINING = dict(model=None, dataset=None, data_path=None, base_size=None, crop_size=None, output_stride=16,
+                     aux_loss=False, unet_width=64, synthetic_val_size=500, synthetic_image_size=64,
+                     synthetic_classes=6)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--checkpoint", required=True, help="a checkpoint written by segmentation/train.py (best.pth, checkpoint.pth)")
+    add("--data-path", help="dataset root (default: the checkpoint's training data)")
+    add("--dataset", choices=sorted(DATASETS), help="layout of --data-path (default: the checkpoint's)")
+    add("--device", help="cuda or cpu (default: cuda when available)")
+    add("-b", "--batch-size", type=int, default=16, help="synthetic set: images per step (real data: one)")
+    add("-j", "--workers", type=int, default=4, help="DataLoader worker processes per rank")
+    add("--amp", action="store_true", help="autocast (see --amp-dtype)")
+    add("--amp-dtype", choices=["float16", "bfloat16"], help="autocast dtype (implies --amp; default float16)")
+    add("--channels-last", action="store_true", help="NHWC memory format")
+    add("--base-size", type=int, help="shorter side the input is resized to (default: the checkpoint's)")
+    add("--ignore-index", type=int, default=IGNORE_INDEX, help="label excluded from the metrics")
+    add_eval_args(p)
+    add("--output-json", help="write miou, pixel_acc, mean_acc, per_class_iou and num_images here")
+    add("--save-predictions", metavar="DIR", help="write DIR/color/<name>.png (the dataset's palette) and, for "
+        "Cityscapes, DIR/labelIds/<name>.png for the official evaluator")
+    return p
+
+
+class PredictionWriter:
+    """A SegmentationMeter that also writes every prediction it scores, named after its image."""
+
+    def __init__(self, meter, names, out_dir, palette, dataset):
+        self.meter, self.names = meter, iter(names)
+        self.color_dir, self.palette = os.path.join(out_dir, "color"), [c for colour in palette for c in colour]
+        self.label_ids = torch.tensor(CITYSCAPES_LABEL_IDS, dtype=torch.uint8) if dataset == "cityscapes" else None
+        os.makedirs(self.color_dir, exist_ok=True)
+        if self.label_ids is not None:
+            os.makedirs(os.path.join(out_dir, "labelIds"), exist_ok=True)
+
+    def update(self, logits, target):
+        predicted = self.meter.update(logits, target)
+        for labels in predicted.to(torch.uint8).cpu():
+            name = next(self.names)
+            picture = Image.fromarray(labels.numpy(), mode="P")
+            picture.putpalette(self.palette)
+            picture.save(os.path.join(self.color_dir, f"{name}.png"))
+            if self.label_ids is not None:
+                Image.fromarray(self.label_ids[labels.long()].numpy()).save(
+                    os.path.join(os.path.dirname(self.color_dir), "labelIds", f"{name}.png"))
+        return predicted
+
+    def all_reduce(self):
+        self.meter.all_reduce()
+
+    def summary(self):
+        return self.meter.summary()
+
+
+def main(args):
+    checkpoint = load_checkpoint(args.checkpoint)
+    trained = checkpoint.get("args") or {}
+    for name, default in FROM_TRAINING.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, trained.get(name, default))
+    if not args.model:
+        raise UserError(f"{args.checkpoint} does not say which model it holds: evaluate a checkpoint written by "
+                        "segmentation/train.py")
+    if args.data_path is not None and args.dataset is None:
+        raise UserError(f"--data-path needs --dataset to say its layout: one of {', '.join(sorted(DATASETS))}")
+    args.amp = args.amp or args.amp_dtype is not None
+    args.amp_dtype = args.amp_dtype or "float16"
+    env, device = init_distributed(args.device)
+
+    class_names, palette = dataset_info(args)
+    trained_classes = checkpoint.get("class_names") or class_names
+    if len(trained_classes) != len(class_names):
+        raise UserError(f"{args.checkpoint} predicts {len(trained_classes)} classes, but the data has "
+                        f"{len(class_names)}: evaluate it on the dataset it was trained on")
+    model = create_model(args.model, len(class_names), args.output_stride, args.aux_loss, None, args.unet_width)
+    load_model_state(model, state_dict_from(checkpoint), args.checkpoint)
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+
+    val_loader = load_val(args, env, device)
+    meter = SegmentationMeter(len(class_names), device, args.ignore_index)
+    if args.save_predictions:
+        names = getattr(val_loader.dataset, "names", None) or [f"{i:06d}" for i in range(len(val_loader.dataset))]
+        meter = PredictionWriter(meter, [names[i] for i in val_loader.sampler], args.save_predictions, palette,
+                                 args.dataset if args.data_path else None)
+    summary = evaluate(predictor_from_args(model, args), val_loader, meter, device, args).summary()
+    width = max(len(name) for name in class_names)
+    print0(f"{'class':<{width}}  IoU")
+    for name, iou in zip(class_names, summary["per_class_iou"]):
+        print0(f"{name:<{width}}  {'-' if iou is None else f'{100 * iou:6.2f}'}")
+    print0(f"mIoU {100 * summary['miou']:.2f}  pixel acc {100 * summary['pixel_acc']:.2f}  "
+           f"mean acc {100 * summary['mean_acc']:.2f}  on {summary['num_images']} images "
+           f"({args.eval_mode}, scales {args.eval_scales}{', flip' if args.eval_flip else ''})")
+    if env.is_main and args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({**summary, "per_class_iou": dict(zip(class_names, summary["per_class_iou"]))}, f, indent=1)
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())

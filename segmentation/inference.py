@@ -1,0 +1,81 @@
+"""Inference for evaluation: whole image or sliding window, optionally over several scales and flips."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Predictor(nn.Module):
+    """Wraps a segmentation model; forward(images) returns class scores at the images' size.
+
+    With one scale and no flip the scores are the model's logits; with test-time augmentation they are
+    the softmax probabilities averaged over every scale and flip (logits of different scales are not on
+    one scale, probabilities are).
+    """
+
+    def __init__(self, model, mode="whole", crop=None, stride=None, scales=(1.0,), flip=False):
+        super().__init__()
+        if mode == "slide" and not (crop and stride):
+            raise ValueError("slide mode needs a crop and a stride")
+        self.model, self.mode, self.crop, self.stride = model, mode, crop, stride
+        self.scales, self.flip = tuple(scales), flip
+
+    def forward(self, images):
+        size = images.shape[-2:]
+        views = [(scale, flipped) for scale in self.scales for flipped in ((False, True) if self.flip else (False,))]
+        if views == [(1.0, False)]:
+            return self.predict(images)
+        total = 0
+        for scale, flipped in views:
+            x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
+                                                           align_corners=False)
+            scores = self.predict(x.flip(-1) if flipped else x)
+            scores = scores.flip(-1) if flipped else scores
+            total = total + F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False).softmax(1)
+        return total / len(views)
+
+    def predict(self, images):
+        return self.slide(images) if self.mode == "slide" else self.whole(images)
+
+    def whole(self, images):
+        """Logits of the whole image, zero-padded to what the model can take (UNet: multiples of 16)."""
+        height, width = images.shape[-2:]
+        divisor = getattr(self.model, "size_divisor", 1)
+        padded = F.pad(images, (0, -width % divisor, 0, -height % divisor))
+        return self.model(padded)["out"][..., :height, :width]
+
+    def slide(self, images):
+        """Logits averaged over overlapping crop x crop windows `stride` apart that cover the image."""
+        (crop_h, crop_w), (stride_h, stride_w) = self.crop, self.stride
+        height, width = images.shape[-2:]
+        images = F.pad(images, (0, max(crop_w - width, 0), 0, max(crop_h - height, 0)))  # small images: one window
+        full_h, full_w = images.shape[-2:]
+        tops = sorted({*range(0, full_h - crop_h, stride_h), full_h - crop_h})  # the last window ends at the edge
+        lefts = sorted({*range(0, full_w - crop_w, stride_w), full_w - crop_w})
+        total, count = None, torch.zeros(1, 1, full_h, full_w, device=images.device)
+        for top in tops:
+            for left in lefts:
+                logits = self.whole(images[..., top:top + crop_h, left:left + crop_w]).float()
+                if total is None:
+                    total = logits.new_zeros(*logits.shape[:2], full_h, full_w)
+                total[..., top:top + crop_h, left:left + crop_w] += logits
+                count[..., top:top + crop_h, left:left + crop_w] += 1
+        return (total / count)[..., :height, :width]
+
+
+def add_eval_args(parser):
+    """The evaluation flags, shared by train.py (validation each epoch) and eval.py."""
+    add = parser.add_argument
+    add("--eval-mode", choices=["whole", "slide"], default="whole",
+        help="predict the whole image at once, or windows of --eval-crop every --eval-stride pixels")
+    add("--eval-crop", type=int, nargs="+", metavar="PX", help="slide window: H [W] (default: --crop-size)")
+    add("--eval-stride", type=int, nargs="+", metavar="PX", help="slide step: H [W] (default: 2/3 of the window)")
+    add("--eval-scales", default="1.0", help="comma-separated input scales averaged at test time, e.g. "
+        "0.5,0.75,1.0,1.25,1.5,1.75")
+    add("--eval-flip", action="store_true", help="also average the horizontally flipped input")
+
+
+def predictor_from_args(model, args):
+    crop = tuple(args.eval_crop or args.crop_size) * 2
+    stride = tuple(args.eval_stride) * 2 if args.eval_stride else tuple(max(1, 2 * c // 3) for c in crop)
+    return Predictor(model, args.eval_mode, crop[:2], stride[:2], [float(s) for s in args.eval_scales.split(",")],
+                     args.eval_flip)

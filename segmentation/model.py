@@ -1,0 +1,140 @@
+"""Segmentation models: DeepLabV3+ (ResNet-50/101, output stride 8 or 16), UNet, and torchvision's by name.
+
+Every model returns {"out": logits at the input size}, plus "aux" when it has an auxiliary head, as
+torchvision's segmentation models do, so one loss and one evaluation serve all of them.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models.segmentation.deeplabv3 import ASPP
+from torchvision.models.segmentation.fcn import FCNHead
+
+from common.checkpoint import load_checkpoint, load_model_state, state_dict_from
+from common.log import UserError
+
+OWN_MODELS = ("deeplabv3plus_resnet50", "deeplabv3plus_resnet101", "unet")
+TORCHVISION_MODELS = tuple(torchvision.models.list_models(module=torchvision.models.segmentation))
+# The classifier layers, which a fine-tune to another class count replaces (torchvision's names and ours).
+HEAD_PREFIXES = ("classifier", "aux_classifier")
+
+
+def conv_bn_relu(in_channels, out_channels, kernel_size=3):
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+def upsample_to(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabV3+ (Chen et al., 2018): ASPP on the last ResNet stage, refined with layer1 features at 1/4 scale."""
+
+    def __init__(self, num_classes, backbone="resnet50", output_stride=16, aux_loss=False, weights_backbone=None):
+        super().__init__()
+        if output_stride not in (8, 16):
+            raise ValueError(f"output_stride must be 8 or 16, not {output_stride}")
+        # Dilating the last stages instead of striding them keeps their maps at 1/8 or 1/16 of the input:
+        # finer maps, the same weights as the ImageNet classifier.
+        resnet = getattr(torchvision.models, backbone)(
+            weights=weights_backbone, replace_stride_with_dilation=[False, output_stride == 8, True])
+        del resnet.avgpool, resnet.fc  # a segmenter has no use for them; their keys leave the state dict
+        self.backbone = resnet
+        rates = (12, 24, 36) if output_stride == 8 else (6, 12, 18)  # the same field of view at both strides
+        self.aspp = ASPP(2048, rates, 256)
+        self.project_low = conv_bn_relu(256, 48, kernel_size=1)  # few channels, so ASPP's 256 dominate
+        self.decoder = nn.Sequential(conv_bn_relu(256 + 48, 256), conv_bn_relu(256, 256))
+        self.classifier = nn.Conv2d(256, num_classes, 1)
+        self.aux_classifier = FCNHead(1024, num_classes) if aux_loss else None
+
+    def forward(self, images):
+        b = self.backbone
+        low = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(images)))))
+        mid = b.layer3(b.layer2(low))
+        high = upsample_to(self.aspp(b.layer4(mid)), low.shape[-2:])
+        logits = self.classifier(self.decoder(torch.cat([self.project_low(low), high], 1)))
+        out = {"out": upsample_to(logits, images.shape[-2:])}
+        if self.aux_classifier is not None:
+            out["aux"] = upsample_to(self.aux_classifier(mid), images.shape[-2:])
+        return out
+
+
+class UNet(nn.Module):
+    """UNet (Ronneberger et al., 2015) with padded convolutions and batch norm: four 2x downsamplings, so
+    height and width must be multiples of 16."""
+
+    size_divisor = 16
+
+    def __init__(self, num_classes, base_width=64, in_channels=3):
+        super().__init__()
+        widths = [base_width * 2**level for level in range(5)]
+
+        def double_conv(cin, cout):
+            return nn.Sequential(conv_bn_relu(cin, cout), conv_bn_relu(cout, cout))
+
+        self.encoder = nn.ModuleList([double_conv(in_channels, widths[0])] +
+                                     [double_conv(widths[i], widths[i + 1]) for i in range(4)])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(4))])
+        self.decoder = nn.ModuleList([double_conv(2 * widths[i], widths[i]) for i in reversed(range(4))])
+        self.classifier = nn.Conv2d(widths[0], num_classes, 1)
+
+    def forward(self, images):
+        height, width = images.shape[-2:]
+        if height % self.size_divisor or width % self.size_divisor:
+            raise ValueError(f"UNet takes height and width divisible by {self.size_divisor}, got {height}x{width}: "
+                             f"crop or pad the input to a multiple of {self.size_divisor}")
+        skips, x = [], images
+        for level, block in enumerate(self.encoder):
+            x = block(F.max_pool2d(x, 2) if level else x)
+            skips.append(x)
+        for up, block, skip in zip(self.up, self.decoder, reversed(skips[:-1])):
+            x = block(torch.cat([skip, up(x)], 1))
+        return {"out": self.classifier(x)}
+
+
+def backbone_weights(model_name, weights_backbone):
+    """(torchvision weights name or None, local file or None) for --weights-backbone."""
+    if weights_backbone is None or os.path.isfile(weights_backbone):
+        return None, weights_backbone
+    arch = model_name.split("_", 1)[1]  # deeplabv3plus_resnet50 -> resnet50, lraspp_mobilenet_v3_large -> mobilenet_v3_large
+    names = [w.name for w in torchvision.models.get_model_weights(arch)]
+    if weights_backbone not in names:
+        raise UserError(f"--weights-backbone {weights_backbone!r} is neither a file nor a torchvision weights name "
+                        f"of {arch} ({', '.join(names)})")
+    return weights_backbone, None
+
+
+def create_model(name, num_classes, output_stride=16, aux_loss=False, weights_backbone=None, unet_width=64):
+    """A model by name; --weights-backbone is a torchvision weights name (downloaded once) or a classifier
+    checkpoint of the same ResNet, e.g. from classification/train.py."""
+    if name not in OWN_MODELS + TORCHVISION_MODELS:
+        raise UserError(f"unknown --model {name!r}: use one of {', '.join(OWN_MODELS + TORCHVISION_MODELS)}")
+    if name == "unet":
+        if weights_backbone or aux_loss:
+            raise UserError("unet has no backbone and no auxiliary head: drop --weights-backbone and --aux-loss")
+        return UNet(num_classes, unet_width)
+    enum_name, path = backbone_weights(name, weights_backbone)
+    if name in OWN_MODELS:
+        model = DeepLabV3Plus(num_classes, name.split("_")[1], output_stride, aux_loss, enum_name)
+    else:
+        if path:
+            raise UserError(f"--weights-backbone from a file is for {', '.join(OWN_MODELS[:2])}: give {name} a "
+                            "torchvision weights name")
+        extra = {"aux_loss": True} if aux_loss else {}  # lraspp has no auxiliary head and no such argument
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=enum_name,
+                                             num_classes=num_classes, **extra)
+    if path:
+        state = state_dict_from(load_checkpoint(path))
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier's head has no place here
+        load_model_state(model.backbone, state, path)
+    return model
+
+
+def check_input_size(model, height, width, flag):
+    divisor = getattr(model, "size_divisor", 1)
+    if height % divisor or width % divisor:
+        raise UserError(f"{flag} {height}x{width} does not divide by {divisor}, which {type(model).__name__} needs: "
+                        f"use a multiple of {divisor}")
