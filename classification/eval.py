@@ -19,6 +19,7 @@ from classification.model import create_model
 from common.checkpoint import load_checkpoint, load_model_state, state_dict_from
 from common.distributed import init_distributed
 from common.engine import evaluate
+from common.export import add_export_args, export_model, export_requested
 from common.log import UserError, print0, run_cli
 from common.metrics import ClassificationMeter
 
@@ -49,6 +50,7 @@ def get_args_parser():
         help="resize filter (default: the checkpoint's or the weights')")
     add("--output-json", help="write acc1, acc5, per_class_acc and num_samples here")
     add("--confusion-png", help="draw the confusion matrix into this PNG file")
+    add_export_args(p)
     return p
 
 
@@ -113,6 +115,10 @@ def main(args):
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
 
     val_loader = load_val(args, env, device, class_names)
+    if export_requested(args):  # instead of evaluating: the first validation batch checks the export
+        if env.is_main:
+            export_model(model, val_loader, args)
+        return
     meter = evaluate(model, val_loader, ClassificationMeter(len(class_names), device), device, args)
     summary = meter.summary()
     per_class = meter.confusion.per_class_accuracy()

@@ -17,6 +17,7 @@ from PIL import Image
 from common.checkpoint import load_checkpoint, load_model_state, state_dict_from
 from common.distributed import init_distributed
 from common.engine import evaluate
+from common.export import add_export_args, export_model, export_requested
 from common.log import UserError, print0, run_cli
 from common.metrics import SegmentationMeter
 from segmentation.data import dataset_info, load_val
@@ -50,6 +51,7 @@ def get_args_parser():
     add("--output-json", help="write miou, pixel_acc, mean_acc, per_class_iou and num_images here")
     add("--save-predictions", metavar="DIR", help="write DIR/color/<name>.png (the dataset's palette) and, for "
         "Cityscapes, DIR/labelIds/<name>.png for the official evaluator")
+    add_export_args(p)
     return p
 
 
@@ -108,6 +110,10 @@ def main(args):
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
 
     val_loader = load_val(args, env, device)
+    if export_requested(args):  # instead of evaluating: the first validation batch checks the export
+        if env.is_main:  # UNet takes multiples of 16; the others any height and width
+            export_model(model, val_loader, args, size_divisor=getattr(model, "size_divisor", 1))
+        return
     meter = SegmentationMeter(len(class_names), device, args.ignore_index)
     if args.save_predictions:
         names = getattr(val_loader.dataset, "names", None) or [f"{i:06d}" for i in range(len(val_loader.dataset))]
