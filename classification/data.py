@@ -3,14 +3,14 @@ import os
 from functools import partial
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from common.distributed import ShardedEvalSampler
+from common.data import ResumableSampler, SeededSamples, ShardedEvalSampler, TensorLoader
 from common.images import read_image
 from common.log import UserError
-from common.synthetic import SHAPES, TensorLoader, make_shapes
+from common.synthetic import SHAPES, make_shapes
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
@@ -98,7 +98,7 @@ def synthetic_loader(images, labels, args, env, train, mixer=None):
         images = (images.float() - mean) * inv_std
         return mixer(images, labels) if mixer is not None else (images, labels)
 
-    sampler = (DistributedSampler(labels, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True)
+    sampler = (ResumableSampler(labels, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True)
                if train else ShardedEvalSampler(labels, env.rank, env.world_size))
     return TensorLoader(images, labels, sampler, args.batch_size, transform, drop_last=train)
 
@@ -115,12 +115,13 @@ def load_train(args, env, device, class_names):
     mixer = batch_mixer(args, len(class_names))
     if args.data_path is None:
         return synthetic_loader(*synthetic_split(args, "train", device), args, env, True, mixer)
-    train_set = ImageFolderWithClasses(os.path.join(args.data_path, "train"), class_names, train_preset(args))
+    train_set = SeededSamples(ImageFolderWithClasses(os.path.join(args.data_path, "train"), class_names,
+                                                     train_preset(args)), args.seed)
     # No persistent workers: fresh workers each epoch take their seeds from the per-epoch RNG, which keeps
     # a resumed run identical to an uninterrupted one.
     return DataLoader(
         train_set, batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
-        sampler=DistributedSampler(train_set, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True),
+        sampler=ResumableSampler(train_set, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True),
         collate_fn=partial(mix_collate, mixer=mixer) if mixer else None, drop_last=True)
 
 

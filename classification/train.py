@@ -27,7 +27,8 @@ from common.checkpoint import (
     training_state,
 )
 from common.distributed import init_distributed
-from common.engine import configure_torch, evaluate, train_one_epoch
+from common.data import set_epoch
+from common.engine import PREEMPTED_EXIT_CODE, PreemptionSignal, grad_scaler, configure_torch, evaluate, train_one_epoch
 from common.log import UserError, append_jsonl, positive_int, print0, run_cli, tensorboard_writer
 from common.metrics import ClassificationMeter
 from common.optim import create_ema, create_lr_scheduler, create_optimizer, param_groups
@@ -92,6 +93,12 @@ def get_args_parser():
     add("--output-dir", help="where checkpoints, logs and TensorBoard files go (default: nothing is written)")
     add("--resume", help="checkpoint to continue from, or 'auto' for <output-dir>/checkpoint.pth if it exists")
     add("--start-epoch", type=int, default=0, help="first epoch (set by --resume)")
+    add("--checkpoint-interval", type=int, default=0, metavar="STEPS",
+        help="also save checkpoint.pth every STEPS optimizer steps inside an epoch (default: 0, at epoch ends only)")
+    add("--keep-checkpoints", type=int, default=0, metavar="N",
+        help="keep checkpoint_epoch<E>.pth of the last N epochs besides checkpoint.pth and best.pth")
+    add("--max-nonfinite-steps", type=positive_int, default=3, metavar="N",
+        help="stop when the loss is NaN or Inf in N consecutive steps (those steps are skipped)")
     add("--test-only", action="store_true", help="only evaluate --resume (and its EMA) or --weights on val")
     add("--print-freq", type=positive_int, help=f"optimizer steps between progress lines {recipe('print_freq')}")
     add("--synthetic-train-size", type=positive_int, default=16_000, help="synthetic set: training images")
@@ -127,12 +134,12 @@ def finish_args(args):
 
 
 def restore(checkpoint, path, model, optimizer, lr_scheduler, scaler, model_ema, args):
-    """Continue a run: returns (start epoch, best top-1)."""
-    start_epoch = restore_training(checkpoint, path, model, optimizer, lr_scheduler, scaler, args, SCHEDULE_ARGS)
+    """Continue a run: returns (start epoch, steps already done in it, best top-1)."""
+    start = restore_training(checkpoint, path, model, optimizer, lr_scheduler, scaler, args, SCHEDULE_ARGS)
     if model_ema is not None and checkpoint.get("model_ema") is not None:
         load_model_state(model_ema.module, checkpoint["model_ema"], path)
         model_ema.n_averaged.copy_(checkpoint["model_ema_n_averaged"])
-    return start_epoch, checkpoint["best_acc1"]
+    return *start, checkpoint["best_acc1"]
 
 
 def validate(model, val_loader, class_names, device, args, name):
@@ -191,13 +198,14 @@ def main(args):
     groups = param_groups(model, args.lr, args.weight_decay, args.norm_weight_decay, head, args.head_lr)
     optimizer = create_optimizer(args.opt, groups, args.lr, args.momentum, args.weight_decay, device.type)
     lr_scheduler = create_lr_scheduler(optimizer, args, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and args.amp_dtype == "float16")
+    scaler = grad_scaler(device, args)
 
-    best_acc1, path = 0.0, resume_path(args)
+    best_acc1, start_step, path = 0.0, 0, resume_path(args)
     if path:
         checkpoint = read_training_checkpoint(path, args.model)
-        args.start_epoch, best_acc1 = restore(checkpoint, path, model, optimizer, lr_scheduler, scaler, model_ema, args)
-        print0(f"resumed from {path}: next epoch {args.start_epoch}, best top-1 {best_acc1:.2f}")
+        args.start_epoch, start_step, best_acc1 = restore(checkpoint, path, model, optimizer, lr_scheduler, scaler,
+                                                          model_ema, args)
+        print0(f"resumed from {path}: epoch {args.start_epoch} step {start_step}, best top-1 {best_acc1:.2f}")
     if args.output_dir and env.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -210,13 +218,25 @@ def main(args):
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     writer = tensorboard_writer(args.output_dir)
 
+    def save(epoch, step=None, is_best=False):
+        if args.output_dir and env.is_main:
+            save_training(training_state(
+                model, optimizer, lr_scheduler, scaler, epoch, args, step, best_acc1=best_acc1, class_names=class_names,
+                model_ema=model_ema.module.state_dict() if model_ema is not None else None,
+                model_ema_n_averaged=model_ema.n_averaged if model_ema is not None else None),
+                args.output_dir, is_best, args.keep_checkpoints)
+
+    preemption = PreemptionSignal(device)
     for epoch in range(args.start_epoch, args.epochs):
-        # Every epoch's randomness (data order, augmentation, worker seeds) is a function of (seed, epoch,
-        # rank): a resumed run replays it exactly, and ranks draw different augmentations.
+        # Data order and worker seeds follow from (seed, epoch, rank), augmentation from (seed, epoch, index)
+        # and each step's randomness from (seed, epoch, step, rank): a resumed run replays exactly.
         torch.manual_seed((args.seed << 32) + (epoch << 16) + env.rank)
-        train_loader.sampler.set_epoch(epoch)
+        skip = start_step if epoch == args.start_epoch else 0
+        set_epoch(train_loader, epoch, skip * args.accum_steps)
         stats = train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, train_loader, device, epoch,
-                                args, model_ema, writer)
+                                args, model_ema, writer, skip, lambda step: save(epoch, step), preemption)
+        if stats["stopped"] and not stats["complete"]:
+            sys.exit(PREEMPTED_EXIT_CODE)  # its checkpoint is saved; the same command with --resume auto goes on
         val, val_meter = validate(model, val_loader, class_names, device, args, f"Epoch {epoch} val")
         record = {"epoch": epoch, **stats, "val_acc1": val["acc1"], "val_acc5": val["acc5"]}
         if model_ema is not None:
@@ -224,17 +244,15 @@ def main(args):
             record.update(val_ema_acc1=ema["acc1"], val_ema_acc5=ema["acc5"])
         score = record.get("val_ema_acc1", val["acc1"])  # with EMA, its weights are the ones to keep
         is_best, best_acc1 = score > best_acc1, max(best_acc1, score)
+        save(epoch, is_best=is_best)
         if args.output_dir and env.is_main:
-            save_training(training_state(
-                model, optimizer, lr_scheduler, scaler, epoch, args, best_acc1=best_acc1, class_names=class_names,
-                model_ema=model_ema.module.state_dict() if model_ema is not None else None,
-                model_ema_n_averaged=model_ema.n_averaged if model_ema is not None else None),
-                args.output_dir, is_best)
             append_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
         if writer is not None:
             for key in ("val_acc1", "val_acc5", "val_ema_acc1", "train_loss", "img_per_s"):
                 if key in record:
                     writer.add_scalar(f"epoch/{key}", record[key], epoch)
+        if stats["stopped"]:
+            sys.exit(PREEMPTED_EXIT_CODE)
     print0(f"best top-1 {best_acc1:.3f}{' (EMA)' if model_ema is not None else ''}")
 
     if writer is not None and args.start_epoch < args.epochs:  # what the last epoch confuses with what

@@ -114,15 +114,23 @@ def read_training_checkpoint(path, model_name):
     return checkpoint
 
 
-def training_state(model, optimizer, lr_scheduler, scaler, epoch, args, **extra):
-    """Everything a run needs to continue, as plain dicts and tensors (what weights_only loading accepts)."""
+def training_state(model, optimizer, lr_scheduler, scaler, epoch, args, step=None, **extra):
+    """Everything a run needs to continue, as plain dicts and tensors (what weights_only loading accepts).
+
+    `step` is the number of optimizer steps done in `epoch` for a checkpoint saved inside it, None at its end.
+    """
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+            "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
             "args": vars(args), **extra}
 
 
+def uses_loss_scaling(args):
+    return bool(args.get("amp")) and args.get("amp_dtype") == "float16"
+
+
 def restore_training(checkpoint, path, model, optimizer, lr_scheduler, scaler, args, schedule_args):
-    """Load a training checkpoint into model, optimizer, LR schedule and scaler; returns the next epoch.
+    """Load a training checkpoint into model, optimizer, LR schedule and scaler; returns where to go on:
+    (epoch, optimizer steps already done in it).
 
     The schedule was laid out step by step for the values of `schedule_args`: resuming with other values
     would silently follow the old curve, so they must match.
@@ -141,14 +149,28 @@ def restore_training(checkpoint, path, model, optimizer, lr_scheduler, scaler, a
                               f"({'; '.join(changed)}). Resume with the same values, or start a new run from its "
                               f"weights with --weights {path}")
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-    if scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run so far had no float16 loss scaling
+    if checkpoint["scaler"] and uses_loss_scaling(trained) == uses_loss_scaling(vars(args)):  # AMP may change
         scaler.load_state_dict(checkpoint["scaler"])
-    return checkpoint["epoch"] + 1
+    if checkpoint.get("step") is None:
+        return checkpoint["epoch"] + 1, 0
+    return checkpoint["epoch"], checkpoint["step"]
 
 
-def save_training(state, output_dir, is_best):
-    """checkpoint.pth after every epoch, and best.pth when the epoch's score is the best so far."""
+def save_training(state, output_dir, is_best=False, keep=0):
+    """checkpoint.pth; at the end of an epoch also best.pth when its score is the best so far, and
+    checkpoint_epoch<N>.pth of the last `keep` epochs. A model with NaN or Inf weights is never saved."""
+    if not torch.isfinite(torch.nn.utils.get_total_norm([t for t in state["model"].values() if t.is_floating_point()])):
+        raise CheckpointError(f"the model's weights are not finite at epoch {state['epoch']}: not saved over "
+                              f"{output_dir}/checkpoint.pth; resume from it with a lower --lr or --clip-grad-norm")
     save_atomic(state, os.path.join(output_dir, "checkpoint.pth"))
+    where = f"epoch {state['epoch']}" + (f" step {state['step']}" if state["step"] is not None else "")
+    if state["step"] is None and keep > 0:
+        save_atomic(state, os.path.join(output_dir, f"checkpoint_epoch{state['epoch']}.pth"))
+        for old in range(state["epoch"] - keep, -1, -1):
+            stale = os.path.join(output_dir, f"checkpoint_epoch{old}.pth")
+            if not os.path.exists(stale):
+                break
+            os.remove(stale)
     if is_best:
         save_atomic(state, os.path.join(output_dir, "best.pth"))
-    print0(f"saved {output_dir}/checkpoint.pth (epoch {state['epoch']}){' and best.pth' if is_best else ''}")
+    print0(f"saved {output_dir}/checkpoint.pth ({where}){' and best.pth' if is_best else ''}")

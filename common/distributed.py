@@ -62,19 +62,3 @@ def all_reduce_sum(tensor):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
-
-
-class ShardedEvalSampler(torch.utils.data.Sampler):
-    """Rank r takes samples r, r + world, r + 2*world, ...: every sample once, no padding.
-
-    DistributedSampler pads the last batch with repeated samples, which counts some of them twice.
-    """
-
-    def __init__(self, dataset, rank=0, world_size=1):
-        self.indices = range(rank, len(dataset), world_size)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)

@@ -1,17 +1,22 @@
 """The training and evaluation loops: a model, a criterion and loaders in; nothing task-specific.
 
 Both read these fields of the script's argparse namespace: amp, amp_dtype, channels_last; training also
-accum_steps, clip_grad_norm, model_ema_steps, lr_warmup_epochs, print_freq, batch_size, world_size.
+accum_steps, clip_grad_norm, model_ema_steps, lr_warmup_epochs, print_freq, batch_size, world_size, seed,
+checkpoint_interval, max_nonfinite_steps, output_dir.
 """
 import os
+import signal
 import time
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
 from common.checkpoint import unwrap
 from common.distributed import all_reduce_sum
-from common.log import print0
+from common.log import UserError, print0
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; run the same command again
 
 
 def configure_torch(args, device):
@@ -26,6 +31,52 @@ def configure_torch(args, device):
     torch.manual_seed(args.seed)
 
 
+def step_seed(seed, epoch, step):
+    """The seed of one step: every step's randomness (augmentation on the device, dropout) follows from
+    (seed, epoch, step, rank), so a run resumed at any step replays what an uninterrupted run does."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return (((seed * 1_000_003 + epoch) * 1_000_003 + step) * 4_099 + rank) % 2**63
+
+
+def grad_scaler(device, args):
+    """float16 needs loss scaling. For float32 and bfloat16 a scaler fixed at 1.0 changes no number, but
+    still skips a step whose gradients are not finite, without a host sync on fused optimizers."""
+    if args.amp and args.amp_dtype == "float16":
+        return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**31 - 1)
+
+
+class PreemptionSignal:
+    """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before preempting a job) ask the loop to stop at
+    the next step boundary. Ranks agree at progress lines and checkpoint steps, so that all stop together."""
+
+    def __init__(self, device):
+        self.device, self.received = device, None
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def agreed(self, sync_point):
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.received is not None
+        if not sync_point:
+            return False
+        return all_reduce_sum(torch.tensor(int(self.received is not None), device=self.device)).item() > 0
+
+
+def check_finite(worst_run, epoch, step, args):
+    """Stop a run whose loss was NaN or Inf for too many steps in a row (those steps were skipped)."""
+    run = int(worst_run)
+    if run >= args.max_nonfinite_steps:
+        last = os.path.join(args.output_dir, "checkpoint.pth") if args.output_dir else None
+        saved = f"the last good checkpoint is {last}" if last and os.path.isfile(last) else "no checkpoint was saved"
+        raise UserError(f"the loss was NaN or Inf in {run} consecutive steps (epoch {epoch}, by step {step + 1}): stopped "
+                        f"without saving; {saved}. Resume from it with a lower --lr, --clip-grad-norm, or "
+                        "--amp-dtype bfloat16 instead of float16")
+
+
 def autocast(device, args):
     return torch.autocast(device.type, dtype=getattr(torch, args.amp_dtype), enabled=args.amp)
 
@@ -37,18 +88,25 @@ def to_device(images, targets, device, args):
 
 
 def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, device, epoch, args,
-                    model_ema=None, writer=None):
-    """One pass over `loader` in steps of args.accum_steps micro-batches; returns the epoch's summary."""
+                    model_ema=None, writer=None, start_step=0, save_checkpoint=None, preemption=None):
+    """Optimizer steps `start_step`.. of one epoch, each of args.accum_steps micro-batches from `loader`
+    (already positioned at `start_step`); returns the epoch's summary.
+
+    save_checkpoint(step) is called every args.checkpoint_interval steps and on a preemption signal, which
+    also ends the epoch early ("stopped" in the summary).
+    """
     model.train()
     accum, world_size = args.accum_steps, args.world_size
-    steps = len(loader) // accum
+    steps = start_step + len(loader) // accum
     params = [p for p in model.parameters() if p.requires_grad]
     # Per-step values stay on the device until a print step, so the loop never waits for the GPU.
     losses, grad_norms, loss_total = [], [], 0.0
+    bad_run = worst_run = torch.zeros((), dtype=torch.int64, device=device)  # consecutive non-finite losses
     batch_iter = iter(loader)
     start = last_print = time.perf_counter()
-    images_since_print, data_time = 0, 0.0
-    for step in range(steps):
+    images_since_print, data_time, stopped = 0, 0.0, False
+    for step in range(start_step, steps):
+        torch.manual_seed(step_seed(args.seed, epoch, step))
         step_loss = torch.zeros((), device=device)
         for micro in range(accum):
             t0 = time.perf_counter()
@@ -67,30 +125,34 @@ def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, d
         if args.clip_grad_norm:
             torch.nn.utils.clip_grads_with_norm_(params, args.clip_grad_norm, grad_norm)
         grad_norms.append(grad_norm)
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # skipped when a gradient is not finite
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         lr_scheduler.step()
         losses.append(step_loss)
+        bad_run = (bad_run + 1) * ~torch.isfinite(step_loss)
+        worst_run = torch.maximum(worst_run, bad_run)
         global_step = epoch * steps + step
         if model_ema is not None and global_step % args.model_ema_steps == 0:
             model_ema.update_parameters(unwrap(model))
             if epoch < args.lr_warmup_epochs:
                 model_ema.n_averaged.fill_(0)  # during warmup the EMA copies the model instead of averaging it
-        if (step + 1) % args.print_freq == 0 or step == steps - 1:
+        print_step = (step + 1) % args.print_freq == 0 or step == steps - 1
+        checkpoint_step = bool(args.checkpoint_interval) and (step + 1) % args.checkpoint_interval == 0
+        if print_step:
             step_losses = all_reduce_sum(torch.stack(losses)).div_(world_size).tolist()  # the one sync
             norms = torch.stack(grad_norms).tolist()
             loss_total += sum(step_losses)
             first_step = global_step - len(losses) + 1
             now = time.perf_counter()
             img_per_s = images_since_print * world_size / (now - last_print)
-            eta = (now - start) / (step + 1) * (steps - step - 1)
+            eta = (now - start) / (step + 1 - start_step) * (steps - step - 1)
             lr = optimizer.param_groups[0]["lr"]
             memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0
             print0(f"Epoch: [{epoch}] [{step + 1:>{len(str(steps))}}/{steps}]  eta: {eta // 60:.0f}:{eta % 60:02.0f}  "
-                   f"lr: {lr:.6f}  loss: {step_losses[-1]:.4f} ({loss_total / (step + 1):.4f})  "
+                   f"lr: {lr:.6f}  loss: {step_losses[-1]:.4f} ({loss_total / (step + 1 - start_step):.4f})  "
                    f"grad_norm: {norms[-1]:.3f}  img/s: {img_per_s:.1f}  "
-                   f"data: {data_time / (step + 1) / accum:.4f}s  max mem: {memory:.0f}MB")
+                   f"data: {data_time / (step + 1 - start_step) / accum:.4f}s  max mem: {memory:.0f}MB")
             if writer is not None:
                 for i, (loss_value, norm) in enumerate(zip(step_losses, norms)):
                     writer.add_scalar("train/loss", loss_value, first_step + i)
@@ -98,11 +160,20 @@ def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, d
                 writer.add_scalar("train/lr", lr, global_step)
                 writer.add_scalar("train/img_per_s", img_per_s, global_step)
             losses, grad_norms, images_since_print, last_print = [], [], 0, now
+        if print_step or checkpoint_step:
+            check_finite(worst_run, epoch, step, args)
+        stopped = preemption is not None and preemption.agreed(print_step or checkpoint_step)
+        if save_checkpoint is not None and (checkpoint_step or stopped) and step < steps - 1:
+            save_checkpoint(step + 1)  # after the last step the end-of-epoch checkpoint follows
+        if stopped:
+            print0(f"stopping at step {step + 1} of epoch {epoch} on {preemption.received or 'another rank'}'s request")
+            break
     epoch_time = time.perf_counter() - start
+    done = step + 1 - start_step
     memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0
-    return {"train_loss": loss_total / max(steps, 1), "lr": optimizer.param_groups[0]["lr"],
-            "epoch_time_s": epoch_time, "img_per_s": steps * accum * args.batch_size * world_size / epoch_time,
-            "max_memory_mib": memory}
+    return {"train_loss": loss_total / max(done, 1), "lr": optimizer.param_groups[0]["lr"],
+            "epoch_time_s": epoch_time, "img_per_s": done * accum * args.batch_size * world_size / epoch_time,
+            "max_memory_mib": memory, "stopped": stopped, "complete": step == steps - 1}
 
 
 @torch.inference_mode()

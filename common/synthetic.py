@@ -1,4 +1,4 @@
-"""Built-in synthetic data: shapes on noisy backgrounds, drawn in memory, and a loader for tensors.
+"""Built-in synthetic data: shapes on noisy backgrounds, drawn in memory.
 
 Every image is a pure function of (seed, split, index), so two runs, two processes or a resumed run
 see exactly the same pictures. The task is easy for a CNN and impossible for a colour or position
@@ -75,26 +75,3 @@ def _draw_shapes(n, image_size, num_classes, generator, min_contrast=0.35):
         images[idx] = torch.where(mask[:, None], colour[idx], images[idx])
     images += torch.randn(images.shape, generator=generator) * 0.08
     return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
-
-
-class TensorLoader:
-    """Batches of in-memory (or GPU-resident) tensors in the order of `sampler`, without DataLoader workers.
-
-    With the samplers a DataLoader would use (DistributedSampler for training, ShardedEvalSampler for
-    evaluation), it splits the data across ranks exactly as a DataLoader does, at no per-sample cost.
-    """
-
-    def __init__(self, images, labels, sampler, batch_size, transform, drop_last):
-        self.images, self.labels, self.sampler = images, labels, sampler
-        self.batch_size, self.transform, self.drop_last = batch_size, transform, drop_last
-        self.dataset = images
-
-    def __len__(self):
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self):
-        indices = torch.tensor(list(self.sampler)).to(self.images.device, non_blocking=True)
-        for b in range(len(self)):
-            batch = indices[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self.transform(self.images[batch], self.labels[batch])

@@ -3,12 +3,12 @@ import math
 from functools import partial
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from common.distributed import ShardedEvalSampler
-from common.synthetic import SHAPES, TensorLoader, noisy_backgrounds, shape_mask
+from common.data import ResumableSampler, SeededSamples, ShardedEvalSampler, TensorLoader
+from common.synthetic import SHAPES, noisy_backgrounds, shape_mask
 from segmentation.datasets import DATASETS, IGNORE_INDEX
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -54,11 +54,11 @@ def dataset_info(args):
 def load_train(args, env, device):
     if args.data_path is None:
         return synthetic_loader(*synthetic_split(args, "train", device), args, env, train=True)
-    train_set = load_dataset(args, "train")
+    train_set = SeededSamples(load_dataset(args, "train"), args.seed)
     # Not persistent: fresh workers each epoch take their seeds from the per-epoch RNG (exact resume).
     return DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers,
                       pin_memory=device.type == "cuda", drop_last=True,
-                      sampler=DistributedSampler(train_set, env.world_size, env.rank, shuffle=True, seed=args.seed,
+                      sampler=ResumableSampler(train_set, env.world_size, env.rank, shuffle=True, seed=args.seed,
                                                  drop_last=True))
 
 
@@ -88,7 +88,7 @@ def synthetic_loader(images, masks, args, env, train):
             masks = torch.where(flip.view(-1, 1, 1), masks.flip(-1), masks)
         return (images.float() - mean) * inv_std, masks.long()
 
-    sampler = (DistributedSampler(masks, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True)
+    sampler = (ResumableSampler(masks, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True)
                if train else ShardedEvalSampler(masks, env.rank, env.world_size))
     return TensorLoader(images, masks, sampler, args.batch_size, transform, drop_last=train)
 

@@ -27,7 +27,8 @@ from common.checkpoint import (
     unwrap,
 )
 from common.distributed import init_distributed
-from common.engine import autocast, configure_torch, evaluate, to_device, train_one_epoch
+from common.data import set_epoch
+from common.engine import PREEMPTED_EXIT_CODE, PreemptionSignal, grad_scaler, autocast, configure_torch, evaluate, to_device, train_one_epoch
 from common.log import UserError, append_jsonl, positive_int, print0, run_cli, tensorboard_writer
 from common.metrics import SegmentationMeter
 from common.optim import create_lr_scheduler, create_optimizer, param_groups
@@ -105,6 +106,12 @@ def get_args_parser():
     add("--output-dir", help="where checkpoints, logs and TensorBoard files go (default: nothing is written)")
     add("--resume", help="checkpoint to continue from, or 'auto' for <output-dir>/checkpoint.pth if it exists")
     add("--start-epoch", type=int, default=0, help="first epoch (set by --resume)")
+    add("--checkpoint-interval", type=int, default=0, metavar="STEPS",
+        help="also save checkpoint.pth every STEPS optimizer steps inside an epoch (default: 0, at epoch ends only)")
+    add("--keep-checkpoints", type=int, default=0, metavar="N",
+        help="keep checkpoint_epoch<E>.pth of the last N epochs besides checkpoint.pth and best.pth")
+    add("--max-nonfinite-steps", type=positive_int, default=3, metavar="N",
+        help="stop when the loss is NaN or Inf in N consecutive steps (those steps are skipped)")
     add("--test-only", action="store_true", help="only evaluate the checkpoint of --resume on val")
     add("--print-freq", type=positive_int, help=f"optimizer steps between progress lines {recipe('print_freq')}")
     add("--synthetic-train-size", type=positive_int, default=2_500, help="synthetic set: training images")
@@ -145,9 +152,13 @@ class SegmentationLoss(nn.Module):
         self.ignore_index, self.aux_weight = ignore_index, aux_weight
 
     def forward(self, outputs, target):
-        loss = F.cross_entropy(outputs["out"], target, ignore_index=self.ignore_index)
-        if "aux" in outputs:
-            loss = loss + self.aux_weight * F.cross_entropy(outputs["aux"], target, ignore_index=self.ignore_index)
+        # The mean over labelled pixels, but 0 instead of 0/0 = NaN for a crop that has none (all padding).
+        labelled = (target != self.ignore_index).sum().clamp(min=1)
+        loss = 0
+        for name, weight in (("out", 1.0), ("aux", self.aux_weight)):
+            if name in outputs:
+                ce = F.cross_entropy(outputs[name], target, ignore_index=self.ignore_index, reduction="sum")
+                loss = loss + weight * ce / labelled
         return loss
 
 
@@ -224,15 +235,15 @@ def main(args):
     groups = param_groups(model, args.lr, args.weight_decay, args.norm_weight_decay)
     optimizer = create_optimizer(args.opt, groups, args.lr, args.momentum, args.weight_decay, device.type)
     lr_scheduler = create_lr_scheduler(optimizer, args, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and args.amp_dtype == "float16")
+    scaler = grad_scaler(device, args)
 
-    best_miou, path = 0.0, resume_path(args)
+    best_miou, start_step, path = 0.0, 0, resume_path(args)
     if path:
         checkpoint = read_training_checkpoint(path, args.model)
-        args.start_epoch = restore_training(checkpoint, path, model, optimizer, lr_scheduler, scaler, args,
-                                            SCHEDULE_ARGS)
+        args.start_epoch, start_step = restore_training(checkpoint, path, model, optimizer, lr_scheduler, scaler,
+                                                        args, SCHEDULE_ARGS)
         best_miou = checkpoint["best_miou"]
-        print0(f"resumed from {path}: next epoch {args.start_epoch}, best mIoU {best_miou:.4f}")
+        print0(f"resumed from {path}: epoch {args.start_epoch} step {start_step}, best mIoU {best_miou:.4f}")
     if args.output_dir and env.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -245,19 +256,29 @@ def main(args):
     criterion = SegmentationLoss(args.ignore_index, args.aux_weight)
     writer = tensorboard_writer(args.output_dir)
 
+    def save(epoch, step=None, is_best=False):
+        if args.output_dir and env.is_main:
+            save_training(training_state(model, optimizer, lr_scheduler, scaler, epoch, args, step, best_miou=best_miou,
+                                         class_names=class_names, palette=palette),
+                          args.output_dir, is_best, args.keep_checkpoints)
+
+    preemption = PreemptionSignal(device)
     for epoch in range(args.start_epoch, args.epochs):
-        # Every epoch's randomness is a function of (seed, epoch, rank): a resumed run replays it exactly.
+        # As in classification/train.py: every random choice follows from the seed, epoch, step, rank and
+        # sample index, so a run resumed at any step replays exactly.
         torch.manual_seed((args.seed << 32) + (epoch << 16) + env.rank)
-        train_loader.sampler.set_epoch(epoch)
+        skip = start_step if epoch == args.start_epoch else 0
+        set_epoch(train_loader, epoch, skip * args.accum_steps)
         stats = train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, train_loader, device, epoch, args,
-                                writer=writer)
+                                None, writer, skip, lambda step: save(epoch, step), preemption)
+        if stats["stopped"] and not stats["complete"]:
+            sys.exit(PREEMPTED_EXIT_CODE)  # its checkpoint is saved; the same command with --resume auto goes on
         val = validate(model, val_loader, class_names, device, args, f"Epoch {epoch} val")
         record = {"epoch": epoch, **stats, "val_miou": val["miou"], "val_pixel_acc": val["pixel_acc"],
                   "val_mean_acc": val["mean_acc"]}
         is_best, best_miou = val["miou"] > best_miou, max(best_miou, val["miou"])
+        save(epoch, is_best=is_best)
         if args.output_dir and env.is_main:
-            save_training(training_state(model, optimizer, lr_scheduler, scaler, epoch, args, best_miou=best_miou,
-                                         class_names=class_names, palette=palette), args.output_dir, is_best)
             append_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
         if writer is not None:
             for key in ("val_miou", "val_pixel_acc", "val_mean_acc", "train_loss", "img_per_s"):
@@ -266,6 +287,8 @@ def main(args):
                 if iou is not None:
                     writer.add_scalar(f"val_iou/{name}", iou, epoch)
             log_examples(writer, model, val_loader, palette, device, args, epoch)
+        if stats["stopped"]:
+            sys.exit(PREEMPTED_EXIT_CODE)
     print0(f"best mIoU {best_miou:.4f}")
     if writer is not None:
         writer.close()

@@ -40,9 +40,9 @@ def run(*argv, timeout=300):
     return subprocess.run([str(a) for a in argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
-def popen(*argv):
+def popen(*argv, **kw):
     """A command whose output is read while it runs (stdout as text lines)."""
-    return subprocess.Popen([str(a) for a in argv], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=ENV)
+    return subprocess.Popen([str(a) for a in argv], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=ENV, **kw)
 
 
 def python(script, *argv, **kw):

@@ -1,10 +1,11 @@
 import json
 
 import pytest
-
-from common.log import UserError
-from common.distributed import DistEnv, ShardedEvalSampler, read_dist_env
 from conftest import TINY, python, torchrun
+
+from common.data import ShardedEvalSampler
+from common.distributed import DistEnv, read_dist_env
+from common.log import UserError
 
 
 def test_torchrun_variables():

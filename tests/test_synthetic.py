@@ -1,8 +1,8 @@
 import torch
 from torch.utils.data import DistributedSampler
 
-from common.distributed import ShardedEvalSampler
-from common.synthetic import SHAPES, TensorLoader, make_shapes
+from common.data import ShardedEvalSampler, TensorLoader
+from common.synthetic import SHAPES, make_shapes
 
 
 def test_same_seed_same_images_and_splits_differ():
