@@ -7,7 +7,9 @@ from torch.utils.data import DataLoader, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from classification.gpu_transforms import GpuPreset
 from common.data import ResumableSampler, SeededSamples, ShardedEvalSampler, TensorLoader
+from common.gpu_data import DeviceLoader, EncodedSamples, SyntheticBatches, collate_encoded
 from common.images import read_image
 from common.log import UserError
 from common.synthetic import SHAPES, make_shapes
@@ -110,13 +112,42 @@ def dataset_classes(args):
     return list_classes(os.path.join(args.data_path, "train"))
 
 
+def random_batches(args, device, num_classes, size):
+    """--data-backend synthetic: random batches of the real data's shape, already on the device."""
+    def make_batch():
+        return (torch.randn(args.batch_size, 3, size, size, device=device),
+                torch.randint(num_classes, (args.batch_size,), device=device))
+    return make_batch
+
+
+def device_loader(folder, args, env, device, train, mixer=None):
+    """--data-backend gpu: workers read file bytes, the device decodes and augments whole batches."""
+    encoded = EncodedSamples(folder.samples)
+    sampler = (ResumableSampler(encoded, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True)
+               if train else ShardedEvalSampler(encoded, env.rank, env.world_size))
+    loader = DataLoader(encoded, batch_size=args.batch_size, num_workers=args.workers, sampler=sampler,
+                        collate_fn=collate_encoded, drop_last=train)
+    preset = GpuPreset([path for path, _ in folder.samples], device, train,
+                       args.train_crop_size if train else args.val_crop_size, args.val_resize_size, MEAN, STD)
+    return DeviceLoader(loader, preset, device, args.seed, after=mixer)
+
+
 def load_train(args, env, device, class_names):
     """The training loader; each rank reads its own 1/world_size of every epoch."""
     mixer = batch_mixer(args, len(class_names))
     if args.data_path is None:
         return synthetic_loader(*synthetic_split(args, "train", device), args, env, True, mixer)
-    train_set = SeededSamples(ImageFolderWithClasses(os.path.join(args.data_path, "train"), class_names,
-                                                     train_preset(args)), args.seed)
+    if args.data_backend != "pil" and (args.auto_augment or args.random_erase):
+        raise UserError(f"--auto-augment and --random-erase run in the pil backend only: drop them or use "
+                        f"--data-backend pil instead of {args.data_backend}")
+    folder = ImageFolderWithClasses(os.path.join(args.data_path, "train"), class_names, train_preset(args))
+    if args.data_backend == "gpu":
+        return device_loader(folder, args, env, device, True, mixer)
+    if args.data_backend == "synthetic":
+        sampler = ResumableSampler(folder, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True)
+        make_batch = random_batches(args, device, len(class_names), args.train_crop_size)
+        return SyntheticBatches(make_batch, len(sampler) // args.batch_size, sampler, args.batch_size)
+    train_set = SeededSamples(folder, args.seed)
     # No persistent workers: fresh workers each epoch take their seeds from the per-epoch RNG, which keeps
     # a resumed run identical to an uninterrupted one.
     return DataLoader(
@@ -136,5 +167,7 @@ def load_val(args, env, device, class_names):
                         "add them to train/ or remove them from val/")
     val_set = ImageFolderWithClasses(val_dir, class_names,
                                      val_preset(args.val_resize_size, args.val_crop_size, args.interpolation))
+    if getattr(args, "data_backend", "pil") == "gpu":
+        return device_loader(val_set, args, env, device, train=False)
     return DataLoader(val_set, batch_size=args.batch_size, num_workers=args.workers,
                       pin_memory=device.type == "cuda", sampler=ShardedEvalSampler(val_set, env.rank, env.world_size))

@@ -48,6 +48,8 @@ def get_args_parser():
     add("--val-crop-size", type=int, help="centre crop (default: the checkpoint's or the weights')")
     add("--interpolation", choices=["nearest", "bilinear", "bicubic"],
         help="resize filter (default: the checkpoint's or the weights')")
+    add("--data-backend", default="pil", choices=["pil", "gpu"],
+        help="pil: decode and resize in DataLoader workers; gpu: the device decodes and resizes whole batches")
     add("--output-json", help="write acc1, acc5, per_class_acc and num_samples here")
     add("--confusion-png", help="draw the confusion matrix into this PNG file")
     add_export_args(p)

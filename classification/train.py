@@ -81,6 +81,9 @@ def get_args_parser():
     add("--val-resize-size", type=positive_int, default=256, help="validation resize of the shorter side")
     add("--val-crop-size", type=positive_int, default=224, help="validation centre crop")
     add("--interpolation", default="bilinear", choices=["nearest", "bilinear", "bicubic"], help="resize filter")
+    add("--data-backend", default="pil", choices=["pil", "gpu", "synthetic"],
+        help="pil: decode and augment in DataLoader workers; gpu: workers read bytes, the device decodes (nvJPEG) "
+        "and augments whole batches; synthetic: random batches on the device, to time the model step alone")
     add("--sync-bn", action="store_true", help="synchronise batch-norm statistics across GPUs")
     add("--amp", action="store_true", help="mixed precision (autocast); float16 adds loss scaling")
     add("--amp-dtype", choices=["float16", "bfloat16"], help="autocast dtype (implies --amp; default float16)")

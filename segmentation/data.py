@@ -8,6 +8,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from common.data import ResumableSampler, SeededSamples, ShardedEvalSampler, TensorLoader
+from common.gpu_data import DeviceLoader, SyntheticBatches
 from common.synthetic import SHAPES, noisy_backgrounds, shape_mask
 from segmentation.datasets import DATASETS, IGNORE_INDEX
 
@@ -51,9 +52,48 @@ def dataset_info(args):
     return dataset.class_names, dataset.palette
 
 
+def collate_lists(batch):
+    return tuple(list(items) for items in zip(*batch))
+
+
+class DeviceTransform:
+    """--data-backend gpu: the training transforms of train_transforms, applied on the device to images and
+    masks that the workers only decoded; each sample seeded from the batch's generator."""
+
+    def __init__(self, args, device):
+        self.transform = train_transforms(args.base_size, args.crop_size, args.scale_range)
+        self.device = device
+
+    def __call__(self, batch, generator):
+        images, masks = [], []
+        for image, mask in zip(*batch):
+            with torch.random.fork_rng(devices=[]):  # v2 draws from the global stream: seed it per sample
+                torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
+                image, mask = self.transform(tv_tensors.Image(image.to(self.device, non_blocking=True)),
+                                             tv_tensors.Mask(mask.to(self.device, non_blocking=True)))
+            images.append(image)
+            masks.append(mask)
+        return torch.stack(images), torch.stack(masks)
+
+
 def load_train(args, env, device):
     if args.data_path is None:
         return synthetic_loader(*synthetic_split(args, "train", device), args, env, train=True)
+    if args.data_backend == "synthetic":
+        sampler = ResumableSampler(load_dataset(args, "train"), env.world_size, env.rank, shuffle=True,
+                                   seed=args.seed, drop_last=True)
+        num_classes = len(dataset_info(args)[0])
+
+        def make_batch():
+            return (torch.randn(args.batch_size, 3, *args.crop_size, device=device),
+                    torch.randint(num_classes, (args.batch_size, *args.crop_size), device=device))
+        return SyntheticBatches(make_batch, len(sampler) // args.batch_size, sampler, args.batch_size)
+    if args.data_backend == "gpu":
+        decoded = DATASETS[args.dataset](args.data_path, "train")  # no transforms: the workers only decode
+        loader = DataLoader(decoded, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_lists,
+                            sampler=ResumableSampler(decoded, env.world_size, env.rank, shuffle=True,
+                                                     seed=args.seed, drop_last=True), drop_last=True)
+        return DeviceLoader(loader, DeviceTransform(args, device), device, args.seed, threaded=False)
     train_set = SeededSamples(load_dataset(args, "train"), args.seed)
     # Not persistent: fresh workers each epoch take their seeds from the per-epoch RNG (exact resume).
     return DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers,

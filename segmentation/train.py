@@ -93,6 +93,9 @@ def get_args_parser():
     add("--scale-range", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"),
         help="random rescale of the base size")
     add("--ignore-index", type=int, default=IGNORE_INDEX, help="label excluded from loss and metrics")
+    add("--data-backend", default="pil", choices=["pil", "gpu", "synthetic"],
+        help="pil: decode and augment in DataLoader workers; gpu: workers decode, the device rescales, crops, "
+        "flips and normalises; synthetic: random batches on the device, to time the model step alone")
     add_eval_args(p)
     add("--sync-bn", action=argparse.BooleanOptionalAction,
         help="batch-norm statistics over all GPUs (default: on when distributed on CUDA)")

@@ -1,0 +1,155 @@
+"""The fast input path (--data-backend gpu): DataLoader workers only read files; the main process decodes a
+whole batch at once (nvJPEG on CUDA) and augments it on the device, one batch ahead on a side stream.
+
+Also --data-backend synthetic: random batches that live on the device, to time the model step alone.
+"""
+import io
+import queue
+import threading
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from common.images import read_image
+
+
+class EncodedSamples(Dataset):
+    """(file bytes, target, index) of each sample of a dataset with a `samples` list of (path, target)."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        with open(path, "rb") as f:
+            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), target, index
+
+
+def collate_encoded(batch):
+    encoded, targets, indices = zip(*batch)
+    return list(encoded), torch.as_tensor(targets), torch.as_tensor(indices)
+
+
+def is_jpeg(encoded):
+    return len(encoded) > 2 and encoded[0] == 0xFF and encoded[1] == 0xD8
+
+
+def nvjpeg(encoded, device):
+    return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+
+
+def decode_batch(encoded, paths, device, gpu_decode=None):
+    """uint8 RGB tensors [3, H, W] on `device`. On CUDA the JPEGs go through nvJPEG in one batched call; PNGs,
+    CMYK or 16-bit files and anything nvJPEG refuses go through Pillow on the CPU (common.images.read_image,
+    which also names a broken file)."""
+    images = [None] * len(encoded)
+    gpu_decode = gpu_decode or (nvjpeg if device.type == "cuda" else None)
+    jpegs = [i for i, data in enumerate(encoded) if is_jpeg(data)] if gpu_decode else []
+    if jpegs:
+        try:
+            decoded = gpu_decode([encoded[i] for i in jpegs], device)
+        except RuntimeError:  # one file nvJPEG cannot take fails the batch: decode them one by one
+            decoded = []
+            for i in jpegs:
+                try:
+                    decoded.append(gpu_decode(encoded[i], device))
+                except RuntimeError:
+                    decoded.append(None)
+        for i, image in zip(jpegs, decoded):
+            images[i] = image
+    for i, image in enumerate(images):
+        if image is None:
+            image = read_image(io.BytesIO(encoded[i].numpy().tobytes()), name=paths[i])
+            images[i] = pil_to_tensor(image).to(device, non_blocking=True)
+    return images
+
+
+class DeviceLoader:
+    """Wraps a DataLoader of encoded batches: yields what `prepare(batch, generator)` makes of each batch,
+    prepared one batch ahead on a side CUDA stream by a background thread (decoding blocks its thread).
+
+    Each batch's randomness comes from a generator seeded by (seed, epoch, rank, batch index), so a run
+    resumed mid-epoch prepares the remaining batches exactly as an uninterrupted one.
+    """
+
+    def __init__(self, loader, prepare, device, seed, after=None, threaded=True, depth=2):
+        # `after` (MixUp/CutMix) runs in the training thread: it draws from torch's global random stream,
+        # which the loop reseeds every step and which a second thread would disturb.
+        self.loader, self.prepare, self.device, self.seed, self.depth = loader, prepare, device, seed, depth
+        self.after = after or (lambda images, targets: (images, targets))
+        # A `prepare` that draws from the global stream itself (torchvision's v2 transforms do) must stay
+        # in the training thread too: threaded=False.
+        self.threaded = threaded
+        self.sampler, self.dataset, self.batch_size = loader.sampler, loader.dataset, loader.batch_size
+
+    def __len__(self):
+        return len(self.loader)
+
+    def generator(self, batch_index):
+        epoch, rank = getattr(self.sampler, "epoch", 0), getattr(self.sampler, "rank", 0)
+        first = getattr(self.sampler, "start", 0) // self.batch_size
+        seed = (((self.seed * 1_000_003 + epoch) * 4_099 + rank) * 1_000_003 + first + batch_index) % 2**63
+        return torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        if self.device.type != "cuda" or not self.threaded:
+            for index, batch in enumerate(self.loader):
+                yield self.after(*self.prepare(batch, self.generator(index)))
+            return
+        ready = queue.Queue(maxsize=self.depth)
+        stream = torch.cuda.Stream(self.device)
+        stop = threading.Event()
+
+        def produce():
+            try:
+                with torch.cuda.device(self.device), torch.cuda.stream(stream):
+                    for index, batch in enumerate(self.loader):
+                        if stop.is_set():
+                            return
+                        prepared = self.prepare(batch, self.generator(index))
+                        done = torch.cuda.Event()
+                        done.record(stream)
+                        ready.put((prepared, done))
+                ready.put(None)
+            except BaseException as e:  # re-raised in the training thread, which reports it
+                ready.put(e)
+
+        worker = threading.Thread(target=produce, daemon=True)
+        worker.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                (images, targets), done = item
+                torch.cuda.current_stream(self.device).wait_event(done)
+                for tensor in (images, targets):  # made on the side stream, used on the main one
+                    tensor.record_stream(torch.cuda.current_stream(self.device))
+                yield self.after(images, targets)
+        finally:
+            stop.set()
+            while worker.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    ready.get_nowait()
+                except queue.Empty:
+                    worker.join(timeout=0.1)
+
+
+class SyntheticBatches:
+    """`length` batches of random data already on the device (a few distinct ones, reused): the input path
+    costs nothing, so a run measures the model step alone."""
+
+    def __init__(self, make_batch, length, sampler, batch_size, distinct=4):
+        self.batches = [make_batch() for _ in range(min(distinct, length))]
+        self.length, self.sampler, self.batch_size, self.dataset = length, sampler, batch_size, sampler
+
+    def __len__(self):
+        return min(self.length, len(self.sampler) // self.batch_size)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.batches[i % len(self.batches)]

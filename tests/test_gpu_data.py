@@ -1,0 +1,160 @@
+"""The gpu and synthetic data backends, run on CPU tensors: same distributions as the PIL presets, decoder
+fallbacks, determinism, and the scripts end to end."""
+import io
+import math
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.io import decode_jpeg
+from torchvision.transforms import v2
+
+from classification.data import MEAN, STD, val_preset
+from classification.gpu_transforms import GpuPreset, center_crop_boxes, random_resized_crop_boxes
+from common.data import ResumableSampler
+from common.gpu_data import DeviceLoader, EncodedSamples, collate_encoded, decode_batch
+from common.log import UserError
+from conftest import SEG_TINY, train, train_segmentation, write_image, write_tree
+
+
+def test_crop_boxes_follow_random_resized_crop():
+    n, height, width = 20_000, 300, 500
+    boxes = random_resized_crop_boxes(torch.full((n,), height), torch.full((n,), width),
+                                      torch.Generator().manual_seed(0))
+    crop_w, crop_h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+    torch.manual_seed(0)
+    reference = torch.tensor([v2.RandomResizedCrop.get_params(torch.zeros(1, height, width), [0.08, 1.0],
+                                                              [3 / 4, 4 / 3]) for _ in range(n)], dtype=torch.float)
+    ref_top, ref_left, ref_h, ref_w = reference.unbind(1)
+    # Means agree to well within their sampling error (about 0.002 for the area fraction at n = 20,000).
+    assert (crop_w * crop_h).mean() / (height * width) == pytest.approx(((ref_w * ref_h).mean() / (height * width)).item(), abs=0.01)
+    assert (crop_w / crop_h).log().mean() == pytest.approx((ref_w / ref_h).log().mean().item(), abs=0.01)
+    assert boxes[:, 1].mean() == pytest.approx(ref_top.mean().item(), abs=2)
+    assert boxes[:, 0].mean() == pytest.approx(ref_left.mean().item(), abs=4)
+    assert (crop_w / crop_h).min() >= 3 / 4 - 0.02 and (crop_w / crop_h).max() <= 4 / 3 + 0.02
+
+
+def test_crop_box_fallback_matches_torchvision_on_extreme_images():
+    # A 10 x 1000 strip: no try fits in ratio 3/4..4/3, so both take the centred crop of ratio 4/3.
+    box = random_resized_crop_boxes(torch.tensor([10]), torch.tensor([1000]), torch.Generator().manual_seed(0))
+    top, left, height, width = v2.RandomResizedCrop.get_params(torch.zeros(1, 10, 1000), [0.08, 1.0], [3 / 4, 4 / 3])
+    assert box[0].tolist() == [left, top, left + width, top + height]
+
+
+def smooth_image(path, size=(160, 120)):
+    x = torch.linspace(0, 1, size[0]).view(1, -1)
+    y = torch.linspace(0, 1, size[1]).view(-1, 1)
+    pixels = torch.stack([x * y, x.expand(size[1], -1), y.expand(-1, size[0])], -1) * 255
+    Image.fromarray(pixels.round().to(torch.uint8).numpy()).save(path, quality=95)
+    return path
+
+
+def test_evaluation_crop_on_the_device_matches_the_pil_preset(tmp_path):
+    path = smooth_image(tmp_path / "smooth.jpg")
+    preset = GpuPreset([str(path)], torch.device("cpu"), False, 64, 72, MEAN, STD)
+    encoded = EncodedSamples([(str(path), 0)])
+    images, _ = preset(collate_encoded([encoded[0]]), torch.Generator())
+    expected = val_preset(72, 64)(Image.open(path).convert("RGB"))
+    assert images.shape == (1, 3, 64, 64)
+    assert (images[0] - expected).abs().mean() < 0.03  # normalised units: about 2 grey levels in 255
+
+
+def test_center_crop_boxes_are_centred_squares():
+    box = center_crop_boxes(torch.tensor([300]), torch.tensor([500]), 256, 224)[0]
+    side = 224 * 300 / 256
+    assert box.tolist() == pytest.approx([(500 - side) / 2, (300 - side) / 2, (500 + side) / 2, (300 + side) / 2])
+
+
+def test_training_preset_flips_half_and_normalises(tmp_path):
+    path = smooth_image(tmp_path / "smooth.jpg")
+    encoded = EncodedSamples([(str(path), 0)] * 64)
+    preset = GpuPreset([str(path)] * 64, torch.device("cpu"), True, 32, 36, MEAN, STD)
+    images, targets = preset(collate_encoded([encoded[i] for i in range(64)]), torch.Generator().manual_seed(0))
+    assert images.shape == (64, 3, 32, 32) and images.dtype == torch.float32 and targets.tolist() == [0] * 64
+    # The green channel grows left to right in the file: a flipped crop has it growing right to left.
+    slope = images[:, 1, :, -1].mean(1) - images[:, 1, :, 0].mean(1)
+    flipped = (slope < 0).float().mean()
+    assert 0.3 < flipped < 0.7
+
+
+def encode(mode, fmt):
+    buffer = io.BytesIO()
+    pixels = torch.randint(0, 255, (24, 32, 4 if mode in ("RGBA", "CMYK") else 3), dtype=torch.uint8)
+    Image.fromarray(pixels.numpy(), "RGBA" if mode == "CMYK" else mode).convert(mode).save(buffer, format=fmt)
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def test_files_the_gpu_decoder_refuses_fall_back_to_the_cpu():
+    calls = []
+
+    def fussy_decoder(encoded, device):  # stands in for nvJPEG: refuses CMYK, as nvJPEG does some files
+        calls.append(len(encoded) if isinstance(encoded, list) else 1)
+        for data in encoded if isinstance(encoded, list) else [encoded]:
+            if Image.open(io.BytesIO(data.numpy().tobytes())).mode == "CMYK":
+                raise RuntimeError("unsupported JPEG")
+        return [decode_jpeg(d) for d in encoded] if isinstance(encoded, list) else decode_jpeg(encoded)
+
+    files = [encode("RGB", "JPEG"), encode("CMYK", "JPEG"), encode("RGB", "PNG"), encode("RGB", "JPEG")]
+    images = decode_batch(files, ["a.jpg", "b.jpg", "c.png", "d.jpg"], torch.device("cpu"), fussy_decoder)
+    assert calls == [3, 1, 1, 1]  # the batch of three JPEGs, then each on its own; the PNG never reaches it
+    assert all(image.shape == (3, 24, 32) and image.dtype == torch.uint8 for image in images)
+
+
+def test_a_broken_file_is_named():
+    with pytest.raises(UserError, match=r"cannot read image train/dog/broken.jpg"):
+        decode_batch([torch.tensor([0xFF, 0xD8, 0, 1], dtype=torch.uint8)], ["train/dog/broken.jpg"],
+                     torch.device("cpu"))
+
+
+def test_device_loader_batches_are_a_function_of_seed_epoch_and_position(tmp_path):
+    data = write_tree(tmp_path / "data", train_per_class=4)
+    samples = sorted((str(p), 0) for p in (data / "train").rglob("*.jpg"))
+    encoded = EncodedSamples(samples)
+    sampler = ResumableSampler(encoded, 1, 0, shuffle=True, seed=0, drop_last=True)
+    loader = torch.utils.data.DataLoader(encoded, batch_size=3, sampler=sampler, collate_fn=collate_encoded)
+    device_loader = DeviceLoader(loader, GpuPreset([p for p, _ in samples], torch.device("cpu"), True, 16, 18,
+                                                   MEAN, STD), torch.device("cpu"), seed=0)
+    sampler.set_epoch(1)
+    full = [images for images, _ in device_loader]
+    sampler.set_epoch(1, start=2 * 3)  # resumed after two batches
+    rest = [images for images, _ in device_loader]
+    assert len(full) == 4 and len(rest) == 2
+    assert all(torch.equal(a, b) for a, b in zip(full[2:], rest))
+    sampler.set_epoch(2)
+    assert not torch.equal(next(iter(device_loader))[0], full[0])
+
+
+@pytest.mark.parametrize("backend", ["gpu", "synthetic"])
+def test_classification_trains_with_each_backend(tmp_path, backend):
+    data = write_tree(tmp_path / "data")
+    write_image(data / "train" / "cat" / "cmyk.jpg", mode="CMYK", fmt="JPEG")
+    write_image(data / "train" / "dog" / "deep.png", mode="I;16")
+    train("--data-path", data, "--model", "resnet18", "--device", "cpu", "-b", "4", "-j", "2", "--epochs", "1",
+          "--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32", "--data-backend", backend,
+          "--mixup-alpha", "0.2", "--output-dir", tmp_path / "out")
+    assert (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+@pytest.mark.parametrize("backend", ["gpu", "synthetic"])
+def test_segmentation_trains_with_each_backend(tmp_path, backend):
+    from test_segmentation import write_cityscapes
+    root = write_cityscapes(tmp_path / "cityscapes")
+    train_segmentation("--dataset", "cityscapes", "--data-path", root, "--model", "unet", "--unet-width", "4",
+                       "--device", "cpu", "-b", "2", "-j", "1", "--epochs", "1", "--crop-size", "32", "64",
+                       "--base-size", "16", "--data-backend", backend, "--output-dir", tmp_path / "out")
+    assert (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def test_segmentation_device_transform_keeps_labels_and_pads_with_ignore():
+    from types import SimpleNamespace
+
+    from segmentation.data import DeviceTransform
+    args = SimpleNamespace(base_size=16, crop_size=[32, 48], scale_range=[0.5, 2.0])
+    image = torch.randint(0, 255, (3, 16, 24), dtype=torch.uint8)
+    mask = torch.randint(0, 3, (16, 24), dtype=torch.uint8)
+    images, masks = DeviceTransform(args, torch.device("cpu"))(([image] * 8, [mask] * 8),
+                                                               torch.Generator().manual_seed(0))
+    assert images.shape == (8, 3, 32, 48) and masks.shape == (8, 32, 48) and masks.dtype == torch.int64
+    assert set(masks.unique().tolist()) <= {0, 1, 2, 255} and (masks == 255).any()  # crops bigger than the image
+    assert not math.isnan(images.sum().item())
