@@ -14,7 +14,7 @@ from classification.gpu_transforms import GpuPreset, center_crop_boxes, random_r
 from common.data import ResumableSampler
 from common.gpu_data import DeviceLoader, EncodedSamples, collate_encoded, decode_batch
 from common.log import UserError
-from conftest import SEG_TINY, train, train_segmentation, write_image, write_tree
+from conftest import train, train_segmentation, write_image, write_tree
 
 
 def test_crop_boxes_follow_random_resized_crop():
