@@ -19,6 +19,7 @@ from classification.data import dataset_classes, load_train, load_val
 from classification.model import create_model, enable_grad_checkpointing
 from common.checkpoint import (
     load_model_state,
+    check_finite_weights,
     read_training_checkpoint,
     restore_training,
     resume_path,
@@ -28,7 +29,8 @@ from common.checkpoint import (
 )
 from common.distributed import init_distributed
 from common.data import set_epoch
-from common.engine import PREEMPTED_EXIT_CODE, PreemptionSignal, grad_scaler, configure_torch, evaluate, train_one_epoch
+from common.engine import (PreemptionSignal, configure_torch, evaluate, exit_preempted, grad_scaler,
+                           train_one_epoch)
 from common.log import UserError, append_jsonl, positive_int, print0, run_cli, tensorboard_writer
 from common.metrics import ClassificationMeter
 from common.optim import create_ema, create_lr_scheduler, create_optimizer, param_groups
@@ -201,7 +203,7 @@ def main(args):
     groups = param_groups(model, args.lr, args.weight_decay, args.norm_weight_decay, head, args.head_lr)
     optimizer = create_optimizer(args.opt, groups, args.lr, args.momentum, args.weight_decay, device.type)
     lr_scheduler = create_lr_scheduler(optimizer, args, steps_per_epoch)
-    scaler = grad_scaler(device, args)
+    scaler = grad_scaler(device, args, optimizer)
 
     best_acc1, start_step, path = 0.0, 0, resume_path(args)
     if path:
@@ -222,6 +224,8 @@ def main(args):
     writer = tensorboard_writer(args.output_dir)
 
     def save(epoch, step=None, is_best=False):
+        if args.output_dir:
+            check_finite_weights(model, epoch, args.output_dir)
         if args.output_dir and env.is_main:
             save_training(training_state(
                 model, optimizer, lr_scheduler, scaler, epoch, args, step, best_acc1=best_acc1, class_names=class_names,
@@ -231,15 +235,17 @@ def main(args):
 
     preemption = PreemptionSignal(device)
     for epoch in range(args.start_epoch, args.epochs):
-        # Data order and worker seeds follow from (seed, epoch, rank), augmentation from (seed, epoch, index)
-        # and each step's randomness from (seed, epoch, step, rank): a resumed run replays exactly.
+        # The data order follows from (seed, epoch), each sample's augmentation from (seed, epoch, index),
+        # each step's other randomness from (seed, epoch, step, rank): a resumed run replays exactly. This
+        # seed is for the rest (DataLoader worker seeds, MixUp/CutMix in workers).
         torch.manual_seed((args.seed << 32) + (epoch << 16) + env.rank)
         skip = start_step if epoch == args.start_epoch else 0
         set_epoch(train_loader, epoch, skip * args.accum_steps)
         stats = train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, train_loader, device, epoch,
-                                args, model_ema, writer, skip, lambda step: save(epoch, step), preemption)
-        if stats["stopped"] and not stats["complete"]:
-            sys.exit(PREEMPTED_EXIT_CODE)  # its checkpoint is saved; the same command with --resume auto goes on
+                                args, model_ema, writer, start_step=skip, preemption=preemption,
+                                save_checkpoint=lambda step: save(epoch, step))
+        if stats.pop("stopped"):  # by SIGTERM/SIGUSR1, its checkpoint saved: the same command resumes it
+            exit_preempted()
         val, val_meter = validate(model, val_loader, class_names, device, args, f"Epoch {epoch} val")
         record = {"epoch": epoch, **stats, "val_acc1": val["acc1"], "val_acc5": val["acc5"]}
         if model_ema is not None:
@@ -254,8 +260,6 @@ def main(args):
             for key in ("val_acc1", "val_acc5", "val_ema_acc1", "train_loss", "img_per_s"):
                 if key in record:
                     writer.add_scalar(f"epoch/{key}", record[key], epoch)
-        if stats["stopped"]:
-            sys.exit(PREEMPTED_EXIT_CODE)
     print0(f"best top-1 {best_acc1:.3f}{' (EMA)' if model_ema is not None else ''}")
 
     if writer is not None and args.start_epoch < args.epochs:  # what the last epoch confuses with what

@@ -156,13 +156,18 @@ def restore_training(checkpoint, path, model, optimizer, lr_scheduler, scaler, a
     return checkpoint["epoch"], checkpoint["step"]
 
 
+def check_finite_weights(model, epoch, output_dir):
+    """Refuse to save NaN or Inf weights over a good checkpoint. Call it on every rank: DDP keeps the weights
+    the same on all, so all stop together instead of some waiting for the others."""
+    weights = [t for t in model.parameters() if t.is_floating_point()]
+    if not torch.stack([t.isfinite().all() for t in weights]).all():  # one sync; a norm could overflow
+        raise CheckpointError(f"the model's weights are not finite in epoch {epoch}: not saved over "
+                              f"{output_dir}/checkpoint.pth; resume from it with a lower --lr or --clip-grad-norm")
+
+
 def save_training(state, output_dir, is_best=False, keep=0):
     """checkpoint.pth; at the end of an epoch also best.pth when its score is the best so far, and
-    checkpoint_epoch<N>.pth of the last `keep` epochs. A model with NaN or Inf weights is never saved."""
-    weights = [t for t in state["model"].values() if t.is_floating_point()]
-    if not torch.stack([t.isfinite().all() for t in weights]).all():  # one sync; a norm could overflow
-        raise CheckpointError(f"the model's weights are not finite at epoch {state['epoch']}: not saved over "
-                              f"{output_dir}/checkpoint.pth; resume from it with a lower --lr or --clip-grad-norm")
+    checkpoint_epoch<N>.pth of the last `keep` epochs."""
     save_atomic(state, os.path.join(output_dir, "checkpoint.pth"))
     where = f"epoch {state['epoch']}" + (f" step {state['step']}" if state["step"] is not None else "")
     if state["step"] is None and keep > 0:

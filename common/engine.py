@@ -38,12 +38,26 @@ def step_seed(seed, epoch, step):
     return (((seed * 1_000_003 + epoch) * 1_000_003 + step) * 4_099 + rank) % 2**63
 
 
-def grad_scaler(device, args):
-    """float16 needs loss scaling. For float32 and bfloat16 a scaler fixed at 1.0 changes no number, but
-    still skips a step whose gradients are not finite, without a host sync on fused optimizers."""
-    if args.amp and args.amp_dtype == "float16":
+def loss_scaling(args):
+    return args.amp and args.amp_dtype == "float16"
+
+
+def grad_scaler(device, args, optimizer):
+    """float16 needs loss scaling. For float32 and bfloat16 a scaler held at 1.0 (train_one_epoch resets it
+    every step) changes no number but still skips a step whose gradients are not finite: without a host
+    sync on fused optimizers and on the CPU. Other optimizers on a GPU would sync every step: no scaler."""
+    if loss_scaling(args):
         return torch.amp.GradScaler(device.type)
-    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**31 - 1)
+    sync_free = device.type == "cpu" or getattr(optimizer, "_step_supports_amp_scaling", False)
+    return torch.amp.GradScaler(device.type, init_scale=1.0, enabled=sync_free)
+
+
+def exit_preempted():
+    """Leave with PREEMPTED_EXIT_CODE once every rank is here, so rank 0 has finished saving: a launcher
+    that sees one rank exit stops the others."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
 class PreemptionSignal:
@@ -67,14 +81,16 @@ class PreemptionSignal:
 
 
 def check_finite(worst_run, epoch, step, args):
-    """Stop a run whose loss was NaN or Inf for too many steps in a row (those steps were skipped)."""
+    """Stop a run whose gradients were NaN or Inf (a NaN loss makes them so) for too many steps in a row.
+
+    Counted from the gradient norm, which DDP makes the same on every rank, so all ranks stop together.
+    """
     run = int(worst_run)
     if run >= args.max_nonfinite_steps:
         last = os.path.join(args.output_dir, "checkpoint.pth") if args.output_dir else None
         saved = f"the last good checkpoint is {last}" if last and os.path.isfile(last) else "no checkpoint was saved"
-        raise UserError(f"the loss was NaN or Inf in {run} consecutive steps (epoch {epoch}, by step {step + 1}): stopped "
-                        f"without saving; {saved}. Resume from it with a lower --lr, --clip-grad-norm, or "
-                        "--amp-dtype bfloat16 instead of float16")
+        raise UserError(f"the loss or gradients were NaN or Inf in {run} consecutive steps (epoch {epoch}, by step {step + 1}): stopped "
+                        f"without saving; {saved}. Resume from it with a lower --lr or --clip-grad-norm")
 
 
 def autocast(device, args):
@@ -98,13 +114,16 @@ def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, d
     model.train()
     accum, world_size = args.accum_steps, args.world_size
     steps = start_step + len(loader) // accum
+    # float16 overflows are GradScaler's business (it skips them and lowers its scale); otherwise a
+    # non-finite gradient is a sign of divergence, counted to stop the run.
+    count_nonfinite = not loss_scaling(args)
     params = [p for p in model.parameters() if p.requires_grad]
     # Per-step values stay on the device until a print step, so the loop never waits for the GPU.
     losses, grad_norms, loss_total = [], [], 0.0
     bad_run = worst_run = torch.zeros((), dtype=torch.int64, device=device)  # consecutive non-finite losses
     batch_iter = iter(loader)
     start = last_print = time.perf_counter()
-    images_since_print, data_time, stopped = 0, 0.0, False
+    images_since_print, data_time, stopped, done = 0, 0.0, False, 0
     for step in range(start_step, steps):
         torch.manual_seed(step_seed(args.seed, epoch, step))
         step_loss = torch.zeros((), device=device)
@@ -126,12 +145,14 @@ def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, d
             torch.nn.utils.clip_grads_with_norm_(params, args.clip_grad_norm, grad_norm)
         grad_norms.append(grad_norm)
         scaler.step(optimizer)  # skipped when a gradient is not finite
-        scaler.update()
+        scaler.update(None if loss_scaling(args) else 1.0)  # without float16, the scale stays 1 after a skip
         optimizer.zero_grad(set_to_none=True)
         lr_scheduler.step()
         losses.append(step_loss)
-        bad_run = (bad_run + 1) * ~torch.isfinite(step_loss)
-        worst_run = torch.maximum(worst_run, bad_run)
+        done += 1
+        if count_nonfinite:
+            bad_run = (bad_run + 1) * ~torch.isfinite(grad_norm)
+            worst_run = torch.maximum(worst_run, bad_run)
         global_step = epoch * steps + step
         if model_ema is not None and global_step % args.model_ema_steps == 0:
             model_ema.update_parameters(unwrap(model))
@@ -163,17 +184,17 @@ def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, d
         if print_step or checkpoint_step:
             check_finite(worst_run, epoch, step, args)
         stopped = preemption is not None and preemption.agreed(print_step or checkpoint_step)
-        if save_checkpoint is not None and (checkpoint_step or stopped) and step < steps - 1:
-            save_checkpoint(step + 1)  # after the last step the end-of-epoch checkpoint follows
+        # At the end of the epoch its own checkpoint follows, after validation; a stop does not wait for that.
+        if save_checkpoint is not None and (stopped or (checkpoint_step and step < steps - 1)):
+            save_checkpoint(step + 1)
         if stopped:
             print0(f"stopping at step {step + 1} of epoch {epoch} on {preemption.received or 'another rank'}'s request")
             break
     epoch_time = time.perf_counter() - start
-    done = step + 1 - start_step
     memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0
     return {"train_loss": loss_total / max(done, 1), "lr": optimizer.param_groups[0]["lr"],
             "epoch_time_s": epoch_time, "img_per_s": done * accum * args.batch_size * world_size / epoch_time,
-            "max_memory_mib": memory, "stopped": stopped, "complete": step == steps - 1}
+            "max_memory_mib": memory, "stopped": stopped}
 
 
 @torch.inference_mode()

@@ -73,12 +73,17 @@ class SegmentationMeter:
     score is that of the original annotation, not of a resized one.
     """
 
-    def __init__(self, num_classes, device="cpu", ignore_index=255):
-        self.confusion = ConfusionMatrix(num_classes, device, ignore_index)
+    VOID = 255  # what every segmentation loader writes for unlabelled pixels
+
+    def __init__(self, num_classes, device="cpu", ignore_index=VOID):
+        self.confusion = ConfusionMatrix(num_classes, device, self.VOID)
+        self.ignore_index = ignore_index  # left out too, besides VOID
         self.num_images = torch.zeros((), dtype=torch.int64, device=device)
 
     def update(self, logits, target):
         """Count one batch; returns the predicted labels at the target's size."""
+        if self.ignore_index != self.VOID:
+            target = target.masked_fill(target == self.ignore_index, self.VOID)
         if logits.shape[-2:] != target.shape[-2:]:
             logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
         predicted = logits.argmax(1)

@@ -28,7 +28,7 @@ from segmentation.model import create_model
 # Settings of the training run that evaluation repeats: this script's flags when given, else the
 # checkpoint's training arguments, else these defaults. Those without a flag here only select the model
 # or the same synthetic validation set.
-FROM_TRAINING = dict(model=None, dataset=None, data_path=None, base_size=None, crop_size=None, output_stride=16,
+FROM_TRAINING = dict(model=None, dataset=None, data_path=None, base_size=None, crop_size=None, output_stride=8,
                      aux_loss=False, unet_width=64, synthetic_val_size=500, synthetic_image_size=64,
                      synthetic_classes=6)
 
@@ -46,7 +46,7 @@ def get_args_parser():
     add("--amp-dtype", choices=["float16", "bfloat16"], help="autocast dtype (implies --amp; default float16)")
     add("--channels-last", action="store_true", help="NHWC memory format")
     add("--base-size", type=int, help="shorter side the input is resized to (default: the checkpoint's)")
-    add("--ignore-index", type=int, default=IGNORE_INDEX, help="label excluded from the metrics")
+    add("--ignore-index", type=int, default=IGNORE_INDEX, help="a label left out of the metrics, besides 255 (void)")
     add_eval_args(p)
     add("--output-json", help="write miou, pixel_acc, mean_acc, per_class_iou and num_images here")
     add("--save-predictions", metavar="DIR", help="write DIR/color/<name>.png (the dataset's palette) and, for "

@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.log import UserError
+
 
 class Predictor(nn.Module):
     """Wraps a segmentation model; forward(images) returns class scores at the images' size.
@@ -77,5 +79,8 @@ def add_eval_args(parser):
 def predictor_from_args(model, args):
     crop = tuple(args.eval_crop or args.crop_size) * 2
     stride = tuple(args.eval_stride) * 2 if args.eval_stride else tuple(max(1, 2 * c // 3) for c in crop)
+    if args.eval_mode == "slide" and any(s > c for s, c in zip(stride[:2], crop[:2])):
+        raise UserError(f"--eval-stride {stride[0]} {stride[1]} is larger than the window --eval-crop {crop[0]} "
+                        f"{crop[1]}: windows would leave pixels unseen; use a stride up to the window")
     return Predictor(model, args.eval_mode, crop[:2], stride[:2], [float(s) for s in args.eval_scales.split(",")],
                      args.eval_flip)

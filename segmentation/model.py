@@ -123,7 +123,9 @@ def create_model(name, num_classes, output_stride=16, aux_loss=False, weights_ba
         if path:
             raise UserError(f"--weights-backbone from a file is for {', '.join(OWN_MODELS[:2])}: give {name} a "
                             "torchvision weights name")
-        extra = {"aux_loss": True} if aux_loss else {}  # lraspp has no auxiliary head and no such argument
+        if aux_loss and name.startswith("lraspp"):
+            raise UserError(f"{name} has no auxiliary head: drop --aux-loss")
+        extra = {"aux_loss": True} if aux_loss else {}  # lraspp has no such argument
         model = torchvision.models.get_model(name, weights=None, weights_backbone=enum_name,
                                              num_classes=num_classes, **extra)
     if path:

@@ -148,7 +148,7 @@ def test_nonfinite_loss_stops_without_overwriting_the_last_good_checkpoint(tmp_p
                     "--lr", "1e30", "--lr-warmup-method", "constant", "--lr-warmup-decay", "1e-33",
                     "--lr-scheduler", "steplr", "--output-dir", tmp_path)
     assert result.returncode == 2
-    assert "error: the loss was NaN or Inf in 3 consecutive steps (epoch 1" in result.stderr
+    assert "error: the loss or gradients were NaN or Inf in 3 consecutive steps (epoch 1" in result.stderr
     assert f"the last good checkpoint is {tmp_path}/checkpoint.pth" in result.stderr
     checkpoint = load_checkpoint(tmp_path / "checkpoint.pth")
     assert checkpoint["epoch"] == 0 and all(torch.isfinite(v).all() for v in checkpoint["model"].values())
@@ -189,3 +189,27 @@ def test_uneven_data_across_ranks(tmp_path):
                       "--output-dir", tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "on 101 images" in result.stdout and last_record(tmp_path)["epoch"] == 0
+
+
+def test_a_nan_batch_is_skipped_and_the_scale_stays_one():
+    from types import SimpleNamespace
+
+    from common.engine import grad_scaler, train_one_epoch
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    batches = [(torch.randn(8, 4), torch.randint(2, (8,))) for _ in range(4)]
+    batches[1][0][0, 0] = float("nan")  # one poisoned sample in the second batch
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = SimpleNamespace(amp=False, amp_dtype="float16", channels_last=False, accum_steps=1, clip_grad_norm=None,
+                           model_ema_steps=1, lr_warmup_epochs=0, print_freq=10, batch_size=8, world_size=1, seed=0,
+                           checkpoint_interval=0, max_nonfinite_steps=3, output_dir=None)
+    scaler = grad_scaler(torch.device("cpu"), args, optimizer)
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    seen = []
+    real_step = optimizer.step
+    optimizer.step = lambda *a, **k: (seen.append(1), real_step(*a, **k))[1]
+    train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, scheduler, scaler, batches, torch.device("cpu"), 0,
+                    args)
+    assert len(seen) == 3 and scaler.get_scale() == 1.0  # the NaN step skipped, the scale not halved
+    assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(model.parameters(), before))

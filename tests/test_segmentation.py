@@ -264,3 +264,26 @@ def test_checkpoint_with_another_class_count_is_refused(segmentation_run, tmp_pa
                               "--dataset", "cityscapes", "--data-path", root)
     with pytest.raises(UserError, match=r"checkpoint.pth does not fit this model.*shapes differ: classifier.weight"):
         train_segmentation(*SEG_TINY, "--synthetic-classes", "5", "--resume", segmentation_run / "checkpoint.pth")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "deeplabv3plus_resnet50", "-b", "1", "--synthetic-image-size", "32"],
+     r"-b 1: DeepLab's image-pooling branch .* use -b 2 or more"),
+    (["--test-only", "--resume", "auto", "--output-dir", "{tmp}"], r"--resume auto found no checkpoint in"),
+    (["--eval-mode", "slide", "--eval-crop", "16", "--eval-stride", "20"], r"--eval-stride 20 20 is larger than"),
+    (["--model", "lraspp_mobilenet_v3_large", "--aux-loss"], r"has no auxiliary head: drop --aux-loss"),
+])
+def test_segmentation_flag_errors(tmp_path, flags, message):
+    with pytest.raises(UserError, match=message):
+        train_segmentation(*SEG_TINY, *[f.replace("{tmp}", str(tmp_path)) for f in flags])
+
+
+def test_ignore_index_leaves_a_class_out_of_loss_and_metrics():
+    from segmentation.train import SegmentationLoss
+    logits, target = torch.randn(1, 3, 2, 2), torch.tensor([[[0, 1], [2, 255]]])
+    loss = SegmentationLoss(ignore_index=0, aux_weight=0.4)({"out": logits}, target)
+    expected = torch.nn.functional.cross_entropy(logits, target.masked_fill(target == 0, 255), ignore_index=255)
+    torch.testing.assert_close(loss, expected)
+    meter = SegmentationMeter(3, ignore_index=0)
+    meter.update(logits, target)
+    assert meter.confusion.matrix.sum() == 2  # class 0's pixel and the void one are not counted
