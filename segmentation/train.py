@@ -261,7 +261,7 @@ def main(args):
         args.start_epoch, start_step = restore_training(checkpoint, path, model, optimizer, lr_scheduler, scaler,
                                                         args, SCHEDULE_ARGS)
         best_miou = checkpoint["best_miou"]
-        print0(f"resumed from {path}: epoch {args.start_epoch} step {start_step}, best mIoU {best_miou:.4f}")
+        print0(f"resumed from {path}: epoch {args.start_epoch} step {start_step}, best mIoU {100 * best_miou:.2f}")
     if args.output_dir and env.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -308,7 +308,7 @@ def main(args):
                 if iou is not None:
                     writer.add_scalar(f"val_iou/{name}", iou, epoch)
             log_examples(writer, model, val_loader, palette, device, args, epoch)
-    print0(f"best mIoU {best_miou:.4f}")
+    print0(f"best mIoU {100 * best_miou:.2f}")
     if writer is not None:
         writer.close()
 
