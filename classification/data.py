@@ -129,7 +129,7 @@ def device_loader(folder, args, env, device, train, mixer=None):
                         collate_fn=collate_encoded, drop_last=train)
     preset = GpuPreset([path for path, _ in folder.samples], device, train,
                        args.train_crop_size if train else args.val_crop_size, args.val_resize_size, MEAN, STD)
-    return DeviceLoader(loader, preset, device, args.seed, after=mixer)
+    return DeviceLoader(loader, preset, device, getattr(args, "seed", 0), after=mixer)  # eval.py has no --seed
 
 
 def load_train(args, env, device, class_names):

@@ -145,7 +145,7 @@ class SyntheticBatches:
 
     def __init__(self, make_batch, length, sampler, batch_size, distinct=4):
         self.batches = [make_batch() for _ in range(min(distinct, length))]
-        self.length, self.sampler, self.batch_size, self.dataset = length, sampler, batch_size, sampler
+        self.length, self.sampler, self.batch_size, self.dataset = length, sampler, batch_size, sampler.dataset
 
     def __len__(self):
         return min(self.length, len(self.sampler) // self.batch_size)

@@ -1,6 +1,7 @@
 """The gpu and synthetic data backends, run on CPU tensors: same distributions as the PIL presets, decoder
 fallbacks, determinism, and the scripts end to end."""
 import io
+import json
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from classification.gpu_transforms import GpuPreset, center_crop_boxes, random_r
 from common.data import ResumableSampler
 from common.gpu_data import DeviceLoader, EncodedSamples, collate_encoded, decode_batch
 from common.log import UserError
-from conftest import train, train_segmentation, write_image, write_tree
+from conftest import evaluate, train, train_segmentation, write_image, write_tree
 
 
 def test_crop_boxes_follow_random_resized_crop():
@@ -133,7 +134,9 @@ def test_classification_trains_with_each_backend(tmp_path, backend):
     train("--data-path", data, "--model", "resnet18", "--device", "cpu", "-b", "4", "-j", "2", "--epochs", "1",
           "--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32", "--data-backend", backend,
           "--mixup-alpha", "0.2", "--output-dir", tmp_path / "out")
-    assert (tmp_path / "out" / "checkpoint.pth").exists()
+    evaluate("--checkpoint", tmp_path / "out" / "checkpoint.pth", "--device", "cpu", "-j", "0", "--data-backend", "gpu",
+             "--output-json", tmp_path / "eval.json")
+    assert json.loads((tmp_path / "eval.json").read_text())["num_samples"] == 9  # every val image, on the device path
 
 
 @pytest.mark.parametrize("backend", ["gpu", "synthetic"])
