@@ -1,5 +1,7 @@
 """Helpers shared by the tests: run the scripts in-process or as subprocesses, write image trees."""
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +18,23 @@ TINY = ["--model", "resnet18", "--device", "cpu", "--print-freq", "4", "--synthe
         "--synthetic-val-size", "301", "-b", "32", "--epochs", "1"]
 
 
+@contextlib.contextmanager
+def own_signal_handlers():
+    """The scripts install SIGTERM/SIGUSR1 handlers for preemption; pytest keeps its own."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
 def train(*argv):
     """classification/train.py in this process (no interpreter start-up); UserError propagates."""
     from classification import train as script
     args = script.finish_args(script.get_args_parser().parse_args([str(a) for a in argv]))
-    script.main(args)
+    with own_signal_handlers():
+        script.main(args)
     return args
 
 
@@ -91,7 +105,8 @@ SEG_TINY = ["--device", "cpu", "--unet-width", "8", "--synthetic-image-size", "3
 def train_segmentation(*argv):
     from segmentation import train as script
     args = script.finish_args(script.get_args_parser().parse_args([str(a) for a in argv]))
-    script.main(args)
+    with own_signal_handlers():
+        script.main(args)
     return args
 
 
