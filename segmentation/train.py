@@ -226,10 +226,6 @@ def main(args):
         if device.type != "cuda":
             raise UserError("--sync-bn needs CUDA devices: drop it on CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if args.batch_size == 1 and "deeplab" in args.model and not (args.sync_bn and env.distributed):
-        raise UserError("-b 1: DeepLab's image-pooling branch normalises a 1x1 map over the batch, which needs 2 "
-                        "or more crops per process (or --sync-bn across GPUs): use -b 2 or more, and --accum-steps "
-                        "to keep the effective batch")
     if args.data_path is not None and args.model != "unet" and not (args.weights_backbone or args.weights):
         print0("note: the backbone starts from random weights; published results start from ImageNet ones: "
                "add --weights-backbone IMAGENET1K_V1")
@@ -242,6 +238,10 @@ def main(args):
         validate(model, val_loader, class_names, device, args, "Test")
         return
 
+    if args.batch_size == 1 and "deeplab" in args.model and not (args.sync_bn and env.distributed):
+        raise UserError("-b 1: DeepLab's image-pooling branch normalises a 1x1 map over the batch, which needs 2 "
+                        "or more crops per process (or --sync-bn across GPUs): use -b 2 or more, and --accum-steps "
+                        "to keep the effective batch")
     train_loader = load_train(args, env, device)
     steps_per_epoch = len(train_loader) // args.accum_steps
     if steps_per_epoch == 0:
