@@ -7,12 +7,12 @@ from torch.utils.data import DataLoader, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from classification.gpu_transforms import GpuPreset
+from classification.gpu_transforms import EncodedSamples, GpuPreset, collate_encoded
 from common.data import ResumableSampler, SeededSamples, ShardedEvalSampler, TensorLoader
-from common.gpu_data import DeviceLoader, EncodedSamples, SyntheticBatches, collate_encoded
+from common.gpu_data import DeviceLoader, SyntheticBatches
 from common.images import read_image
 from common.log import UserError
-from common.synthetic import SHAPES, make_shapes
+from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
@@ -78,6 +78,34 @@ def batch_mixer(args, num_classes):
 
 def mix_collate(batch, mixer):
     return mixer(*default_collate(batch))
+
+
+def make_shapes(num_samples, image_size=32, num_classes=10, seed=0, split="train", chunk=1024):
+    """Return (uint8 images [N, 3, H, W], int64 labels [N]) with one shape per image; label = shape."""
+    if not 2 <= num_classes <= len(SHAPES):
+        raise ValueError(f"the synthetic set has 2 to {len(SHAPES)} classes, not {num_classes}")
+    # Train and val come from different random streams, so validation images are never seen in training.
+    generator = torch.Generator().manual_seed(seed * 2 + (split != "train"))
+    parts = [_draw_shapes(min(chunk, num_samples - start), image_size, num_classes, generator)
+             for start in range(0, num_samples, chunk)]  # in chunks, to bound memory at large image sizes
+    return torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
+
+
+def _draw_shapes(n, image_size, num_classes, generator):
+    labels = torch.randint(num_classes, (n,), generator=generator)
+    images, background = noisy_backgrounds(n, image_size, generator)
+    colour = contrasting_colours(n, background, generator)
+    radius = (torch.rand(n, generator=generator) * 0.2 + 0.2) * image_size
+    centre = radius[:, None] + torch.rand(n, 2, generator=generator) * (image_size - 2 * radius[:, None])
+    coords = torch.arange(image_size, dtype=torch.float32) + 0.5
+    dx = coords.view(1, 1, -1) - centre[:, 0].view(-1, 1, 1)
+    dy = coords.view(1, -1, 1) - centre[:, 1].view(-1, 1, 1)
+    for k in range(num_classes):
+        idx = (labels == k).nonzero().squeeze(1)
+        mask = shape_mask(SHAPES[k], dx[idx], dy[idx], radius[idx].view(-1, 1, 1))
+        images[idx] = torch.where(mask[:, None], colour[idx], images[idx])
+    images += torch.randn(images.shape, generator=generator) * 0.08
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
 def synthetic_split(args, split, device):

@@ -1,72 +1,12 @@
-"""The fast input path (--data-backend gpu): DataLoader workers only read files; the main process decodes a
-whole batch at once (nvJPEG on CUDA) and augments it on the device, one batch ahead on a side stream.
+"""The fast input path (--data-backend gpu): the main process turns what DataLoader workers read into batches on
+the device, one batch ahead on a side stream (classification/gpu_transforms.py decodes JPEGs with nvJPEG there).
 
 Also --data-backend synthetic: random batches that live on the device, to time the model step alone.
 """
-import io
 import queue
 import threading
 
 import torch
-from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2.functional import pil_to_tensor
-
-from common.images import read_image
-
-
-class EncodedSamples(Dataset):
-    """(file bytes, target, index) of each sample of a dataset with a `samples` list of (path, target)."""
-
-    def __init__(self, samples):
-        self.samples = samples
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        path, target = self.samples[index]
-        with open(path, "rb") as f:
-            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), target, index
-
-
-def collate_encoded(batch):
-    encoded, targets, indices = zip(*batch)
-    return list(encoded), torch.as_tensor(targets), torch.as_tensor(indices)
-
-
-def is_jpeg(encoded):
-    return len(encoded) > 2 and encoded[0] == 0xFF and encoded[1] == 0xD8
-
-
-def nvjpeg(encoded, device):
-    return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-
-
-def decode_batch(encoded, paths, device, gpu_decode=None):
-    """uint8 RGB tensors [3, H, W] on `device`. On CUDA the JPEGs go through nvJPEG in one batched call; PNGs,
-    CMYK or 16-bit files and anything nvJPEG refuses go through Pillow on the CPU (common.images.read_image,
-    which also names a broken file)."""
-    images = [None] * len(encoded)
-    gpu_decode = gpu_decode or (nvjpeg if device.type == "cuda" else None)
-    jpegs = [i for i, data in enumerate(encoded) if is_jpeg(data)] if gpu_decode else []
-    if jpegs:
-        try:
-            decoded = gpu_decode([encoded[i] for i in jpegs], device)
-        except RuntimeError:  # one file nvJPEG cannot take fails the batch: decode them one by one
-            decoded = []
-            for i in jpegs:
-                try:
-                    decoded.append(gpu_decode(encoded[i], device))
-                except RuntimeError:
-                    decoded.append(None)
-        for i, image in zip(jpegs, decoded):
-            images[i] = image
-    for i, image in enumerate(images):
-        if image is None:
-            image = read_image(io.BytesIO(encoded[i].numpy().tobytes()), name=paths[i])
-            images[i] = pil_to_tensor(image).to(device, non_blocking=True)
-    return images
 
 
 class DeviceLoader:

@@ -1,8 +1,7 @@
-"""Built-in synthetic data: shapes on noisy backgrounds, drawn in memory.
+"""Drawing the built-in synthetic data of both tasks: shapes, noisy backgrounds, colours that stand out.
 
-Every image is a pure function of (seed, split, index), so two runs, two processes or a resumed run
-see exactly the same pictures. The task is easy for a CNN and impossible for a colour or position
-shortcut: shape type is the class, while position, size, colours and noise are random.
+The sets themselves (classification/data.py, segmentation/data.py) draw from a seeded generator, so every
+image is a pure function of (seed, split, index): two runs, two processes or a resumed run see the same.
 """
 import torch
 
@@ -46,32 +45,8 @@ def noisy_backgrounds(n, size, generator):
     return base + gradient, base
 
 
-def make_shapes(num_samples, image_size=32, num_classes=10, seed=0, split="train", chunk=1024):
-    """Return (uint8 images [N, 3, H, W], int64 labels [N]) with one shape per image; label = shape."""
-    if not 2 <= num_classes <= len(SHAPES):
-        raise ValueError(f"the synthetic set has 2 to {len(SHAPES)} classes, not {num_classes}")
-    # Train and val come from different random streams, so validation images are never seen in training.
-    generator = torch.Generator().manual_seed(seed * 2 + (split != "train"))
-    parts = [_draw_shapes(min(chunk, num_samples - start), image_size, num_classes, generator)
-             for start in range(0, num_samples, chunk)]  # in chunks, to bound memory at large image sizes
-    return torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
-
-
-def _draw_shapes(n, image_size, num_classes, generator, min_contrast=0.35):
-    labels = torch.randint(num_classes, (n,), generator=generator)
-    images, background = noisy_backgrounds(n, image_size, generator)
-    # Foreground colours are pushed away from the background so every shape stays visible.
+def contrasting_colours(n, background, generator, min_contrast=0.35):
+    """Random colours [n, 3, 1, 1], pushed away from `background` where too close, so every shape stays visible."""
     colour = torch.rand(n, 3, 1, 1, generator=generator)
     too_close = (colour - background).abs().amax(1, keepdim=True) < min_contrast
-    colour = torch.where(too_close, (background + 0.5) % 1.0, colour)
-    radius = (torch.rand(n, generator=generator) * 0.2 + 0.2) * image_size
-    centre = radius[:, None] + torch.rand(n, 2, generator=generator) * (image_size - 2 * radius[:, None])
-    coords = torch.arange(image_size, dtype=torch.float32) + 0.5
-    dx = coords.view(1, 1, -1) - centre[:, 0].view(-1, 1, 1)
-    dy = coords.view(1, -1, 1) - centre[:, 1].view(-1, 1, 1)
-    for k in range(num_classes):
-        idx = (labels == k).nonzero().squeeze(1)
-        mask = shape_mask(SHAPES[k], dx[idx], dy[idx], radius[idx].view(-1, 1, 1))
-        images[idx] = torch.where(mask[:, None], colour[idx], images[idx])
-    images += torch.randn(images.shape, generator=generator) * 0.08
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
+    return torch.where(too_close, (background + 0.5) % 1.0, colour)

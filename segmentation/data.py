@@ -9,7 +9,7 @@ from torchvision.transforms import v2
 
 from common.data import ResumableSampler, SeededSamples, ShardedEvalSampler, TensorLoader
 from common.gpu_data import DeviceLoader, SyntheticBatches
-from common.synthetic import SHAPES, noisy_backgrounds, shape_mask
+from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
 from segmentation.datasets import DATASETS, IGNORE_INDEX
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -150,9 +150,7 @@ def make_scenes(num_samples, image_size=64, num_classes=6, seed=0, split="train"
     for slot in range(max_shapes):
         present = rand(n) < (1.0 if slot == 0 else 0.6)
         labels = torch.randint(1, num_classes, (n,), generator=generator)
-        colour = rand(n, 3, 1, 1)
-        too_close = (colour - background).abs().amax(1, keepdim=True) < 0.35
-        colour = torch.where(too_close, (background + 0.5) % 1.0, colour)
+        colour = contrasting_colours(n, background, generator)
         radius = (rand(n) * 0.13 + 0.12) * image_size
         centre = radius[:, None] + rand(n, 2) * (image_size - 2 * radius[:, None])
         dx = coords.view(1, 1, -1) * image_size - centre[:, 0].view(-1, 1, 1)

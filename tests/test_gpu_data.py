@@ -11,9 +11,10 @@ from torchvision.io import decode_jpeg
 from torchvision.transforms import v2
 
 from classification.data import MEAN, STD, val_preset
-from classification.gpu_transforms import GpuPreset, center_crop_boxes, random_resized_crop_boxes
+from classification.gpu_transforms import (EncodedSamples, GpuPreset, center_crop_boxes, collate_encoded, decode_batch,
+                                           random_resized_crop_boxes)
 from common.data import ResumableSampler
-from common.gpu_data import DeviceLoader, EncodedSamples, collate_encoded, decode_batch
+from common.gpu_data import DeviceLoader
 from common.log import UserError
 from conftest import evaluate, train, train_segmentation, write_image, write_tree
 

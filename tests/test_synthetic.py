@@ -2,7 +2,8 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from common.data import ShardedEvalSampler, TensorLoader
-from common.synthetic import SHAPES, make_shapes
+from classification.data import make_shapes
+from common.synthetic import SHAPES
 
 
 def test_same_seed_same_images_and_splits_differ():
