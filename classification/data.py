@@ -7,9 +7,9 @@ from torch.utils.data import DataLoader, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from classification.gpu_transforms import EncodedSamples, GpuPreset, collate_encoded
+from classification.gpu_preset import EncodedSamples, GpuPreset, collate_encoded
 from common.data import ResumableSampler, SeededSamples, ShardedEvalSampler, TensorLoader
-from common.gpu_data import DeviceLoader, SyntheticBatches
+from common.device_loader import DeviceLoader, SyntheticBatches
 from common.images import read_image
 from common.log import UserError
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask

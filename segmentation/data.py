@@ -8,7 +8,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from common.data import ResumableSampler, SeededSamples, ShardedEvalSampler, TensorLoader
-from common.gpu_data import DeviceLoader, SyntheticBatches
+from common.device_loader import DeviceLoader, SyntheticBatches
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
 from segmentation.datasets import DATASETS, IGNORE_INDEX
 

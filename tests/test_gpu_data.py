@@ -11,10 +11,10 @@ from torchvision.io import decode_jpeg
 from torchvision.transforms import v2
 
 from classification.data import MEAN, STD, val_preset
-from classification.gpu_transforms import (EncodedSamples, GpuPreset, center_crop_boxes, collate_encoded, decode_batch,
+from classification.gpu_preset import (EncodedSamples, GpuPreset, center_crop_boxes, collate_encoded, decode_batch,
                                            random_resized_crop_boxes)
 from common.data import ResumableSampler
-from common.gpu_data import DeviceLoader
+from common.device_loader import DeviceLoader
 from common.log import UserError
 from conftest import evaluate, train, train_segmentation, write_image, write_tree
 

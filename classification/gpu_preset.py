@@ -120,7 +120,7 @@ def crop_resize(images, boxes, size):
 
 
 class GpuPreset:
-    """prepare(batch, generator) for common.gpu_data.DeviceLoader: decode, crop, flip, normalise."""
+    """prepare(batch, generator) for common.device_loader.DeviceLoader: decode, crop, flip, normalise."""
 
     def __init__(self, paths, device, train, crop_size, resize_size, mean, std):
         self.paths, self.device, self.train = paths, device, train

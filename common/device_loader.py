@@ -1,5 +1,5 @@
 """The fast input path (--data-backend gpu): the main process turns what DataLoader workers read into batches on
-the device, one batch ahead on a side stream (classification/gpu_transforms.py decodes JPEGs with nvJPEG there).
+the device, one batch ahead on a side stream (classification/gpu_preset.py decodes JPEGs with nvJPEG there).
 
 Also --data-backend synthetic: random batches that live on the device, to time the model step alone.
 """
