@@ -3,10 +3,12 @@ batch (nvJPEG) and applies the presets of classification/data.py to it: random-r
 training, resize + centre crop for evaluation, then normalisation.
 
 Crop boxes are drawn exactly as v2.RandomResizedCrop draws them (same scale and ratio ranges, ten tries,
-the same fallback), for all images at once; one roi_align then crops and resizes the whole batch.
+the same fallback), for all images at once; a few roi_align calls over canvases of bounded size then crop
+and resize the whole batch.
 """
 import io
 import math
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
@@ -14,7 +16,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from common.images import read_image
+from common.images import read_file_bytes, read_image
 
 
 class EncodedSamples(Dataset):
@@ -28,8 +30,8 @@ class EncodedSamples(Dataset):
 
     def __getitem__(self, index):
         path, target = self.samples[index]
-        with open(path, "rb") as f:
-            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), target, index
+        # Regular files only, read up to their size: a FIFO would block and /dev/zero never end.
+        return torch.frombuffer(bytearray(read_file_bytes(path)), dtype=torch.uint8), target, index
 
 
 def collate_encoded(batch):
@@ -103,20 +105,114 @@ def center_crop_boxes(heights, widths, resize_size, crop_size):
     return torch.stack([left, top, left + side, top + side], 1).float()
 
 
+class Piece(NamedTuple):
+    """Output rows first..last-1 of image `index`'s crop: the box `roi` (x1, y1, x2, y2, in the piece's own
+    pixels) over the image's pixels [top:bottom, left:right]."""
+    index: int
+    top: int
+    bottom: int
+    left: int
+    right: int
+    first: int
+    last: int
+    roi: tuple
+
+
+def sampled_span(start, end, size, first, last, limit):
+    """The input rows (or columns) that output rows first..last-1 of a box from start to end read, within
+    0..limit. roi_align (aligned) samples inside [start - 0.5, end - 0.5) and interpolates each sample from
+    the two pixels around it; one more on each side absorbs its float rounding."""
+    step = (end - start) / size
+    low, high = start - 0.5 + first * step, start - 0.5 + last * step
+    return max(math.floor(low) - 1, 0), min(math.floor(high) + 3, limit)
+
+
+def box_pieces(index, height, width, box, size, budget):
+    """One piece for the whole crop, or bands of output rows when the pixels the box reads exceed `budget`
+    (a 4,000x3,000 box alone can outweigh a whole batch of 500x375 images).
+
+    A band's box spans its rows' share of the crop's box, so roi_align gives its bins the same size and the
+    same number of samples; for the presets' boxes (whole pixels, or eighths) every coordinate stays exact."""
+    x1, y1, x2, y2 = box
+    left, right = sampled_span(x1, x2, size, 0, size, width)
+    top, bottom = sampled_span(y1, y2, size, 0, size, height)
+    rows = math.ceil(size / min(size, math.ceil((bottom - top) * (right - left) / budget)))
+    pieces = []
+    for first in range(0, size, rows):
+        last = min(first + rows, size)
+        band_top, band_bottom = sampled_span(y1, y2, size, first, last, height)
+        band_y1, band_y2 = (y1 + (y2 - y1) * row / size - band_top for row in (first, last))
+        pieces.append(Piece(index, band_top, band_bottom, left, right, first, last,
+                            (x1 - left, band_y1, x2 - left, band_y2)))
+    return pieces
+
+
+def canvas_groups(pieces, budget):
+    """The pieces in runs that each fill one canvas of at most `budget` pixels (or hold a single piece) and
+    make the same number of output rows (one roi_align call each); tallest first, so that the pieces sharing
+    a canvas are of about the same height."""
+    groups, group, height, width = [], [], 0, 0
+    for piece in sorted(pieces, key=lambda p: (p.last - p.first, p.bottom - p.top, p.right - p.left),
+                        reverse=True):
+        h, w = piece.bottom - piece.top, piece.right - piece.left
+        if group and ((len(group) + 1) * max(height, h) * max(width, w) > budget
+                      or piece.last - piece.first != group[0].last - group[0].first):
+            groups.append(group)
+            group, height, width = [], 0, 0
+        group.append(piece)
+        height, width = max(height, h), max(width, w)
+    return groups + [group] if group else groups
+
+
+def fill_canvas(images, group, dtype):
+    """The group's pixels in one zero-padded canvas [len(group), C, H, W].
+
+    Where a piece ends at its image's border and the canvas goes on, roi_align would blend the canvas's zeros
+    into the edge pixels; a copy of the edge row and column makes it read what it reads at an image's own
+    border, so that a crop does not depend on the other images of its batch."""
+    height, width = max(p.bottom - p.top for p in group), max(p.right - p.left for p in group)
+    canvas = torch.zeros(len(group), images[0].shape[0], height, width, dtype=dtype, device=images[0].device)
+    for slot, p in zip(canvas, group):
+        image = images[p.index]
+        region = image[:, p.top:p.bottom, p.left:p.right]
+        h, w = region.shape[1:]
+        slot[:, :h, :w] = region
+        down, right = h < height and p.bottom == image.shape[1], w < width and p.right == image.shape[2]
+        if down:
+            slot[:, h, :w] = region[:, -1]
+        if right:
+            slot[:, :h, w] = region[:, :, -1]
+        if down and right:
+            slot[:, h, w] = region[:, -1, -1]
+    return canvas
+
+
 def crop_resize(images, boxes, size):
-    """Every image's box resized to size x size in one roi_align over a zero-padded canvas; float [N, 3, S, S].
+    """Every image's box resized to size x size with roi_align; float [N, 3, S, S].
 
     roi_align averages ceil(box / size) samples per output pixel in each direction, which keeps
-    downscaling from aliasing, as the antialiased resize of the CPU preset does."""
+    downscaling from aliasing, as the antialiased resize of the CPU preset does. Only the pixels a box reads
+    are copied, into canvases of at most half the batch's decoded bytes each, made one after the other: one
+    canvas padded to the largest image would cost batch x largest image (about 18 GB in float16 for one
+    4,000x3,000 JPEG among 256 images)."""
     device = images[0].device
-    height, width = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
     # float16 holds every uint8 value exactly and halves the canvas; the CPU has no float16 roi_align.
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    canvas = torch.zeros(len(images), 3, height, width, dtype=dtype, device=device)
-    for slot, image in zip(canvas, images):
-        slot[:, :image.shape[1], :image.shape[2]] = image
-    rois = torch.cat([torch.arange(len(images), dtype=torch.float32)[:, None], boxes], 1).to(device, dtype)
-    return roi_align(canvas, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True).float()
+    channels = images[0].shape[0]
+    # Bytes per canvas pixel; torchvision's CPU roi_align also precomputes the interpolation of every sample
+    # of a box (32 bytes each, about one sample per pixel the box covers) where CUDA computes it in place.
+    per_pixel = channels * torch.finfo(dtype).bits // 8 + (32 if device.type == "cpu" else 0)
+    budget = max(1, sum(image.numel() for image in images) // (2 * per_pixel))  # canvas pixels
+    pieces = [piece for i, (image, box) in enumerate(zip(images, boxes.tolist()))
+              for piece in box_pieces(i, image.shape[1], image.shape[2], box, size, budget)]
+    crops = torch.empty(len(images), channels, size, size, device=device)
+    for group in canvas_groups(pieces, budget):
+        rois = torch.tensor([[slot, *p.roi] for slot, p in enumerate(group)]).to(device, dtype)
+        resized = roi_align(fill_canvas(images, group, dtype), rois, output_size=(group[0].last - group[0].first, size),
+                            spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        for slot, p in enumerate(group):
+            crops[p.index, :, p.first:p.last] = resized[slot]
+    return crops
 
 
 class GpuPreset:

@@ -3,6 +3,7 @@ fallbacks, determinism, and the scripts end to end."""
 import io
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -11,12 +12,14 @@ from torchvision.io import decode_jpeg
 from torchvision.transforms import v2
 
 from classification.data import MEAN, STD, val_preset
-from classification.gpu_preset import (EncodedSamples, GpuPreset, center_crop_boxes, collate_encoded, decode_batch,
-                                           random_resized_crop_boxes)
+from torchvision.ops import roi_align
+
+from classification.gpu_preset import (EncodedSamples, GpuPreset, center_crop_boxes, collate_encoded, crop_resize,
+                                       decode_batch, random_resized_crop_boxes)
 from common.data import ResumableSampler
 from common.device_loader import DeviceLoader
 from common.log import UserError
-from conftest import evaluate, train, train_segmentation, write_image, write_tree
+from conftest import evaluate, run, train, train_segmentation, write_image, write_tree
 
 
 def test_crop_boxes_follow_random_resized_crop():
@@ -42,6 +45,82 @@ def test_crop_box_fallback_matches_torchvision_on_extreme_images():
     box = random_resized_crop_boxes(torch.tensor([10]), torch.tensor([1000]), torch.Generator().manual_seed(0))
     top, left, height, width = v2.RandomResizedCrop.get_params(torch.zeros(1, 10, 1000), [0.08, 1.0], [3 / 4, 4 / 3])
     assert box[0].tolist() == [left, top, left + width, top + height]
+
+
+def unbounded_crop_resize(images, boxes, size):
+    """crop_resize before its memory was bounded: one zero-padded canvas the size of the batch's largest image."""
+    height, width = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+    canvas = torch.zeros(len(images), 3, height, width)
+    for slot, image in zip(canvas, images):
+        slot[:, :image.shape[1], :image.shape[2]] = image
+    rois = torch.cat([torch.arange(len(images), dtype=torch.float32)[:, None], boxes], 1)
+    return roi_align(canvas, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def crop_boxes(sizes, kind, generator):
+    heights, widths = torch.tensor([h for h, _ in sizes]), torch.tensor([w for _, w in sizes])
+    if kind == "train":
+        return random_resized_crop_boxes(heights, widths, generator)
+    if kind == "eval":
+        return center_crop_boxes(heights, widths, 73, 64)
+    return torch.stack([torch.zeros(len(sizes)), torch.zeros(len(sizes)), widths.float(), heights.float()], 1)
+
+
+@pytest.mark.parametrize("kind", ["train", "eval", "whole"])
+def test_bounded_crops_equal_the_unbounded_canvas(kind):
+    # From thumbnails, which share a canvas, to a photo big enough to be made in bands of output rows.
+    sizes = [(375, 500), (500, 375), (333, 500), (30, 40), (48, 36), (40, 52), (1200, 1600), (2000, 2600)]
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in sizes]
+    boxes = crop_boxes(sizes, kind, generator)
+    crops = crop_resize(images, boxes, 64)
+    # Each image alone on the unbounded canvas: what the batched version gives the batch's largest image.
+    alone = torch.cat([unbounded_crop_resize([image], box[None], 64) for image, box in zip(images, boxes)])
+    assert crops.shape == (8, 3, 64, 64)
+    assert (crops - alone).abs().max() < 0.02  # grey levels: float32 rounding of the shifted box coordinates
+    # The batched version also reads its canvas's zero padding where a box reaches a smaller image's bottom or
+    # right edge, which darkens those crops' edges; everywhere else the two agree.
+    heights, widths = torch.tensor([h for h, _ in sizes]), torch.tensor([w for _, w in sizes])
+    inside = (boxes[:, 2] <= widths - 1) & (boxes[:, 3] <= heights - 1)
+    assert inside.sum() >= {"train": 2, "eval": 8, "whole": 0}[kind]
+    assert ((crops - unbounded_crop_resize(images, boxes, 64))[inside].abs() < 0.02).all()
+
+
+MEASURE_CROP_MEMORY = """
+import json, sys
+import torch
+from classification.gpu_preset import crop_resize, random_resized_crop_boxes
+sys.path.insert(0, "tests")
+from test_gpu_data import unbounded_crop_resize
+
+def status(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":")) * 1024
+
+generator = torch.Generator().manual_seed(0)
+images = [torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, generator=generator) for _ in range(63)]
+images.append(torch.randint(0, 256, (3, 3000, 4000), dtype=torch.uint8, generator=generator))
+boxes = random_resized_crop_boxes(torch.full((64,), 375), torch.full((64,), 500), generator)
+boxes[63] = torch.tensor([0.0, 0.0, 4000.0, 3000.0])  # the most pixels the big image can be read with
+crop_resize(images[:2], boxes[:2], 224)  # the first call's one-time allocations are not the batch's
+before = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets VmHWM, the peak resident memory, to the current one
+crops = crop_resize(images, boxes, 224)
+working = status("VmHWM") - before
+alone = torch.cat([unbounded_crop_resize([image], box[None], 224) for image, box in zip(images, boxes)])
+print(json.dumps({"working": working, "decoded": sum(image.numel() for image in images),
+                  "max_difference": (crops - alone).abs().max().item()}))
+"""
+
+
+def test_crop_memory_of_a_batch_with_one_huge_image_stays_near_its_decoded_size():
+    # Unbounded, this batch needed a float32 canvas of 64 x 3 x 3000 x 4000 (9.2 GB; past 2**31 elements, which
+    # torchvision's CPU roi_align crashed on). A subprocess, so that its peak resident memory is the crops' own.
+    done = run(sys.executable, "-c", MEASURE_CROP_MEMORY, timeout=3600)  # a hang guard, not a speed limit
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout.splitlines()[-1])
+    assert measured["working"] <= 2 * measured["decoded"], measured
+    assert measured["max_difference"] < 0.02, measured
 
 
 def smooth_image(path, size=(160, 120)):
