@@ -1,5 +1,6 @@
 """Classification data: ImageFolder trees checked up front, torchvision v2 presets, and the synthetic set."""
 import os
+from collections import Counter
 from functools import partial
 
 import torch
@@ -10,26 +11,39 @@ from torchvision.transforms import v2
 from classification.gpu_preset import EncodedSamples, GpuPreset, collate_encoded
 from common.data import ResumableSampler, SeededSamples, ShardedEvalSampler, TensorLoader
 from common.device_loader import DeviceLoader, SyntheticBatches
-from common.images import read_image
-from common.log import UserError
+from common.images import not_a_file_error, read_image, reason, shown
+from common.log import UserError, print0
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
+# torchvision's list and the other photo formats Pillow reads (of a GIF, the first frame).
+IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS + (".jfif", ".jpe", ".gif", ".apng", ".avif", ".pbm", ".pnm")
 LAYOUT_HINT = "--data-path must hold train/ and val/, each with one folder of images per class (ImageNet layout)"
 
 
 def list_classes(split_dir):
-    """Class folder names of one split; stops on a missing split or an empty class folder."""
+    """Class folder names of one split; stops on a missing split, a class folder that is a dangling symlink, or
+    an empty class folder. Hidden folders (.thumbnails, .ipynb_checkpoints) are not classes: skipped, in a note."""
     if not os.path.isdir(split_dir):
-        raise UserError(f"split folder {split_dir} not found: {LAYOUT_HINT}")
-    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+        raise UserError(f"split folder {shown(split_dir)} not found: {LAYOUT_HINT}")
+    classes, hidden = [], []
+    for entry in sorted(os.scandir(split_dir), key=lambda entry: entry.name):
+        if entry.name.startswith("."):
+            hidden += [entry.name] if entry.is_dir() else []
+        elif entry.is_dir():
+            classes.append(entry.name)
+        elif entry.is_symlink() and not os.path.exists(entry.path):
+            # Dropping it would shift the label index of every class sorted after it.
+            raise not_a_file_error(entry.path, "class folder")
+    if hidden:
+        print0(f"note: hidden folders are not classes, skipped in {shown(split_dir)}: {', '.join(map(shown, hidden))}")
     if not classes:
-        raise UserError(f"{split_dir} has no class folders: {LAYOUT_HINT}")
+        raise UserError(f"{shown(split_dir)} has no class folders: {LAYOUT_HINT}")
     for name in classes:
         folder = os.path.join(split_dir, name)
-        if not any(entry.name.lower().endswith(IMAGE_EXTENSIONS) for entry in os.scandir(folder)):
-            raise UserError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
+        if not any(not entry.name.startswith(".") and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+                   for entry in os.scandir(folder)):
+            raise UserError(f"class folder {shown(folder)} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
                             "add images or remove the folder")
     return classes
 
@@ -38,11 +52,60 @@ class ImageFolderWithClasses(datasets.ImageFolder):
     """ImageFolder whose class -> index map is given, so val uses train's indices even with classes absent."""
 
     def __init__(self, root, classes, transform):
+        if len(classes) < 2:  # one class is always right: "100% top-1" that means nothing
+            raise UserError(f"{shown(root)} is read with {len(classes)} class ({', '.join(map(shown, classes))}): "
+                            "a classifier needs at least 2: give train/ and val/ one folder of images per class")
         self.fixed_classes = classes
         super().__init__(root, transform=transform, loader=read_image, allow_empty=True)
 
     def find_classes(self, directory):
         return self.fixed_classes, {name: i for i, name in enumerate(self.fixed_classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """(path, class index) of the images under each class folder, in torchvision's order. Unlike
+        torchvision's walk, hidden files and folders are skipped, other files are counted in a note, and a
+        listed image that is no regular file, a folder that cannot be listed or a symlink loop stops the run
+        (torchvision would hang on a FIFO, silently skip the folder, or list the images of a loop dozens of times)."""
+        samples, skipped, hidden = [], Counter(), 0
+        for name, class_index in sorted(class_to_idx.items()):
+            folders, pending = [], [(os.path.join(directory, name), ())]
+            if not os.path.isdir(pending[0][0]):
+                continue  # a class of train/ that val/ lacks
+            while pending:
+                folder, ancestors = pending.pop()
+                try:
+                    info, entries = os.stat(folder), sorted(os.scandir(folder), key=lambda entry: entry.name)
+                except OSError as e:
+                    raise UserError(f"cannot list folder {shown(folder)} ({reason(e)}): "
+                                    "fix its permissions or remove it") from None
+                here = (info.st_dev, info.st_ino)
+                if here in ancestors:
+                    raise UserError(f"folder {shown(folder)} leads back to {shown(os.path.realpath(folder))}, "
+                                    "which holds it (a symlink loop): remove the link")
+                files = []
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        hidden += 1
+                    elif entry.is_dir():
+                        pending.append((entry.path, ancestors + (here,)))
+                    elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                        if not entry.is_file():
+                            raise not_a_file_error(entry.path)
+                        files.append(entry.path)
+                    else:
+                        skipped[os.path.splitext(entry.name)[1].lower() or "(no extension)"] += 1
+                folders.append((folder, files))
+            for _, files in sorted(folders):
+                samples += [(path, class_index) for path in files]
+        notes = [f"{hidden} hidden files or folders (names starting with '.')"] if hidden else []
+        if skipped:
+            kinds = ", ".join(f"{count} {shown(ext)}" for ext, count in skipped.most_common(5))
+            more = f" and {len(skipped) - 5} other kinds" if len(skipped) > 5 else ""
+            notes.append(f"files not named as images: {kinds}{more} (images end in {', '.join(IMAGE_EXTENSIONS)})")
+        if notes:
+            print0(f"note: skipped under {shown(directory)}: {'; '.join(notes)}")
+        return samples
 
 
 def train_preset(args):

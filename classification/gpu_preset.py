@@ -16,7 +16,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from common.images import read_image
+from common.images import read_file_bytes, read_image
 
 
 class EncodedSamples(Dataset):
@@ -30,8 +30,8 @@ class EncodedSamples(Dataset):
 
     def __getitem__(self, index):
         path, target = self.samples[index]
-        with open(path, "rb") as f:
-            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), target, index
+        # Regular files only, read up to their size: a FIFO would block and /dev/zero never end.
+        return torch.frombuffer(bytearray(read_file_bytes(path)), dtype=torch.uint8), target, index
 
 
 def collate_encoded(batch):

@@ -1,18 +1,103 @@
-"""Reading image files of any mode Pillow knows into RGB, with one clear error for a broken file."""
+"""Reading image files of any mode Pillow knows into RGB, with one clear error for a broken file. Only regular
+files are read (a FIFO would block, /dev/zero never end), and a name in an error is quoted when it holds a
+character that would cut or hide in the one-line message."""
+import os
+import stat
+
 import numpy as np
 from PIL import Image
 
 from common.log import UserError
 
+REPLACE_IMAGE = "delete the file or replace it with a valid image"
+
+
+def replace_hint(what):
+    return REPLACE_IMAGE if what == "image" else f"delete the file or replace it with a valid {what}"
+
+
+def shown(text):
+    """A path or name as an error shows it: as it is, or repr-quoted when it holds a character that would break
+    or hide in the one-line message (a newline, a tab, a byte-order mark, an undecodable byte)."""
+    text = os.fsdecode(text) if isinstance(text, bytes) else str(text)
+    return text if text.isprintable() else repr(text)
+
+
+def _kind(mode):
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def not_a_file_error(path, what="image", mode=None):
+    """The UserError for a listed file that is no regular file: a dangling symlink, a FIFO, a device, ..."""
+    link = os.readlink(path) if os.path.islink(path) else None
+    if link is not None and not os.path.exists(path):
+        return UserError(f"{what} {shown(path)} is a symlink to {shown(link)}, which does not exist: "
+                         "fix the link or remove it")
+    if mode is None:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            return UserError(f"cannot read {what} {shown(path)} ({reason(e)}): {replace_hint(what)}")
+    kind = f"a symlink to {shown(link)}, {_kind(mode)}" if link is not None else _kind(mode)
+    return UserError(f"{what} {shown(path)} is {kind}, not a regular file: only regular files are read as "
+                     f"{what}s; remove it or replace it with the {what} file")
+
+
+def reason(e):
+    """An exception as `Type: message` on one line (a message may hold a newline of its own)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _open_nonblocking(path, flags):
+    # Opening a FIFO for reading would otherwise wait for a writer forever, before fstat can tell what it is.
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
+def open_regular(path, what="image"):
+    """(binary file object, size in bytes) of `path`, refused unless it is a regular file."""
+    try:
+        f = open(path, "rb", opener=_open_nonblocking)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) and os.path.islink(path):
+            raise not_a_file_error(path, what) from None
+        raise UserError(f"cannot read {what} {shown(path)} ({reason(e)}): {replace_hint(what)}") from None
+    info = os.fstat(f.fileno())
+    if not stat.S_ISREG(info.st_mode):
+        f.close()
+        raise not_a_file_error(path, what, info.st_mode)
+    return f, info.st_size
+
+
+def read_file_bytes(path):
+    """The bytes of an image file, refused unless it is a regular file, and never more than its size (a symlink
+    to /dev/zero would otherwise read until memory runs out)."""
+    f, size = open_regular(path)
+    with f:
+        try:
+            data = f.read(size)
+        except OSError as e:
+            raise UserError(f"cannot read image {shown(path)} ({reason(e)}): {REPLACE_IMAGE}") from None
+    if not data:
+        raise UserError(f"cannot read image {shown(path)} (the file is empty): {REPLACE_IMAGE}")
+    return data
+
 
 def read_image(path, name=None):
     """Any Pillow-readable file as RGB: grayscale, RGBA, palette, CMYK, 16-bit, PNG named .jpg. `path` may
     also be a file object, called `name` in errors."""
+    source = path
+    if isinstance(path, (str, bytes, os.PathLike)):
+        source, _ = open_regular(path)
     try:
-        with Image.open(path) as image:
+        with source, Image.open(source) as image:
             if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit: keep the top 8 bits, not a clipped copy
                 image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
             return image.convert("RGB")
     except Exception as e:
-        raise UserError(f"cannot read image {name or path} ({type(e).__name__}: {e}): "
-                        "delete the file or replace it with a valid image") from None
+        raise UserError(f"cannot read image {shown(name or path)} ({reason(e)}): {REPLACE_IMAGE}") from None
+

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from common.images import read_image
+from common.images import open_regular, read_image, reason, shown
 from common.log import UserError
 
 IGNORE_INDEX = 255
@@ -57,6 +57,9 @@ ADE20K_LAYOUT = ("the ADE20K root is the folder holding ADEChallengeData2016/, o
 
 # Pillow modes whose pixels are one number each: anything else (RGB, RGBA, ...) is a picture of the labels.
 INDEX_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N")
+# JPEG turns the indices along every edge into neighbouring values, which are other classes' indices. (Pillow
+# reads WebP as RGB, refused as such; JPEG 2000 may be lossless.)
+LOSSY_FORMATS = ("JPEG", "MPO")
 MAX_LISTED_VALUES = 10
 
 
@@ -95,8 +98,8 @@ class LabelMap:
             listed = ", ".join(map(str, bad[:MAX_LISTED_VALUES]))
             if len(bad) > MAX_LISTED_VALUES:
                 listed += f" and {len(bad) - MAX_LISTED_VALUES} more"
-            raise UserError(f"mask {path} holds values that are not allowed: {listed} (allowed: {self.allowed}): "
-                            "fix or replace the file")
+            raise UserError(f"mask {shown(path)} holds values that are not allowed: {listed} "
+                            f"(allowed: {self.allowed}): fix or replace the file")
         # NumPy, not torch, indexes and counts here: on a 2048x1024 Cityscapes mask ~7 ms against ~35 ms.
         return torch.from_numpy(self.table[values])
 
@@ -122,15 +125,20 @@ ADE20K_MAP = LabelMap({0: IGNORE_INDEX, **{v: v - 1 for v in range(1, len(ADE20K
 
 def read_mask_values(path):
     """The raw per-pixel values of a mask file as an integer array [H, W]; palette PNGs give their indices."""
+    f, _ = open_regular(path, "mask")
     try:
-        with Image.open(path) as mask:
-            mode = mask.mode
-            values = np.array(mask) if mode in INDEX_MODES else None
+        with f, Image.open(f) as mask:
+            mode, codec = mask.mode, mask.format
+            values = np.array(mask) if mode in INDEX_MODES and codec not in LOSSY_FORMATS else None
     except Exception as e:
-        raise UserError(f"cannot read mask {path} ({type(e).__name__}: {e}): "
+        raise UserError(f"cannot read mask {shown(path)} ({reason(e)}): "
                         "replace it with a valid mask, or delete it together with its image") from None
+    if codec in LOSSY_FORMATS:
+        raise UserError(f"mask {shown(path)} is a lossy {codec} file, whose compression changes class indices along "
+                        "the edges: masks must be lossless; replace it with a PNG made from the original annotation "
+                        "(converting this file keeps the damage)")
     if values is None:
-        raise UserError(f"mask {path} holds {mode} pixels: it must hold class indices, one per pixel "
+        raise UserError(f"mask {shown(path)} holds {mode} pixels: it must hold class indices, one per pixel "
                         "(a palette PNG as VOC ships it, or an 8-bit grayscale PNG)")
     return values
 
@@ -138,7 +146,7 @@ def read_mask_values(path):
 def check_same_size(image, image_path, mask_values, mask_path):
     (width, height), (mask_height, mask_width) = image.size, mask_values.shape
     if (width, height) != (mask_width, mask_height):
-        raise UserError(f"image {image_path} is {width}x{height} but its mask {mask_path} is "
+        raise UserError(f"image {shown(image_path)} is {width}x{height} but its mask {shown(mask_path)} is "
                         f"{mask_width}x{mask_height}: an image and its mask must be the same size")
 
 
@@ -175,7 +183,7 @@ def split_folder_name(split, folder_names):
 
 def require_folder(path, layout):
     if not os.path.isdir(path):
-        raise UserError(f"folder {path} not found: {layout}")
+        raise UserError(f"folder {shown(path)} not found: {layout}")
 
 
 def files_in(folder):
@@ -191,13 +199,13 @@ def inner_root(root, inner):
 
 def require_mask(image_path, mask_path, existing_masks):
     if os.path.basename(mask_path) not in existing_masks:
-        raise UserError(f"image {image_path} has no mask: expected {mask_path} "
+        raise UserError(f"image {shown(image_path)} has no mask: expected {shown(mask_path)} "
                         "(add the mask or remove the image)")
 
 
 def require_images(files, where):
     if not files:
-        raise UserError(f"no images found in {where}: add images or pick another split")
+        raise UserError(f"no images found in {shown(where)}: add images or pick another split")
 
 
 def image_stem(image_path):
@@ -236,11 +244,30 @@ def cityscapes(root, split, transforms=None):
 
 
 def voc_ids(list_path):
+    """The image ids of a split list, one a line; a repeated id is refused (it would count several times)."""
     require_folder(os.path.dirname(list_path), VOC_LAYOUT)
     if not os.path.isfile(list_path):
-        raise UserError(f"split list {list_path} not found: {VOC_LAYOUT}")
-    with open(list_path) as f:
-        return [line.strip() for line in f if line.strip()]
+        raise UserError(f"split list {shown(list_path)} not found: {VOC_LAYOUT}")
+    try:
+        # utf-8-sig: a byte-order mark (Windows editors write one) would otherwise start the first id;
+        # newline=None reads CRLF and CR line ends as \n.
+        with open(list_path, encoding="utf-8-sig", newline=None) as f:
+            lines = f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read split list {shown(list_path)} ({reason(e)}): it must be UTF-8 text, "
+                        "one image id a line") from None
+    ids, first_line = [], {}
+    for number, line in enumerate(lines, 1):
+        image_id = line.strip()
+        if not image_id:
+            continue
+        if image_id in first_line:
+            raise UserError(f"split list {shown(list_path)} names {shown(image_id)} twice (lines "
+                            f"{first_line[image_id]} and {number}): a repeated image counts several times in "
+                            f"training and mIoU; delete line {number}")
+        first_line[image_id] = number
+        ids.append(image_id)
+    return ids
 
 
 def voc_pairs(image_dir, mask_dir, ids, list_path):
@@ -250,7 +277,8 @@ def voc_pairs(image_dir, mask_dir, ids, list_path):
     for image_id in ids:
         image_path, mask_path = os.path.join(image_dir, f"{image_id}.jpg"), os.path.join(mask_dir, f"{image_id}.png")
         if f"{image_id}.jpg" not in existing_images:
-            raise UserError(f"split list {list_path} names {image_id}, but image {image_path} is missing: "
+            raise UserError(f"split list {shown(list_path)} names {shown(image_id)}, but image {shown(image_path)} "
+                            "is missing: "
                             "add the image or remove the line")
         require_mask(image_path, mask_path, existing_masks)
         pairs.append((image_path, mask_path))

@@ -1,5 +1,7 @@
 """Segmentation datasets read tiny trees in each dataset's real layout: label mapping, sample format, bad input."""
+import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from common.log import UserError
-from conftest import write_image
+from conftest import run, write_image
 from segmentation.datasets import (CITYSCAPES_LABEL_IDS, DATASETS, IGNORE_INDEX, ade20k, cityscapes, voc,
                                    voc_colour)
 
@@ -326,3 +328,83 @@ def test_corrupt_image_and_corrupt_mask(tmp_path):
     with pytest.raises(UserError, match=r"cannot read mask .*aachen_000000_000019_gtFine_labelIds.png .*"
                                         r"replace it with a valid mask"):
         cityscapes(tmp_path, "train")[0]
+
+
+# --- files and names
+
+
+def test_a_jpeg_compressed_mask_is_refused(tmp_path):
+    # Named .png as the layout wants: only its content says JPEG. Its artefacts are valid VOC indices, so the
+    # value check alone would accept it.
+    base = voc_tree(tmp_path)
+    mask_path = base / "SegmentationClass" / "2007_000033.png"
+    person = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+    person[3:13, 5:18] = 15
+    Image.fromarray(person, mode="L").save(mask_path, format="JPEG", quality=75)
+    decoded = np.array(Image.open(mask_path))
+    assert decoded.max() <= 20 and (decoded != person).mean() > 0.2  # a third of the pixels wrong, all "classes"
+    with pytest.raises(UserError, match=r"mask .*SegmentationClass/2007_000033\.png is a lossy JPEG file, whose "
+                                        r"compression changes class indices .*replace it with a PNG made from the "
+                                        r"original annotation"):
+        voc(base, "train")[0]
+    assert np.array_equal(voc(base, "train")[1][1].numpy(), grid([0, 15, 255]))  # its PNG neighbour still reads
+
+
+def test_a_voc_split_list_naming_an_image_twice_is_refused(tmp_path):
+    base = voc_tree(tmp_path)
+    (base / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000033\n2007_000032\n\n2007_000033\n")
+    with pytest.raises(UserError, match=r"split list .*train\.txt names 2007_000033 twice \(lines 1 and 4\): a "
+                                        r"repeated image counts several times in training and mIoU; delete line 4"):
+        voc(base, "train")
+
+
+def test_a_voc_split_list_with_a_byte_order_mark_and_crlf_line_ends(tmp_path):
+    base = voc_tree(tmp_path)
+    (base / "ImageSets" / "Segmentation" / "train.txt").write_bytes(b"\xef\xbb\xbf2007_000033\r\n2007_000032\r\n")
+    dataset = voc(base, "train")
+    assert dataset.names == ["2007_000033", "2007_000032"]
+    first_sample(dataset)
+
+
+def test_an_invisible_character_in_a_split_list_id_is_shown(tmp_path):
+    base = voc_tree(tmp_path)
+    (base / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000033\n2007\u200b_000032\n")
+    with pytest.raises(UserError, match=r"names '2007\\u200b_000032', but image '.*2007\\u200b_000032\.jpg' is "
+                                        r"missing"):
+        voc(base, "train")
+    (base / "ImageSets" / "Segmentation" / "train.txt").write_bytes("2007_000033\n".encode("utf-16"))
+    with pytest.raises(UserError, match=r"cannot read split list .*train\.txt \(UnicodeDecodeError: .*\): it must be "
+                                        r"UTF-8 text"):
+        voc(base, "train")
+
+
+def test_a_newline_in_a_file_name_stays_inside_the_one_error_line(tmp_path):
+    base = ade_tree(tmp_path, stems=("ADE_train\n1",))
+    (base / "images" / "training" / "ADE_train\n1.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(UserError, match=r"cannot read image '.*images/training/ADE_train\\n1\.jpg' \(") as error:
+        ade20k(tmp_path, "train")[0]
+    assert "\n" not in str(error.value)  # common.log keeps only the last line of a message
+
+
+# In a child process: a regression blocks on the FIFO, and the timeout ends it instead of the test suite hanging.
+FIFO_READS = """
+import sys
+from common.log import UserError
+from segmentation.datasets import voc
+try:
+    voc(sys.argv[1], "train")[0]
+except UserError as e:
+    print(e)
+"""
+
+
+@pytest.mark.parametrize("which", ["image", "mask"])
+def test_a_fifo_is_refused_not_waited_on(tmp_path, which):
+    base = voc_tree(tmp_path)
+    path = base / ("JPEGImages/2007_000033.jpg" if which == "image" else "SegmentationClass/2007_000033.png")
+    path.unlink()
+    os.mkfifo(path)
+    result = run(sys.executable, "-c", FIFO_READS, base, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (f"{which} {path} is a FIFO (named pipe), not a regular file: only regular files "
+                                     f"are read as {which}s; remove it or replace it with the {which} file")
