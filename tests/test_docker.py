@@ -1,10 +1,15 @@
 """docker/ checked without a Docker engine: the linters, the parsed Dockerfile, the requirement files it
 installs, the build context, the HEALTHCHECK script, and the entrypoint run by bash.
 
-The entrypoint runs with stand-ins on PATH that record how they were called: `jupyter`, `sshd` (which hands
-`sshd -t` to the real one where the machine has it) and, for the shared-memory warning, `df`. The real sshd,
-where there is one, also checks the configuration the entrypoint writes (`sshd -t`, `sshd -T`).
+The entrypoint runs with stand-ins on PATH that record how they were called: `jupyter` (a small HTTP server
+that answers the entrypoint's authentication check as Jupyter does, or as a Jupyter without authentication
+would), `sshd` (which hands `sshd -t` to the real one where the machine has it) and, for the shared-memory
+warning, `df`. The real sshd, where there is one, also checks the configuration the entrypoint writes (`sshd
+-t`, `sshd -T`). tests/test_docker_real_services.py runs the entrypoint against the real JupyterLab, sshd and
+tini instead.
 """
+import contextlib
+import http.server
 import json
 import os
 import re
@@ -14,6 +19,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from importlib import metadata
 from pathlib import Path
 
@@ -27,6 +33,7 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile"
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 HEALTHCHECK = ROOT / "docker" / "healthcheck.py"
 CONSTRAINTS = ROOT / "docker" / "constraints.txt"
+LOCKED = ROOT / "docker" / "locked.py"
 
 SSH_KEYGEN = shutil.which("ssh-keygen")
 REAL_SSHD = shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin:/usr/local/sbin:/sbin")
@@ -105,16 +112,24 @@ def test_three_targets_each_built_on_the_one_before(dockerfile):
     assert dockerfile["stages"]["dev"]["from"] == "full"
 
 
-def test_from_is_a_pinned_cuda_base_image_never_latest(dockerfile):
+def test_from_is_a_cuda_base_image_pinned_by_digest_never_latest(dockerfile):
     earlier_stages = set()
+    digest_args = arg_defaults(dockerfile["preamble"])
+    declared = [arguments for keyword, arguments in dockerfile["preamble"] if keyword == "ARG"]
     for stage in dockerfile["stage_list"]:
         image = stage["from"]
         earlier_stages.add(stage["name"])
         if image in earlier_stages:
             continue
-        assert "latest" not in image and "$" not in image, image
-        # A full x.y.z CUDA version, and the smallest variant: torch's wheels bring CUDA, cuDNN and NCCL.
-        assert re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-base-ubuntu22\.04", image), image
+        assert "latest" not in image, image
+        # A full x.y.z CUDA version, the smallest variant (torch's wheels bring CUDA, cuDNN and NCCL), and
+        # the digest, which is what Docker pulls: either written out, or a build argument without a
+        # default that the build refuses to go without (${NAME:?}).
+        match = re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-base-ubuntu22\.04@(sha256:[0-9a-f]{64}|\$\{(\w+):\?\})", image)
+        assert match, image
+        if match.group(2):
+            assert match.group(2) in declared and match.group(2) not in digest_args, \
+                f"{match.group(2)} must be a global ARG without a default"
 
 
 def test_every_target_runs_as_a_numeric_non_root_user(dockerfile):
@@ -204,7 +219,8 @@ def requirement_lines(path):
 
 def test_the_image_installs_the_repository_requirement_files(dockerfile):
     base, dev = dockerfile["stages"]["base"], dockerfile["stages"]["dev"]
-    assert ("COPY", "requirements.txt docker/constraints.txt /opt/requirements/") in base["instructions"]
+    assert ("COPY", "docker/constraints.txt docker/locked.py /opt/requirements/") in base["instructions"]
+    assert ("COPY", "requirements.txt /opt/requirements/") in base["instructions"]
     assert ("COPY", "requirements-dev.txt requirements-export.txt /opt/requirements/") in dev["instructions"]
     install = next(run for run in runs(base) if "-r /opt/requirements/requirements.txt" in run)
     assert "-c /opt/requirements/constraints.txt" in install
@@ -214,6 +230,51 @@ def test_the_image_installs_the_repository_requirement_files(dockerfile):
     # requirements-dev.txt names the other two relatively, so all three must sit side by side in the image.
     dev_lines = (ROOT / "requirements-dev.txt").read_text().splitlines()
     assert "-r requirements.txt" in dev_lines and "-r requirements-export.txt" in dev_lines
+
+
+def test_every_pip_install_is_constrained_locked_and_takes_the_index_argument(dockerfile):
+    assert arg_defaults(dockerfile["preamble"])["PIP_INDEX_URL"] == "https://pypi.org/simple"
+    installs = 0
+    for stage in dockerfile["stage_list"]:
+        if any("pip install" in run for run in runs(stage)):
+            assert ("ARG", "PIP_INDEX_URL") in stage["instructions"], f"stage {stage['name']} does not see it"
+        for run in runs(stage):
+            commands = [command.strip() for command in run.split("&&")]
+            for n, command in enumerate(commands):
+                if "pip install" in command:
+                    installs += 1
+                    assert "-c /opt/requirements/constraints.txt" in command, command
+                    assert '--index-url "$PIP_INDEX_URL"' in command, command
+                    # What pip pulled in beyond the constraints stops the build right there.
+                    assert commands[n + 1] == "python /opt/requirements/locked.py /opt/requirements/constraints.txt"
+            if "pip install" in run:
+                assert run.startswith("--mount=type=secret,id=netrc,target=/root/.netrc "), run
+    assert installs == 4
+
+
+def test_the_constraints_pin_jupyterlab_and_what_checks_its_token():
+    pins = {canonicalize_name(r.name): str(next(iter(r.specifier)).version) for r in requirement_lines(CONSTRAINTS)}
+    assert {"jupyterlab", "jupyter-server", "tornado", "traitlets", "pip", "setuptools", "triton",
+            "nvidia-cudnn-cu12"} <= set(pins)
+    assert len(pins) > 130  # the whole closure, not only the direct requirements
+
+
+def test_locked_fails_on_a_distribution_the_constraints_do_not_pin(tmp_path):
+    installed = sorted(f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions())
+    complete = tmp_path / "complete.txt"
+    complete.write_text("# pins\n" + "\n".join(installed) + "\n")
+    result = subprocess.run([sys.executable, LOCKED, complete], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    name, version = installed[0].split("==")
+    missing = tmp_path / "missing.txt"
+    missing.write_text("\n".join(installed[1:]) + "\n")
+    result = subprocess.run([sys.executable, LOCKED, missing], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert f"is installed but {missing} does not pin it" in result.stderr
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join([f"{name}==0.0.0.dev0", *installed[1:]]) + "\n")
+    result = subprocess.run([sys.executable, LOCKED, other], capture_output=True, text=True)
+    assert result.returncode == 1 and f"{version} is installed but {other} pins 0.0.0.dev0" in result.stderr
 
 
 def test_every_requirement_is_pinned_to_a_version_that_satisfies_it():
@@ -288,6 +349,8 @@ def excluded_from_context(path, patterns):
     "runs/r50/tb/events.out.tfevents.1732540000.host", ".env", "docker/.env.local", "id_ed25519",
     "keys/id_rsa.pub", "home/.ssh/authorized_keys", "authorized_keys", "tls/server.key", "certs/ca.pem",
     "classification/__pycache__/train.cpython-311.pyc", ".pytest_cache/v/cache/nodeids",
+    "jupyter_token", "secrets/jupyter_token", ".aws/credentials", ".pypirc", ".ssh/id_ed25519", ".docker/config.json",
+    ".kube/config", ".config/gcloud/credentials.db", "certs/client.pfx", ".ci/venv/bin/jupyter", "wandb/run-1/files",
 ])
 def test_dockerignore_keeps_out(path):
     assert excluded_from_context(path, dockerignore_patterns())
@@ -342,7 +405,9 @@ def test_entrypoint_is_strict_bash_and_ends_in_exec():
     assert "set -euo pipefail" in lines
     assert ENTRYPOINT.stat().st_mode & stat.S_IXUSR
     main_body = ENTRYPOINT.read_text().split("\nmain() {\n", 1)[1].split("\n}\n", 1)[0]
-    assert main_body.strip().splitlines()[-1].strip() == 'exec "$@"'
+    # Nothing to supervise: the command replaces the entrypoint; otherwise the entrypoint waits for it.
+    assert '        exec "$@"' in main_body.splitlines()
+    assert main_body.strip().splitlines()[-1].strip() == "supervise"
     assert lines[-1] == 'main "$@"'
 
 
@@ -353,8 +418,10 @@ def test_readme_documents_every_target_and_setting():
     for flag in ("--gpus all", "--shm-size=8g", "--ipc=host", "-p 127.0.0.1:8888:8888", "-p 2222:2222",
                  "--build-arg USER_UID=$(id -u)", "torchrun", "570.124.06"):
         assert flag in readme, flag
-    settings = set(re.findall(r"\$\{(\w+):-", ENTRYPOINT.read_text()))
-    settings |= set(re.findall(r"\[\[ -v (\w+)", ENTRYPOINT.read_text()))
+    # Not what the SSH session script that the entrypoint writes reads: that is the session's.
+    text = re.sub(r"<<SESSION\n.*?\nSESSION\n", "", ENTRYPOINT.read_text(), flags=re.S)
+    settings = set(re.findall(r"\$\{(\w+):-", text))
+    settings |= set(re.findall(r"\[\[ -v (\w+)", text))
     assert {"SHM_DIR", "START_JUPYTER", "JUPYTER_TOKEN", "JUPYTER_TOKEN_FILE", "SSH_PUBLIC_KEY",
             "SSH_AUTHORIZED_KEYS_FILE"} <= settings  # the patterns found them
     assert [name for name in sorted(settings) if f"`{name}`" not in readme] == []
@@ -368,27 +435,93 @@ def healthcheck(services_file):
     return subprocess.run([sys.executable, str(HEALTHCHECK)], capture_output=True, text=True, env=env, timeout=30)
 
 
-def test_healthcheck_follows_the_services_the_entrypoint_started(tmp_path):
+@contextlib.contextmanager
+def fake_jupyter_api(token, open_to_all=False):
+    """An HTTP server on a free port that answers /api/status as Jupyter does (or as one without
+    authentication would); yields the port."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            allowed = open_to_all or self.headers.get("Authorization") == f"token {token}"
+            self.send_response(200 if allowed else 403)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_healthcheck_asks_jupyter_with_and_without_its_token(tmp_path):
     services = tmp_path / "services"
     assert healthcheck(services).returncode == 0  # nothing started (yet)
+    with fake_jupyter_api("the-token") as port:
+        services.write_text(f"jupyter {port} the-token\n")
+        assert healthcheck(services).returncode == 0
+        services.write_text(f"jupyter {port} another-token\n")
+        result = healthcheck(services)
+        assert result.returncode == 1 and f"jupyter answers HTTP 403 on port {port} with its token" in result.stdout
+    with fake_jupyter_api("the-token", open_to_all=True) as port:
+        services.write_text(f"jupyter {port} the-token\n")
+        result = healthcheck(services)
+        assert result.returncode == 1 and "without the token: authentication is off" in result.stdout
+    result = healthcheck(services)  # the same port, closed now
+    assert result.returncode == 1 and f"jupyter does not answer HTTP on port {port}" in result.stdout
+
+
+def test_healthcheck_finds_sshd_among_listening_sockets_without_connecting(tmp_path):
+    services = tmp_path / "services"
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
         listening.listen()
         port = listening.getsockname()[1]
-        services.write_text(f"jupyter {port}\n")
+        services.write_text(f"sshd {port}\n")
         assert healthcheck(services).returncode == 0
-    result = healthcheck(services)  # the same port, closed now
-    assert result.returncode == 1 and f"jupyter does not accept connections on port {port}" in result.stdout
+        listening.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            listening.accept()  # no connection was made, so sshd logs nothing
+    result = healthcheck(services)
+    assert result.returncode == 1 and f"sshd does not listen on port {port}" in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The entrypoint, run by bash
 
 STAND_INS = {
-    # Records its environment's token settings and its arguments, one per line.
-    "jupyter": """#!/bin/sh
-{ echo "token=${JUPYTER_TOKEN-<unset>}"; echo "token_file=${JUPYTER_TOKEN_FILE-<unset>}"
-  for arg in "$@"; do echo "arg=$arg"; done; } > "$RECORD_DIR/jupyter"
+    # Records its environment's token settings and its arguments, one per line, then answers HTTP on its
+    # --ServerApp.port as Jupyter does: 403 without the token, 200 with it (200 to everyone with
+    # FAKE_JUPYTER_OPEN=1, as a Jupyter whose authentication a configuration file switched off). It ends once
+    # it has served a request with the token, the entrypoint's check, unless FAKE_JUPYTER_STAY=1.
+    "jupyter": f"""#!{sys.executable}
+import http.server, os, sys
+with open(os.path.join(os.environ["RECORD_DIR"], "jupyter"), "w") as record:
+    print("token=" + os.environ.get("JUPYTER_TOKEN", "<unset>"), file=record)
+    print("token_file=" + os.environ.get("JUPYTER_TOKEN_FILE", "<unset>"), file=record)
+    for arg in sys.argv[1:]:
+        print("arg=" + arg, file=record)
+port = int(next(a for a in sys.argv if a.startswith("--ServerApp.port=")).split("=")[1])
+done = False
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        global done
+        authenticated = self.headers.get("Authorization") == "token " + os.environ["JUPYTER_TOKEN"]
+        self.send_response(200 if authenticated or os.environ.get("FAKE_JUPYTER_OPEN") == "1" else 403)
+        self.end_headers()
+        done = authenticated and os.environ.get("FAKE_JUPYTER_STAY") != "1"
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+while not done:
+    server.handle_request()
 """,
     # Appends one line per call; `sshd -t` and `-T` go to the real sshd when REAL_SSHD names one.
     "sshd": """#!/bin/sh
@@ -405,6 +538,12 @@ echo "shm $FAKE_SHM_KIB 0 $FAKE_SHM_KIB 0% /dev/shm"
 }
 
 
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class Sandbox:
     """A home, a record folder and a bin folder of stand-ins for one entrypoint run."""
 
@@ -416,6 +555,7 @@ class Sandbox:
         for name in stand_ins:
             self.add(name)
         self.services = root / "services"
+        self.jupyter_port = free_port()
 
     def add(self, name):
         path = self.bin / name
@@ -427,7 +567,7 @@ class Sandbox:
         # python of the outer environment unless a test adds one.
         return {"PATH": f"{self.bin}:/usr/bin:/bin", "HOME": str(self.home), "LANG": "C.UTF-8",
                 "RECORD_DIR": str(self.records), "SERVICES_FILE": str(self.services), "STARTUP_REPORT": "0",
-                **settings}
+                "JUPYTER_PORT": str(self.jupyter_port), "TMPDIR": str(self.root), **settings}
 
     def run(self, *command, user=None, **settings):
         return subprocess.run([str(ENTRYPOINT), *command], capture_output=True, text=True, timeout=60,
@@ -513,14 +653,18 @@ def test_jupyter_gets_a_generated_token_printed_once(sandbox):
     result = sandbox.run()  # no command: JupyterLab takes the foreground
     assert result.returncode == 0, result.stderr
     values, arguments = jupyter_call(sandbox)
-    token = values["token"]
+    token, port = values["token"], sandbox.jupyter_port
     assert re.fullmatch(r"[0-9a-f]{32,}", token), token
     assert result.stderr.count(token) == 1
-    assert f"http://127.0.0.1:8888/?token={token}" in result.stderr
+    assert f"http://127.0.0.1:{port}/?token={token}" in result.stderr
     assert arguments[0] == "lab" and "--ServerApp.ip=0.0.0.0" in arguments
-    assert "--ServerApp.port=8888" in arguments and "--ServerApp.port_retries=0" in arguments
+    assert f"--ServerApp.port={port}" in arguments and "--ServerApp.port_retries=0" in arguments
     assert not any(token in argument for argument in arguments), "the token must not show in ps"
-    assert sandbox.services.read_text() == "jupyter 8888\n"
+    # The token is set by the configuration file Jupyter reads last, from the environment.
+    (config,) = [argument.split("=", 1)[1] for argument in arguments if argument.startswith("--config=")]
+    assert 'c.IdentityProvider.token = os.environ["JUPYTER_TOKEN"]' in Path(config).read_text().splitlines()
+    assert sandbox.services.read_text() == f"jupyter {port} {token}\n"
+    assert stat.S_IMODE(sandbox.services.stat().st_mode) == 0o600
     sandbox.run()
     assert jupyter_call(sandbox)[0]["token"] != token, "two containers got the same token"
 
@@ -542,12 +686,38 @@ def test_jupyter_token_is_passed_through_and_not_printed(sandbox):
 
 def test_jupyter_token_file_is_read(sandbox):
     token_file = sandbox.root / "jupyter_token"
-    token_file.write_text("from-a-mounted-secret-file-42\r\n")
+    token_file.write_text("from-a-mounted-secret-file-0123456789\r\n")
     result = sandbox.run(JUPYTER_TOKEN_FILE=str(token_file))
     assert result.returncode == 0, result.stderr
     values, _ = jupyter_call(sandbox)
-    assert values == {"token": "from-a-mounted-secret-file-42", "token_file": "<unset>"}
+    assert values == {"token": "from-a-mounted-secret-file-0123456789", "token_file": "<unset>"}
     assert "from-a-mounted-secret-file" not in result.stderr
+
+
+@pytest.mark.parametrize("token", ["a", "x" * 31])
+def test_a_short_chosen_token_is_refused(sandbox, token):
+    result = sandbox.run(JUPYTER_TOKEN=token)
+    assert result.returncode == 2
+    assert f"error: JUPYTER_TOKEN has {len(token)} characters; a chosen token needs at least 32" in result.stderr
+    token_file = sandbox.root / "jupyter_token"
+    token_file.write_text(token + "\n")
+    result = sandbox.run(JUPYTER_TOKEN_FILE=str(token_file))
+    assert result.returncode == 2 and "the token in JUPYTER_TOKEN_FILE has" in result.stderr
+    assert sandbox.record("jupyter") is None
+
+
+def test_a_jupyter_that_answers_without_the_token_stops_the_container(sandbox):
+    result = sandbox.run("echo", "trained", START_JUPYTER="1", FAKE_JUPYTER_OPEN="1", FAKE_JUPYTER_STAY="1")
+    assert result.returncode == 2 and result.stdout == "", "the command must not run"
+    assert "error: JupyterLab answered a request without the token with HTTP 200" in result.stderr
+    assert "token=" not in result.stderr.replace("?token=<", "")  # no URL printed for a server open to all
+
+
+def test_a_jupyter_that_exits_at_start_stops_the_container(sandbox):
+    (sandbox.bin / "jupyter").write_text("#!/bin/sh\necho 'port is in use' >&2\nexit 1\n")
+    result = sandbox.run("echo", "trained", START_JUPYTER="1")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "port is in use" in result.stderr and "JupyterLab exited before it answered" in result.stderr
 
 
 @pytest.mark.parametrize("content, settings, message", [
@@ -623,7 +793,13 @@ def test_key_from_the_environment_starts_key_only_sshd(sandbox, key_pair):
     settings = set(config.read_text().splitlines())
     assert {"Port 2222", "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PermitRootLogin no",
             "PermitEmptyPasswords no", "AuthenticationMethods publickey", "UsePAM no",
-            f"AuthorizedKeysFile {authorized_keys}", f"HostKey {host_key}"} <= settings
+            f"AuthorizedKeysFile {authorized_keys}", f"HostKey {host_key}", "AllowAgentForwarding no",
+            "AllowTcpForwarding local", "PermitOpen localhost:* 127.0.0.1:* [::1]:*", "X11Forwarding no",
+            "PermitTunnel no", "AllowStreamLocalForwarding no", "PermitUserEnvironment no"} <= settings
+    (force,) = [line.split(" ", 1)[1] for line in settings if line.startswith("ForceCommand ")]
+    session = Path(force)
+    assert session.parent != folder, "the session's environment must not land in a volume"
+    assert stat.S_IMODE(session.stat().st_mode) == 0o700
     assert authorized_keys.read_text() == public_key + "\n"
     assert stat.S_IMODE(authorized_keys.stat().st_mode) == 0o600
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
@@ -695,6 +871,8 @@ def test_real_sshd_accepts_the_configuration_and_allows_keys_only(key_pair):
         settings = set(effective.stdout.splitlines())
         assert {"passwordauthentication no", "permitrootlogin no", "kbdinteractiveauthentication no",
                 "pubkeyauthentication yes", "authenticationmethods publickey", "permitemptypasswords no",
-                "usepam no", "port 2222"} <= settings
+                "usepam no", "port 2222", "allowagentforwarding no", "allowtcpforwarding local",
+                "x11forwarding no", "permittunnel no", "allowstreamlocalforwarding no"} <= settings
+        assert "permitopen localhost:* 127.0.0.1:* [::1]:*" in settings
     finally:
         shutil.rmtree(root)
