@@ -1,25 +1,39 @@
 """A confusion matrix drawn as a picture, for TensorBoard and eval.py --confusion-png."""
 from PIL import Image, ImageDraw
 
+TITLE = 14  # pixels of the axis titles' band
+
 
 def confusion_matrix_image(matrix, class_names=None, cell=None):
-    """Row-normalised confusion matrix as a Pillow image: white = 0, dark blue = all of the row."""
+    """Row-normalised confusion matrix as a Pillow image: true classes down the left, predicted classes across
+    the top, white = 0, dark blue = all of the row; each cell's count when the cells are large enough to read."""
     n = matrix.shape[0]
-    cell = cell or max(1, min(24, 960 // n))
+    cell = cell or max(1, min(40, 960 // n))
     labelled = class_names is not None and cell >= 12
-    margin = 90 if labelled else 0
+    margin = TITLE + 90 if labelled else 0
     rows = matrix.double() / matrix.sum(1, keepdim=True).clamp(min=1)
     image = Image.new("RGB", (margin + n * cell, margin + n * cell), "white")
     draw = ImageDraw.Draw(image)
     for i in range(n):
         for j in range(n):
-            v = float(rows[i, j])
+            v, x, y = float(rows[i, j]), margin + j * cell, margin + i * cell
             if v > 0:
                 colour = (int(255 * (1 - v)), int(255 * (1 - 0.8 * v)), 255 - int(100 * v))
-                x, y = margin + j * cell, margin + i * cell
                 draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour)
-    if labelled:  # true classes down the left, predicted classes across the top
-        for i, name in enumerate(class_names):
-            draw.text((2, margin + i * cell + cell // 4), str(name)[:14], fill="black")
-            draw.text((margin + i * cell + 1, 2 + (i % 6) * 14), str(name)[:3], fill="black")
+            count = str(int(matrix[i, j]))
+            if labelled and cell >= 6 * len(count) + 4:  # the default font is about 6 pixels a character
+                draw.text((x + 2, y + cell // 2 - 5), count, fill="white" if v > 0.5 else "black")
+    if labelled:
+        draw_axes(image, draw, class_names, cell, margin)
     return image
+
+
+def draw_axes(image, draw, class_names, cell, margin):
+    draw.text((margin, 1), "predicted class", fill="black")
+    title = Image.new("RGB", (len(class_names) * cell, TITLE), "white")
+    pen = ImageDraw.Draw(title)
+    pen.text(((title.width - pen.textlength("true class")) // 2, 1), "true class", fill="black")
+    image.paste(title.rotate(90, expand=True), (0, margin))  # written bottom to top, down the left edge
+    for i, name in enumerate(class_names):
+        draw.text((TITLE + 2, margin + i * cell + cell // 2 - 5), str(name)[:14], fill="black")
+        draw.text((margin + i * cell + 1, TITLE + 2 + (i % 5) * 14), str(name)[:3], fill="black")

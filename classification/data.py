@@ -9,13 +9,12 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from classification.gpu_preset import EncodedSamples, GpuPreset, collate_encoded
-from common.data import ResumableSampler, SeededSamples, ShardedEvalSampler, TensorLoader
+from common.data import ResumableSampler, SeededSamples, ShardedEvalSampler, TensorLoader, ignore_stop_signals
 from common.device_loader import DeviceLoader, SyntheticBatches
-from common.images import not_a_file_error, read_image, reason, shown
+from common.images import MEAN, STD, NormalizeBytes, not_a_file_error, read_image, reason, shown
 from common.log import UserError, print0
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # torchvision's list and the other photo formats Pillow reads (of a GIF, the first frame).
 IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS + (".jfif", ".jpe", ".gif", ".apng", ".avif", ".pbm", ".pnm")
 LAYOUT_HINT = "--data-path must hold train/ and val/, each with one folder of images per class (ImageNet layout)"
@@ -179,16 +178,13 @@ def synthetic_split(args, split, device):
 
 
 def synthetic_loader(images, labels, args, env, train, mixer=None):
-    # Constants made once on the data's device: v2.Normalize builds them from Python lists on every call,
-    # and on a GPU each such host-to-device copy waits for all queued work, a sync in every step.
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    inv_std = 1 / (torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255)
+    normalize = NormalizeBytes(images.device)
 
     def transform(images, labels):
         if train:  # per-sample flips: v2.RandomHorizontalFlip on a batch tensor flips all or none
             flip = torch.rand(len(images), device=images.device) < 0.5
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-        images = (images.float() - mean) * inv_std
+        images = normalize(images)
         return mixer(images, labels) if mixer is not None else (images, labels)
 
     sampler = (ResumableSampler(labels, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True)
@@ -211,16 +207,16 @@ def random_batches(args, device, num_classes, size):
     return make_batch
 
 
-def device_loader(folder, args, env, device, train, mixer=None):
+def device_loader(folder, args, env, device, train, seed=0, mixer=None):
     """--data-backend gpu: workers read file bytes, the device decodes and augments whole batches."""
     encoded = EncodedSamples(folder.samples)
     sampler = (ResumableSampler(encoded, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True)
                if train else ShardedEvalSampler(encoded, env.rank, env.world_size))
     loader = DataLoader(encoded, batch_size=args.batch_size, num_workers=args.workers, sampler=sampler,
-                        collate_fn=collate_encoded, drop_last=train)
+                        collate_fn=collate_encoded, drop_last=train, worker_init_fn=ignore_stop_signals)
     preset = GpuPreset([path for path, _ in folder.samples], device, train,
                        args.train_crop_size if train else args.val_crop_size, args.val_resize_size, MEAN, STD)
-    return DeviceLoader(loader, preset, device, getattr(args, "seed", 0), after=mixer)  # eval.py has no --seed
+    return DeviceLoader(loader, preset, device, seed, after=mixer)
 
 
 def load_train(args, env, device, class_names):
@@ -233,7 +229,7 @@ def load_train(args, env, device, class_names):
                         f"--data-backend pil instead of {args.data_backend}")
     folder = ImageFolderWithClasses(os.path.join(args.data_path, "train"), class_names, train_preset(args))
     if args.data_backend == "gpu":
-        return device_loader(folder, args, env, device, True, mixer)
+        return device_loader(folder, args, env, device, True, args.seed, mixer)
     if args.data_backend == "synthetic":
         sampler = ResumableSampler(folder, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True)
         make_batch = random_batches(args, device, len(class_names), args.train_crop_size)
@@ -244,7 +240,8 @@ def load_train(args, env, device, class_names):
     return DataLoader(
         train_set, batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
         sampler=ResumableSampler(train_set, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True),
-        collate_fn=partial(mix_collate, mixer=mixer) if mixer else None, drop_last=True)
+        collate_fn=partial(mix_collate, mixer=mixer) if mixer else None, drop_last=True,
+        worker_init_fn=ignore_stop_signals)
 
 
 def load_val(args, env, device, class_names):
@@ -258,7 +255,8 @@ def load_val(args, env, device, class_names):
                         "add them to train/ or remove them from val/")
     val_set = ImageFolderWithClasses(val_dir, class_names,
                                      val_preset(args.val_resize_size, args.val_crop_size, args.interpolation))
-    if getattr(args, "data_backend", "pil") == "gpu":
+    if args.data_backend == "gpu":
         return device_loader(val_set, args, env, device, train=False)
     return DataLoader(val_set, batch_size=args.batch_size, num_workers=args.workers,
-                      pin_memory=device.type == "cuda", sampler=ShardedEvalSampler(val_set, env.rank, env.world_size))
+                      pin_memory=device.type == "cuda", sampler=ShardedEvalSampler(val_set, env.rank, env.world_size),
+                      worker_init_fn=ignore_stop_signals)

@@ -21,6 +21,7 @@ from common.distributed import init_distributed
 from common.engine import evaluate
 from common.export import add_export_args, export_model, export_requested
 from common.log import UserError, print0, run_cli
+from common.precision import autocast_context, precision_from_flags
 from common.metrics import ClassificationMeter
 
 # Settings of the training run that evaluation must repeat: flags of this script when given, else the
@@ -96,9 +97,9 @@ def main(args):
             setattr(args, name, trained.get(name, default))
     if not args.model:
         raise UserError(f"{args.checkpoint} does not say which model it holds: give --model")
-    args.amp = args.amp or args.amp_dtype is not None
-    args.amp_dtype = args.amp_dtype or "float16"
     env, device = init_distributed(args.device)
+    autocast = autocast_context(device, precision_from_flags(args.amp, args.amp_dtype))
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
     class_names = checkpoint.get("class_names")
     if class_names is None and args.data_path is None:
@@ -114,14 +115,16 @@ def main(args):
         model, _ = create_model(args.model, args.weights, len(class_names))
     else:
         model = model_from_checkpoint(checkpoint, args, len(class_names))
-    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    model.to(device, memory_format=memory_format)
 
     val_loader = load_val(args, env, device, class_names)
-    if export_requested(args):  # instead of evaluating: the first validation batch checks the export
-        if env.is_main:
-            export_model(model, val_loader, args)
+    if export_requested(args.export, args.export_path, args.export_triton):  # instead of evaluating
+        if env.is_main:  # the first validation batch checks the export
+            export_model(model, val_loader, args.export, args.export_path, args.export_rtol, args.export_triton,
+                         args.model)
         return
-    meter = evaluate(model, val_loader, ClassificationMeter(len(class_names), device), device, args)
+    meter = ClassificationMeter(len(class_names), device)
+    evaluate(model, val_loader, meter, device, autocast, memory_format)
     summary = meter.summary()
     per_class = meter.confusion.per_class_accuracy()
     counts = meter.confusion.matrix.sum(1).tolist()

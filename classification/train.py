@@ -4,7 +4,6 @@
     torchrun --nproc_per_node=8 classification/train.py --data-path /data/imagenet --model resnet50 --amp
 """
 import argparse
-import json
 import os
 import sys
 
@@ -17,28 +16,25 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from classification.confusion_image import confusion_matrix_image
 from classification.data import dataset_classes, load_train, load_val
 from classification.model import create_model, enable_grad_checkpointing
-from common.checkpoint import (
-    load_model_state,
-    check_finite_weights,
-    read_training_checkpoint,
-    restore_training,
-    resume_path,
-    save_training,
-    state_dict_from,
-    training_state,
-)
-from common.distributed import init_distributed
-from common.data import set_epoch
-from common.engine import (PreemptionSignal, configure_torch, evaluate, exit_preempted, grad_scaler,
-                           train_one_epoch)
-from common.log import UserError, append_jsonl, positive_int, print0, run_cli, tensorboard_writer
+from common.checkpoint import (Checkpointer, load_model_state, read_training_checkpoint, resume_path, state_dict_from,
+                               training_flags)
+from common.data import default_workers, optimizer_steps_per_epoch, set_epoch
+from common.distributed import check_sync_bn, data_parallel, init_distributed, sync_batch_norm
+from common.engine import configure_torch, evaluate, train_one_epoch
+from common.flags import (add_checkpoint_flags, add_optimisation_flags, add_precision_flags, non_negative_float,
+                          non_negative_int, positive_float, positive_int)
+from common.log import (UserError, append_jsonl, count_parameters, is_main_process, print0, print_run_end,
+                        print_run_start, run_cli, start_output_dir, tensorboard_writer)
 from common.metrics import ClassificationMeter
-from common.optim import create_ema, create_lr_scheduler, create_optimizer, param_groups
+from common.optim import EMA, create_lr_scheduler, create_optimizer, param_groups
+from common.precision import autocast_context, grad_scaler, precision_from_flags
+from common.progress import ProgressLog
+from common.stopping import NonFiniteGuard, PreemptionSignal
 
 # Defaults that depend on the data. Real data gets torchvision's ResNet-50 V1 recipe (76.1% top-1 published,
 # with 8 GPUs x 32 images); the synthetic set gets a small recipe that finishes on a laptop CPU.
 REAL_DATA_DEFAULTS = dict(model="resnet50", batch_size=32, epochs=90, lr=0.1, lr_scheduler="steplr",
-                          lr_warmup_epochs=0, workers=8, train_crop_size=224, print_freq=100)
+                          lr_warmup_epochs=0, workers=default_workers(8), train_crop_size=224, print_freq=100)
 SYNTHETIC_DEFAULTS = dict(model="resnet18", batch_size=128, epochs=4, lr=0.05, lr_scheduler="cosineannealinglr",
                           lr_warmup_epochs=1, workers=0, train_crop_size=32, print_freq=50)
 
@@ -48,68 +44,76 @@ def get_args_parser():
         return f"(default: {REAL_DATA_DEFAULTS[name]}; {SYNTHETIC_DEFAULTS[name]} on the synthetic set)"
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = p.add_argument
+    group = p.add_argument_group("data")
+    add = group.add_argument
     add("--data-path", help="ImageFolder root with train/ and val/ (default: the built-in synthetic set)")
-    add("--model", help=f"torchvision classifier name {recipe('model')}")
-    add("--weights", help="start from weights: a torchvision enum name (IMAGENET1K_V2) or a local .pth state dict")
-    add("--device", help="cuda or cpu (default: cuda when available)")
     add("-b", "--batch-size", type=positive_int, help=f"images per process per step {recipe('batch_size')}")
-    add("--epochs", type=positive_int, help=f"epochs to train {recipe('epochs')}")
-    add("-j", "--workers", type=int, help=f"DataLoader worker processes per rank {recipe('workers')}")
-    add("--opt", default="sgd", choices=["sgd", "sgd_nesterov", "adamw", "rmsprop"], help="optimizer")
-    add("--lr", type=float, help=f"peak learning rate for the whole run's batch {recipe('lr')}")
-    add("--head-lr", type=float, help="learning rate of the classifier head (default: --lr); for fine-tuning")
-    add("--momentum", type=float, default=0.9, help="SGD/RMSprop momentum")
-    add("--wd", "--weight-decay", type=float, default=1e-4, dest="weight_decay", help="weight decay")
-    add("--norm-weight-decay", type=float, help="weight decay of normalisation layers (default: --wd)")
-    add("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy loss")
-    add("--mixup-alpha", type=float, default=0.0, help="MixUp alpha (0: off)")
-    add("--cutmix-alpha", type=float, default=0.0, help="CutMix alpha (0: off); with MixUp, one of the two per batch")
-    add("--auto-augment", help="ra, ta_wide, augmix, or an AutoAugment policy: imagenet, cifar10, svhn")
-    add("--random-erase", type=float, default=0.0, help="RandomErasing probability")
-    add("--lr-scheduler", choices=["steplr", "cosineannealinglr", "exponentiallr"],
-        help=f"schedule after warmup, stepped every optimizer step {recipe('lr_scheduler')}")
-    add("--lr-step-size", type=int, default=30, help="StepLR: epochs between decays")
-    add("--lr-gamma", type=float, default=0.1, help="StepLR/ExponentialLR: decay factor per step size / epoch")
-    add("--lr-min", type=float, default=0.0, help="CosineAnnealingLR: final learning rate")
-    add("--lr-warmup-epochs", type=int, help=f"epochs of warmup {recipe('lr_warmup_epochs')}")
-    add("--lr-warmup-method", default="linear", choices=["linear", "constant"], help="warmup shape")
-    add("--lr-warmup-decay", type=float, default=0.01, help="warmup starts at this fraction of --lr")
-    add("--clip-grad-norm", type=float, help="clip the gradient norm to this value (default: no clipping)")
-    add("--model-ema", action="store_true", help="keep an exponential moving average of weights and evaluate it")
-    add("--model-ema-steps", type=positive_int, default=32, help="optimizer steps between EMA updates")
-    add("--model-ema-decay", type=float, default=0.99998, help="EMA decay, scaled as in torchvision's reference")
+    add("-j", "--workers", type=non_negative_int, help=f"DataLoader worker processes per rank {recipe('workers')}")
     add("--train-crop-size", type=positive_int, help=f"RandomResizedCrop size {recipe('train_crop_size')}")
-    add("--val-resize-size", type=positive_int, default=256, help="validation resize of the shorter side")
-    add("--val-crop-size", type=positive_int, default=224, help="validation centre crop")
-    add("--interpolation", default="bilinear", choices=["nearest", "bilinear", "bicubic"], help="resize filter")
+    add("--val-resize-size", type=positive_int, default=256,
+        help="validation resize of the shorter side (default: 256)")
+    add("--val-crop-size", type=positive_int, default=224, help="validation centre crop (default: 224)")
+    add("--interpolation", default="bilinear", choices=["nearest", "bilinear", "bicubic"],
+        help="resize filter (default: bilinear)")
+    add("--auto-augment", help="ra, ta_wide, augmix, or an AutoAugment policy: imagenet, cifar10, svhn (default: none)")
+    add("--random-erase", type=non_negative_float, default=0.0, help="RandomErasing probability (default: 0)")
+    add("--mixup-alpha", type=non_negative_float, default=0.0, help="MixUp alpha (default: 0, off)")
+    add("--cutmix-alpha", type=non_negative_float, default=0.0,
+        help="CutMix alpha (default: 0, off); with MixUp, one of the two per batch")
     add("--data-backend", default="pil", choices=["pil", "gpu", "synthetic"],
         help="pil: decode and augment in DataLoader workers; gpu: workers read bytes, the device decodes (nvJPEG) "
-        "and augments whole batches; synthetic: random batches on the device, to time the model step alone")
-    add("--sync-bn", action="store_true", help="synchronise batch-norm statistics across GPUs")
-    add("--amp", action="store_true", help="mixed precision (autocast); float16 adds loss scaling")
-    add("--amp-dtype", choices=["float16", "bfloat16"], help="autocast dtype (implies --amp; default float16)")
-    add("--accum-steps", type=positive_int, default=1, help="micro-batches per optimizer step")
-    add("--channels-last", action="store_true", help="NHWC memory format (faster convolutions under AMP)")
-    add("--compile", action="store_true", help="torch.compile the model")
-    add("--grad-checkpointing", action="store_true", help="recompute stage activations in backward to save memory")
-    add("--seed", type=int, default=0, help="seed of weights init, data order and augmentation")
-    add("--use-deterministic-algorithms", action="store_true", help="deterministic kernels only (slower)")
-    add("--output-dir", help="where checkpoints, logs and TensorBoard files go (default: nothing is written)")
-    add("--resume", help="checkpoint to continue from, or 'auto' for <output-dir>/checkpoint.pth if it exists")
-    add("--start-epoch", type=int, default=0, help="first epoch (set by --resume)")
-    add("--checkpoint-interval", type=int, default=0, metavar="STEPS",
-        help="also save checkpoint.pth every STEPS optimizer steps inside an epoch (default: 0, at epoch ends only)")
-    add("--keep-checkpoints", type=int, default=0, metavar="N",
-        help="keep checkpoint_epoch<E>.pth of the last N epochs besides checkpoint.pth and best.pth")
-    add("--max-nonfinite-steps", type=positive_int, default=3, metavar="N",
-        help="stop when the loss is NaN or Inf in N consecutive steps (those steps are skipped)")
-    add("--test-only", action="store_true", help="only evaluate --resume (and its EMA) or --weights on val")
-    add("--print-freq", type=positive_int, help=f"optimizer steps between progress lines {recipe('print_freq')}")
-    add("--synthetic-train-size", type=positive_int, default=16_000, help="synthetic set: training images")
-    add("--synthetic-val-size", type=positive_int, default=2_000, help="synthetic set: validation images")
+        "and augments whole batches; synthetic: random batches on the device, to time the model step alone "
+        "(default: pil)")
+    add("--synthetic-train-size", type=positive_int, default=16_000,
+        help="synthetic set: training images (default: 16000)")
+    add("--synthetic-val-size", type=positive_int, default=2_000,
+        help="synthetic set: validation images (default: 2000)")
     add("--synthetic-classes", type=int, default=10, choices=range(2, 11), metavar="{2..10}",
-        help="synthetic set: number of classes")
+        help="synthetic set: number of classes (default: 10)")
+
+    group = p.add_argument_group("model")
+    add = group.add_argument
+    add("--model", help=f"torchvision classifier name {recipe('model')}")
+    add("--weights", help="start from weights: a torchvision enum name (IMAGENET1K_V2) or a local .pth state dict")
+    add("--sync-bn", action="store_true", help="synchronise batch-norm statistics across GPUs")
+    add("--model-ema", action="store_true", help="keep an exponential moving average of weights and evaluate it")
+    add("--model-ema-steps", type=positive_int, default=32, help="optimizer steps between EMA updates (default: 32)")
+    add("--model-ema-decay", type=positive_float, default=0.99998,
+        help="EMA decay, scaled as in torchvision's reference (default: 0.99998)")
+
+    group = p.add_argument_group("optimisation")
+    add = group.add_argument
+    add("--epochs", type=positive_int, help=f"epochs to train {recipe('epochs')}")
+    add("--opt", default="sgd", choices=["sgd", "sgd_nesterov", "adamw", "rmsprop"], help="optimizer (default: sgd)")
+    add("--lr", type=positive_float, help=f"peak learning rate for the whole run's batch {recipe('lr')}")
+    add("--head-lr", type=positive_float, help="learning rate of the classifier head (default: --lr); for fine-tuning")
+    add("--momentum", type=non_negative_float, default=0.9, help="SGD/RMSprop momentum (default: 0.9)")
+    add("--wd", "--weight-decay", type=non_negative_float, default=1e-4, dest="weight_decay",
+        help="weight decay (default: 1e-4)")
+    add("--norm-weight-decay", type=non_negative_float, help="weight decay of normalisation layers (default: --wd)")
+    add("--label-smoothing", type=non_negative_float, default=0.0,
+        help="label smoothing of the cross-entropy loss (default: 0)")
+    add("--lr-scheduler", choices=["steplr", "cosineannealinglr", "exponentiallr"],
+        help=f"schedule after warmup, stepped every optimizer step {recipe('lr_scheduler')}")
+    add("--lr-step-size", type=positive_int, default=30, help="StepLR: epochs between decays (default: 30)")
+    add("--lr-gamma", type=positive_float, default=0.1, help="StepLR/ExponentialLR: decay factor per step size / epoch "
+        "(default: 0.1)")
+    add("--lr-min", type=non_negative_float, default=0.0, help="CosineAnnealingLR: final learning rate (default: 0)")
+    add_optimisation_flags(group, recipe)
+
+    group = p.add_argument_group("precision and speed")
+    add_precision_flags(group)
+    group.add_argument("--grad-checkpointing", action="store_true",
+                       help="recompute stage activations in backward to save memory")
+
+    group = p.add_argument_group("checkpoints and preemption")
+    add_checkpoint_flags(group)
+    add = group.add_argument
+    add("--test-only", action="store_true", help="only evaluate --resume (and its EMA) or --weights on val")
+
+    group = p.add_argument_group("logging")
+    group.add_argument("--print-freq", type=positive_int,
+                       help=f"optimizer steps between progress lines {recipe('print_freq')}")
     return p
 
 
@@ -119,14 +123,32 @@ SCHEDULE_ARGS = ("epochs", "lr", "head_lr", "lr_scheduler", "lr_step_size", "lr_
                  "lr_warmup_method", "lr_warmup_decay", "batch_size", "accum_steps", "world_size")
 
 
+# What --test-only --resume takes from the checkpoint unless given: the model and the validation images.
+TRAINED_SETTINGS = ("model", "train_crop_size", "val_resize_size", "val_crop_size", "interpolation",
+                    "synthetic_val_size", "synthetic_classes")
+
+
+def take_trained_settings(args, path):
+    trained, parser = training_flags(path), get_args_parser()
+    for name in TRAINED_SETTINGS:
+        if name in trained and getattr(args, name) == parser.get_default(name):
+            setattr(args, name, trained[name])
+
+
 def finish_args(args):
+    path = resume_path(args.resume, args.output_dir)  # a wrong path is reported before any work
+    if args.test_only and path:
+        take_trained_settings(args, path)
     for name, value in (SYNTHETIC_DEFAULTS if args.data_path is None else REAL_DATA_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.amp = args.amp or args.amp_dtype is not None
-    args.amp_dtype = args.amp_dtype or "float16"
-    if args.resume == "auto" and not args.output_dir:
-        raise UserError("--resume auto looks for <output-dir>/checkpoint.pth: give --output-dir too")
+    if args.start_epoch >= args.epochs and not (args.resume or args.test_only):
+        raise UserError(f"--start-epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing would be "
+                        "trained")
+    if args.data_path is not None and args.val_crop_size > args.val_resize_size:
+        raise UserError(f"--val-crop-size {args.val_crop_size} is larger than --val-resize-size "
+                        f"{args.val_resize_size}: the centre crop would pad validation images with black; crop at "
+                        "most the resized size")
     if args.test_only and not (args.resume or args.weights):
         raise UserError("--test-only evaluates a trained model: give --resume PATH or --weights NAME")
     if args.compile and args.grad_checkpointing:
@@ -138,134 +160,133 @@ def finish_args(args):
     return args
 
 
-def restore(checkpoint, path, model, optimizer, lr_scheduler, scaler, model_ema, args):
-    """Continue a run: returns (start epoch, steps already done in it, best top-1)."""
-    start = restore_training(checkpoint, path, model, optimizer, lr_scheduler, scaler, args, SCHEDULE_ARGS)
-    if model_ema is not None and checkpoint.get("model_ema") is not None:
-        load_model_state(model_ema.module, checkpoint["model_ema"], path)
-        model_ema.n_averaged.copy_(checkpoint["model_ema_n_averaged"])
-    return *start, checkpoint["best_acc1"]
-
-
-def validate(model, val_loader, class_names, device, args, name):
-    meter = evaluate(model, val_loader, ClassificationMeter(len(class_names), device), device, args)
+def validate(model, val_loader, class_names, device, autocast, memory_format, name, preemption=None):
+    """(summary, meter) of one evaluation; (None, None) when a stop signal came during it."""
+    meter = ClassificationMeter(len(class_names), device)
+    if evaluate(model, val_loader, meter, device, autocast, memory_format, preemption) is None:
+        return None, None
     summary = meter.summary()
     print0(f"{name}: top-1 {summary['acc1']:.3f}  top-5 {summary['acc5']:.3f}  on {summary['num_samples']} images")
     return summary, meter
 
 
-def test_only(model, val_loader, class_names, device, args):
+def validate_epoch(model, model_ema, val_loader, class_names, device, autocast, memory_format, epoch, preemption):
+    """The epoch's validation numbers (of the EMA weights too) and the model's meter; (None, None) on a stop."""
+    val, meter = validate(model, val_loader, class_names, device, autocast, memory_format, f"Epoch {epoch} val",
+                          preemption)
+    if val is None:
+        return None, None
+    record = {"val_acc1": val["acc1"], "val_acc5": val["acc5"]}
+    if model_ema is not None:
+        ema, _ = validate(model_ema, val_loader, class_names, device, autocast, memory_format,
+                          f"Epoch {epoch} EMA val", preemption)
+        if ema is None:
+            return None, None
+        record.update(val_ema_acc1=ema["acc1"], val_ema_acc5=ema["acc5"])
+    return record, meter
+
+
+def test_only(model, val_loader, class_names, device, autocast, memory_format, args):
     """Evaluate the model of --resume (and its EMA weights, if it has them) or of --weights."""
-    path = resume_path(args)
+    path = resume_path(args.resume, args.output_dir)
     if args.resume and not path:
         raise UserError(f"--resume auto found no checkpoint in {args.output_dir}: nothing to evaluate")
     checkpoint = read_training_checkpoint(path, args.model) if path else {}
     if checkpoint:
         load_model_state(model, state_dict_from(checkpoint), path)
-    validate(model, val_loader, class_names, device, args, "Test")
+    validate(model, val_loader, class_names, device, autocast, memory_format, "Test")
     if checkpoint.get("model_ema") is not None:
         load_model_state(model, checkpoint["model_ema"], path)
-        validate(model, val_loader, class_names, device, args, "Test EMA")
+        validate(model, val_loader, class_names, device, autocast, memory_format, "Test EMA")
+
+
+def log_epoch(record, output_dir, writer):
+    if output_dir and is_main_process():
+        append_jsonl(os.path.join(output_dir, "log.jsonl"), record)
+    if writer is not None:
+        for key in ("val_acc1", "val_acc5", "val_ema_acc1", "train_loss", "img_per_s"):
+            if key in record:
+                writer.add_scalar(f"epoch/{key}", record[key], record["epoch"])
 
 
 def main(args):
     env, device = init_distributed(args.device)
     args.world_size = env.world_size
-    print0(f"{' '.join(sys.argv)}\nworld size {env.world_size}, device {device}, torch {torch.__version__}")
-    configure_torch(args, device)
+    started = print_run_start(env, device)
+    configure_torch(device, args.seed, args.use_deterministic_algorithms)
+    precision = precision_from_flags(args.amp, args.amp_dtype)
+    autocast = autocast_context(device, precision)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    check_sync_bn(args.sync_bn, env, device)
 
     class_names = dataset_classes(args)
     val_loader = load_val(args, env, device, class_names)  # before the long work: val/ problems show now
     model, head = create_model(args.model, args.weights, len(class_names))
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     if args.test_only:
-        test_only(model, val_loader, class_names, device, args)
+        test_only(model, val_loader, class_names, device, autocast, memory_format, args)
         return
 
+    start_output_dir(args.output_dir, vars(args))  # claimed before anything is read from it or written
     train_loader = load_train(args, env, device, class_names)
-    steps_per_epoch = len(train_loader) // args.accum_steps
-    if steps_per_epoch == 0:
-        raise UserError(f"-b {args.batch_size} x --accum-steps {args.accum_steps} is more than the "
-                        f"{len(train_loader.sampler)} training images per process: lower -b or --accum-steps")
+    steps_per_epoch = optimizer_steps_per_epoch(train_loader, args.batch_size, args.accum_steps)
     images_per_step = args.batch_size * args.accum_steps * env.world_size
-    print0(f"{len(train_loader.dataset)} training and {len(val_loader.dataset)} validation images, "
-           f"{len(class_names)} classes; effective batch {args.batch_size} x {args.accum_steps} accumulation "
-           f"x {env.world_size} processes = {images_per_step}")
-    if args.sync_bn and env.distributed:
-        if device.type != "cuda":
-            raise UserError("--sync-bn needs CUDA devices: drop it on CPU")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model_ema = create_ema(model, args.model_ema_decay, args.model_ema_steps, images_per_step,
-                           args.epochs) if args.model_ema else None
+    print0(f"{args.model}, {count_parameters(model):,} parameters; {len(train_loader.dataset)} training and "
+           f"{len(val_loader.dataset)} validation images, {len(class_names)} classes; effective batch "
+           f"{args.batch_size} x {args.accum_steps} accumulation x {env.world_size} processes = {images_per_step}")
+    if args.sync_bn:
+        model = sync_batch_norm(model, env)
+    model_ema = EMA(model, args.model_ema_decay, args.model_ema_steps, images_per_step, args.epochs,
+                    args.lr_warmup_epochs) if args.model_ema else None
     if args.grad_checkpointing:  # after the EMA copy, which must not inherit the patched forwards
         enable_grad_checkpointing(model)
     groups = param_groups(model, args.lr, args.weight_decay, args.norm_weight_decay, head, args.head_lr)
     optimizer = create_optimizer(args.opt, groups, args.lr, args.momentum, args.weight_decay, device.type)
-    lr_scheduler = create_lr_scheduler(optimizer, args, steps_per_epoch)
-    scaler = grad_scaler(device, args, optimizer)
+    lr_scheduler = create_lr_scheduler(
+        optimizer, args.lr_scheduler, args.epochs, steps_per_epoch, warmup_epochs=args.lr_warmup_epochs,
+        warmup_method=args.lr_warmup_method, warmup_decay=args.lr_warmup_decay, step_size=args.lr_step_size,
+        gamma=args.lr_gamma, lr_min=args.lr_min)
+    scaler = grad_scaler(device, precision, optimizer)
+    checkpointer = Checkpointer(args.output_dir, env.is_main, model, optimizer, lr_scheduler, scaler,
+                                precision=precision, flags=vars(args), keep=args.keep_checkpoints,
+                                model_ema=model_ema, best_key="best_acc1", class_names=class_names)
+    args.start_epoch, start_step = checkpointer.resume(resume_path(args.resume, args.output_dir), args.model,
+                                                       SCHEDULE_ARGS)
 
-    best_acc1, start_step, path = 0.0, 0, resume_path(args)
-    if path:
-        checkpoint = read_training_checkpoint(path, args.model)
-        args.start_epoch, start_step, best_acc1 = restore(checkpoint, path, model, optimizer, lr_scheduler, scaler,
-                                                          model_ema, args)
-        print0(f"resumed from {path}: epoch {args.start_epoch} step {start_step}, best top-1 {best_acc1:.2f}")
-    if args.output_dir and env.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
-
-    if env.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    model = data_parallel(model, env, device)
     if args.compile:
         model.compile()  # in place: the state dict keeps its keys
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     writer = tensorboard_writer(args.output_dir)
-
-    def save(epoch, step=None, is_best=False):
-        if args.output_dir:
-            check_finite_weights(model, epoch, args.output_dir)
-        if args.output_dir and env.is_main:
-            save_training(training_state(
-                model, optimizer, lr_scheduler, scaler, epoch, args, step, best_acc1=best_acc1, class_names=class_names,
-                model_ema=model_ema.module.state_dict() if model_ema is not None else None,
-                model_ema_n_averaged=model_ema.n_averaged if model_ema is not None else None),
-                args.output_dir, is_best, args.keep_checkpoints)
-
+    progress = ProgressLog(args.print_freq, env.world_size, writer)
+    nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir, precision)
     preemption = PreemptionSignal(device)
     for epoch in range(args.start_epoch, args.epochs):
-        # The data order follows from (seed, epoch), each sample's augmentation from (seed, epoch, index),
-        # each step's other randomness from (seed, epoch, step, rank): a resumed run replays exactly. This
-        # seed is for the rest (DataLoader worker seeds, MixUp/CutMix in workers).
-        torch.manual_seed((args.seed << 32) + (epoch << 16) + env.rank)
         skip = start_step if epoch == args.start_epoch else 0
         set_epoch(train_loader, epoch, skip * args.accum_steps)
-        stats = train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, train_loader, device, epoch,
-                                args, model_ema, writer, start_step=skip, preemption=preemption,
-                                save_checkpoint=lambda step: save(epoch, step))
+        stats = train_one_epoch(
+            model, criterion, optimizer, lr_scheduler, scaler, train_loader, epoch, device=device, autocast=autocast,
+            progress=progress, nonfinite=nonfinite, memory_format=memory_format, seed=args.seed, rank=env.rank,
+            accum_steps=args.accum_steps, clip_grad_norm=args.clip_grad_norm, ema=model_ema, preemption=preemption,
+            checkpointer=checkpointer, checkpoint_interval=args.checkpoint_interval, start_step=skip)
         if stats.pop("stopped"):  # by SIGTERM/SIGUSR1, its checkpoint saved: the same command resumes it
-            exit_preempted()
-        val, val_meter = validate(model, val_loader, class_names, device, args, f"Epoch {epoch} val")
-        record = {"epoch": epoch, **stats, "val_acc1": val["acc1"], "val_acc5": val["acc5"]}
-        if model_ema is not None:
-            ema, _ = validate(model_ema, val_loader, class_names, device, args, f"Epoch {epoch} EMA val")
-            record.update(val_ema_acc1=ema["acc1"], val_ema_acc5=ema["acc5"])
-        score = record.get("val_ema_acc1", val["acc1"])  # with EMA, its weights are the ones to keep
-        is_best, best_acc1 = score > best_acc1, max(best_acc1, score)
-        save(epoch, is_best=is_best)
-        if args.output_dir and env.is_main:
-            append_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
-        if writer is not None:
-            for key in ("val_acc1", "val_acc5", "val_ema_acc1", "train_loss", "img_per_s"):
-                if key in record:
-                    writer.add_scalar(f"epoch/{key}", record[key], epoch)
-    print0(f"best top-1 {best_acc1:.3f}{' (EMA)' if model_ema is not None else ''}")
+            preemption.exit()
+        val, val_meter = validate_epoch(model, model_ema, val_loader, class_names, device, autocast, memory_format,
+                                        epoch, preemption)
+        if val is None:  # a signal during validation: the trained epoch is saved now; its validation reruns on resume
+            checkpointer.save(epoch, steps_per_epoch)
+            preemption.exit()
+        record = {"epoch": epoch, **stats, **val}
+        checkpointer.end_of_epoch(epoch, record.get("val_ema_acc1", val["val_acc1"]))  # with EMA, its weights are kept
+        log_epoch(record, args.output_dir, writer)
 
     if writer is not None and args.start_epoch < args.epochs:  # what the last epoch confuses with what
         picture = confusion_matrix_image(val_meter.confusion.matrix.cpu(), class_names)
         writer.add_image("val/confusion_matrix", pil_to_tensor(picture), args.epochs - 1)
+    if writer is not None:
         writer.close()
+    best = "none (no epoch evaluated)" if checkpointer.best is None else f"{checkpointer.best:.3f}"
+    print_run_end(started, f"best top-1 {best}{' (EMA)' if model_ema is not None else ''}", args.output_dir)
 
 
 if __name__ == "__main__":

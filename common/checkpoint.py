@@ -97,12 +97,26 @@ def load_model_state(model, state, path, skip_mismatched=()):
     return skipped
 
 
-def resume_path(args):
-    """The checkpoint --resume names; 'auto' is <output-dir>/checkpoint.pth if it exists, else None (a fresh start)."""
-    if args.resume != "auto":
-        return args.resume
-    path = os.path.join(args.output_dir, "checkpoint.pth")
-    return path if os.path.isfile(path) else None
+def resume_path(resume, output_dir):
+    """The checkpoint --resume names, None for a fresh start; 'auto' is <output-dir>/checkpoint.pth if it exists.
+    Call it before any work, so that a wrong path is reported at once."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        if not output_dir:
+            raise UserError("--resume auto looks for <output-dir>/checkpoint.pth: give --output-dir too")
+        path = os.path.join(output_dir, "checkpoint.pth")
+        return path if os.path.isfile(path) else None
+    if not os.path.isfile(resume):
+        raise CheckpointError(f"checkpoint {resume} does not exist: check the path, or use --resume auto "
+                              "to resume only when <output-dir>/checkpoint.pth exists")
+    return resume
+
+
+def training_flags(path):
+    """The flags a checkpoint of train.py was trained with, as a plain dict ({} for a bare state dict)."""
+    checkpoint = load_checkpoint(path)
+    return (checkpoint.get("args") or {}) if isinstance(checkpoint, dict) else {}
 
 
 def read_training_checkpoint(path, model_name):
@@ -114,46 +128,15 @@ def read_training_checkpoint(path, model_name):
     return checkpoint
 
 
-def training_state(model, optimizer, lr_scheduler, scaler, epoch, args, step=None, **extra):
-    """Everything a run needs to continue, as plain dicts and tensors (what weights_only loading accepts).
-
-    `step` is the number of optimizer steps done in `epoch` for a checkpoint saved inside it, None at its end.
-    """
-    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-            "args": vars(args), **extra}
-
-
-def uses_loss_scaling(args):
-    return bool(args.get("amp")) and args.get("amp_dtype") == "float16"
-
-
-def restore_training(checkpoint, path, model, optimizer, lr_scheduler, scaler, args, schedule_args):
-    """Load a training checkpoint into model, optimizer, LR schedule and scaler; returns where to go on:
-    (epoch, optimizer steps already done in it).
-
-    The schedule was laid out step by step for the values of `schedule_args`: resuming with other values
-    would silently follow the old curve, so they must match.
-    """
-    load_model_state(model, state_dict_from(checkpoint), path)
-    try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except ValueError as e:
-        raise CheckpointError(f"cannot resume from {path}: {e}. Resume with the flags it was trained with "
-                              "(--opt, --norm-weight-decay, --head-lr)") from None
-    trained = checkpoint.get("args") or {}
-    changed = [f"{name} {trained.get(name)} -> {getattr(args, name)}" for name in schedule_args
-               if trained.get(name) != getattr(args, name)]
+def check_same_schedule(trained_flags, flags, names, path):
+    """The LR schedule was laid out step by step for the values of `names`: resuming with other values
+    would silently follow the old curve, so they must match."""
+    changed = [f"{name} {trained_flags.get(name)} -> {flags[name]}" for name in names
+               if trained_flags.get(name) != flags[name]]
     if changed:
         raise CheckpointError(f"cannot resume from {path}: its LR schedule was laid out for other values "
                               f"({'; '.join(changed)}). Resume with the same values, or start a new run from its "
                               f"weights with --weights {path}")
-    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-    if checkpoint["scaler"] and uses_loss_scaling(trained) == uses_loss_scaling(vars(args)):  # AMP may change
-        scaler.load_state_dict(checkpoint["scaler"])
-    if checkpoint.get("step") is None:
-        return checkpoint["epoch"] + 1, 0
-    return checkpoint["epoch"], checkpoint["step"]
 
 
 def check_finite_weights(model, epoch, output_dir):
@@ -180,3 +163,74 @@ def save_training(state, output_dir, is_best=False, keep=0):
     if is_best:
         save_atomic(state, os.path.join(output_dir, "best.pth"))
     print0(f"saved {output_dir}/checkpoint.pth ({where}){' and best.pth' if is_best else ''}")
+
+
+class Checkpointer:
+    """Saves and restores everything a run needs to continue, as plain dicts and tensors (what weights_only
+    loading accepts): model, optimizer, LR schedule, scaler, EMA, position, the best score so far, the run's
+    flags, its precision and `fixed` entries that must not change on resume (class names, palette).
+
+    save() runs on every rank (each checks the weights are finite) and writes on the main one only; with no
+    output_dir it does nothing.
+    """
+
+    def __init__(self, output_dir, is_main, model, optimizer, lr_scheduler, scaler, *, precision, flags,
+                 best_key, keep=0, model_ema=None, **fixed):
+        self.output_dir, self.is_main, self.keep, self.best_key = output_dir, is_main, keep, best_key
+        self.model, self.optimizer, self.lr_scheduler, self.scaler = model, optimizer, lr_scheduler, scaler
+        self.precision, self.flags, self.model_ema, self.fixed = precision, flags, model_ema, fixed
+        self.best = None  # the first evaluated epoch is the best so far, whatever its score
+
+    def state(self, epoch, step):
+        """`step` is the number of optimizer steps done in `epoch` for a checkpoint saved inside it, None at its end."""
+        ema = self.model_ema
+        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "precision": self.precision, "epoch": epoch, "step": step, "args": dict(self.flags),
+                self.best_key: self.best, "model_ema": ema.module.state_dict() if ema is not None else None,
+                "model_ema_n_averaged": ema.n_averaged if ema is not None else None, **self.fixed}
+
+    def save(self, epoch, step=None, is_best=False):
+        if not self.output_dir:
+            return
+        check_finite_weights(self.model, epoch, self.output_dir)
+        if self.is_main:
+            save_training(self.state(epoch, step), self.output_dir, is_best, self.keep)
+
+    def end_of_epoch(self, epoch, score):
+        """Save the finished epoch, as best.pth too when `score` is the best so far; returns whether it was."""
+        is_best = self.best is None or score > self.best
+        self.best = score if is_best else self.best
+        self.save(epoch, is_best=is_best)
+        return is_best
+
+    def resume(self, path, model_name, schedule_names):
+        """Load the training checkpoint at `path` (None: a fresh start); returns where to go on:
+        (epoch, optimizer steps already done in it)."""
+        if path is None:
+            return 0, 0
+        checkpoint = read_training_checkpoint(path, model_name)
+        load_model_state(self.model, state_dict_from(checkpoint), path)
+        for name, value in self.fixed.items():  # e.g. the same number of classes, but other ones
+            if name in checkpoint and checkpoint[name] != value:
+                raise CheckpointError(f"cannot resume from {path}: it was trained with {name} {checkpoint[name]}, "
+                                      f"this run has {value}. Resume on the data it was trained on, or start a new "
+                                      f"run from its weights with --weights {path}")
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        except ValueError as e:
+            raise CheckpointError(f"cannot resume from {path}: {e}. Resume with the flags it was trained with "
+                                  "(--opt, --norm-weight-decay, --head-lr)") from None
+        check_same_schedule(checkpoint.get("args") or {}, self.flags, schedule_names, path)
+        self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        if checkpoint["scaler"] and checkpoint.get("precision") == self.precision:  # precision may change
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.model_ema is not None and checkpoint.get("model_ema") is not None:
+            load_model_state(self.model_ema.module, checkpoint["model_ema"], path)
+            self.model_ema.n_averaged.copy_(checkpoint["model_ema_n_averaged"])
+        self.best = checkpoint.get(self.best_key)
+        epoch, step = checkpoint["epoch"], checkpoint.get("step")
+        where = (epoch + 1, 0) if step is None else (epoch, step)
+        best = "none yet" if self.best is None else f"{self.best:.2f}"
+        print0(f"resumed from {path}: epoch {where[0]} step {where[1]}, best {self.best_key[5:]} {best}")
+        return where

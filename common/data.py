@@ -1,12 +1,17 @@
-"""Which sample each rank sees, in which order, with which augmentation: all a function of (seed, epoch, index).
+"""Which sample each rank sees, in which order, with which augmentation (common/seeding.py has the seeds).
 
-That makes a run resumed in the middle of an epoch replay exactly what an uninterrupted run does, and makes
-evaluation count every sample once under any number of processes.
+Training samplers can begin an epoch part-way, so a run resumed in the middle of an epoch replays exactly
+what an uninterrupted run does; the evaluation sampler counts every sample once under any number of processes.
 """
 import itertools
+import os
+import signal
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler
+
+from common.log import UserError
+from common.seeding import sample_seed
 
 
 class ResumableSampler(DistributedSampler):
@@ -37,7 +42,7 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, index):
         with torch.random.fork_rng(devices=[]):  # the caller's own stream is left as it was
-            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**63)
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
             return self.dataset[index]
 
 
@@ -46,6 +51,28 @@ def set_epoch(loader, epoch, skip_batches=0):
     loader.sampler.set_epoch(epoch, skip_batches * loader.batch_size)
     if isinstance(loader.dataset, SeededSamples):
         loader.dataset.epoch = epoch
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader worker_init_fn: SIGTERM, SIGUSR1 and Ctrl-C sent to the whole process group (a terminal, `kill
+    -- -PGID`, tini -g, many schedulers) must not kill the workers before the main process has saved: the main
+    process handles them, and ends its workers itself."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def default_workers(most=8):
+    """DataLoader workers per process: `most`, or fewer on a machine with fewer cores available to it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(most, cores)
+
+
+def optimizer_steps_per_epoch(loader, batch_size, accum_steps):
+    steps = len(loader) // accum_steps
+    if steps == 0:
+        raise UserError(f"-b {batch_size} x --accum-steps {accum_steps} is more than the {len(loader.sampler)} "
+                        "training images per process: lower -b or --accum-steps")
+    return steps
 
 
 class ShardedEvalSampler(torch.utils.data.Sampler):

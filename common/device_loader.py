@@ -8,6 +8,8 @@ import threading
 
 import torch
 
+from common.seeding import batch_generator
+
 
 class DeviceLoader:
     """Wraps a DataLoader of encoded batches: yields what `prepare(batch, generator)` makes of each batch,
@@ -33,8 +35,7 @@ class DeviceLoader:
     def generator(self, batch_index):
         epoch, rank = getattr(self.sampler, "epoch", 0), getattr(self.sampler, "rank", 0)
         first = getattr(self.sampler, "start", 0) // self.batch_size
-        seed = (((self.seed * 1_000_003 + epoch) * 4_099 + rank) * 1_000_003 + first + batch_index) % 2**63
-        return torch.Generator().manual_seed(seed)
+        return batch_generator(self.seed, epoch, rank, first + batch_index)
 
     def __iter__(self):
         if self.device.type != "cuda" or not self.threaded:

@@ -1,10 +1,13 @@
-"""Process-group setup for torchrun and SLURM, and the sampler that makes distributed evaluation exact."""
+"""Process-group setup for torchrun and SLURM, and the model wrappers that depend on it (DDP, SyncBatchNorm).
+
+The samplers that split data across ranks live in common/data.py."""
 import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from common.log import UserError
 
@@ -62,3 +65,21 @@ def all_reduce_sum(tensor):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
+
+
+def check_sync_bn(sync_bn, env, device):
+    """Called before any work: SyncBatchNorm has CUDA kernels only."""
+    if sync_bn and env.distributed and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA devices: drop it on CPU")
+
+
+def sync_batch_norm(model, env):
+    """Batch-norm statistics over all ranks' batches; nothing to do in one process."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if env.distributed else model
+
+
+def data_parallel(model, env, device):
+    """DistributedDataParallel when there are several processes, the model itself otherwise."""
+    if not env.distributed:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

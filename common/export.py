@@ -22,15 +22,16 @@ def add_export_args(parser):
         "DIR/<model>/config.pbtxt, DIR/<model>/1/model.onnx")
 
 
-def export_requested(args):
-    """Whether to export instead of evaluating; refuses export flags that do not fit, before any work."""
-    if not (args.export or args.export_path or args.export_triton):
+def export_requested(export, export_path, export_triton):
+    """Whether to export instead of evaluating (the --export, --export-path and --export-triton values);
+    refuses export flags that do not fit, before any work."""
+    if not (export or export_path or export_triton):
         return False
-    if not (args.export and args.export_path):
+    if not (export and export_path):
         raise UserError("give --export torchscript|onnx together with --export-path FILE")
-    if args.export_triton and args.export != "onnx":
+    if export_triton and export != "onnx":
         raise UserError("--export-triton serves an ONNX model: use it with --export onnx")
-    if args.export == "onnx":
+    if export == "onnx":
         try:  # the exporter would fail only after the export has begun, with a long traceback
             import onnx  # noqa: F401
             import onnxscript  # noqa: F401
@@ -121,20 +122,20 @@ def write_triton_repository(onnx_path, repo_dir, name):
     print0(f"wrote the Triton model repository {model_dir}")
 
 
-def export_model(model, loader, args, size_divisor=None):
-    """Export as args say, checked on the first batch of `loader`. size_divisor None keeps height and width
+def export_model(model, loader, fmt, path, rtol, triton_dir=None, name="model", size_divisor=None):
+    """Export as `fmt` (torchscript or onnx) to `path`, checked on the first batch of `loader` to `rtol`, and
+    write a Triton repository for it under `triton_dir` as `name`. size_divisor None keeps height and width
     fixed (a classifier); else they are dynamic, in multiples of it."""
     model = Logits(model.to("cpu", memory_format=torch.contiguous_format).float()).eval()
     example, batch = parity_inputs(next(iter(loader))[0], size_divisor)
     with torch.no_grad():
-        if args.export == "torchscript":
-            exported = save_torchscript(model, example, args.export_path)
+        if fmt == "torchscript":
+            exported = save_torchscript(model, example, path)
         else:
-            save_onnx(model, example, args.export_path, size_divisor)
-            exported = onnxruntime_runner(args.export_path)
-        print0(f"exported {args.export_path} from a batch of shape {tuple(example.shape)}; parity check on "
-               f"{tuple(batch.shape)}")
+            save_onnx(model, example, path, size_divisor)
+            exported = onnxruntime_runner(path)
+        print0(f"exported {path} from a batch of shape {tuple(example.shape)}; parity check on {tuple(batch.shape)}")
         if exported is not None:
-            check_parity(model(batch), exported(batch), args.export_rtol)
-    if args.export_triton:
-        write_triton_repository(args.export_path, args.export_triton, args.model)
+            check_parity(model(batch), exported(batch), rtol)
+    if triton_dir:
+        write_triton_repository(path, triton_dir, name)

@@ -5,10 +5,12 @@ import os
 import stat
 
 import numpy as np
+import torch
 from PIL import Image
 
 from common.log import UserError
 
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torchvision's weights expect
 REPLACE_IMAGE = "delete the file or replace it with a valid image"
 
 
@@ -101,3 +103,15 @@ def read_image(path, name=None):
     except Exception as e:
         raise UserError(f"cannot read image {shown(name or path)} ({reason(e)}): {REPLACE_IMAGE}") from None
 
+
+class NormalizeBytes:
+    """uint8 images [N, 3, H, W] to float32 normalised with MEAN and STD, on `device`."""
+
+    def __init__(self, device):
+        # Constants made once on the data's device: v2.Normalize builds them from Python lists on every call,
+        # and on a GPU each such host-to-device copy waits for all queued work, a sync in every step.
+        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+
+    def __call__(self, images):
+        return (images.float() - self.mean) * self.inv_std

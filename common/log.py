@@ -1,22 +1,22 @@
 """What a run tells the user: console lines from rank 0, one-line errors, log.jsonl, TensorBoard."""
-import argparse
+import fcntl
 import json
 import os
+import re
 import sys
+import time
 
+import torch
 import torch.distributed as dist
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad path, bad flag, bad file): reported in one line, without a traceback."""
+    """A problem the user can fix (bad path, bad flag, bad file): reported in one line, without a traceback.
+    Every rank meets it alike, so only rank 0 reports it."""
 
 
-def positive_int(text):
-    """An argparse type: a flag such as -b 0 is refused with the flag's name instead of failing later."""
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+class SampleError(UserError):
+    """A UserError about one data file, met only by the rank that loads it: that rank reports it."""
 
 
 def is_main_process():
@@ -28,19 +28,90 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def launch_rank():
+    """This process's rank, from the process group or else the launcher's variables (0 for a plain run)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+
+
 def run_cli(main, args):
     """Run main(args); turn a UserError (also one raised in a DataLoader worker) into one line and exit 2."""
     try:
         main(args)
     except UserError as e:
         # A worker's error arrives with the worker's traceback in its text; the cause is its last line.
-        message = str(e).strip().splitlines()[-1]
-        message = message.split("UserError: ", 1)[-1]
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        message = re.sub(r"^[\w.]+Error: ", "", str(e).strip().splitlines()[-1])
+        rank = launch_rank()
+        if rank == 0 or isinstance(e, SampleError):
+            print(f"error: {message}{'' if rank == 0 else f' (rank {rank})'}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C: the user asked to stop at once, so no traceback either
+        print("interrupted: stopped without saving", file=sys.stderr, flush=True)
+        sys.exit(130)
     finally:
+        release_output_dirs()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+_held_locks = {}  # output folder -> the open lock file that holds it, for as long as this process lives
+
+
+def start_output_dir(output_dir, flags):
+    """Create the output folder, claim it for this run and record the run's flags in args.json (rank 0 only).
+
+    A second live run on the same folder is refused: their checkpoints and log lines would interleave. The
+    claim is an flock on DIR/.lock, which the OS drops when the process ends, a crash included.
+    """
+    if not output_dir or not is_main_process():
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    key = os.path.realpath(output_dir)
+    if key not in _held_locks:
+        lock = open(os.path.join(output_dir, ".lock"), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise UserError(f"another run (pid {lock.read().strip() or '?'}) is writing to --output-dir {output_dir}: "
+                            "wait for it to end, or give this run another --output-dir") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        _held_locks[key] = lock
+    with open(os.path.join(output_dir, "args.json"), "w") as f:
+        json.dump(flags, f, indent=1)
+
+
+def release_output_dirs():
+    """Drop this process's claims on output folders (the end of the process does it too)."""
+    while _held_locks:
+        _held_locks.popitem()[1].close()
+
+
+def print_run_start(env, device):
+    """The command and where it runs; returns the start time for print_run_end."""
+    print0(f"{' '.join(sys.argv)}\nworld size {env.world_size}, device {device}, torch {torch.__version__}")
+    return time.perf_counter()
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def format_duration(seconds):
+    """h:mm:ss, or m:ss under an hour (rounded to whole seconds first, so never "42:60")."""
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def print_run_end(started, result, output_dir):
+    """The closing line: how long the run took, its result, where its files are."""
+    where = f"checkpoints, log.jsonl and TensorBoard files in {output_dir}" if output_dir else "nothing written " \
+        "(no --output-dir)"
+    print0(f"done in {format_duration(time.perf_counter() - started)}: {result}; {where}")
 
 
 def append_jsonl(path, record):

@@ -96,8 +96,9 @@ class SegmentationMeter:
         all_reduce_sum(self.num_images)
 
     def summary(self):
-        """mIoU and mean accuracy average the classes that occur in labels or predictions; IoU is None otherwise."""
+        """In percent, as classification's accuracies. mIoU and mean accuracy average the classes that occur in
+        labels or predictions; a class that occurs in neither has IoU None."""
         iou = self.confusion.iou()
-        return {"miou": self.confusion.mean_iou(), "pixel_acc": self.confusion.accuracy(),
-                "mean_acc": torch.tensor(self.confusion.per_class_accuracy()).nanmean().item(),
-                "per_class_iou": [None if x != x else x for x in iou], "num_images": int(self.num_images)}
+        return {"miou": 100 * self.confusion.mean_iou(), "pixel_acc": 100 * self.confusion.accuracy(),
+                "mean_acc": 100 * torch.tensor(self.confusion.per_class_accuracy()).nanmean().item(),
+                "per_class_iou": [None if x != x else 100 * x for x in iou], "num_images": int(self.num_images)}

@@ -4,6 +4,8 @@ from torch import nn
 from torch.optim import lr_scheduler as sched
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from common.checkpoint import unwrap
+
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
                nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
 
@@ -40,36 +42,51 @@ def create_optimizer(name, groups, lr, momentum, weight_decay, device_type):
     raise ValueError(f"unknown --opt {name!r}: use sgd, sgd_nesterov, adamw or rmsprop")
 
 
-def create_lr_scheduler(optimizer, args, steps_per_epoch):
-    """torch's schedulers stepped once per optimizer step, with epoch-based flags converted to steps."""
-    warmup_steps = args.lr_warmup_epochs * steps_per_epoch
-    main_steps = max(args.epochs * steps_per_epoch - warmup_steps, 1)
-    if args.lr_scheduler == "steplr":
-        main = sched.StepLR(optimizer, step_size=args.lr_step_size * steps_per_epoch, gamma=args.lr_gamma)
-    elif args.lr_scheduler == "cosineannealinglr":
-        main = sched.CosineAnnealingLR(optimizer, T_max=main_steps, eta_min=args.lr_min)
-    elif args.lr_scheduler == "polylr":  # the segmentation schedule: lr * (1 - step / steps) ** power
-        main = sched.PolynomialLR(optimizer, total_iters=main_steps, power=args.lr_power)
-    elif args.lr_scheduler == "exponentiallr":
-        main = sched.ExponentialLR(optimizer, gamma=args.lr_gamma ** (1 / steps_per_epoch))
+def create_lr_scheduler(optimizer, name, epochs, steps_per_epoch, *, warmup_epochs=0, warmup_method="linear",
+                        warmup_decay=0.01, step_size=30, gamma=0.1, lr_min=0.0, power=0.9):
+    """torch's schedulers stepped once per optimizer step, with epoch-based values converted to steps:
+    `warmup_epochs` of warmup from `warmup_decay` x lr, then `name` (steplr decays by `gamma` every
+    `step_size` epochs; cosineannealinglr ends at `lr_min`; polylr decays with `power`; exponentiallr by
+    `gamma` per epoch)."""
+    warmup_steps = warmup_epochs * steps_per_epoch
+    main_steps = max(epochs * steps_per_epoch - warmup_steps, 1)
+    if name == "steplr":
+        main = sched.StepLR(optimizer, step_size=step_size * steps_per_epoch, gamma=gamma)
+    elif name == "cosineannealinglr":
+        main = sched.CosineAnnealingLR(optimizer, T_max=main_steps, eta_min=lr_min)
+    elif name == "polylr":  # the segmentation schedule: lr * (1 - step / steps) ** power
+        main = sched.PolynomialLR(optimizer, total_iters=main_steps, power=power)
+    elif name == "exponentiallr":
+        main = sched.ExponentialLR(optimizer, gamma=gamma ** (1 / steps_per_epoch))
     else:
-        raise ValueError(f"unknown --lr-scheduler {args.lr_scheduler!r}")
+        raise ValueError(f"unknown --lr-scheduler {name!r}")
     if warmup_steps == 0:
         return main
-    if args.lr_warmup_method == "linear":
-        warmup = sched.LinearLR(optimizer, start_factor=args.lr_warmup_decay, total_iters=warmup_steps)
-    elif args.lr_warmup_method == "constant":
-        warmup = sched.ConstantLR(optimizer, factor=args.lr_warmup_decay, total_iters=warmup_steps)
+    if warmup_method == "linear":
+        warmup = sched.LinearLR(optimizer, start_factor=warmup_decay, total_iters=warmup_steps)
+    elif warmup_method == "constant":
+        warmup = sched.ConstantLR(optimizer, factor=warmup_decay, total_iters=warmup_steps)
     else:
-        raise ValueError(f"unknown --lr-warmup-method {args.lr_warmup_method!r}: use linear or constant")
+        raise ValueError(f"unknown --lr-warmup-method {warmup_method!r}: use linear or constant")
     return sched.SequentialLR(optimizer, [warmup, main], milestones=[warmup_steps])
 
 
-def create_ema(model, decay, ema_steps, images_per_step, epochs):
-    """EMA of weights and buffers, updated every `ema_steps` optimizer steps.
+class EMA(AveragedModel):
+    """Exponential moving average of weights and buffers, updated every `every` optimizer steps; during the
+    LR warmup it copies the model instead of averaging it (the early weights are not worth keeping).
 
-    The decay is rescaled by images per step, ema_steps and epochs exactly as torchvision's reference
-    does, so the --model-ema-decay of its published recipes means the same here.
+    The decay is rescaled by images per step, `every` and epochs exactly as torchvision's reference does,
+    so the --model-ema-decay of its published recipes means the same here.
     """
-    alpha = min(1.0, (1 - decay) * images_per_step * ema_steps / epochs)
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(1 - alpha), use_buffers=True)
+
+    def __init__(self, model, decay, every, images_per_step, epochs, warmup_epochs):
+        alpha = min(1.0, (1 - decay) * images_per_step * every / epochs)
+        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(1 - alpha), use_buffers=True)
+        self.every, self.warmup_epochs = every, warmup_epochs
+
+    def update(self, model, epoch, global_step):
+        if global_step % self.every:
+            return
+        self.update_parameters(unwrap(model))
+        if epoch < self.warmup_epochs:
+            self.n_averaged.fill_(0)

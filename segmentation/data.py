@@ -7,12 +7,12 @@ from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from common.data import ResumableSampler, SeededSamples, ShardedEvalSampler, TensorLoader
+from common.data import ResumableSampler, SeededSamples, ShardedEvalSampler, TensorLoader, ignore_stop_signals
 from common.device_loader import DeviceLoader, SyntheticBatches
+from common.images import MEAN, STD, NormalizeBytes
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
 from segmentation.datasets import DATASETS, IGNORE_INDEX
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SYNTHETIC_PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
                      (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
 
@@ -92,12 +92,13 @@ def load_train(args, env, device):
         decoded = DATASETS[args.dataset](args.data_path, "train")  # no transforms: the workers only decode
         loader = DataLoader(decoded, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_lists,
                             sampler=ResumableSampler(decoded, env.world_size, env.rank, shuffle=True,
-                                                     seed=args.seed, drop_last=True), drop_last=True)
+                                                     seed=args.seed, drop_last=True), drop_last=True,
+                            worker_init_fn=ignore_stop_signals)
         return DeviceLoader(loader, DeviceTransform(args, device), device, args.seed, threaded=False)
     train_set = SeededSamples(load_dataset(args, "train"), args.seed)
     # Not persistent: fresh workers each epoch take their seeds from the per-epoch RNG (exact resume).
     return DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers,
-                      pin_memory=device.type == "cuda", drop_last=True,
+                      pin_memory=device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals,
                       sampler=ResumableSampler(train_set, env.world_size, env.rank, shuffle=True, seed=args.seed,
                                                  drop_last=True))
 
@@ -108,7 +109,7 @@ def load_val(args, env, device):
         return synthetic_loader(*synthetic_split(args, "val", device), args, env, train=False)
     val_set = load_dataset(args, "val")
     return DataLoader(val_set, batch_size=1, num_workers=args.workers, pin_memory=device.type == "cuda",
-                      sampler=ShardedEvalSampler(val_set, env.rank, env.world_size))
+                      sampler=ShardedEvalSampler(val_set, env.rank, env.world_size), worker_init_fn=ignore_stop_signals)
 
 
 def synthetic_split(args, split, device):
@@ -118,15 +119,14 @@ def synthetic_split(args, split, device):
 
 
 def synthetic_loader(images, masks, args, env, train):
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255  # made once: no copy per step
-    inv_std = 1 / (torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255)
+    normalize = NormalizeBytes(images.device)
 
     def transform(images, masks):
         if train:  # per-sample flips of image and mask together
             flip = torch.rand(len(images), device=images.device) < 0.5
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
             masks = torch.where(flip.view(-1, 1, 1), masks.flip(-1), masks)
-        return (images.float() - mean) * inv_std, masks.long()
+        return normalize(images), masks.long()
 
     sampler = (ResumableSampler(masks, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True)
                if train else ShardedEvalSampler(masks, env.rank, env.world_size))

@@ -19,6 +19,7 @@ from common.distributed import init_distributed
 from common.engine import evaluate
 from common.export import add_export_args, export_model, export_requested
 from common.log import UserError, print0, run_cli
+from common.precision import autocast_context, precision_from_flags
 from common.metrics import SegmentationMeter
 from segmentation.data import dataset_info, load_val
 from segmentation.datasets import CITYSCAPES_LABEL_IDS, DATASETS, IGNORE_INDEX
@@ -96,9 +97,9 @@ def main(args):
                         "segmentation/train.py")
     if args.data_path is not None and args.dataset is None:
         raise UserError(f"--data-path needs --dataset to say its layout: one of {', '.join(sorted(DATASETS))}")
-    args.amp = args.amp or args.amp_dtype is not None
-    args.amp_dtype = args.amp_dtype or "float16"
     env, device = init_distributed(args.device)
+    autocast = autocast_context(device, precision_from_flags(args.amp, args.amp_dtype))
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
     class_names, palette = dataset_info(args)
     trained_classes = checkpoint.get("class_names") or class_names
@@ -107,25 +108,26 @@ def main(args):
                         f"{len(class_names)}: evaluate it on the dataset it was trained on")
     model = create_model(args.model, len(class_names), args.output_stride, args.aux_loss, None, args.unet_width)
     load_model_state(model, state_dict_from(checkpoint), args.checkpoint)
-    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    model.to(device, memory_format=memory_format)
 
     val_loader = load_val(args, env, device)
-    if export_requested(args):  # instead of evaluating: the first validation batch checks the export
-        if env.is_main:  # UNet takes multiples of 16; the others any height and width
-            export_model(model, val_loader, args, size_divisor=getattr(model, "size_divisor", 1))
+    if export_requested(args.export, args.export_path, args.export_triton):  # instead of evaluating
+        if env.is_main:  # the first validation batch checks the export; UNet takes multiples of 16
+            export_model(model, val_loader, args.export, args.export_path, args.export_rtol, args.export_triton,
+                         args.model, size_divisor=getattr(model, "size_divisor", 1))
         return
     meter = SegmentationMeter(len(class_names), device, args.ignore_index)
     if args.save_predictions:
         names = getattr(val_loader.dataset, "names", None) or [f"{i:06d}" for i in range(len(val_loader.dataset))]
         meter = PredictionWriter(meter, [names[i] for i in val_loader.sampler], args.save_predictions, palette,
                                  args.dataset if args.data_path else None)
-    summary = evaluate(predictor_from_args(model, args), val_loader, meter, device, args).summary()
+    summary = evaluate(predictor_from_args(model, args), val_loader, meter, device, autocast, memory_format).summary()
     width = max(len(name) for name in class_names)
     print0(f"{'class':<{width}}  IoU")
     for name, iou in zip(class_names, summary["per_class_iou"]):
-        print0(f"{name:<{width}}  {'-' if iou is None else f'{100 * iou:6.2f}'}")
-    print0(f"mIoU {100 * summary['miou']:.2f}  pixel acc {100 * summary['pixel_acc']:.2f}  "
-           f"mean acc {100 * summary['mean_acc']:.2f}  on {summary['num_images']} images "
+        print0(f"{name:<{width}}  {'-' if iou is None else f'{iou:6.2f}'}")
+    print0(f"mIoU {summary['miou']:.2f}  pixel acc {summary['pixel_acc']:.2f}  "
+           f"mean acc {summary['mean_acc']:.2f}  on {summary['num_images']} images "
            f"({args.eval_mode}, scales {args.eval_scales}{', flip' if args.eval_flip else ''})")
     if env.is_main and args.output_json:
         with open(args.output_json, "w") as f:

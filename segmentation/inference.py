@@ -1,8 +1,11 @@
 """Inference for evaluation: whole image or sliding window, optionally over several scales and flips."""
+import argparse
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.flags import positive_int
 from common.log import UserError
 
 
@@ -69,11 +72,25 @@ def add_eval_args(parser):
     add = parser.add_argument
     add("--eval-mode", choices=["whole", "slide"], default="whole",
         help="predict the whole image at once, or windows of --eval-crop every --eval-stride pixels")
-    add("--eval-crop", type=int, nargs="+", metavar="PX", help="slide window: H [W] (default: --crop-size)")
-    add("--eval-stride", type=int, nargs="+", metavar="PX", help="slide step: H [W] (default: 2/3 of the window)")
-    add("--eval-scales", default="1.0", help="comma-separated input scales averaged at test time, e.g. "
-        "0.5,0.75,1.0,1.25,1.5,1.75")
+    add("--eval-crop", type=positive_int, nargs="+", metavar="PX", help="slide window: H [W] (default: --crop-size)")
+    add("--eval-stride", type=positive_int, nargs="+", metavar="PX",
+        help="slide step: H [W] (default: 2/3 of the window)")
+    add("--eval-scales", default="1.0", type=eval_scales,
+        help="comma-separated input scales averaged at test time, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (default: 1.0)")
     add("--eval-flip", action="store_true", help="also average the horizontally flipped input")
+
+
+def eval_scales(text):
+    """An argparse type: comma-separated positive scales, each once (a typo such as 1,5 for 1.5 repeats 1)."""
+    try:
+        scales = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 0.75,1.0,1.25, got {text}") from None
+    if any(not 0 < scale <= 4 for scale in scales):
+        raise argparse.ArgumentTypeError(f"scales must be above 0 and at most 4, got {text}")
+    if len(set(scales)) < len(scales):
+        raise argparse.ArgumentTypeError(f"lists a scale twice in {text}: is a decimal point written as a comma?")
+    return text
 
 
 def predictor_from_args(model, args):

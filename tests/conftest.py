@@ -20,11 +20,14 @@ TINY = ["--model", "resnet18", "--device", "cpu", "--print-freq", "4", "--synthe
 
 @contextlib.contextmanager
 def own_signal_handlers():
-    """The scripts install SIGTERM/SIGUSR1 handlers for preemption; pytest keeps its own."""
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    """The scripts install SIGTERM/SIGUSR1/SIGINT handlers for preemption; pytest keeps its own. And a run's claim on
+    its output folder ends with the run, as it does when a script's process exits."""
+    from common.log import release_output_dirs
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         yield
     finally:
+        release_output_dirs()
         for signum, handler in saved.items():
             signal.signal(signum, handler)
 

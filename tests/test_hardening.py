@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.checkpoint import load_checkpoint
-from common.engine import PREEMPTED_EXIT_CODE
+from common.stopping import PREEMPTED_EXIT_CODE
 from conftest import ROOT, SEG_TINY, TINY, popen, python, run, torchrun, train, write_tree
 
 # Deterministic kernels on one thread per process: runs compared bit for bit must add in the same order.
@@ -192,24 +192,24 @@ def test_uneven_data_across_ranks(tmp_path):
 
 
 def test_a_nan_batch_is_skipped_and_the_scale_stays_one():
-    from types import SimpleNamespace
-
-    from common.engine import grad_scaler, train_one_epoch
+    from common.engine import train_one_epoch
+    from common.precision import autocast_context, grad_scaler
+    from common.progress import ProgressLog
+    from common.stopping import NonFiniteGuard
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     batches = [(torch.randn(8, 4), torch.randint(2, (8,))) for _ in range(4)]
     batches[1][0][0, 0] = float("nan")  # one poisoned sample in the second batch
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    args = SimpleNamespace(amp=False, amp_dtype="float16", channels_last=False, accum_steps=1, clip_grad_norm=None,
-                           model_ema_steps=1, lr_warmup_epochs=0, print_freq=10, batch_size=8, world_size=1, seed=0,
-                           checkpoint_interval=0, max_nonfinite_steps=3, output_dir=None)
-    scaler = grad_scaler(torch.device("cpu"), args, optimizer)
+    cpu = torch.device("cpu")
+    scaler = grad_scaler(cpu, "float32", optimizer)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     before = [p.detach().clone() for p in model.parameters()]
     seen = []
     real_step = optimizer.step
     optimizer.step = lambda *a, **k: (seen.append(1), real_step(*a, **k))[1]
-    train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, scheduler, scaler, batches, torch.device("cpu"), 0,
-                    args)
+    train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, scheduler, scaler, batches, 0, device=cpu,
+                    autocast=autocast_context(cpu, "float32"), progress=ProgressLog(print_freq=10),
+                    nonfinite=NonFiniteGuard(3, None, "float32"))
     assert len(seen) == 3 and scaler.get_scale() == 1.0  # the NaN step skipped, the scale not halved
     assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -88,10 +88,11 @@ def test_segmentation_meter_by_hand():
     assert predicted.shape == (1, 4, 4) and predicted[0, 0, 0] == 0
     assert meter.confusion.matrix[:2, :2].tolist() == [[5, 0], [1, 8]]  # 14 labelled pixels, the 2 ignored left out
     summary = meter.summary()
-    assert summary["per_class_iou"][:2] == pytest.approx([5 / 6, 8 / 9])
+    assert summary["per_class_iou"][:2] == pytest.approx([100 * 5 / 6, 100 * 8 / 9])  # percent, as classification
     assert summary["per_class_iou"][2:] == [None, None]  # absent from labels and predictions: not NaN, not 0
-    assert summary["miou"] == pytest.approx((5 / 6 + 8 / 9) / 2)
-    assert summary["pixel_acc"] == pytest.approx(13 / 14) and summary["mean_acc"] == pytest.approx((1 + 8 / 9) / 2)
+    assert summary["miou"] == pytest.approx(100 * (5 / 6 + 8 / 9) / 2)
+    assert summary["pixel_acc"] == pytest.approx(100 * 13 / 14)
+    assert summary["mean_acc"] == pytest.approx(100 * (1 + 8 / 9) / 2)
     assert summary["num_images"] == 1
 
 
@@ -125,7 +126,7 @@ def test_learns_the_synthetic_scenes_far_above_chance(tmp_path):
     # Background is ~90% of the pixels: predicting it everywhere scores an mIoU of about 0.3.
     train_segmentation(*SEG_TINY, "--unet-width", "16", "--synthetic-train-size", "1200", "--lr", "0.1",
                        "--epochs", "2", "--output-dir", tmp_path)
-    assert log_of(tmp_path)[-1]["val_miou"] > 0.6
+    assert log_of(tmp_path)[-1]["val_miou"] > 60
 
 
 def test_run_writes_checkpoints_log_and_tensorboard(segmentation_run):
@@ -164,7 +165,7 @@ def test_test_time_augmentation_runs_through_eval(segmentation_run, tmp_path):
     evaluate_segmentation("--checkpoint", segmentation_run / "best.pth", "--device", "cpu", "--eval-mode", "slide",
                           "--eval-crop", "16", "--eval-scales", "0.75,1.0,1.25", "--eval-flip",
                           "--output-json", tmp_path / "tta.json")
-    assert 0 <= json.loads((tmp_path / "tta.json").read_text())["miou"] <= 1
+    assert 0 <= json.loads((tmp_path / "tta.json").read_text())["miou"] <= 100
 
 
 def test_a_killed_run_resumed_with_auto_ends_as_an_uninterrupted_one(tmp_path):

@@ -1,0 +1,58 @@
+"""The flags both train scripts take, by --help section; each script adds its own task's flags beside them.
+
+Only definitions live here: the scripts read the values and pass them on as plain arguments.
+"""
+import argparse
+
+
+def _number(kind, accept, rule):
+    def parse(text):
+        value = kind(text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+# argparse types: a flag such as -b 0 or --clip-grad-norm -1 is refused with the flag's name at once, instead of
+# failing later or, worse, running with a meaning nobody asked for.
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "0 or a positive integer")
+positive_float = _number(float, lambda v: v > 0, "a positive number")
+non_negative_float = _number(float, lambda v: v >= 0, "0 or a positive number")
+
+
+def add_optimisation_flags(group, recipe):
+    """Warmup, clipping, accumulation and the seed; `recipe(name)` is the help text of a data-dependent default."""
+    add = group.add_argument
+    add("--lr-warmup-epochs", type=non_negative_int, help=f"epochs of warmup {recipe('lr_warmup_epochs')}")
+    add("--lr-warmup-method", default="linear", choices=["linear", "constant"], help="warmup shape (default: linear)")
+    add("--lr-warmup-decay", type=positive_float, default=0.01,
+        help="warmup starts at this fraction of --lr (default: 0.01)")
+    add("--clip-grad-norm", type=positive_float, help="clip the gradient norm to this value (default: no clipping)")
+    add("--accum-steps", type=positive_int, default=1, help="micro-batches per optimizer step (default: 1)")
+    add("--seed", type=int, default=0, help="seed of weights init, data order and augmentation (default: 0)")
+
+
+def add_precision_flags(group):
+    add = group.add_argument
+    add("--device", help="cuda or cpu (default: cuda when available)")
+    add("--amp", action="store_true", help="mixed precision (autocast); float16 adds loss scaling")
+    add("--amp-dtype", choices=["float16", "bfloat16"], help="autocast dtype (implies --amp; default float16)")
+    add("--channels-last", action="store_true", help="NHWC memory format (faster convolutions under AMP)")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--use-deterministic-algorithms", action="store_true", help="deterministic kernels only (slower)")
+
+
+def add_checkpoint_flags(group):
+    add = group.add_argument
+    add("--output-dir", help="where checkpoints, logs and TensorBoard files go (default: nothing is written)")
+    add("--resume", help="checkpoint to continue from, or 'auto' for <output-dir>/checkpoint.pth if it exists")
+    add("--start-epoch", type=non_negative_int, default=0, help="first epoch (default: 0; set by --resume)")
+    add("--checkpoint-interval", type=non_negative_int, default=0, metavar="STEPS",
+        help="also save checkpoint.pth every STEPS optimizer steps inside an epoch (default: 0, at epoch ends only)")
+    add("--keep-checkpoints", type=non_negative_int, default=0, metavar="N",
+        help="keep checkpoint_epoch<E>.pth of the last N epochs besides checkpoint.pth and best.pth (default: 0)")
+    add("--max-nonfinite-steps", type=positive_int, default=3, metavar="N",
+        help="stop when the loss is NaN or Inf in N consecutive steps, which are skipped (default: 3)")

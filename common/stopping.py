@@ -1,0 +1,77 @@
+"""The two ways a run stops before its last epoch: on request (a preemption signal), or because it diverged
+(the loss or gradients went NaN or Inf). Both are decided at sync points, so every rank stops together."""
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+from common.distributed import all_reduce_sum
+from common.log import UserError, print0
+from common.precision import uses_loss_scaling
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; run the same command again
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports Ctrl-C; the checkpoint is saved as for 75
+
+
+class PreemptionSignal:
+    """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before preempting a job) and a first Ctrl-C (SIGINT)
+    ask the loop to stop at the next step boundary, save and exit; a second Ctrl-C stops at once. Ranks agree
+    at sync points (progress lines, checkpoint steps), so all stop together."""
+
+    def __init__(self, device):
+        self.device, self.received = device, None
+        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        self.received = self.received or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print0("Ctrl-C: finishing this step and saving; press it again to stop at once, without saving")
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def agreed(self, sync_point):
+        """Whether to stop after this step: at once in one process, at the next sync point across ranks."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.received is not None
+        if not sync_point:
+            return False
+        return all_reduce_sum(torch.tensor(int(self.received is not None), device=self.device)).item() > 0
+
+    def exit(self):
+        """Leave with PREEMPTED_EXIT_CODE (INTERRUPTED_EXIT_CODE after Ctrl-C) once every rank is here, so rank 0
+        has finished saving: a launcher that sees one rank exit stops the others."""
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        raise SystemExit(INTERRUPTED_EXIT_CODE if self.received == "SIGINT" else PREEMPTED_EXIT_CODE)
+
+
+class NonFiniteGuard:
+    """Stops a run whose gradients were NaN or Inf (a NaN loss makes them so) in `max_steps` consecutive steps.
+
+    Those steps themselves are skipped by the GradScaler. Under float16 a non-finite gradient is an overflow,
+    GradScaler's business (it lowers its scale), so nothing is counted. The count uses the gradient norm,
+    which DDP makes the same on every rank, and stays on the device until check() at a sync point.
+    """
+
+    def __init__(self, max_steps, output_dir, precision):
+        self.max_steps, self.output_dir = max_steps, output_dir
+        self.counting = not uses_loss_scaling(precision)
+        self.run = self.worst_run = None
+
+    def update(self, grad_norm):
+        if not self.counting:
+            return
+        if self.run is None:
+            self.run = self.worst_run = torch.zeros((), dtype=torch.int64, device=grad_norm.device)
+        self.run = (self.run + 1) * ~torch.isfinite(grad_norm)
+        self.worst_run = torch.maximum(self.worst_run, self.run)
+
+    def check(self, epoch, step):
+        if self.worst_run is None or (worst := int(self.worst_run)) < self.max_steps:
+            return
+        last = os.path.join(self.output_dir, "checkpoint.pth") if self.output_dir else None
+        saved = f"the last good checkpoint is {last}" if last and os.path.isfile(last) else "no checkpoint was saved"
+        raise UserError(f"the loss or gradients were NaN or Inf in {worst} consecutive steps (epoch {epoch}, by step "
+                        f"{step + 1}): stopped without saving; {saved}. Resume from it with a lower --lr or "
+                        "--clip-grad-norm")

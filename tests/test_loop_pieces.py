@@ -1,0 +1,69 @@
+"""The small pieces the training loop is made of: the seeding scheme, the precision rules, the progress line,
+the checkpointer's best-score rule."""
+import itertools
+
+import pytest
+import torch
+
+from common.checkpoint import Checkpointer, load_checkpoint
+from common.precision import UnitScaler, grad_scaler, precision_from_flags, uses_loss_scaling
+from common.log import format_duration
+from common.seeding import batch_generator, derive_seed, sample_seed
+
+
+def test_the_seeding_scheme_is_pinned():
+    # Exact resume across versions of this code depends on these numbers: change them only on purpose.
+    assert derive_seed("epoch", 0, 0, 0) == 1000009000027000027
+    assert derive_seed("step", 0, 3, 17, 1) == 337523300105887172
+    assert sample_seed(42, 2, 12345) == derive_seed("sample", 42, 2, 12345) == 3000069000335012810
+    assert torch.equal(batch_generator(7, 1, 0, 5).get_state(),
+                       torch.Generator().manual_seed(7675104600336774389).get_state())
+
+
+def test_every_stream_and_position_gets_its_own_seed():
+    seeds = [derive_seed(stream, seed, *position) for stream in ("epoch", "step", "sample", "batch")
+             for seed in range(3) for position in itertools.product(range(4), range(4), range(3))]
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+@pytest.mark.parametrize("amp,amp_dtype,expected", [(False, None, "float32"), (True, None, "float16"),
+                                                    (False, "bfloat16", "bfloat16"), (True, "bfloat16", "bfloat16")])
+def test_precision_is_decided_from_the_flags_once(amp, amp_dtype, expected):
+    precision = precision_from_flags(amp, amp_dtype)
+    assert precision == expected
+    assert uses_loss_scaling(precision) == (expected == "float16")
+
+
+def test_only_float16_scales_the_loss():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cpu = torch.device("cpu")
+    assert not isinstance(grad_scaler(cpu, "float16", optimizer), UnitScaler)
+    scaler = grad_scaler(cpu, "bfloat16", optimizer)
+    assert isinstance(scaler, UnitScaler) and scaler.get_scale() == 1.0
+    loss = model(torch.tensor([[float("inf"), 0.0]])).sum()
+    scaler.scale(loss).backward()
+    before = model.weight.detach().clone()
+    scaler.step(optimizer)  # gradients are not finite: skipped
+    scaler.update()
+    assert torch.equal(model.weight, before) and scaler.get_scale() == 1.0
+
+
+@pytest.mark.parametrize("seconds,text", [(0, "0:00"), (59.6, "1:00"), (2579.6, "43:00"), (3725, "1:02:05")])
+def test_durations_read_as_clock_times(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def test_the_first_epoch_is_best_even_at_zero_score(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    scaler = grad_scaler(torch.device("cpu"), "float32", optimizer)
+    checkpointer = Checkpointer(tmp_path, True, model, optimizer, scheduler, scaler, precision="float32", flags={},
+                                best_key="best_acc1")
+    assert checkpointer.end_of_epoch(0, 0.0)
+    assert (tmp_path / "best.pth").exists()
+    assert not checkpointer.end_of_epoch(1, 0.0)
+    assert load_checkpoint(tmp_path / "best.pth")["epoch"] == 0
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["precision"] == "float32"
