@@ -1,0 +1,112 @@
+"""Every call benchmarks/throughput.py makes into the training scripts, their data modules, common/engine.py,
+common/optim.py and common/data.py, in one place: when their signatures change, this file is the one to adapt.
+
+A row must time the step the scripts run, so the arguments come from the scripts' own parsers and the model,
+optimizer, LR schedule, GradScaler and loaders are built as train.py builds them.
+"""
+import contextlib
+import io
+import re
+import warnings
+
+import torch
+from torch import nn
+
+from classification import train as classification_train
+from classification.data import dataset_classes
+from classification.data import load_train as classification_load_train
+from classification.data import load_val as classification_load_val
+from classification.model import create_model as create_classifier
+from common.data import set_epoch
+from common.distributed import DistEnv
+from common.engine import configure_torch, evaluate, grad_scaler, train_one_epoch
+from common.metrics import ClassificationMeter
+from common.optim import create_lr_scheduler, create_optimizer, param_groups
+from segmentation import train as segmentation_train
+from segmentation.data import dataset_info
+from segmentation.data import load_train as segmentation_load_train
+
+
+def script_args(setting, opts, data, device, backend):
+    """The setting as the training script's own flags, parsed and completed by its own parser."""
+    flags = ["--model", setting.model, "-j", str(opts.workers), "--device", str(device), "--data-backend", backend]
+    if setting.dtype != "float32":
+        flags += ["--amp-dtype", setting.dtype]
+    flags += ["--channels-last"] * setting.channels_last + ["--compile"] * setting.compile
+    if setting.task == "classification":
+        script = classification_train
+        crop = str(opts.crop_size)
+        flags += ["--data-path", data["imagefolder"], "-b", str(opts.batch_size), "--train-crop-size", crop,
+                  "--val-crop-size", crop, "--val-resize-size", str(opts.crop_size * 256 // 224)]
+    else:
+        script = segmentation_train
+        flags += ["--data-path", data["cityscapes"], "--dataset", "cityscapes", "-b", str(opts.seg_batch_size),
+                  "--output-stride", str(setting.output_stride), "--crop-size", *map(str, opts.seg_crop_size),
+                  "--base-size", str(opts.seg_crop_size[1])]  # Cityscapes' recipe: 1024 for 512x1024 crops
+    args = script.finish_args(script.get_args_parser().parse_args(flags))
+    args.world_size = 1
+    # One progress line per call, at its end; and random-label batches that make the loss diverge must not stop
+    # the timing (the engine still skips their non-finite steps, as in a real run).
+    args.print_freq, args.max_nonfinite_steps = 10**9, 10**9
+    return args
+
+
+def prepare(setting, args, device):
+    """torch's global settings as the script sets them; the class names of the data set."""
+    configure_torch(args, device)
+    return dataset_classes(args) if setting.task == "classification" else dataset_info(args)[0]
+
+
+def load(setting, args, device, class_names, train):
+    """The script's own loader of the backend in args (classification's evaluation loader when not train)."""
+    env = DistEnv()
+    if not train:
+        return classification_load_val(args, env, device, class_names)
+    if setting.task == "classification":
+        return classification_load_train(args, env, device, class_names)
+    return segmentation_load_train(args, env, device)
+
+
+def start_pass(loader, epoch):
+    if hasattr(loader.sampler, "set_epoch"):
+        set_epoch(loader, epoch)
+
+
+def quietly(function, *args):
+    """The engine prints a progress line per call; the table is throughput.py's output."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        # float16's GradScaler skips its first steps while it finds its scale, which torch reports each time.
+        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before `optimizer.step()`"))
+        return function(*args)
+
+
+class Runner:
+    """The model, optimizer and scaler of one setting, built as the training scripts build them; train(batches)
+    and eval(batches) run the engine's own loops over any sized iterable of batches."""
+
+    def __init__(self, setting, args, device, num_classes):
+        self.setting, self.args, self.device, self.num_classes = setting, args, device, num_classes
+        if setting.task == "classification":
+            model, head = create_classifier(args.model, None, num_classes)
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+            groups = param_groups(model, args.lr, args.weight_decay, args.norm_weight_decay, head, args.head_lr)
+        else:
+            model = segmentation_train.build_model(args, num_classes)
+            self.criterion = segmentation_train.SegmentationLoss(args.ignore_index, args.aux_weight)
+            groups = param_groups(model, args.lr, args.weight_decay, args.norm_weight_decay)
+        model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+        self.optimizer = create_optimizer(args.opt, groups, args.lr, args.momentum, args.weight_decay, device.type)
+        # The schedule's shape does not change a step's cost; any epoch length will do.
+        self.lr_scheduler = create_lr_scheduler(self.optimizer, args, steps_per_epoch=1000)
+        self.scaler = grad_scaler(device, args, self.optimizer)
+        if args.compile:
+            model.compile()  # in place, as the scripts do; compilation happens in the first warm-up step
+        self.model = model
+
+    def train(self, batches):
+        quietly(train_one_epoch, self.model, self.criterion, self.optimizer, self.lr_scheduler, self.scaler,
+                batches, self.device, 0, self.args)
+
+    def eval(self, batches):
+        quietly(evaluate, self.model, batches, ClassificationMeter(self.num_classes, self.device), self.device,
+                self.args)

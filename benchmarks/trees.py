@@ -1,0 +1,153 @@
+"""The data trees benchmarks/throughput.py reads: an ImageFolder tree of long-tailed JPEGs and a Cityscapes-layout
+tree of PNGs, each written once in parallel and reused while its spec.json matches."""
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import time
+
+import numpy as np
+from PIL import Image
+
+# Sizes like ImageNet's: most photos 500 px on their long side, a tail of bigger ones up to camera size. Each
+# run of 200 files holds (files, long side from, to); the short side is 0.6-0.8 of the long one, a quarter of
+# the files are portrait. A JPEG's decoding cost grows with its entropy-coded size, so the pictures carry pixel
+# noise to come near ImageNet's files in bytes as well (its training archive: 1.28 M images in about 140 GB).
+# Some files take the decoders' fallbacks: grayscale JPEGs, CMYK JPEGs (nvJPEG may refuse them) and PNGs named
+# .jpg (which only Pillow reads), one in every `*_every` files.
+JPEG_SPEC = dict(classes=100, per_class=128, quality=90, noise=16, portrait=0.25, aspect=[0.6, 0.8],
+                 sizes=[[168, 500, 500], [25, 150, 999], [6, 1000, 2499], [1, 3500, 4500]],
+                 gray_every=50, cmyk_every=1600, png_every=1600)
+SMOKE_JPEG_SPEC = dict(JPEG_SPEC, classes=2, per_class=8, gray_every=8, cmyk_every=16, png_every=16,
+                       sizes=[[4, 40, 40], [2, 24, 39], [1, 41, 60], [1, 64, 80]])  # 1/10 the sizes
+# Cityscapes' published leftImg8bit archive holds 5,000 PNGs in 11 GB, about 2.2 MB each; smooth 32-pixel
+# textures at zlib level 1 come to 2.28 MB (measured). Masks hold labelIds, as gtFine's *_labelIds.png do.
+CITYSCAPES_SPEC = dict(images=400, height=1024, width=2048, cities=4)
+SMOKE_CITYSCAPES_SPEC = dict(images=4, height=64, width=128, cities=2)
+
+
+def size_class(n, spec):
+    """Which of spec["sizes"] file n has: dealt from a shuffled run, so that the tree holds their shares exactly."""
+    run = [k for k, (files, _, _) in enumerate(spec["sizes"]) for _ in range(files)]
+    return int(np.random.default_rng(n // len(run)).permutation(run)[n % len(run)])
+
+
+def jpeg_jobs(root, spec):
+    """(path, seed, height, width, kind) of every file."""
+    jobs = []
+    for c in range(spec["classes"]):
+        for i in range(spec["per_class"]):
+            n = len(jobs)
+            rng = np.random.default_rng(n)
+            _, low, high = spec["sizes"][size_class(n, spec)]
+            long_side = int(rng.integers(low, high + 1))
+            short_side = round(long_side * rng.uniform(*spec["aspect"]))
+            height, width = (long_side, short_side) if rng.random() < spec["portrait"] else (short_side, long_side)
+            path = os.path.join(root, "train", f"class{c:03d}", f"{i:04d}.jpg")
+            jobs.append((path, n, height, width, file_kind(n, spec)))
+    return jobs
+
+
+def file_kind(n, spec):
+    if n % spec["cmyk_every"] == 1:
+        return "cmyk"
+    if n % spec["png_every"] == spec["png_every"] // 2 + 1:
+        return "png"
+    return "gray" if n % spec["gray_every"] == spec["gray_every"] // 2 else "rgb"
+
+
+def write_photo(path, seed, height, width, kind, quality, noise):
+    """A blocky picture with pixel noise, as a JPEG of `kind` (rgb, gray, cmyk) or a PNG (png) at `path`."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    image = np.asarray(Image.fromarray(blocks).resize((width, height), Image.BILINEAR), dtype=np.float32)
+    # A tile of noise repeated: JPEG codes each 8x8 block on its own, so it costs the same bytes as fresh noise.
+    tile = rng.normal(0, noise, (min(height, 256), min(width, 256), 3)).astype(np.float32)
+    image += np.tile(tile, (math.ceil(height / len(tile)), math.ceil(width / tile.shape[1]), 1))[:height, :width]
+    picture = Image.fromarray(image.clip(0, 255).astype(np.uint8))
+    if kind == "png":
+        picture.save(path, format="PNG", compress_level=1)
+    else:
+        picture.convert({"rgb": "RGB", "gray": "L", "cmyk": "CMYK"}[kind]).save(path, format="JPEG", quality=quality)
+    return os.path.getsize(path), height, width, kind
+
+
+def write_street_pngs(image_path, mask_path, seed, height, width):
+    rng = np.random.default_rng(seed)
+    cells = (height // 32 + 1, width // 32 + 1)
+    blocks = rng.integers(0, 256, (*cells, 3), dtype=np.uint8)
+    Image.fromarray(blocks).resize((width, height), Image.BILINEAR).save(image_path, compress_level=1)
+    label_ids = rng.integers(0, 34, cells, dtype=np.uint8)  # every Cityscapes labelId, void ones included
+    Image.fromarray(label_ids).resize((width, height), Image.NEAREST).save(mask_path)
+    return os.path.getsize(image_path)
+
+
+def in_parallel(function, jobs):
+    with multiprocessing.Pool(min(os.cpu_count() or 1, 16)) as pool:
+        return pool.starmap(function, jobs, chunksize=max(1, len(jobs) // 256))
+
+
+def write_jpeg_tree(root, spec):
+    """An ImageFolder tree; val/ links to train/, since evaluation speed does not depend on which images."""
+    jobs = jpeg_jobs(root, spec)
+    for c in range(spec["classes"]):
+        os.makedirs(os.path.join(root, "train", f"class{c:03d}"))
+    os.symlink("train", os.path.join(root, "val"))
+    written = in_parallel(write_photo, [(*job, spec["quality"], spec["noise"]) for job in jobs])
+    sizes = [size for size, *_ in written]
+    classes = [size_class(n, spec) for n in range(len(written))]
+    return {"files": len(written), "mean_kb": round(sum(sizes) / len(sizes) / 1e3, 1),
+            "mean_megapixels": round(sum(h * w for _, h, w, _ in written) / len(written) / 1e6, 3),
+            "files_per_size_class": [classes.count(k) for k in range(len(spec["sizes"]))],
+            **{kind: sum(k == kind for *_, k in written) for kind in ("gray", "cmyk", "png")}}
+
+
+def write_cityscapes_tree(root, spec):
+    """Cityscapes' layout (segmentation/datasets.py); val/ links to train/, as only its class list is read."""
+    jobs = []
+    for i in range(spec["images"]):
+        city = f"city{i % spec['cities']}"
+        stem = f"{city}_{i:06d}_000019"
+        image_dir, mask_dir = (os.path.join(root, top, "train", city) for top in ("leftImg8bit", "gtFine"))
+        os.makedirs(image_dir, exist_ok=True)
+        os.makedirs(mask_dir, exist_ok=True)
+        jobs.append((os.path.join(image_dir, f"{stem}_leftImg8bit.png"),
+                     os.path.join(mask_dir, f"{stem}_gtFine_labelIds.png"), i, spec["height"], spec["width"]))
+    for top in ("leftImg8bit", "gtFine"):
+        os.symlink("train", os.path.join(root, top, "val"))
+    sizes = in_parallel(write_street_pngs, jobs)
+    return {"files": len(sizes), "mean_mb": round(sum(sizes) / len(sizes) / 1e6, 2)}
+
+
+def sized(spec, key, needed, per=1):
+    """The spec, grown so that one epoch holds every warm-up and timed batch: an epoch boundary restarts the
+    DataLoader workers, a cost a real epoch of thousands of steps pays once."""
+    spec = dict(spec)
+    spec[key] = max(spec[key], math.ceil(needed / per))
+    return spec
+
+
+def generate_once(root, spec, write):
+    """Write the tree `write(folder, spec)` makes into root, unless root already holds one of this spec.
+
+    It is written beside root and renamed at the end, so a run killed half-way leaves no tree that looks whole.
+    """
+    marker = os.path.join(root, "spec.json")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            written = json.load(f)
+        if written["spec"] == spec:
+            return written["stats"]
+        shutil.rmtree(root)  # ours (it has our marker), of another size
+    elif os.path.exists(root):
+        raise SystemExit(f"{root} exists but was not written by this script: choose another --data-dir")
+    partial = root + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    start = time.perf_counter()
+    stats = write(partial, spec)
+    stats["seconds_to_write"] = round(time.perf_counter() - start, 1)
+    with open(os.path.join(partial, "spec.json"), "w") as f:
+        json.dump({"spec": spec, "stats": stats}, f, indent=1)
+    os.replace(partial, root)
+    return stats
