@@ -19,9 +19,12 @@ from classification.data import load_val as classification_load_val
 from classification.model import create_model as create_classifier
 from common.data import set_epoch
 from common.distributed import DistEnv
-from common.engine import configure_torch, evaluate, grad_scaler, train_one_epoch
+from common.engine import configure_torch, evaluate, train_one_epoch
 from common.metrics import ClassificationMeter
 from common.optim import create_lr_scheduler, create_optimizer, param_groups
+from common.precision import autocast_context, grad_scaler, precision_from_flags
+from common.progress import ProgressLog
+from common.stopping import NonFiniteGuard
 from segmentation import train as segmentation_train
 from segmentation.data import dataset_info
 from segmentation.data import load_train as segmentation_load_train
@@ -45,15 +48,12 @@ def script_args(setting, opts, data, device, backend):
                   "--base-size", str(opts.seg_crop_size[1])]  # Cityscapes' recipe: 1024 for 512x1024 crops
     args = script.finish_args(script.get_args_parser().parse_args(flags))
     args.world_size = 1
-    # One progress line per call, at its end; and random-label batches that make the loss diverge must not stop
-    # the timing (the engine still skips their non-finite steps, as in a real run).
-    args.print_freq, args.max_nonfinite_steps = 10**9, 10**9
     return args
 
 
 def prepare(setting, args, device):
     """torch's global settings as the script sets them; the class names of the data set."""
-    configure_torch(args, device)
+    configure_torch(device, args.seed, args.use_deterministic_algorithms)
     return dataset_classes(args) if setting.task == "classification" else dataset_info(args)[0]
 
 
@@ -86,27 +86,38 @@ class Runner:
 
     def __init__(self, setting, args, device, num_classes):
         self.setting, self.args, self.device, self.num_classes = setting, args, device, num_classes
+        self.precision = precision_from_flags(args.amp, args.amp_dtype)
+        self.autocast = autocast_context(device, self.precision)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         if setting.task == "classification":
             model, head = create_classifier(args.model, None, num_classes)
             self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
             groups = param_groups(model, args.lr, args.weight_decay, args.norm_weight_decay, head, args.head_lr)
+            schedule = dict(step_size=args.lr_step_size, gamma=args.lr_gamma)
         else:
             model = segmentation_train.build_model(args, num_classes)
             self.criterion = segmentation_train.SegmentationLoss(args.ignore_index, args.aux_weight)
             groups = param_groups(model, args.lr, args.weight_decay, args.norm_weight_decay)
-        model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+            schedule = dict(power=args.lr_power)
+        model.to(device, memory_format=self.memory_format)
         self.optimizer = create_optimizer(args.opt, groups, args.lr, args.momentum, args.weight_decay, device.type)
         # The schedule's shape does not change a step's cost; any epoch length will do.
-        self.lr_scheduler = create_lr_scheduler(self.optimizer, args, steps_per_epoch=1000)
-        self.scaler = grad_scaler(device, args, self.optimizer)
+        self.lr_scheduler = create_lr_scheduler(
+            self.optimizer, args.lr_scheduler, args.epochs, 1000, warmup_epochs=args.lr_warmup_epochs,
+            warmup_method=args.lr_warmup_method, warmup_decay=args.lr_warmup_decay, lr_min=args.lr_min, **schedule)
+        self.scaler = grad_scaler(device, self.precision, self.optimizer)
         if args.compile:
             model.compile()  # in place, as the scripts do; compilation happens in the first warm-up step
         self.model = model
 
     def train(self, batches):
-        quietly(train_one_epoch, self.model, self.criterion, self.optimizer, self.lr_scheduler, self.scaler,
-                batches, self.device, 0, self.args)
+        # One progress line per call, at its end; random-label batches that make the loss diverge must not stop
+        # the timing (their non-finite steps are still skipped, as in a real run).
+        quietly(lambda: train_one_epoch(
+            self.model, self.criterion, self.optimizer, self.lr_scheduler, self.scaler, batches, 0, device=self.device,
+            autocast=self.autocast, progress=ProgressLog(10**9), memory_format=self.memory_format,
+            nonfinite=NonFiniteGuard(10**9, None, self.precision)))
 
     def eval(self, batches):
         quietly(evaluate, self.model, batches, ClassificationMeter(self.num_classes, self.device), self.device,
-                self.args)
+                self.autocast, self.memory_format)
