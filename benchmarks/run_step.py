@@ -1,5 +1,6 @@
-"""Every call benchmarks/throughput.py makes into the training scripts, their data modules, common/engine.py,
-common/optim.py and common/data.py, in one place: when their signatures change, this file is the one to adapt.
+"""Every call benchmarks/throughput.py makes into the training scripts, their data modules and the loop's pieces in
+common/ (engine, optim, precision, progress, stopping, data), in one place: when their signatures change, this
+file is the one to adapt.
 
 A row must time the step the scripts run, so the arguments come from the scripts' own parsers and the model,
 optimizer, LR schedule, GradScaler and loaders are built as train.py builds them.
