@@ -9,7 +9,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from classification.gpu_preset import EncodedSamples, GpuPreset, collate_encoded
-from common.data import ResumableSampler, SeededSamples, ShardedEvalSampler, TensorLoader, ignore_stop_signals
+from common.data import SeededSamples, ShardedEvalSampler, TensorLoader, ignore_stop_signals, training_sampler
 from common.device_loader import DeviceLoader, SyntheticBatches
 from common.images import MEAN, STD, NormalizeBytes, not_a_file_error, read_image, reason, shown
 from common.log import UserError, print0
@@ -187,9 +187,12 @@ def synthetic_loader(images, labels, args, env, train, mixer=None):
         images = normalize(images)
         return mixer(images, labels) if mixer is not None else (images, labels)
 
-    sampler = (ResumableSampler(labels, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True)
-               if train else ShardedEvalSampler(labels, env.rank, env.world_size))
+    sampler = train_sampler(labels, args, env) if train else ShardedEvalSampler(labels, env.rank, env.world_size)
     return TensorLoader(images, labels, sampler, args.batch_size, transform, drop_last=train)
+
+
+def train_sampler(dataset, args, env):
+    return training_sampler(dataset, env, args.seed, args.ra_reps if args.ra_sampler else 0)
 
 
 def dataset_classes(args):
@@ -210,8 +213,7 @@ def random_batches(args, device, num_classes, size):
 def device_loader(folder, args, env, device, train, seed=0, mixer=None):
     """--data-backend gpu: workers read file bytes, the device decodes and augments whole batches."""
     encoded = EncodedSamples(folder.samples)
-    sampler = (ResumableSampler(encoded, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True)
-               if train else ShardedEvalSampler(encoded, env.rank, env.world_size))
+    sampler = train_sampler(encoded, args, env) if train else ShardedEvalSampler(encoded, env.rank, env.world_size)
     loader = DataLoader(encoded, batch_size=args.batch_size, num_workers=args.workers, sampler=sampler,
                         collate_fn=collate_encoded, drop_last=train, worker_init_fn=ignore_stop_signals)
     preset = GpuPreset([path for path, _ in folder.samples], device, train,
@@ -231,7 +233,7 @@ def load_train(args, env, device, class_names):
     if args.data_backend == "gpu":
         return device_loader(folder, args, env, device, True, args.seed, mixer)
     if args.data_backend == "synthetic":
-        sampler = ResumableSampler(folder, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True)
+        sampler = train_sampler(folder, args, env)
         make_batch = random_batches(args, device, len(class_names), args.train_crop_size)
         return SyntheticBatches(make_batch, len(sampler) // args.batch_size, sampler, args.batch_size)
     train_set = SeededSamples(folder, args.seed)
@@ -239,7 +241,7 @@ def load_train(args, env, device, class_names):
     # a resumed run identical to an uninterrupted one.
     return DataLoader(
         train_set, batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
-        sampler=ResumableSampler(train_set, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True),
+        sampler=train_sampler(train_set, args, env),
         collate_fn=partial(mix_collate, mixer=mixer) if mixer else None, drop_last=True,
         worker_init_fn=ignore_stop_signals)
 

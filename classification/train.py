@@ -60,6 +60,9 @@ def get_args_parser():
     add("--mixup-alpha", type=non_negative_float, default=0.0, help="MixUp alpha (default: 0, off)")
     add("--cutmix-alpha", type=non_negative_float, default=0.0,
         help="CutMix alpha (default: 0, off); with MixUp, one of the two per batch")
+    add("--ra-sampler", action="store_true", help="repeated augmentation: each image --ra-reps times per epoch, "
+        "differently augmented, on consecutive ranks (torchvision's RASampler; its ResNet-50 V2 recipe uses it)")
+    add("--ra-reps", type=positive_int, default=3, help="copies of each image with --ra-sampler (default: 3)")
     add("--data-backend", default="pil", choices=["pil", "gpu", "synthetic"],
         help="pil: decode and augment in DataLoader workers; gpu: workers read bytes, the device decodes (nvJPEG) "
         "and augments whole batches; synthetic: random batches on the device, to time the model step alone "

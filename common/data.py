@@ -30,9 +30,32 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+class RepeatedAugmentationSampler(ResumableSampler):
+    """Repeated augmentation (torchvision's RASampler, --ra-sampler): each sample `reps` times in a row in the
+    epoch's order, so its copies land on consecutive ranks (or in one batch), each augmented its own way. An
+    epoch keeps its usual length per rank, so it sees about 1/reps of the distinct samples.
+
+    It yields virtual indices, index + copy * len(dataset), from which SeededSamples seeds each copy apart;
+    the datasets read sample index % len(dataset). As for DistributedSampler, the epoch's order depends on
+    (seed, epoch) only, and rank r takes every world-th entry of it.
+    """
+
+    def __init__(self, dataset, num_replicas, rank, seed, reps):
+        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
+        self.reps = reps
+
+    def __iter__(self):
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        copies = (order[:, None] + n * torch.arange(self.reps)).flatten()
+        mine = copies[self.rank::self.num_replicas][:self.num_samples]
+        return itertools.islice(iter(mine.tolist()), self.start, None)
+
+
 class SeededSamples(Dataset):
     """Seeds each sample's random transforms from (seed, epoch, index) instead of from the worker's stream, so
-    a sample is augmented the same way whichever worker loads it and wherever a resumed epoch starts."""
+    a sample is augmented the same way whichever worker loads it and wherever a resumed epoch starts. A virtual
+    index of RepeatedAugmentationSampler gives each copy of a sample a seed of its own."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
@@ -43,7 +66,14 @@ class SeededSamples(Dataset):
     def __getitem__(self, index):
         with torch.random.fork_rng(devices=[]):  # the caller's own stream is left as it was
             torch.manual_seed(sample_seed(self.seed, self.epoch, index))
-            return self.dataset[index]
+            return self.dataset[index % len(self.dataset)]
+
+
+def training_sampler(dataset, env, seed, ra_reps=0):
+    """The training sampler: each rank its own shuffled part of every epoch; with ra_reps, repeated augmentation."""
+    if ra_reps:
+        return RepeatedAugmentationSampler(dataset, env.world_size, env.rank, seed, ra_reps)
+    return ResumableSampler(dataset, env.world_size, env.rank, shuffle=True, seed=seed, drop_last=True)
 
 
 def set_epoch(loader, epoch, skip_batches=0):
@@ -108,7 +138,8 @@ class TensorLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        indices = torch.tensor(list(self.sampler)).to(self.images.device, non_blocking=True)
+        indices = torch.tensor(list(self.sampler)) % len(self.images)  # % for RepeatedAugmentationSampler's copies
+        indices = indices.to(self.images.device, non_blocking=True)
         for b in range(len(self)):
             batch = indices[b * self.batch_size:(b + 1) * self.batch_size]
             yield self.transform(self.images[batch], self.labels[batch])

@@ -62,7 +62,8 @@ def start_output_dir(output_dir, flags):
     """Create the output folder, claim it for this run and record the run's flags in args.json (rank 0 only).
 
     A second live run on the same folder is refused: their checkpoints and log lines would interleave. The
-    claim is an flock on DIR/.lock, which the OS drops when the process ends, a crash included.
+    claim is a POSIX lock on DIR/.lock, which the OS drops when the process ends, a crash included; unlike an
+    flock, forked DataLoader workers do not hold it too, so a killed run's folder is free at once.
     """
     if not output_dir or not is_main_process():
         return
@@ -71,8 +72,8 @@ def start_output_dir(output_dir, flags):
     if key not in _held_locks:
         lock = open(os.path.join(output_dir, ".lock"), "a+")
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             lock.seek(0)
             raise UserError(f"another run (pid {lock.read().strip() or '?'}) is writing to --output-dir {output_dir}: "
                             "wait for it to end, or give this run another --output-dir") from None
