@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.log import UserError
+from common.log import SampleError, UserError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torchvision's weights expect
 REPLACE_IMAGE = "delete the file or replace it with a valid image"
@@ -67,7 +67,7 @@ def open_regular(path, what="image"):
     except OSError as e:
         if isinstance(e, FileNotFoundError) and os.path.islink(path):
             raise not_a_file_error(path, what) from None
-        raise UserError(f"cannot read {what} {shown(path)} ({reason(e)}): {replace_hint(what)}") from None
+        raise SampleError(f"cannot read {what} {shown(path)} ({reason(e)}): {replace_hint(what)}") from None
     info = os.fstat(f.fileno())
     if not stat.S_ISREG(info.st_mode):
         f.close()
@@ -83,9 +83,9 @@ def read_file_bytes(path):
         try:
             data = f.read(size)
         except OSError as e:
-            raise UserError(f"cannot read image {shown(path)} ({reason(e)}): {REPLACE_IMAGE}") from None
+            raise SampleError(f"cannot read image {shown(path)} ({reason(e)}): {REPLACE_IMAGE}") from None
     if not data:
-        raise UserError(f"cannot read image {shown(path)} (the file is empty): {REPLACE_IMAGE}")
+        raise SampleError(f"cannot read image {shown(path)} (the file is empty): {REPLACE_IMAGE}")
     return data
 
 
@@ -101,7 +101,7 @@ def read_image(path, name=None):
                 image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
             return image.convert("RGB")
     except Exception as e:
-        raise UserError(f"cannot read image {shown(name or path)} ({reason(e)}): {REPLACE_IMAGE}") from None
+        raise SampleError(f"cannot read image {shown(name or path)} ({reason(e)}): {REPLACE_IMAGE}") from None
 
 
 class NormalizeBytes:
