@@ -109,7 +109,8 @@ class ImageFolderWithClasses(datasets.ImageFolder):
 
 def train_preset(args):
     interpolation = v2.InterpolationMode(args.interpolation)
-    steps = [v2.RandomResizedCrop(args.train_crop_size, interpolation=interpolation, antialias=True),
+    steps = [v2.RandomResizedCrop(args.train_crop_size, scale=args.train_crop_scale, ratio=args.train_crop_ratio,
+                                  interpolation=interpolation, antialias=True),
              v2.RandomHorizontalFlip()]
     if args.auto_augment == "ra":
         steps.append(v2.RandAugment(interpolation=interpolation))
@@ -216,8 +217,10 @@ def device_loader(folder, args, env, device, train, seed=0, mixer=None):
     sampler = train_sampler(encoded, args, env) if train else ShardedEvalSampler(encoded, env.rank, env.world_size)
     loader = DataLoader(encoded, batch_size=args.batch_size, num_workers=args.workers, sampler=sampler,
                         collate_fn=collate_encoded, drop_last=train, worker_init_fn=ignore_stop_signals)
-    preset = GpuPreset([path for path, _ in folder.samples], device, train,
-                       args.train_crop_size if train else args.val_crop_size, args.val_resize_size, MEAN, STD)
+    size = args.train_crop_size if train else args.val_crop_size
+    crop_range = dict(scale=args.train_crop_scale, ratio=args.train_crop_ratio) if train else {}
+    preset = GpuPreset([path for path, _ in folder.samples], device, train, size, args.val_resize_size, MEAN, STD,
+                       **crop_range)
     return DeviceLoader(loader, preset, device, seed, after=mixer)
 
 

@@ -219,9 +219,10 @@ def crop_resize(images, boxes, size):
 class GpuPreset:
     """prepare(batch, generator) for common.device_loader.DeviceLoader: decode, crop, flip, normalise."""
 
-    def __init__(self, paths, device, train, crop_size, resize_size, mean, std):
+    def __init__(self, paths, device, train, crop_size, resize_size, mean, std, scale=(0.08, 1.0),
+                 ratio=(3 / 4, 4 / 3)):
         self.paths, self.device, self.train = paths, device, train
-        self.crop_size, self.resize_size = crop_size, resize_size
+        self.crop_size, self.resize_size, self.scale, self.ratio = crop_size, resize_size, scale, ratio
         # Made once: a tensor built from a Python list is a host-to-device copy, which waits for the GPU.
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
@@ -232,7 +233,7 @@ class GpuPreset:
         heights = torch.tensor([image.shape[1] for image in images])
         widths = torch.tensor([image.shape[2] for image in images])
         if self.train:
-            boxes = random_resized_crop_boxes(heights, widths, generator)
+            boxes = random_resized_crop_boxes(heights, widths, generator, self.scale, self.ratio)
         else:
             boxes = center_crop_boxes(heights, widths, self.resize_size, self.crop_size)
         crops = crop_resize(images, boxes, self.crop_size)

@@ -50,6 +50,11 @@ def get_args_parser():
     add("-b", "--batch-size", type=positive_int, help=f"images per process per step {recipe('batch_size')}")
     add("-j", "--workers", type=non_negative_int, help=f"DataLoader worker processes per rank {recipe('workers')}")
     add("--train-crop-size", type=positive_int, help=f"RandomResizedCrop size {recipe('train_crop_size')}")
+    add("--train-crop-scale", type=positive_float, nargs=2, default=[0.08, 1.0], metavar=("MIN", "MAX"),
+        help="RandomResizedCrop: range of the crop's area, as a fraction of the image's (default: 0.08 1.0; "
+        "higher MIN keeps more of the object, for small images and fine-tuning)")
+    add("--train-crop-ratio", type=positive_float, nargs=2, default=[3 / 4, 4 / 3], metavar=("MIN", "MAX"),
+        help="RandomResizedCrop: range of the crop's width / height (default: 0.75 1.333)")
     add("--val-resize-size", type=positive_int, default=256,
         help="validation resize of the shorter side (default: 256)")
     add("--val-crop-size", type=positive_int, default=224, help="validation centre crop (default: 224)")
@@ -157,9 +162,14 @@ def finish_args(args):
     if args.compile and args.grad_checkpointing:
         raise UserError("--grad-checkpointing and --compile together fail in the compiled backward on CUDA "
                         "(torch 2.11): use one of them")
-    if args.data_path is None and (args.auto_augment or args.random_erase):
-        print0("note: the synthetic set has its own augmentation; --auto-augment and --random-erase apply to "
-               "--data-path only")
+    for name in ("train_crop_scale", "train_crop_ratio"):
+        low, high = getattr(args, name)
+        if low > high or (name == "train_crop_scale" and high > 1):
+            raise UserError(f"--{name.replace('_', '-')} {low:g} {high:g}: give MIN <= MAX"
+                            f"{', and an area fraction of at most 1' if name == 'train_crop_scale' else ''}")
+    if args.data_path is None and (args.auto_augment or args.random_erase or args.train_crop_scale != [0.08, 1.0]):
+        print0("note: the synthetic set has its own augmentation; --auto-augment, --random-erase and "
+               "--train-crop-scale/-ratio apply to --data-path only")
     return args
 
 

@@ -22,22 +22,26 @@ from common.log import UserError
 from conftest import evaluate, run, train, train_segmentation, write_image, write_tree
 
 
-def test_crop_boxes_follow_random_resized_crop():
+@pytest.mark.parametrize("scale,ratio", [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.5, 0.9), (0.9, 1.5))],
+                         ids=["torchvision-default", "--train-crop-scale 0.5 0.9 --train-crop-ratio 0.9 1.5"])
+def test_crop_boxes_follow_random_resized_crop(scale, ratio):
     n, height, width = 20_000, 300, 500
     boxes = random_resized_crop_boxes(torch.full((n,), height), torch.full((n,), width),
-                                      torch.Generator().manual_seed(0))
+                                      torch.Generator().manual_seed(0), scale, ratio)
     crop_w, crop_h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
     torch.manual_seed(0)
-    reference = torch.tensor([v2.RandomResizedCrop.get_params(torch.zeros(1, height, width), [0.08, 1.0],
-                                                              [3 / 4, 4 / 3]) for _ in range(n)], dtype=torch.float)
+    reference = torch.tensor([v2.RandomResizedCrop.get_params(torch.zeros(1, height, width), list(scale),
+                                                              list(ratio)) for _ in range(n)], dtype=torch.float)
     ref_top, ref_left, ref_h, ref_w = reference.unbind(1)
     # Means agree to well within their sampling error (about 0.002 for the area fraction at n = 20,000).
     assert (crop_w * crop_h).mean() / (height * width) == pytest.approx(((ref_w * ref_h).mean() / (height * width)).item(), abs=0.01)
     assert (crop_w / crop_h).log().mean() == pytest.approx((ref_w / ref_h).log().mean().item(), abs=0.01)
     assert boxes[:, 1].mean() == pytest.approx(ref_top.mean().item(), abs=2)
     assert boxes[:, 0].mean() == pytest.approx(ref_left.mean().item(), abs=4)
-    assert (crop_w / crop_h).min() >= 3 / 4 - 0.02 and (crop_w / crop_h).max() <= 4 / 3 + 0.02
+    assert (crop_w / crop_h).min() >= ratio[0] - 0.02 and (crop_w / crop_h).max() <= ratio[1] + 0.02
+    area = crop_w * crop_h / (height * width)
+    assert scale[0] - 0.01 <= area.min() and area.max() <= scale[1] + 0.01
 
 
 def test_crop_box_fallback_matches_torchvision_on_extreme_images():
@@ -241,3 +245,17 @@ def test_segmentation_device_transform_keeps_labels_and_pads_with_ignore():
     assert images.shape == (8, 3, 32, 48) and masks.shape == (8, 32, 48) and masks.dtype == torch.int64
     assert set(masks.unique().tolist()) <= {0, 1, 2, 255} and (masks == 255).any()  # crops bigger than the image
     assert not math.isnan(images.sum().item())
+
+
+def test_both_backends_take_the_crop_scale_and_ratio(tmp_path):
+    from classification import train as script
+    from classification.data import ImageFolderWithClasses, device_loader, train_preset
+    from common.distributed import DistEnv
+    data = write_tree(tmp_path / "data")
+    args = script.finish_args(script.get_args_parser().parse_args(
+        ["--data-path", str(data), "-j", "0", "--train-crop-scale", "0.5", "0.9", "--train-crop-ratio", "0.9", "1.5"]))
+    crop = train_preset(args).transforms[0]
+    assert isinstance(crop, v2.RandomResizedCrop) and (tuple(crop.scale), tuple(crop.ratio)) == ((0.5, 0.9), (0.9, 1.5))
+    folder = ImageFolderWithClasses(data / "train", ["cat", "dog", "fox"], None)
+    preset = device_loader(folder, args, DistEnv(), torch.device("cpu"), train=True).prepare
+    assert (tuple(preset.scale), tuple(preset.ratio)) == ((0.5, 0.9), (0.9, 1.5))
