@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 import torchvision
 
-from classification.confusion_image import confusion_matrix_image
+from classification.pictures import confusion_matrix_image
 from classification.data import SHAPES, list_classes, load_val
 from classification.model import create_model
 from common.checkpoint import load_checkpoint, load_model_state, state_dict_from

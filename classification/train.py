@@ -13,16 +13,17 @@ import torch
 from torch import nn
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from classification.confusion_image import confusion_matrix_image
+from classification.pictures import confusion_matrix_image, prediction_grid
 from classification.data import dataset_classes, load_train, load_val
 from classification.model import create_model, enable_grad_checkpointing
 from common.checkpoint import (Checkpointer, load_model_state, read_training_checkpoint, resume_path, state_dict_from,
                                training_flags)
 from common.data import default_workers, optimizer_steps_per_epoch, set_epoch
 from common.distributed import check_sync_bn, data_parallel, init_distributed, sync_batch_norm
-from common.engine import configure_torch, evaluate, train_one_epoch
+from common.engine import configure_torch, evaluate, to_device, train_one_epoch
 from common.flags import (add_checkpoint_flags, add_optimisation_flags, add_precision_flags, non_negative_float,
                           non_negative_int, positive_float, positive_int)
+from common.images import MEAN, STD
 from common.log import (UserError, append_jsonl, count_parameters, is_main_process, print0, print_run_end,
                         print_run_start, run_cli, start_output_dir, tensorboard_writer)
 from common.metrics import ClassificationMeter
@@ -213,6 +214,35 @@ def test_only(model, val_loader, class_names, device, autocast, memory_format, a
         validate(model, val_loader, class_names, device, autocast, memory_format, "Test EMA")
 
 
+def wrong_first(targets, predicted, confidence):
+    """Indices of the wrong predictions by falling confidence, then of the right ones by falling confidence."""
+    right = (predicted == targets).double()
+    return torch.argsort(right * 2 - confidence.double(), stable=True)  # wrong: -conf in [-1, 0); right: [1, 2)
+
+
+@torch.inference_mode()
+def log_predictions(writer, model, val_loader, class_names, device, autocast, memory_format, epoch, count=16):
+    """A grid of validation images with their true and predicted classes, the most confidently wrong first,
+    from the first validation batches (the same images each epoch)."""
+    model.eval()
+    images, targets, probabilities = [], [], []
+    for batch in val_loader:
+        batch_images, batch_targets = to_device(batch, device, memory_format)
+        with autocast:
+            probabilities.append(model(batch_images).float().softmax(1).cpu())
+        images.append(batch_images.float().cpu())
+        targets.append(batch_targets.cpu())
+        if sum(len(t) for t in targets) >= 4 * count:
+            break
+    images, targets, probabilities = torch.cat(images), torch.cat(targets), torch.cat(probabilities)
+    confidence, predicted = probabilities.max(1)
+    shown = wrong_first(targets, predicted, confidence)[:count]
+    pictures = (images[shown] * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1))
+    pictures = (pictures.clamp(0, 1) * 255).round().to(torch.uint8)
+    grid = prediction_grid(pictures, targets[shown], predicted[shown], confidence[shown], class_names)
+    writer.add_image("val/predictions", pil_to_tensor(grid), epoch)
+
+
 def log_epoch(record, output_dir, writer):
     if output_dir and is_main_process():
         append_jsonl(os.path.join(output_dir, "log.jsonl"), record)
@@ -292,6 +322,8 @@ def main(args):
         record = {"epoch": epoch, **stats, **val}
         checkpointer.end_of_epoch(epoch, record.get("val_ema_acc1", val["val_acc1"]))  # with EMA, its weights are kept
         log_epoch(record, args.output_dir, writer)
+        if writer is not None:
+            log_predictions(writer, model, val_loader, class_names, device, autocast, memory_format, epoch)
 
     if writer is not None and args.start_epoch < args.epochs:  # what the last epoch confuses with what
         picture = confusion_matrix_image(val_meter.confusion.matrix.cpu(), class_names)

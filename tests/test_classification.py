@@ -39,7 +39,8 @@ def test_tensorboard_gets_every_step_and_the_confusion_matrix(trained_run):
     assert [e.step for e in events.Scalars("train/loss")] == list(range(2 * 16))  # 512 images / 32 per step
     assert len(events.Scalars("train/grad_norm")) == 32
     assert {"train/lr", "train/img_per_s", "epoch/val_acc1"} <= set(events.Tags()["scalars"])
-    assert events.Tags()["images"] == ["val/confusion_matrix"]
+    assert sorted(events.Tags()["images"]) == ["val/confusion_matrix", "val/predictions"]
+    assert len(events.Images("val/predictions")) == 2  # one grid at each evaluation
 
 
 def test_a_killed_run_resumed_with_auto_ends_as_an_uninterrupted_one(tmp_path):
@@ -172,3 +173,11 @@ def test_test_only_reproduces_the_logged_accuracy(trained_run, capsys):
     train(*TINY, "--test-only", "--resume", trained_run / "checkpoint.pth")
     last = log_of(trained_run)[-1]
     assert f"top-1 {last['val_acc1']:.3f}" in capsys.readouterr().out
+
+
+def test_the_prediction_grid_shows_the_most_confidently_wrong_first():
+    from classification.train import wrong_first
+    targets = torch.tensor([0, 0, 1, 1, 2])
+    predicted = torch.tensor([0, 1, 2, 1, 0])
+    confidence = torch.tensor([0.9, 0.6, 0.95, 0.5, 0.7])
+    assert wrong_first(targets, predicted, confidence).tolist() == [2, 4, 1, 0, 3]  # wrong 0.95, 0.7, 0.6; right 0.9, 0.5

@@ -1,4 +1,5 @@
-"""A confusion matrix drawn as a picture, for TensorBoard and eval.py --confusion-png."""
+"""Pictures of a classifier's validation, for TensorBoard and eval.py --confusion-png: the confusion matrix, and a
+grid of predictions."""
 from PIL import Image, ImageDraw
 
 TITLE = 14  # pixels of the axis titles' band
@@ -37,3 +38,21 @@ def draw_axes(image, draw, class_names, cell, margin):
     for i, name in enumerate(class_names):
         draw.text((TITLE + 2, margin + i * cell + cell // 2 - 5), str(name)[:14], fill="black")
         draw.text((margin + i * cell + 1, TITLE + 2 + (i % 5) * 14), str(name)[:3], fill="black")
+
+
+def prediction_grid(images, targets, predicted, confidence, class_names, tile=128, columns=4):
+    """A grid of validation pictures (uint8 [N, 3, H, W]), each with its true class and the predicted one and
+    its probability beneath, a wrong prediction in red."""
+    band = 26  # two lines of the default font under each picture
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * tile, rows * (tile + band)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        x, y = (i % columns) * tile, (i // columns) * (tile + band)
+        picture = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((tile, tile), Image.Resampling.BILINEAR)
+        grid.paste(picture, (x, y))
+        right = int(predicted[i]) == int(targets[i])
+        draw.text((x + 2, y + tile + 1), f"true {str(class_names[targets[i]])[:16]}", fill="black")
+        draw.text((x + 2, y + tile + 13), f"pred {str(class_names[predicted[i]])[:12]} {100 * float(confidence[i]):.0f}%",
+                  fill=(0, 120, 0) if right else (200, 0, 0))
+    return grid
