@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from common.data import ResumableSampler, SeededSamples, ShardedEvalSampler, TensorLoader, ignore_stop_signals
 from common.device_loader import DeviceLoader, SyntheticBatches
@@ -13,6 +14,7 @@ from common.images import MEAN, STD, NormalizeBytes
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
 from segmentation.datasets import DATASETS, IGNORE_INDEX
 
+COLOUR_JITTER = 0.25  # brightness, contrast and saturation factors in 1 +- this, of training crops
 SYNTHETIC_PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
                      (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
 
@@ -24,7 +26,7 @@ def train_transforms(base_size, crop_size, scale_range):
         v2.RandomResize(int(scale_range[0] * base_size), int(scale_range[1] * base_size) + 1),
         v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
         v2.RandomHorizontalFlip(),
-        v2.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25),
+        v2.ColorJitter(brightness=COLOUR_JITTER, contrast=COLOUR_JITTER, saturation=COLOUR_JITTER),
         v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True),
         v2.Normalize(MEAN, STD),
     ])
@@ -32,14 +34,16 @@ def train_transforms(base_size, crop_size, scale_range):
 
 def val_transform(image, mask, base_size):
     """Only the image is resized: the mask keeps the resolution it was annotated at, where it is scored."""
-    image = v2.functional.resize(image, base_size, antialias=True)
-    image = v2.functional.normalize(v2.functional.to_dtype(image, torch.float32, scale=True), MEAN, STD)
+    image = F.resize(image, base_size, antialias=True)
+    image = F.normalize(F.to_dtype(image, torch.float32, scale=True), MEAN, STD)
     return image, mask.to(torch.int64)
 
 
 def load_dataset(args, split):
     transforms = (train_transforms(args.base_size, args.crop_size, args.scale_range) if split == "train"
                   else partial(val_transform, base_size=args.base_size))
+    if split == "train" and args.voc_aug:  # validation stays on VOC's val (eval.py has no such flag)
+        split = "train_aug"
     return DATASETS[args.dataset](args.data_path, split, transforms)
 
 
@@ -56,24 +60,67 @@ def collate_lists(batch):
     return tuple(list(items) for items in zip(*batch))
 
 
+def resized_shape(height, width, shorter):
+    """(height, width) after v2.functional.resize(image, [shorter]): the shorter side becomes `shorter`."""
+    if height <= width:
+        return shorter, int(shorter * width / height)
+    return int(shorter * height / width), shorter
+
+
+def draw_augmentation(height, width, base_size, crop_size, scale_range, generator):
+    """One sample's random choices for train_transforms' steps, drawn from `generator` with the distributions
+    v2 draws them with: RandomResize's shorter side, RandomCrop's offsets (after pad_if_needed, which pads the
+    missing rows and columns on both sides), the flip, and ColorJitter's order and factors."""
+    def randint(low, high):
+        return int(torch.randint(low, high, (), generator=generator))
+
+    shorter = randint(int(scale_range[0] * base_size), int(scale_range[1] * base_size) + 1)
+    height, width = resized_shape(height, width, shorter)
+    (crop_h, crop_w) = crop_size
+    pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
+    return {"shorter": shorter, "padding": [pad_w, pad_h, pad_w, pad_h],
+            "top": randint(0, height + 2 * pad_h - crop_h + 1), "left": randint(0, width + 2 * pad_w - crop_w + 1),
+            "flip": bool(torch.rand((), generator=generator) < 0.5),
+            "jitter_order": torch.randperm(3, generator=generator).tolist(),
+            "jitter": torch.empty(3).uniform_(1 - COLOUR_JITTER, 1 + COLOUR_JITTER, generator=generator).tolist()}
+
+
+def augment(image, mask, params, crop_size):
+    """Apply draw_augmentation's choices with v2.functional: masks are resized nearest and padded with 255."""
+    image, mask = tv_tensors.Image(image), tv_tensors.Mask(mask)
+    image = F.resize(image, [params["shorter"]], antialias=True)
+    mask = F.resize(mask, [params["shorter"]])
+    if any(params["padding"]):
+        image = F.pad(image, params["padding"], fill=0)
+        mask = F.pad(mask, params["padding"], fill=IGNORE_INDEX)
+    image = F.crop(image, params["top"], params["left"], *crop_size)
+    mask = F.crop(mask, params["top"], params["left"], *crop_size)
+    if params["flip"]:
+        image, mask = F.horizontal_flip(image), F.horizontal_flip(mask)
+    adjust = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
+    for i in params["jitter_order"]:
+        image = adjust[i](image, params["jitter"][i])
+    return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+
+
 class DeviceTransform:
-    """--data-backend gpu: the training transforms of train_transforms, applied on the device to images and
-    masks that the workers only decoded; each sample seeded from the batch's generator."""
+    """--data-backend gpu: train_transforms applied on the device to the images and masks that the workers only
+    decoded. Every random choice comes from the batch's generator, none from torch's global stream, so the
+    DeviceLoader can prepare a batch ahead on its side thread and a resumed run prepares the same batches."""
 
     def __init__(self, args, device):
-        self.transform = train_transforms(args.base_size, args.crop_size, args.scale_range)
-        self.device = device
+        self.base_size, self.crop_size, self.scale_range = args.base_size, args.crop_size, args.scale_range
+        self.device, self.normalize = device, NormalizeBytes(device)
 
     def __call__(self, batch, generator):
         images, masks = [], []
         for image, mask in zip(*batch):
-            with torch.random.fork_rng(devices=[]):  # v2 draws from the global stream: seed it per sample
-                torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
-                image, mask = self.transform(tv_tensors.Image(image.to(self.device, non_blocking=True)),
-                                             tv_tensors.Mask(mask.to(self.device, non_blocking=True)))
+            params = draw_augmentation(*image.shape[-2:], self.base_size, self.crop_size, self.scale_range, generator)
+            image, mask = augment(image.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True),
+                                  params, self.crop_size)
             images.append(image)
             masks.append(mask)
-        return torch.stack(images), torch.stack(masks)
+        return self.normalize(torch.stack(images)), torch.stack(masks).to(torch.int64)
 
 
 def load_train(args, env, device):
@@ -94,7 +141,7 @@ def load_train(args, env, device):
                             sampler=ResumableSampler(decoded, env.world_size, env.rank, shuffle=True,
                                                      seed=args.seed, drop_last=True), drop_last=True,
                             worker_init_fn=ignore_stop_signals)
-        return DeviceLoader(loader, DeviceTransform(args, device), device, args.seed, threaded=False)
+        return DeviceLoader(loader, DeviceTransform(args, device), device, args.seed)
     train_set = SeededSamples(load_dataset(args, "train"), args.seed)
     # Not persistent: fresh workers each epoch take their seeds from the per-epoch RNG (exact resume).
     return DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers,

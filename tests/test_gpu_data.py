@@ -259,3 +259,65 @@ def test_both_backends_take_the_crop_scale_and_ratio(tmp_path):
     folder = ImageFolderWithClasses(data / "train", ["cat", "dog", "fox"], None)
     preset = device_loader(folder, args, DistEnv(), torch.device("cpu"), train=True).prepare
     assert (tuple(preset.scale), tuple(preset.ratio)) == ((0.5, 0.9), (0.9, 1.5))
+
+
+def test_segmentation_device_augmentation_draws_as_v2_does():
+    from segmentation.data import draw_augmentation, resized_shape
+    n, height, width, base, crop, scale_range = 4000, 40, 60, 32, (48, 48), (0.5, 2.0)
+    generator = torch.Generator().manual_seed(0)
+    ours = [draw_augmentation(height, width, base, crop, scale_range, generator) for _ in range(n)]
+    torch.manual_seed(0)
+    resize = v2.RandomResize(int(scale_range[0] * base), int(scale_range[1] * base) + 1)
+    theirs = [resize.make_params([torch.zeros(3, height, width)])["size"][0] for _ in range(n)]
+    shorter = torch.tensor([p["shorter"] for p in ours], dtype=torch.float)
+    assert (shorter.min(), shorter.max()) == (min(theirs), max(theirs)) == (16, 64)
+    assert shorter.mean() == pytest.approx(sum(theirs) / n, abs=0.6)  # uniform over 16..64: sd of the mean 0.22
+    cropper = v2.RandomCrop(crop, pad_if_needed=True)
+    for p in ours[:300]:  # offsets within what v2 allows on the same resized size
+        resized = resized_shape(height, width, p["shorter"])
+        assert F_resized_shape(height, width, p["shorter"]) == resized
+        v2_params = cropper.make_params([torch.zeros(3, *resized)])
+        assert p["padding"] == v2_params["padding"]
+        padded_h, padded_w = resized[0] + 2 * p["padding"][1], resized[1] + 2 * p["padding"][0]
+        assert 0 <= p["top"] <= padded_h - crop[0] and 0 <= p["left"] <= padded_w - crop[1]
+    assert sum(p["flip"] for p in ours) / n == pytest.approx(0.5, abs=0.03)
+    factors = torch.tensor([p["jitter"] for p in ours])
+    assert 0.75 <= factors.min() and factors.max() <= 1.25 and factors.mean() == pytest.approx(1.0, abs=0.01)
+    orders = {tuple(p["jitter_order"]) for p in ours}
+    assert len(orders) == 6  # every order of brightness, contrast, saturation
+
+
+def F_resized_shape(height, width, shorter):
+    """What v2.functional.resize really makes of an image, to check segmentation.data.resized_shape."""
+    return tuple(v2.functional.resize(torch.zeros(1, height, width), [shorter], antialias=True).shape[-2:])
+
+
+def test_segmentation_device_augmentation_keeps_masks_nearest_and_pads_with_ignore():
+    from segmentation.data import augment
+    image = torch.full((3, 8, 8), 200, dtype=torch.uint8)
+    mask = torch.zeros(8, 8, dtype=torch.uint8)
+    mask[:, 4:] = 7  # two labels side by side: bilinear resizing would make 1..6 along the edge
+    params = {"shorter": 13, "padding": [2, 3, 2, 3], "top": 0, "left": 0, "flip": False, "jitter_order": [0, 1, 2],
+              "jitter": [1.0, 1.0, 1.0]}
+    crops, labels = augment(image, mask, params, (19, 17))
+    assert set(labels.unique().tolist()) == {0, 7, 255}
+    assert (labels[:3] == 255).all() and (labels[:, :2] == 255).all()  # the padded rows and columns
+    assert (crops[:, :3] == 0).all()  # the image is padded with 0 where the mask has 255
+
+
+def test_segmentation_device_transform_is_a_function_of_its_generator_alone():
+    # It may run on the DeviceLoader's side thread: torch's global stream must neither feed nor change it.
+    from types import SimpleNamespace
+
+    from segmentation.data import DeviceTransform
+    transform = DeviceTransform(SimpleNamespace(base_size=16, crop_size=[24, 24], scale_range=[0.5, 2.0]),
+                                torch.device("cpu"))
+    batch = ([torch.randint(0, 255, (3, 16, 20), dtype=torch.uint8)] * 4, [torch.zeros(16, 20, dtype=torch.uint8)] * 4)
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    first = transform(batch, torch.Generator().manual_seed(7))
+    assert torch.equal(torch.get_rng_state(), before)  # the global stream untouched
+    torch.manual_seed(2)
+    again = transform(batch, torch.Generator().manual_seed(7))
+    other = transform(batch, torch.Generator().manual_seed(8))
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and not torch.equal(first[0], other[0])
