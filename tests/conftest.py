@@ -52,8 +52,9 @@ def evaluate(*argv):
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-def run(*argv, timeout=300):
-    """A command from the repository root, as a user would type it; returns the CompletedProcess."""
+def run(*argv, timeout=1800):
+    """A command from the repository root, as a user would type it; returns the CompletedProcess. The timeout
+    only guards against a hang: it is far above what any test takes on a slow machine."""
     return subprocess.run([str(a) for a in argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 

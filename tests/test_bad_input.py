@@ -222,7 +222,7 @@ def test_an_image_symlink_to_a_device_or_nowhere_is_refused_when_listing(tmp_pat
 def test_a_fifo_named_jpg_is_refused_not_waited_on(tmp_path):
     data = write_tree(tmp_path / "data")
     os.mkfifo(data / "train" / "dog" / "pipe.jpg")
-    result = python("classification/train.py", "--data-path", data, *IMAGE_FLAGS, timeout=120)  # a hang: timeout
+    result = python("classification/train.py", "--data-path", data, *IMAGE_FLAGS, timeout=600)  # a hang: timeout
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert re.fullmatch(r"error: image .*train/dog/pipe\.jpg is a FIFO \(named pipe\), not a regular file: only "
                         r"regular files are read as images; remove it .*", result.stderr.strip().splitlines()[-1])
@@ -252,7 +252,7 @@ def test_gpu_backend_reads_only_regular_files_and_at_most_their_size(tmp_path):
     os.symlink(tmp_path / "gone.jpg", tmp_path / "dangling.jpg")
     (tmp_path / "empty.jpg").write_bytes(b"")
     result = run(sys.executable, "-c", ENCODED_READS, image, *(tmp_path / name for name in
-                 ("zero.jpg", "dangling.jpg", "empty.jpg", "pipe.jpg")), timeout=120)
+                 ("zero.jpg", "dangling.jpg", "empty.jpg", "pipe.jpg")), timeout=600)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         f"read {image.stat().st_size}",
