@@ -13,16 +13,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 import torchvision
 
-from classification.pictures import confusion_matrix_image
 from classification.data import SHAPES, list_classes, load_val
 from classification.model import create_model
+from classification.pictures import confusion_matrix_image
 from common.checkpoint import load_checkpoint, load_model_state, state_dict_from
+from common.data import default_workers
 from common.distributed import init_distributed
 from common.engine import evaluate
 from common.export import add_export_args, export_model, export_requested
+from common.flags import non_negative_int, positive_int
 from common.log import UserError, print0, run_cli
-from common.precision import autocast_context, precision_from_flags
 from common.metrics import ClassificationMeter
+from common.precision import autocast_context, precision_from_flags
 
 # Settings of the training run that evaluation must repeat: flags of this script when given, else the
 # checkpoint's training arguments, else these defaults. The synthetic_* entries and train_crop_size (the
@@ -40,8 +42,9 @@ def get_args_parser():
     add("--data-path", help="ImageFolder root whose val/ is evaluated (default: the checkpoint's training data)")
     add("--model", help="torchvision model name (default: the checkpoint's)")
     add("--device", help="cuda or cpu (default: cuda when available)")
-    add("-b", "--batch-size", type=int, default=64, help="images per process per step")
-    add("-j", "--workers", type=int, default=8, help="DataLoader worker processes per rank")
+    add("-b", "--batch-size", type=positive_int, default=64, help="images per process per step (default: 64)")
+    add("-j", "--workers", type=non_negative_int, default=default_workers(8),
+        help=f"DataLoader worker processes per rank (default: {default_workers(8)}, at most the cores)")
     add("--amp", action="store_true", help="autocast (see --amp-dtype)")
     add("--amp-dtype", choices=["float16", "bfloat16"], help="autocast dtype (implies --amp; default float16)")
     add("--channels-last", action="store_true", help="NHWC memory format")
@@ -50,7 +53,8 @@ def get_args_parser():
     add("--interpolation", choices=["nearest", "bilinear", "bicubic"],
         help="resize filter (default: the checkpoint's or the weights')")
     add("--data-backend", default="pil", choices=["pil", "gpu"],
-        help="pil: decode and resize in DataLoader workers; gpu: the device decodes and resizes whole batches")
+        help="pil: decode and resize in DataLoader workers; gpu: the device decodes and resizes whole batches "
+        "(default: pil)")
     add("--output-json", help="write acc1, acc5, per_class_acc and num_samples here")
     add("--confusion-png", help="draw the confusion matrix into this PNG file")
     add_export_args(p)

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from classification.pictures import confusion_matrix_image, prediction_grid
 from classification.data import dataset_classes, load_train, load_val
 from classification.model import create_model, enable_grad_checkpointing
+from classification.pictures import confusion_matrix_image, prediction_grid
 from common.checkpoint import (Checkpointer, load_model_state, read_training_checkpoint, resume_path, state_dict_from,
                                training_flags)
 from common.data import default_workers, optimizer_steps_per_epoch, set_epoch

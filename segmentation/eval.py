@@ -15,12 +15,14 @@ import torch
 from PIL import Image
 
 from common.checkpoint import load_checkpoint, load_model_state, state_dict_from
+from common.data import default_workers
 from common.distributed import init_distributed
 from common.engine import evaluate
 from common.export import add_export_args, export_model, export_requested
+from common.flags import non_negative_int, positive_int
 from common.log import UserError, print0, run_cli
-from common.precision import autocast_context, precision_from_flags
 from common.metrics import SegmentationMeter
+from common.precision import autocast_context, precision_from_flags
 from segmentation.data import dataset_info, load_val
 from segmentation.datasets import CITYSCAPES_LABEL_IDS, DATASETS, IGNORE_INDEX
 from segmentation.inference import add_eval_args, predictor_from_args
@@ -41,8 +43,10 @@ def get_args_parser():
     add("--data-path", help="dataset root (default: the checkpoint's training data)")
     add("--dataset", choices=sorted(DATASETS), help="layout of --data-path (default: the checkpoint's)")
     add("--device", help="cuda or cpu (default: cuda when available)")
-    add("-b", "--batch-size", type=int, default=16, help="synthetic set: images per step (real data: one)")
-    add("-j", "--workers", type=int, default=4, help="DataLoader worker processes per rank")
+    add("-b", "--batch-size", type=positive_int, default=16,
+        help="synthetic set: images per step (default: 16; real data: one)")
+    add("-j", "--workers", type=non_negative_int, default=default_workers(4),
+        help=f"DataLoader worker processes per rank (default: {default_workers(4)}, at most the cores)")
     add("--amp", action="store_true", help="autocast (see --amp-dtype)")
     add("--amp-dtype", choices=["float16", "bfloat16"], help="autocast dtype (implies --amp; default float16)")
     add("--channels-last", action="store_true", help="NHWC memory format")
@@ -51,7 +55,8 @@ def get_args_parser():
     add_eval_args(p)
     add("--output-json", help="write miou, pixel_acc, mean_acc, per_class_iou and num_images here")
     add("--save-predictions", metavar="DIR", help="write DIR/color/<name>.png (the dataset's palette) and, for "
-        "Cityscapes, DIR/labelIds/<name>.png for the official evaluator")
+        "Cityscapes, DIR/labelIds/<name>.png for the official evaluator (CITYSCAPES_RESULTS=DIR/labelIds; the "
+        "README has the command)")
     add_export_args(p)
     return p
 
