@@ -39,16 +39,18 @@ def gradient_sync(model, last_micro_batch):
 def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, epoch, *, device, autocast,
                     progress, nonfinite, memory_format=torch.contiguous_format, seed=0, rank=0, accum_steps=1,
                     clip_grad_norm=None, ema=None, preemption=None, checkpointer=None, checkpoint_interval=0,
-                    start_step=0):
+                    start_step=0, end_step=None):
     """Optimizer steps `start_step`.. of one epoch, each of `accum_steps` micro-batches from `loader` (already
-    positioned at `start_step`); returns the epoch's summary, with "stopped" set when a preemption signal
-    ended it early (after checkpointer saved it). The checkpointer also saves every `checkpoint_interval` steps.
+    positioned at `start_step`), up to `end_step` when given (a schedule that ends inside an epoch); returns the
+    epoch's summary, with "stopped" set when a preemption signal ended it early (after checkpointer saved it).
+    The checkpointer also saves every `checkpoint_interval` steps.
     """
     model.train()
     seed_epoch(seed, epoch, rank)  # before the loader's iterator draws its workers' seeds
-    steps = start_step + len(loader) // accum_steps
+    epoch_steps = start_step + len(loader) // accum_steps
+    steps = epoch_steps if end_step is None else min(epoch_steps, end_step)
     params = [p for p in model.parameters() if p.requires_grad]
-    progress.start_epoch(epoch, start_step, steps)
+    progress.start_epoch(epoch, start_step, steps, epoch_steps)
     batches, stopped = progress.timed(iter(loader)), False
     for step in range(start_step, steps):
         seed_step(seed, epoch, step, rank)
@@ -70,7 +72,7 @@ def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, e
         optimizer.zero_grad(set_to_none=True)
         lr_scheduler.step()
         if ema is not None:
-            ema.update(model, epoch, epoch * steps + step)
+            ema.update(model, epoch, epoch * epoch_steps + step)
         # ---- bookkeeping: values stay on the device until a sync point (a progress line, a checkpoint step) ----
         nonfinite.update(grad_norm)
         printed = progress.log(step, step_loss, grad_norm, optimizer.param_groups[0]["lr"])

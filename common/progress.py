@@ -15,8 +15,11 @@ class ProgressLog:
     def __init__(self, print_freq, world_size=1, writer=None):
         self.print_freq, self.world_size, self.writer = print_freq, world_size, writer
 
-    def start_epoch(self, epoch, start_step, steps):
+    def start_epoch(self, epoch, start_step, steps, steps_per_epoch=None):
+        """Steps `start_step`..`steps` of `epoch`; `steps_per_epoch` numbers the global steps when the run
+        ends before the epoch does (default: `steps`)."""
         self.epoch, self.start_step, self.steps = epoch, start_step, steps
+        self.steps_per_epoch = steps_per_epoch or steps
         self.losses, self.grad_norms, self.loss_total, self.done = [], [], 0.0, 0
         self.images, self.images_since_print, self.batches, self.data_time = 0, 0, 0, 0.0
         self.start = self.last_print = time.perf_counter()
@@ -59,7 +62,7 @@ class ProgressLog:
     def log_scalars(self, step, losses, norms, lr, img_per_s):
         if self.writer is None:
             return
-        global_step = self.epoch * self.steps + step
+        global_step = self.epoch * self.steps_per_epoch + step
         first_step = global_step - len(losses) + 1
         for i, (loss, norm) in enumerate(zip(losses, norms)):
             self.writer.add_scalar("train/loss", loss, first_step + i)

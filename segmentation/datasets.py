@@ -33,6 +33,11 @@ VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "tvmonitor"]
 VOC_LAYOUT = ("the VOC root is the folder holding VOCdevkit/VOC2012/, or VOC2012/ itself, with JPEGImages/, "
               "SegmentationClass/ and ImageSets/Segmentation/{train,val}.txt")
+VOC_AUG_LAYOUT = ("--voc-aug reads the SBD augmented set inside VOC2012/: SegmentationClassAug/<id>.png (class-index "
+                  "PNGs, 255 = void) and ImageSets/Segmentation/train_aug.txt (10,582 ids), as mmsegmentation's "
+                  "tools/dataset_converters/voc_aug.py writes them (it names the list trainaug.txt, also read)")
+# The training list of the augmented set, under either name it is published with.
+VOC_AUG_LISTS = ("train_aug.txt", "trainaug.txt")
 
 # The short names of SceneParsing's objectInfo150, index i = annotation value i + 1.
 ADE20K_CLASSES = [
@@ -270,30 +275,49 @@ def voc_ids(list_path):
     return ids
 
 
-def voc_pairs(image_dir, mask_dir, ids, list_path):
-    """(image, mask) paths of the ids of a split list, in the list's order."""
-    existing_images, existing_masks = files_in(image_dir), files_in(mask_dir)
+def voc_pairs(image_dir, mask_dirs, ids, list_path):
+    """(image, mask) paths of the ids of a split list, in the list's order; each mask from the first of
+    `mask_dirs` that holds it (a missing one is reported in the last)."""
+    existing_images, existing_masks = files_in(image_dir), [files_in(folder) for folder in mask_dirs]
     pairs = []
     for image_id in ids:
-        image_path, mask_path = os.path.join(image_dir, f"{image_id}.jpg"), os.path.join(mask_dir, f"{image_id}.png")
+        image_path = os.path.join(image_dir, f"{image_id}.jpg")
         if f"{image_id}.jpg" not in existing_images:
             raise UserError(f"split list {shown(list_path)} names {shown(image_id)}, but image {shown(image_path)} "
                             "is missing: "
                             "add the image or remove the line")
-        require_mask(image_path, mask_path, existing_masks)
+        where = next((i for i, names in enumerate(existing_masks) if f"{image_id}.png" in names), -1)
+        mask_path = os.path.join(mask_dirs[where], f"{image_id}.png")
+        require_mask(image_path, mask_path, existing_masks[where])
         pairs.append((image_path, mask_path))
     return pairs
 
 
+def voc_aug_list(base):
+    folder = os.path.join(base, "ImageSets", "Segmentation")
+    for name in VOC_AUG_LISTS:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise UserError(f"split list {shown(os.path.join(folder, VOC_AUG_LISTS[0]))} not found: {VOC_AUG_LAYOUT}")
+
+
 def voc(root, split, transforms=None):
-    split = split_folder_name(split, {"train": "train", "val": "val"})
+    """Split train_aug is the SBD augmented set (--voc-aug); train and val are VOC's own."""
+    split = split_folder_name(split, {"train": "train", "val": "val", "train_aug": "train_aug"})
     base = inner_root(root, os.path.join("VOCdevkit", "VOC2012"))
     image_dir, mask_dir = os.path.join(base, "JPEGImages"), os.path.join(base, "SegmentationClass")
     require_folder(image_dir, VOC_LAYOUT)
     require_folder(mask_dir, VOC_LAYOUT)
-    list_path = os.path.join(base, "ImageSets", "Segmentation", f"{split}.txt")
+    if split == "train_aug":
+        aug_dir = os.path.join(base, "SegmentationClassAug")
+        require_folder(aug_dir, VOC_AUG_LAYOUT)
+        # VOC's own mask first, as mmsegmentation trains (its conversion writes SBD's masks only, and SBD lacks
+        # some of VOC's train images); then SBD's.
+        list_path, mask_dirs = voc_aug_list(base), (mask_dir, aug_dir)
+    else:
+        list_path, mask_dirs = os.path.join(base, "ImageSets", "Segmentation", f"{split}.txt"), (mask_dir,)
     ids = voc_ids(list_path)
-    files = voc_pairs(image_dir, mask_dir, ids, list_path)
+    files = voc_pairs(image_dir, mask_dirs, ids, list_path)
     require_images(files, list_path)
     return SegmentationFiles(files, ids, list(VOC_CLASSES), list(VOC_PALETTE), [VOC_MAP] * len(files), transforms)
 

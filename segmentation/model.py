@@ -4,16 +4,18 @@ Every model returns {"out": logits at the input size}, plus "aux" when it has an
 torchvision's segmentation models do, so one loss and one evaluation serve all of them.
 """
 import os
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.models.segmentation.fcn import FCNHead
 
 from common.checkpoint import load_checkpoint, load_model_state, state_dict_from
-from common.log import UserError
+from common.log import UserError, is_main_process, print0
 
 OWN_MODELS = ("deeplabv3plus_resnet50", "deeplabv3plus_resnet101", "unet")
 TORCHVISION_MODELS = tuple(torchvision.models.list_models(module=torchvision.models.segmentation))
@@ -140,3 +142,52 @@ def check_input_size(model, height, width, flag):
     if height % divisor or width % divisor:
         raise UserError(f"{flag} {height}x{width} does not divide by {divisor}, which {type(model).__name__} needs: "
                         f"use a multiple of {divisor}")
+
+
+def weights_state(name, weights):
+    """The state dict --weights names: a checkpoint file, or for torchvision's models one of their weights
+    names (COCO_WITH_VOC_LABELS_V1), downloaded once into torch's hub cache."""
+    if os.path.isfile(weights):
+        return state_dict_from(load_checkpoint(weights))
+    if name not in TORCHVISION_MODELS:
+        raise UserError(f"--weights {weights!r} is not a file, and weights names are for torchvision's models "
+                        f"({', '.join(TORCHVISION_MODELS)}): give {name} a checkpoint .pth")
+    options = torchvision.models.get_model_weights(name)
+    if weights not in options.__members__:
+        raise UserError(f"--weights {weights!r} is neither a file nor a torchvision weights name of {name} "
+                        f"({', '.join(w.name for w in options)})")
+    return options[weights].get_state_dict(progress=is_main_process())
+
+
+def load_weights(model, name, weights):
+    """Start `model` from --weights; classifier layers of another class count keep their fresh initialisation."""
+    state = weights_state(name, weights)
+    own = model.state_dict()
+    # torchvision's weights carry the auxiliary head they were trained with; a model built without
+    # --aux-loss has no use for it, as evaluation never has.
+    state = {k: v for k, v in state.items() if k in own or not k.startswith("aux_classifier.")}
+    skipped = load_model_state(model, state, weights, skip_mismatched=[k for k in own if k.startswith(HEAD_PREFIXES)])
+    if skipped:
+        print0(f"--weights {weights}: {len(skipped)} classifier tensors of another class count start afresh")
+    return skipped
+
+
+def enable_grad_checkpointing(model):
+    """Recompute each stage's activations in the backward pass instead of storing them: the ResNet stages
+    of DeepLabV3+ and of torchvision's FCN / DeepLabV3, or UNet's encoder and decoder blocks.
+
+    Gradients are unchanged; batch-norm running statistics see each batch twice (forward and recompute),
+    as with classification's --grad-checkpointing.
+    """
+    backbone = getattr(model, "backbone", None)
+    if isinstance(model, UNet):
+        stages = [*model.encoder, *model.decoder]
+    elif backbone is not None and hasattr(backbone, "layer4"):
+        stages = [getattr(backbone, f"layer{i}") for i in range(1, 5)]
+    else:
+        raise UserError(f"--grad-checkpointing knows the ResNet stages of DeepLabV3+, FCN and DeepLabV3 and the "
+                        f"blocks of UNet, not the MobileNet backbone of {type(model).__name__}: drop the flag")
+    # Whole blocks, each starting with a convolution: an in-place ReLU checkpointed on its own would
+    # modify a tensor the previous segment needs again.
+    for stage in stages:
+        stage.forward = partial(checkpoint, stage.forward, use_reentrant=False)

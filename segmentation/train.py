@@ -5,6 +5,7 @@
 """
 import argparse
 import itertools
+import math
 import os
 import sys
 
@@ -14,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.checkpoint import (Checkpointer, load_checkpoint, load_model_state, read_training_checkpoint, resume_path,
-                               state_dict_from, training_flags, unwrap)
+from common.checkpoint import (Checkpointer, load_model_state, read_training_checkpoint, resume_path, state_dict_from,
+                               training_flags, unwrap)
 from common.data import default_workers, optimizer_steps_per_epoch, set_epoch
 from common.distributed import check_sync_bn, data_parallel, init_distributed, sync_batch_norm
 from common.engine import configure_torch, evaluate, to_device, train_one_epoch
-from common.images import MEAN, STD
 from common.flags import (add_checkpoint_flags, add_optimisation_flags, add_precision_flags, non_negative_float,
                           non_negative_int, positive_float, positive_int)
+from common.images import MEAN, STD
 from common.log import (UserError, append_jsonl, count_parameters, is_main_process, print0, print_run_end,
                         print_run_start, run_cli, start_output_dir, tensorboard_writer)
 from common.metrics import SegmentationMeter
@@ -32,7 +33,8 @@ from common.stopping import NonFiniteGuard, PreemptionSignal
 from segmentation.data import dataset_info, load_train, load_val
 from segmentation.datasets import DATASETS, IGNORE_INDEX
 from segmentation.inference import add_eval_args, predictor_from_args
-from segmentation.model import HEAD_PREFIXES, OWN_MODELS, TORCHVISION_MODELS, check_input_size, create_model
+from segmentation.model import (OWN_MODELS, TORCHVISION_MODELS, check_input_size, create_model,
+                                enable_grad_checkpointing, load_weights)
 
 # Real data gets the Cityscapes DeepLabV3+ recipe: 512x1024 crops, a batch of 8 (-b 8 on one GPU, -b 2 on
 # four), SGD 0.01, poly decay per iteration, 80 epochs. mmsegmentation's published 79.6-80.1 mIoU used weight
@@ -45,8 +47,8 @@ SYNTHETIC_DEFAULTS = dict(model="unet", batch_size=16, epochs=4, lr=0.05, lr_war
 # Sizes by dataset, mmsegmentation's: the shorter side is rescaled around the base size, then cropped.
 SIZE_DEFAULTS = {"cityscapes": dict(base_size=1024, crop_size=[512, 1024]),
                  "voc": dict(base_size=512, crop_size=[512, 512]), "ade20k": dict(base_size=512, crop_size=[512, 512])}
-SCHEDULE_ARGS = ("epochs", "lr", "lr_scheduler", "lr_power", "lr_min", "lr_warmup_epochs", "lr_warmup_method",
-                 "lr_warmup_decay", "batch_size", "accum_steps", "world_size")
+SCHEDULE_ARGS = ("epochs", "iters", "lr", "lr_scheduler", "lr_power", "lr_min", "lr_warmup_epochs",
+                 "lr_warmup_method", "lr_warmup_decay", "batch_size", "accum_steps", "world_size", "voc_aug")
 
 
 def get_args_parser():
@@ -58,6 +60,10 @@ def get_args_parser():
     add = group.add_argument
     add("--data-path", help="dataset root in its own layout (default: the built-in synthetic scenes)")
     add("--dataset", choices=sorted(DATASETS), help="layout of --data-path (required with it)")
+    # None, not False, when absent: checkpoints from before this flag record none, and resume compares them.
+    add("--voc-aug", action="store_true", default=None, help="VOC: train on the SBD augmented set "
+        "(SegmentationClassAug/, ImageSets/Segmentation/train_aug.txt; 10,582 images), validate on VOC's val "
+        "(default: off, VOC's 1,464 train images)")
     add("-b", "--batch-size", type=positive_int, help=f"crops per process per step {recipe('batch_size')}")
     add("-j", "--workers", type=non_negative_int, help=f"DataLoader worker processes per rank {recipe('workers')}")
     add("--crop-size", type=positive_int, nargs="+", metavar="PX", help="training crop H [W] "
@@ -90,14 +96,17 @@ def get_args_parser():
     add("--unet-width", type=positive_int, help=f"UNet: channels of the first level {recipe('unet_width')}")
     add("--weights-backbone", help="ImageNet backbone: torchvision weights name (IMAGENET1K_V2) or a classifier "
         ".pth of the same ResNet (e.g. from classification/train.py)")
-    add("--weights", help="start from a segmentation checkpoint (.pth); classifier layers of another class "
-        "count are left freshly initialised")
+    add("--weights", help="start from a segmentation checkpoint (.pth) or, for torchvision's models, a weights "
+        "name (COCO_WITH_VOC_LABELS_V1, downloaded once); classifier layers of another class count start afresh "
+        "(default: none)")
     add("--sync-bn", action=argparse.BooleanOptionalAction,
         help="batch-norm statistics over all GPUs (default: on when distributed on CUDA)")
 
     group = p.add_argument_group("optimisation")
     add = group.add_argument
     add("--epochs", type=positive_int, help=f"epochs to train {recipe('epochs')}")
+    add("--iters", type=positive_int, metavar="N", help="optimizer steps to train instead of --epochs, as "
+        "mmsegmentation's 20k/40k/80k schedules count; the last epoch stops at step N (default: --epochs)")
     add("--opt", default="sgd", choices=["sgd", "sgd_nesterov", "adamw"], help="optimizer (default: sgd)")
     add("--lr", type=positive_float, help=f"peak learning rate for the whole run's batch {recipe('lr')}")
     add("--momentum", type=non_negative_float, default=0.9, help="SGD momentum (default: 0.9)")
@@ -114,6 +123,8 @@ def get_args_parser():
 
     group = p.add_argument_group("precision and speed")
     add_precision_flags(group)
+    group.add_argument("--grad-checkpointing", action="store_true", help="recompute the backbone's (UNet: every "
+                       "block's) activations in backward to save memory (default: off)")
 
     group = p.add_argument_group("checkpoints and preemption")
     add_checkpoint_flags(group)
@@ -142,8 +153,10 @@ def finish_args(args):
     path = resume_path(args.resume, args.output_dir)  # a wrong path is reported before any work
     if args.test_only and path:
         take_trained_settings(args, path)
+    if args.iters and args.epochs:
+        raise UserError(f"--iters {args.iters} and --epochs {args.epochs} both set the length of the run: give one")
     for name, value in (SYNTHETIC_DEFAULTS if args.data_path is None else REAL_DATA_DEFAULTS).items():
-        if getattr(args, name) is None:
+        if getattr(args, name) is None and not (name == "epochs" and args.iters):
             setattr(args, name, value)
     if args.data_path is None:
         size = args.synthetic_image_size
@@ -154,7 +167,14 @@ def finish_args(args):
         args.base_size = args.base_size or SIZE_DEFAULTS[args.dataset]["base_size"]
         args.crop_size = args.crop_size or SIZE_DEFAULTS[args.dataset]["crop_size"]
     args.crop_size = (args.crop_size * 2)[:2]  # one number means a square
-    if args.start_epoch >= args.epochs and not (args.resume or args.test_only):
+    if args.voc_aug and args.dataset != "voc":
+        raise UserError("--voc-aug is VOC's SBD augmented training set: use it with --dataset voc --data-path ROOT")
+    if args.voc_aug and args.data_backend == "gpu":  # its loader opens the train split without load_dataset
+        raise UserError("--voc-aug is not wired into --data-backend gpu yet: use --data-backend pil")
+    if args.compile and args.grad_checkpointing:
+        raise UserError("--grad-checkpointing and --compile together fail in the compiled backward on CUDA "
+                        "(torch 2.11, measured with classification): use one of them")
+    if args.epochs and args.start_epoch >= args.epochs and not (args.resume or args.test_only):
         raise UserError(f"--start-epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing would be "
                         "trained")
     if args.test_only and not args.resume:
@@ -228,12 +248,9 @@ def build_model(args, num_classes):
                          args.unet_width)
     check_input_size(model, *args.crop_size, "--crop-size")
     if args.weights:
-        own = model.state_dict()
-        state = state_dict_from(load_checkpoint(args.weights))
-        heads = [k for k in own if k.startswith(HEAD_PREFIXES)]
-        skipped = load_model_state(model, state, args.weights, skip_mismatched=heads)
-        if skipped:
-            print0(f"--weights {args.weights}: {len(skipped)} classifier tensors of another class count start afresh")
+        load_weights(model, args.model, args.weights)
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(model)
     if args.data_path is not None and args.model != "unet" and not (args.weights_backbone or args.weights):
         print0("note: the backbone starts from random weights; published results start from ImageNet ones: "
                "add --weights-backbone IMAGENET1K_V1")
@@ -278,15 +295,19 @@ def main(args):
     start_output_dir(args.output_dir, vars(args))  # claimed before anything is read from it or written
     train_loader = load_train(args, env, device)
     steps_per_epoch = optimizer_steps_per_epoch(train_loader, args.batch_size, args.accum_steps)
+    total_steps = args.iters or args.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)  # with --iters, the last one may stop early
     print0(f"{args.model}, {count_parameters(model):,} parameters; {len(train_loader.dataset)} training and "
            f"{len(val_loader.dataset)} validation images, {len(class_names)} classes; crops {args.crop_size[0]}x"
            f"{args.crop_size[1]}, effective batch {args.batch_size} x {args.accum_steps} x {env.world_size} processes; "
-           f"sync-bn {args.sync_bn}")
+           f"sync-bn {args.sync_bn}; {total_steps} optimizer steps: {epochs} epochs of {steps_per_epoch}")
     groups = param_groups(model, args.lr, args.weight_decay, args.norm_weight_decay)
     optimizer = create_optimizer(args.opt, groups, args.lr, args.momentum, args.weight_decay, device.type)
-    lr_scheduler = create_lr_scheduler(optimizer, args.lr_scheduler, args.epochs, steps_per_epoch,
-                                       warmup_epochs=args.lr_warmup_epochs, warmup_method=args.lr_warmup_method,
-                                       warmup_decay=args.lr_warmup_decay, lr_min=args.lr_min, power=args.lr_power)
+    # Laid out in optimizer steps (one scheduler "epoch" = one step), so that --iters need not fill whole epochs.
+    lr_scheduler = create_lr_scheduler(optimizer, args.lr_scheduler, total_steps, 1,
+                                       warmup_epochs=args.lr_warmup_epochs * steps_per_epoch,
+                                       warmup_method=args.lr_warmup_method, warmup_decay=args.lr_warmup_decay,
+                                       lr_min=args.lr_min, power=args.lr_power)
     scaler = grad_scaler(device, precision, optimizer)
     checkpointer = Checkpointer(args.output_dir, env.is_main, model, optimizer, lr_scheduler, scaler,
                                 precision=precision, flags=vars(args), keep=args.keep_checkpoints,
@@ -302,21 +323,22 @@ def main(args):
     progress = ProgressLog(args.print_freq, env.world_size, writer)
     nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir, precision)
     preemption = PreemptionSignal(device)
-    for epoch in range(args.start_epoch, args.epochs):
+    for epoch in range(args.start_epoch, epochs):
         skip = start_step if epoch == args.start_epoch else 0
+        end = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
         set_epoch(train_loader, epoch, skip * args.accum_steps)
         stats = train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, train_loader, epoch,
                                 device=device, autocast=autocast, progress=progress, nonfinite=nonfinite,
                                 memory_format=memory_format, seed=args.seed, rank=env.rank,
                                 accum_steps=args.accum_steps, clip_grad_norm=args.clip_grad_norm,
                                 preemption=preemption, checkpointer=checkpointer,
-                                checkpoint_interval=args.checkpoint_interval, start_step=skip)
+                                checkpoint_interval=args.checkpoint_interval, start_step=skip, end_step=end)
         if stats.pop("stopped"):  # by SIGTERM/SIGUSR1, its checkpoint saved: the same command resumes it
             preemption.exit()
         val = validate(model, val_loader, class_names, device, autocast, memory_format, args, f"Epoch {epoch} val",
                        preemption)
         if val is None:  # a signal during validation: the trained epoch is saved now; its validation reruns on resume
-            checkpointer.save(epoch, steps_per_epoch)
+            checkpointer.save(epoch, end)
             preemption.exit()
         checkpointer.end_of_epoch(epoch, val["miou"])
         record = {"epoch": epoch, **stats, "val_miou": val["miou"], "val_pixel_acc": val["pixel_acc"],

@@ -404,7 +404,72 @@ def test_a_fifo_is_refused_not_waited_on(tmp_path, which):
     path = base / ("JPEGImages/2007_000033.jpg" if which == "image" else "SegmentationClass/2007_000033.png")
     path.unlink()
     os.mkfifo(path)
-    result = run(sys.executable, "-c", FIFO_READS, base, timeout=120)
+    result = run(sys.executable, "-c", FIFO_READS, base, timeout=600)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (f"{which} {path} is a FIFO (named pipe), not a regular file: only regular files "
                                      f"are read as {which}s; remove it or replace it with the {which} file")
+
+
+def voc_aug_tree(base, list_name="train_aug.txt"):
+    """VOC2012 with the SBD augmented set as mmsegmentation's conversion leaves it: one train id with VOC's own
+    palette mask (and a different SBD mask, which must lose), two SBD-only ids with class-index masks, a val id."""
+    voc_tree(base, ids=("2007_000032",), split="train")
+    voc_tree(base, ids=("2007_000033",), split="val", mask=grid([0, 1, 255]))
+    aug = {"2008_000002": grid([0, 7, 20, 255, 3]), "2008_000003": grid([12, 0, 255])}
+    for seed, (image_id, values) in enumerate(aug.items()):
+        write_image(base / "JPEGImages" / f"{image_id}.jpg", size=(WIDTH, HEIGHT), seed=seed + 5)
+        write_mask(base / "SegmentationClassAug" / f"{image_id}.png", values)
+    write_mask(base / "SegmentationClassAug" / "2007_000032.png", grid([4]))
+    ids = ["2008_000003", "2007_000032", "2008_000002"]
+    (base / "ImageSets" / "Segmentation" / list_name).write_text("".join(f"{i}\n" for i in ids))
+    return base, ids, aug
+
+
+@pytest.mark.parametrize("list_name", ["train_aug.txt", "trainaug.txt"])
+def test_voc_aug_reads_sbd_class_index_masks_pixel_by_pixel(tmp_path, list_name):
+    base, ids, aug = voc_aug_tree(tmp_path / "VOCdevkit" / "VOC2012", list_name)
+    assert Image.open(base / "SegmentationClassAug" / "2008_000002.png").mode == "L"  # not a palette PNG
+    train = voc(tmp_path, "train_aug")
+    assert train.names == ids  # the list's order
+    assert [os.path.basename(os.path.dirname(mask)) for _, mask in train.files] == [
+        "SegmentationClassAug", "SegmentationClass", "SegmentationClassAug"]
+    expected = [aug["2008_000003"], grid([0, 15, 255]), aug["2008_000002"]]
+    for i, values in enumerate(expected):
+        image, mask = train[i]
+        assert image.shape == (3, HEIGHT, WIDTH) and mask.dtype == torch.uint8
+        np.testing.assert_array_equal(mask.numpy(), values)  # 0..20 kept, 255 stays void
+    assert train.class_names == voc(tmp_path, "val").class_names
+    val = voc(tmp_path, "val")
+    assert val.names == ["2007_000033"] and "SegmentationClassAug" not in val.files[0][1]
+    np.testing.assert_array_equal(val[0][1].numpy(), grid([0, 1, 255]))
+
+
+def test_voc_aug_flag_trains_on_the_augmented_set_and_validates_on_val(tmp_path):
+    from segmentation import train as script
+    from segmentation.data import load_dataset
+    voc_aug_tree(tmp_path)
+    args = script.finish_args(script.get_args_parser().parse_args(
+        ["--dataset", "voc", "--data-path", str(tmp_path), "--voc-aug", "--base-size", "16", "--crop-size", "16"]))
+    assert load_dataset(args, "train").names == ["2008_000003", "2007_000032", "2008_000002"]
+    assert load_dataset(args, "val").names == ["2007_000033"]
+    args.voc_aug = None
+    assert load_dataset(args, "train").names == ["2007_000032"]
+
+
+def test_voc_aug_names_what_is_missing(tmp_path):
+    base, _, _ = voc_aug_tree(tmp_path)
+    (base / "ImageSets" / "Segmentation" / "train_aug.txt").unlink()
+    with pytest.raises(UserError, match=r"split list .*ImageSets/Segmentation/train_aug.txt not found: --voc-aug "
+                                        r"reads the SBD augmented set .*voc_aug.py"):
+        voc(tmp_path, "train_aug")
+    (base / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("2008_000002\n2008_000009\n")
+    write_image(base / "JPEGImages" / "2008_000009.jpg", size=(WIDTH, HEIGHT))
+    with pytest.raises(UserError, match=r"image .*2008_000009.jpg has no mask: expected "
+                                        r".*SegmentationClassAug/2008_000009.png"):
+        voc(tmp_path, "train_aug")
+    for mask in (base / "SegmentationClassAug").iterdir():
+        mask.unlink()
+    (base / "SegmentationClassAug").rmdir()
+    with pytest.raises(UserError, match=r"folder .*SegmentationClassAug not found: --voc-aug reads"):
+        voc(tmp_path, "train_aug")
+    assert voc(tmp_path, "train").names == ["2007_000032"]  # VOC's own sets need none of it

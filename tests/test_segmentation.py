@@ -1,4 +1,6 @@
+import copy
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -273,6 +275,13 @@ def test_checkpoint_with_another_class_count_is_refused(segmentation_run, tmp_pa
     (["--test-only", "--resume", "auto", "--output-dir", "{tmp}"], r"--resume auto found no checkpoint in"),
     (["--eval-mode", "slide", "--eval-crop", "16", "--eval-stride", "20"], r"--eval-stride 20 20 is larger than"),
     (["--model", "lraspp_mobilenet_v3_large", "--aux-loss"], r"has no auxiliary head: drop --aux-loss"),
+    (["--iters", "10"], r"--iters 10 and --epochs 1 both set the length of the run: give one"),
+    (["--voc-aug"], r"--voc-aug is VOC's SBD augmented training set: use it with --dataset voc"),
+    (["--grad-checkpointing", "--compile"], r"--grad-checkpointing and --compile together fail"),
+    (["--model", "lraspp_mobilenet_v3_large", "--grad-checkpointing"],
+     r"--grad-checkpointing knows .* not the MobileNet backbone of LRASPP: drop the flag"),
+    (["--weights", "COCO_WITH_VOC_LABELS_V1"], r"--weights 'COCO_WITH_VOC_LABELS_V1' is not a file, and weights "
+     r"names are for torchvision's models \(.*fcn_resnet50.*\): give unet a checkpoint .pth"),
 ])
 def test_segmentation_flag_errors(tmp_path, flags, message):
     with pytest.raises(UserError, match=message):
@@ -288,3 +297,106 @@ def test_ignore_index_leaves_a_class_out_of_loss_and_metrics():
     meter = SegmentationMeter(3, ignore_index=0)
     meter.update(logits, target)
     assert meter.confusion.matrix.sum() == 2  # class 0's pixel and the void one are not counted
+
+
+def test_weights_by_torchvision_name_replace_the_heads_of_another_class_count(monkeypatch):
+    from segmentation import train as script
+    from torchvision.models.segmentation import FCN_ResNet50_Weights
+    # torchvision's published file, without the download: a 21-class model with the auxiliary head it ships with.
+    published = torchvision.models.get_model("fcn_resnet50", weights=None, weights_backbone=None,
+                                                num_classes=21, aux_loss=True).state_dict()
+    asked = []
+    monkeypatch.setattr(FCN_ResNet50_Weights, "get_state_dict",
+                        lambda self, *a, **kw: asked.append(self.name) or published)
+
+    def build(num_classes, *flags):
+        args = script.finish_args(script.get_args_parser().parse_args(["--model", "fcn_resnet50", *flags]))
+        return script.build_model(args, num_classes).state_dict()
+
+    same = build(21, "--weights", "COCO_WITH_VOC_LABELS_V1")  # no --aux-loss: the shipped aux head is left out
+    assert asked == ["COCO_WITH_VOC_LABELS_V1"]
+    assert set(same) == {k for k in published if not k.startswith("aux_classifier.")}
+    assert all(torch.equal(same[k], published[k]) for k in same)
+    other = build(3, "--weights", "COCO_WITH_VOC_LABELS_V1", "--aux-loss")
+    heads = {k for k in other if other[k].shape != published[k].shape}
+    assert heads == {"classifier.4.weight", "classifier.4.bias", "aux_classifier.4.weight", "aux_classifier.4.bias"}
+    assert all(other[k].shape[0] == 3 for k in heads)
+    assert all(torch.equal(other[k], published[k]) for k in other if k not in heads)
+    with pytest.raises(UserError, match=r"--weights 'COCO_V9' is neither a file nor a torchvision weights name of "
+                                        r"fcn_resnet50 \(COCO_WITH_VOC_LABELS_V1\)"):
+        build(3, "--weights", "COCO_V9")
+
+
+@pytest.mark.parametrize("name", ["deeplabv3plus_resnet50", "unet"])
+def test_grad_checkpointing_keeps_the_gradients_and_keeps_fewer_activations(name):
+    from segmentation.model import enable_grad_checkpointing
+    torch.manual_seed(0)
+    plain = create_model(name, 3, aux_loss=name != "unet", unet_width=8)
+    checkpointed = copy.deepcopy(plain)  # before patching: a copy would keep the patched forwards
+    enable_grad_checkpointing(checkpointed)
+    images, target = torch.randn(2, 3, 64, 64), torch.randint(3, (2, 64, 64))
+
+    def backward(model):
+        torch.manual_seed(1)  # the same dropout masks (ASPP) in both runs
+        # Activation bytes autograd keeps for backward, weights aside; inside a checkpointed stage, checkpoint's
+        # own hooks keep none.
+        weights, kept = {p.data_ptr() for p in model.parameters()}, []
+
+        def pack(tensor):
+            if tensor.data_ptr() not in weights:
+                kept.append(tensor.numel() * tensor.element_size())
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            outputs = model(images)
+            loss = sum(torch.nn.functional.cross_entropy(out, target) for out in outputs.values())
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}, sum(kept)
+
+    grads, kept = backward(plain)
+    grads_checkpointed, kept_checkpointed = backward(checkpointed)
+    assert grads.keys() == grads_checkpointed.keys() and all(g is not None for g in grads.values())
+    for key in grads:
+        torch.testing.assert_close(grads_checkpointed[key], grads[key], msg=key)
+    assert kept_checkpointed < 0.5 * kept  # the CPU's count; the memory saved is measured on a GPU
+
+
+def seg_tiny_without_epochs():
+    i = SEG_TINY.index("--epochs")
+    return SEG_TINY[:i] + SEG_TINY[i + 2:]
+
+
+def test_iters_end_the_schedule_and_the_run_at_step_n_and_resume_exactly(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from segmentation import train as script
+    real_save = script.Checkpointer.save
+
+    def save(self, epoch, step=None, is_best=False):  # keeps the mid-epoch checkpoint of the partial last epoch
+        real_save(self, epoch, step, is_best)
+        if (epoch, step) == (2, 4):
+            shutil.copy(tmp_path / "run" / "checkpoint.pth", tmp_path / "mid.pth")
+    monkeypatch.setattr(script.Checkpointer, "save", save)
+    # 256 images at -b 16 are 16 steps an epoch: 40 steps are two epochs and 8 steps of a third.
+    flags = [*seg_tiny_without_epochs(), "--iters", "40", "--use-deterministic-algorithms",
+             "--checkpoint-interval", "4"]
+    args = train_segmentation(*flags, "--output-dir", tmp_path / "run")
+    records = log_of(tmp_path / "run")
+    assert [r["epoch"] for r in records] == [0, 1, 2] and records[-1]["lr"] == 0.0
+    final = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert final["lr_scheduler"]["last_epoch"] == 40 and (final["epoch"], final["step"]) == (2, None)
+    events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(40))  # stopped at step 40, none twice
+    lrs = {e.step: e.value for e in events.Scalars("train/lr")}  # after steps 4, 8, ..., 40
+    # One warmup epoch (16 steps), then 24 of poly decay: after step 36, 20 of them are done.
+    assert lrs[35] == pytest.approx(args.lr * (1 - 20 / 24) ** 0.9, rel=1e-5) and lrs[39] == 0.0
+
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "mid.pth", tmp_path / "resumed" / "checkpoint.pth")
+    train_segmentation(*flags, "--output-dir", tmp_path / "resumed", "--resume", "auto")
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
+    assert all(torch.equal(final["model"][k], resumed["model"][k]) for k in final["model"])
+    assert log_of(tmp_path / "resumed")[-1]["val_miou"] == records[-1]["val_miou"]
+
+    with pytest.raises(UserError, match=r"its LR schedule was laid out for other values \(iters 40 -> 48\)"):
+        train_segmentation(*seg_tiny_without_epochs(), "--iters", "48", "--resume", tmp_path / "mid.pth")
+    with pytest.raises(UserError, match=r"\(epochs None -> 3; iters 40 -> None\)"):
+        train_segmentation(*SEG_TINY, "--epochs", "3", "--resume", tmp_path / "mid.pth")
