@@ -8,7 +8,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from common.data import ResumableSampler, SeededSamples, ShardedEvalSampler, TensorLoader, ignore_stop_signals
+from common.data import SeededSamples, ShardedEvalSampler, TensorLoader, ignore_stop_signals, training_sampler
 from common.device_loader import DeviceLoader, SyntheticBatches
 from common.images import MEAN, STD, NormalizeBytes
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
@@ -39,9 +39,10 @@ def val_transform(image, mask, base_size):
     return image, mask.to(torch.int64)
 
 
-def load_dataset(args, split):
-    transforms = (train_transforms(args.base_size, args.crop_size, args.scale_range) if split == "train"
-                  else partial(val_transform, base_size=args.base_size))
+def load_dataset(args, split, decode_only=False):
+    """The dataset of a split with its transforms; decode_only leaves them to the device (--data-backend gpu)."""
+    transforms = (None if decode_only else train_transforms(args.base_size, args.crop_size, args.scale_range)
+                  if split == "train" else partial(val_transform, base_size=args.base_size))
     if split == "train" and args.voc_aug:  # validation stays on VOC's val (eval.py has no such flag)
         split = "train_aug"
     return DATASETS[args.dataset](args.data_path, split, transforms)
@@ -127,8 +128,7 @@ def load_train(args, env, device):
     if args.data_path is None:
         return synthetic_loader(*synthetic_split(args, "train", device), args, env, train=True)
     if args.data_backend == "synthetic":
-        sampler = ResumableSampler(load_dataset(args, "train"), env.world_size, env.rank, shuffle=True,
-                                   seed=args.seed, drop_last=True)
+        sampler = training_sampler(load_dataset(args, "train"), env, args.seed)
         num_classes = len(dataset_info(args)[0])
 
         def make_batch():
@@ -136,18 +136,16 @@ def load_train(args, env, device):
                     torch.randint(num_classes, (args.batch_size, *args.crop_size), device=device))
         return SyntheticBatches(make_batch, len(sampler) // args.batch_size, sampler, args.batch_size)
     if args.data_backend == "gpu":
-        decoded = DATASETS[args.dataset](args.data_path, "train")  # no transforms: the workers only decode
+        decoded = load_dataset(args, "train", decode_only=True)  # the workers only decode
         loader = DataLoader(decoded, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_lists,
-                            sampler=ResumableSampler(decoded, env.world_size, env.rank, shuffle=True,
-                                                     seed=args.seed, drop_last=True), drop_last=True,
+                            sampler=training_sampler(decoded, env, args.seed), drop_last=True,
                             worker_init_fn=ignore_stop_signals)
         return DeviceLoader(loader, DeviceTransform(args, device), device, args.seed)
     train_set = SeededSamples(load_dataset(args, "train"), args.seed)
     # Not persistent: fresh workers each epoch take their seeds from the per-epoch RNG (exact resume).
     return DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers,
                       pin_memory=device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals,
-                      sampler=ResumableSampler(train_set, env.world_size, env.rank, shuffle=True, seed=args.seed,
-                                                 drop_last=True))
+                      sampler=training_sampler(train_set, env, args.seed))
 
 
 def load_val(args, env, device):
@@ -175,8 +173,7 @@ def synthetic_loader(images, masks, args, env, train):
             masks = torch.where(flip.view(-1, 1, 1), masks.flip(-1), masks)
         return normalize(images), masks.long()
 
-    sampler = (ResumableSampler(masks, env.world_size, env.rank, shuffle=True, seed=args.seed, drop_last=True)
-               if train else ShardedEvalSampler(masks, env.rank, env.world_size))
+    sampler = training_sampler(masks, env, args.seed) if train else ShardedEvalSampler(masks, env.rank, env.world_size)
     return TensorLoader(images, masks, sampler, args.batch_size, transform, drop_last=train)
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from common.images import open_regular, read_image, reason, shown
-from common.log import UserError
+from common.log import SampleError, UserError
 
 IGNORE_INDEX = 255
 
@@ -103,7 +103,7 @@ class LabelMap:
             listed = ", ".join(map(str, bad[:MAX_LISTED_VALUES]))
             if len(bad) > MAX_LISTED_VALUES:
                 listed += f" and {len(bad) - MAX_LISTED_VALUES} more"
-            raise UserError(f"mask {shown(path)} holds values that are not allowed: {listed} "
+            raise SampleError(f"mask {shown(path)} holds values that are not allowed: {listed} "
                             f"(allowed: {self.allowed}): fix or replace the file")
         # NumPy, not torch, indexes and counts here: on a 2048x1024 Cityscapes mask ~7 ms against ~35 ms.
         return torch.from_numpy(self.table[values])
@@ -136,14 +136,14 @@ def read_mask_values(path):
             mode, codec = mask.mode, mask.format
             values = np.array(mask) if mode in INDEX_MODES and codec not in LOSSY_FORMATS else None
     except Exception as e:
-        raise UserError(f"cannot read mask {shown(path)} ({reason(e)}): "
+        raise SampleError(f"cannot read mask {shown(path)} ({reason(e)}): "
                         "replace it with a valid mask, or delete it together with its image") from None
     if codec in LOSSY_FORMATS:
-        raise UserError(f"mask {shown(path)} is a lossy {codec} file, whose compression changes class indices along "
+        raise SampleError(f"mask {shown(path)} is a lossy {codec} file, whose compression changes class indices along "
                         "the edges: masks must be lossless; replace it with a PNG made from the original annotation "
                         "(converting this file keeps the damage)")
     if values is None:
-        raise UserError(f"mask {shown(path)} holds {mode} pixels: it must hold class indices, one per pixel "
+        raise SampleError(f"mask {shown(path)} holds {mode} pixels: it must hold class indices, one per pixel "
                         "(a palette PNG as VOC ships it, or an 8-bit grayscale PNG)")
     return values
 
@@ -151,7 +151,7 @@ def read_mask_values(path):
 def check_same_size(image, image_path, mask_values, mask_path):
     (width, height), (mask_height, mask_width) = image.size, mask_values.shape
     if (width, height) != (mask_width, mask_height):
-        raise UserError(f"image {shown(image_path)} is {width}x{height} but its mask {shown(mask_path)} is "
+        raise SampleError(f"image {shown(image_path)} is {width}x{height} but its mask {shown(mask_path)} is "
                         f"{mask_width}x{mask_height}: an image and its mask must be the same size")
 
 

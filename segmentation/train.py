@@ -169,8 +169,6 @@ def finish_args(args):
     args.crop_size = (args.crop_size * 2)[:2]  # one number means a square
     if args.voc_aug and args.dataset != "voc":
         raise UserError("--voc-aug is VOC's SBD augmented training set: use it with --dataset voc --data-path ROOT")
-    if args.voc_aug and args.data_backend == "gpu":  # its loader opens the train split without load_dataset
-        raise UserError("--voc-aug is not wired into --data-backend gpu yet: use --data-backend pil")
     if args.compile and args.grad_checkpointing:
         raise UserError("--grad-checkpointing and --compile together fail in the compiled backward on CUDA "
                         "(torch 2.11, measured with classification): use one of them")

@@ -452,6 +452,11 @@ def test_voc_aug_flag_trains_on_the_augmented_set_and_validates_on_val(tmp_path)
         ["--dataset", "voc", "--data-path", str(tmp_path), "--voc-aug", "--base-size", "16", "--crop-size", "16"]))
     assert load_dataset(args, "train").names == ["2008_000003", "2007_000032", "2008_000002"]
     assert load_dataset(args, "val").names == ["2007_000033"]
+    assert load_dataset(args, "train", decode_only=True).names == ["2008_000003", "2007_000032", "2008_000002"]
+    args.data_backend = "gpu"  # its workers decode the same set
+    from common.distributed import DistEnv
+    from segmentation.data import load_train
+    assert load_train(args, DistEnv(), torch.device("cpu")).dataset.names == ["2008_000003", "2007_000032", "2008_000002"]
     args.voc_aug = None
     assert load_dataset(args, "train").names == ["2007_000032"]
 
