@@ -1,10 +1,9 @@
 """Classification data: ImageFolder trees checked up front, torchvision v2 presets, and the synthetic set."""
 import os
 from collections import Counter
-from functools import partial
 
 import torch
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import v2
 
@@ -139,8 +138,21 @@ def batch_mixer(args, num_classes):
     return v2.RandomChoice(mixers) if mixers else None
 
 
-def mix_collate(batch, mixer):
-    return mixer(*default_collate(batch))
+class MixedBatches:
+    """A DataLoader's batches through MixUp/CutMix in the main process, where the training loop seeds every step.
+    In the workers' collate function they would draw from a worker's stream, which depends on which worker gets
+    which batch: a run resumed mid-epoch would mix differently."""
+
+    def __init__(self, loader, mixer):
+        self.loader, self.mixer = loader, mixer
+        self.sampler, self.dataset, self.batch_size = loader.sampler, loader.dataset, loader.batch_size
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        batches = iter(self.loader)  # made now, in the training thread, from the stream the loop just seeded
+        return (self.mixer(*batch) for batch in batches)
 
 
 def make_shapes(num_samples, image_size=32, num_classes=10, seed=0, split="train", chunk=1024):
@@ -242,11 +254,10 @@ def load_train(args, env, device, class_names):
     train_set = SeededSamples(folder, args.seed)
     # No persistent workers: fresh workers each epoch take their seeds from the per-epoch RNG, which keeps
     # a resumed run identical to an uninterrupted one.
-    return DataLoader(
-        train_set, batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
-        sampler=train_sampler(train_set, args, env),
-        collate_fn=partial(mix_collate, mixer=mixer) if mixer else None, drop_last=True,
-        worker_init_fn=ignore_stop_signals)
+    loader = DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers,
+                        pin_memory=device.type == "cuda", sampler=train_sampler(train_set, args, env), drop_last=True,
+                        worker_init_fn=ignore_stop_signals)
+    return MixedBatches(loader, mixer) if mixer else loader
 
 
 def load_val(args, env, device, class_names):

@@ -17,15 +17,15 @@ from classification.data import dataset_classes, load_train, load_val
 from classification.model import create_model, enable_grad_checkpointing
 from classification.pictures import confusion_matrix_image, prediction_grid
 from common.checkpoint import (Checkpointer, load_model_state, read_training_checkpoint, resume_path, state_dict_from,
-                               training_flags)
+                               trained_settings, unwrap)
 from common.data import default_workers, optimizer_steps_per_epoch, set_epoch
 from common.distributed import check_sync_bn, data_parallel, init_distributed, sync_batch_norm
 from common.engine import configure_torch, evaluate, to_device, train_one_epoch
 from common.flags import (add_checkpoint_flags, add_optimisation_flags, add_precision_flags, non_negative_float,
                           non_negative_int, positive_float, positive_int)
 from common.images import MEAN, STD
-from common.log import (UserError, append_jsonl, count_parameters, is_main_process, print0, print_run_end,
-                        print_run_start, run_cli, start_output_dir, tensorboard_writer)
+from common.log import (UserError, count_parameters, log_epoch, print0, print_run_end, print_run_start, run_cli,
+                        start_output_dir, tensorboard_writer)
 from common.metrics import ClassificationMeter
 from common.optim import EMA, create_lr_scheduler, create_optimizer, param_groups
 from common.precision import autocast_context, grad_scaler, precision_from_flags
@@ -38,6 +38,9 @@ REAL_DATA_DEFAULTS = dict(model="resnet50", batch_size=32, epochs=90, lr=0.1, lr
                           lr_warmup_epochs=0, workers=default_workers(8), train_crop_size=224, print_freq=100)
 SYNTHETIC_DEFAULTS = dict(model="resnet18", batch_size=128, epochs=4, lr=0.05, lr_scheduler="cosineannealinglr",
                           lr_warmup_epochs=1, workers=0, train_crop_size=32, print_freq=50)
+# Defaults of the flags that --test-only --resume may take from the checkpoint instead (None: not given).
+DEFAULTS = dict(val_resize_size=256, val_crop_size=224, interpolation="bilinear", synthetic_val_size=2_000,
+                synthetic_classes=10)
 
 
 def get_args_parser():
@@ -56,10 +59,10 @@ def get_args_parser():
         "higher MIN keeps more of the object, for small images and fine-tuning)")
     add("--train-crop-ratio", type=positive_float, nargs=2, default=[3 / 4, 4 / 3], metavar=("MIN", "MAX"),
         help="RandomResizedCrop: range of the crop's width / height (default: 0.75 1.333)")
-    add("--val-resize-size", type=positive_int, default=256,
+    add("--val-resize-size", type=positive_int,
         help="validation resize of the shorter side (default: 256)")
-    add("--val-crop-size", type=positive_int, default=224, help="validation centre crop (default: 224)")
-    add("--interpolation", default="bilinear", choices=["nearest", "bilinear", "bicubic"],
+    add("--val-crop-size", type=positive_int, help="validation centre crop (default: 224)")
+    add("--interpolation", choices=["nearest", "bilinear", "bicubic"],
         help="resize filter (default: bilinear)")
     add("--auto-augment", help="ra, ta_wide, augmix, or an AutoAugment policy: imagenet, cifar10, svhn (default: none)")
     add("--random-erase", type=non_negative_float, default=0.0, help="RandomErasing probability (default: 0)")
@@ -75,9 +78,9 @@ def get_args_parser():
         "(default: pil)")
     add("--synthetic-train-size", type=positive_int, default=16_000,
         help="synthetic set: training images (default: 16000)")
-    add("--synthetic-val-size", type=positive_int, default=2_000,
+    add("--synthetic-val-size", type=positive_int,
         help="synthetic set: validation images (default: 2000)")
-    add("--synthetic-classes", type=int, default=10, choices=range(2, 11), metavar="{2..10}",
+    add("--synthetic-classes", type=int, choices=range(2, 11), metavar="{2..10}",
         help="synthetic set: number of classes (default: 10)")
 
     group = p.add_argument_group("model")
@@ -126,29 +129,23 @@ def get_args_parser():
     return p
 
 
-# A checkpoint's LR schedule was laid out, step by step, for these values; resuming with others would
-# silently follow the old curve, so they must match.
+# A checkpoint's LR schedule was laid out, step by step, and its epochs' data order drawn, for these values;
+# resuming with others would silently follow the old curve or another order, so they must match.
 SCHEDULE_ARGS = ("epochs", "lr", "head_lr", "lr_scheduler", "lr_step_size", "lr_gamma", "lr_min", "lr_warmup_epochs",
-                 "lr_warmup_method", "lr_warmup_decay", "batch_size", "accum_steps", "world_size")
+                 "lr_warmup_method", "lr_warmup_decay", "batch_size", "accum_steps", "world_size", "seed", "ra_sampler",
+                 "ra_reps")
 
 
 # What --test-only --resume takes from the checkpoint unless given: the model and the validation images.
-TRAINED_SETTINGS = ("model", "train_crop_size", "val_resize_size", "val_crop_size", "interpolation",
+TRAINED_SETTINGS = ("model", "data_path", "train_crop_size", "val_resize_size", "val_crop_size", "interpolation",
                     "synthetic_val_size", "synthetic_classes")
-
-
-def take_trained_settings(args, path):
-    trained, parser = training_flags(path), get_args_parser()
-    for name in TRAINED_SETTINGS:
-        if name in trained and getattr(args, name) == parser.get_default(name):
-            setattr(args, name, trained[name])
 
 
 def finish_args(args):
     path = resume_path(args.resume, args.output_dir)  # a wrong path is reported before any work
     if args.test_only and path:
-        take_trained_settings(args, path)
-    for name, value in (SYNTHETIC_DEFAULTS if args.data_path is None else REAL_DATA_DEFAULTS).items():
+        vars(args).update(trained_settings(path, vars(args), TRAINED_SETTINGS))
+    for name, value in {**DEFAULTS, **(SYNTHETIC_DEFAULTS if args.data_path is None else REAL_DATA_DEFAULTS)}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.start_epoch >= args.epochs and not (args.resume or args.test_only):
@@ -243,15 +240,6 @@ def log_predictions(writer, model, val_loader, class_names, device, autocast, me
     writer.add_image("val/predictions", pil_to_tensor(grid), epoch)
 
 
-def log_epoch(record, output_dir, writer):
-    if output_dir and is_main_process():
-        append_jsonl(os.path.join(output_dir, "log.jsonl"), record)
-    if writer is not None:
-        for key in ("val_acc1", "val_acc5", "val_ema_acc1", "train_loss", "img_per_s"):
-            if key in record:
-                writer.add_scalar(f"epoch/{key}", record[key], record["epoch"])
-
-
 def main(args):
     env, device = init_distributed(args.device)
     args.world_size = env.world_size
@@ -292,7 +280,8 @@ def main(args):
     scaler = grad_scaler(device, precision, optimizer)
     checkpointer = Checkpointer(args.output_dir, env.is_main, model, optimizer, lr_scheduler, scaler,
                                 precision=precision, flags=vars(args), keep=args.keep_checkpoints,
-                                model_ema=model_ema, best_key="best_acc1", class_names=class_names)
+                                model_ema=model_ema, best_key="best_acc1", best_name="top-1", class_names=class_names,
+                                steps_per_epoch=steps_per_epoch)
     args.start_epoch, start_step = checkpointer.resume(resume_path(args.resume, args.output_dir), args.model,
                                                        SCHEDULE_ARGS)
 
@@ -323,7 +312,7 @@ def main(args):
         checkpointer.end_of_epoch(epoch, record.get("val_ema_acc1", val["val_acc1"]))  # with EMA, its weights are kept
         log_epoch(record, args.output_dir, writer)
         if writer is not None:
-            log_predictions(writer, model, val_loader, class_names, device, autocast, memory_format, epoch)
+            log_predictions(writer, unwrap(model), val_loader, class_names, device, autocast, memory_format, epoch)
 
     if writer is not None and args.start_epoch < args.epochs:  # what the last epoch confuses with what
         picture = confusion_matrix_image(val_meter.confusion.matrix.cpu(), class_names)

@@ -1,4 +1,5 @@
-"""Checkpoints as plain dicts of tensors: written atomically, read with weights_only=True, checked key by key."""
+"""Checkpoints as plain dicts of tensors: written atomically, read with weights_only=True, checked key by key;
+the Checkpointer that saves a run (checkpoint.pth, best.pth) and resumes it, refusing what would not continue it."""
 import os
 import pickle
 import re
@@ -119,6 +120,13 @@ def training_flags(path):
     return (checkpoint.get("args") or {}) if isinstance(checkpoint, dict) else {}
 
 
+def trained_settings(path, given, names):
+    """Of the flags `names`, those left unset (None) in `given` (a dict), as the checkpoint at `path` was
+    trained with them: what --test-only evaluates with unless told otherwise."""
+    trained = training_flags(path)
+    return {name: trained[name] for name in names if given.get(name) is None and name in trained}
+
+
 def read_training_checkpoint(path, model_name):
     checkpoint = load_checkpoint(path)
     trained_with = (checkpoint.get("args") or {}).get("model")
@@ -129,14 +137,22 @@ def read_training_checkpoint(path, model_name):
 
 
 def check_same_schedule(trained_flags, flags, names, path):
-    """The LR schedule was laid out step by step for the values of `names`: resuming with other values
-    would silently follow the old curve, so they must match."""
+    """The LR schedule was laid out step by step, and each epoch's data order drawn, for the values of `names`:
+    resuming with other values would silently follow the old curve or another order, so they must match."""
     changed = [f"{name} {trained_flags.get(name)} -> {flags[name]}" for name in names
                if trained_flags.get(name) != flags[name]]
     if changed:
-        raise CheckpointError(f"cannot resume from {path}: its LR schedule was laid out for other values "
-                              f"({'; '.join(changed)}). Resume with the same values, or start a new run from its "
-                              f"weights with --weights {path}")
+        raise CheckpointError(f"cannot resume from {path}: its LR schedule and data order were laid out for other "
+                              f"values ({'; '.join(changed)}). Resume with the same values, or start a new run from "
+                              f"its weights with --weights {path}")
+
+
+def recorded_precision(checkpoint):
+    """The precision a checkpoint was trained in; one written before that was recorded says it by its flags."""
+    if "precision" in checkpoint:
+        return checkpoint["precision"]
+    flags = checkpoint.get("args") or {}
+    return (flags.get("amp_dtype") or "float16") if flags.get("amp") else "float32"
 
 
 def check_finite_weights(model, epoch, output_dir):
@@ -168,17 +184,19 @@ def save_training(state, output_dir, is_best=False, keep=0):
 class Checkpointer:
     """Saves and restores everything a run needs to continue, as plain dicts and tensors (what weights_only
     loading accepts): model, optimizer, LR schedule, scaler, EMA, position, the best score so far, the run's
-    flags, its precision and `fixed` entries that must not change on resume (class names, palette).
+    flags, its precision, and `must_match` entries that a resumed run must have too (class names, palette, the
+    epoch's length in steps).
 
     save() runs on every rank (each checks the weights are finite) and writes on the main one only; with no
     output_dir it does nothing.
     """
 
     def __init__(self, output_dir, is_main, model, optimizer, lr_scheduler, scaler, *, precision, flags,
-                 best_key, keep=0, model_ema=None, **fixed):
+                 best_key, best_name, keep=0, model_ema=None, **must_match):
         self.output_dir, self.is_main, self.keep, self.best_key = output_dir, is_main, keep, best_key
+        self.best_name = best_name  # how the log names the score: top-1, mIoU
         self.model, self.optimizer, self.lr_scheduler, self.scaler = model, optimizer, lr_scheduler, scaler
-        self.precision, self.flags, self.model_ema, self.fixed = precision, flags, model_ema, fixed
+        self.precision, self.flags, self.model_ema, self.must_match = precision, flags, model_ema, must_match
         self.best = None  # the first evaluated epoch is the best so far, whatever its score
 
     def state(self, epoch, step):
@@ -188,7 +206,7 @@ class Checkpointer:
                 "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "precision": self.precision, "epoch": epoch, "step": step, "args": dict(self.flags),
                 self.best_key: self.best, "model_ema": ema.module.state_dict() if ema is not None else None,
-                "model_ema_n_averaged": ema.n_averaged if ema is not None else None, **self.fixed}
+                "model_ema_n_averaged": ema.n_averaged if ema is not None else None, **self.must_match}
 
     def save(self, epoch, step=None, is_best=False):
         if not self.output_dir:
@@ -211,19 +229,19 @@ class Checkpointer:
             return 0, 0
         checkpoint = read_training_checkpoint(path, model_name)
         load_model_state(self.model, state_dict_from(checkpoint), path)
-        for name, value in self.fixed.items():  # e.g. the same number of classes, but other ones
-            if name in checkpoint and checkpoint[name] != value:
-                raise CheckpointError(f"cannot resume from {path}: it was trained with {name} {checkpoint[name]}, "
-                                      f"this run has {value}. Resume on the data it was trained on, or start a new "
-                                      f"run from its weights with --weights {path}")
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         except ValueError as e:
             raise CheckpointError(f"cannot resume from {path}: {e}. Resume with the flags it was trained with "
                                   "(--opt, --norm-weight-decay, --head-lr)") from None
         check_same_schedule(checkpoint.get("args") or {}, self.flags, schedule_names, path)
+        for name, value in self.must_match.items():  # other classes of the same count; another epoch length
+            if name in checkpoint and checkpoint[name] != value:
+                raise CheckpointError(f"cannot resume from {path}: it was trained with {name} {checkpoint[name]}, "
+                                      f"this run has {value}. Resume on the data it was trained on, or start a new "
+                                      f"run from its weights with --weights {path}")
         self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        if checkpoint["scaler"] and checkpoint.get("precision") == self.precision:  # precision may change
+        if checkpoint["scaler"] and recorded_precision(checkpoint) == self.precision:  # precision may change
             self.scaler.load_state_dict(checkpoint["scaler"])
         if self.model_ema is not None and checkpoint.get("model_ema") is not None:
             load_model_state(self.model_ema.module, checkpoint["model_ema"], path)
@@ -232,5 +250,5 @@ class Checkpointer:
         epoch, step = checkpoint["epoch"], checkpoint.get("step")
         where = (epoch + 1, 0) if step is None else (epoch, step)
         best = "none yet" if self.best is None else f"{self.best:.2f}"
-        print0(f"resumed from {path}: epoch {where[0]} step {where[1]}, best {self.best_key[5:]} {best}")
+        print0(f"resumed from {path}: epoch {where[0]} step {where[1]}, best {self.best_name} {best}")
         return where

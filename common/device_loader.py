@@ -38,10 +38,14 @@ class DeviceLoader:
         return batch_generator(self.seed, epoch, rank, first + batch_index)
 
     def __iter__(self):
+        # The DataLoader's iterator is made here, when the training loop asks for it, in the training thread:
+        # making it draws the workers' base seed from torch's global stream, which the loop has just seeded.
+        batches = iter(self.loader)
         if self.device.type != "cuda" or not self.threaded:
-            for index, batch in enumerate(self.loader):
-                yield self.after(*self.prepare(batch, self.generator(index)))
-            return
+            return (self.after(*self.prepare(batch, self.generator(index))) for index, batch in enumerate(batches))
+        return self.prefetched(batches)
+
+    def prefetched(self, batches):
         ready = queue.Queue(maxsize=self.depth)
         stream = torch.cuda.Stream(self.device)
         stop = threading.Event()
@@ -49,7 +53,7 @@ class DeviceLoader:
         def produce():
             try:
                 with torch.cuda.device(self.device), torch.cuda.stream(stream):
-                    for index, batch in enumerate(self.loader):
+                    for index, batch in enumerate(batches):
                         if stop.is_set():
                             return
                         prepared = self.prepare(batch, self.generator(index))

@@ -9,7 +9,6 @@ from contextlib import nullcontext
 
 import torch
 
-from common.log import print0
 from common.seeding import seed_epoch, seed_step
 
 
@@ -40,11 +39,9 @@ def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, e
                     progress, nonfinite, memory_format=torch.contiguous_format, seed=0, rank=0, accum_steps=1,
                     clip_grad_norm=None, ema=None, preemption=None, checkpointer=None, checkpoint_interval=0,
                     start_step=0, end_step=None):
-    """Optimizer steps `start_step`.. of one epoch, each of `accum_steps` micro-batches from `loader` (already
-    positioned at `start_step`), up to `end_step` when given (a schedule that ends inside an epoch); returns the
-    epoch's summary, with "stopped" set when a preemption signal ended it early (after checkpointer saved it).
-    The checkpointer also saves every `checkpoint_interval` steps.
-    """
+    """Optimizer steps `start_step`..`end_step` (default: the epoch's end) of one epoch, each of `accum_steps`
+    micro-batches from `loader`, already positioned at `start_step`. The checkpointer saves every
+    `checkpoint_interval` steps and on a stop signal, which ends the epoch early ("stopped" in the summary)."""
     model.train()
     seed_epoch(seed, epoch, rank)  # before the loader's iterator draws its workers' seeds
     epoch_steps = start_step + len(loader) // accum_steps
@@ -72,19 +69,18 @@ def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, e
         optimizer.zero_grad(set_to_none=True)
         lr_scheduler.step()
         if ema is not None:
-            ema.update(model, epoch, epoch * epoch_steps + step)
+            ema.update(model, epoch, step)
         # ---- bookkeeping: values stay on the device until a sync point (a progress line, a checkpoint step) ----
-        nonfinite.update(grad_norm)
         printed = progress.log(step, step_loss, grad_norm, optimizer.param_groups[0]["lr"])
         checkpoint_step = bool(checkpoint_interval) and (step + 1) % checkpoint_interval == 0
-        if printed or checkpoint_step:
-            nonfinite.check(epoch, step)
+        nonfinite.update(grad_norm, epoch, step, sync_point=printed or checkpoint_step)
         stopped = preemption is not None and preemption.agreed(sync_point=printed or checkpoint_step)
+        if stopped:
+            progress.stop(step, preemption.received or "another rank")
         # The epoch's last step is saved after validation; a stop does not wait for that.
         if checkpointer is not None and (stopped or (checkpoint_step and step < steps - 1)):
             checkpointer.save(epoch, step + 1)
         if stopped:
-            print0(f"stopping at step {step + 1} of epoch {epoch} on {preemption.received or 'another rank'}'s request")
             break
     return {**progress.summary(optimizer.param_groups[0]["lr"]), "stopped": stopped}
 

@@ -55,4 +55,4 @@ def add_checkpoint_flags(group):
     add("--keep-checkpoints", type=non_negative_int, default=0, metavar="N",
         help="keep checkpoint_epoch<E>.pth of the last N epochs besides checkpoint.pth and best.pth (default: 0)")
     add("--max-nonfinite-steps", type=positive_int, default=3, metavar="N",
-        help="stop when the loss is NaN or Inf in N consecutive steps, which are skipped (default: 3)")
+        help="stop when the loss or gradients are NaN or Inf in N consecutive steps, which are skipped (default: 3)")

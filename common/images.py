@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.log import SampleError, UserError
+from common.log import SampleError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torchvision's weights expect
 REPLACE_IMAGE = "delete the file or replace it with a valid image"
@@ -35,19 +35,20 @@ def _kind(mode):
 
 
 def not_a_file_error(path, what="image", mode=None):
-    """The UserError for a listed file that is no regular file: a dangling symlink, a FIFO, a device, ..."""
+    """The error for a listed file that is no regular file: a dangling symlink, a FIFO, a device, ... (a
+    SampleError: when it is met in loading, only the rank that loads it knows)."""
     link = os.readlink(path) if os.path.islink(path) else None
     if link is not None and not os.path.exists(path):
-        return UserError(f"{what} {shown(path)} is a symlink to {shown(link)}, which does not exist: "
-                         "fix the link or remove it")
+        return SampleError(f"{what} {shown(path)} is a symlink to {shown(link)}, which does not exist: "
+                           "fix the link or remove it")
     if mode is None:
         try:
             mode = os.stat(path).st_mode
         except OSError as e:
-            return UserError(f"cannot read {what} {shown(path)} ({reason(e)}): {replace_hint(what)}")
+            return SampleError(f"cannot read {what} {shown(path)} ({reason(e)}): {replace_hint(what)}")
     kind = f"a symlink to {shown(link)}, {_kind(mode)}" if link is not None else _kind(mode)
-    return UserError(f"{what} {shown(path)} is {kind}, not a regular file: only regular files are read as "
-                     f"{what}s; remove it or replace it with the {what} file")
+    return SampleError(f"{what} {shown(path)} is {kind}, not a regular file: only regular files are read as "
+                       f"{what}s; remove it or replace it with the {what} file")
 
 
 def reason(e):

@@ -1,4 +1,5 @@
-"""What a run tells the user: console lines from rank 0, one-line errors, log.jsonl, TensorBoard."""
+"""What a run tells the user and where: console lines from rank 0, one-line errors, the output folder (claimed by
+one run at a time, with its args.json and log.jsonl), TensorBoard."""
 import fcntl
 import json
 import os
@@ -47,7 +48,8 @@ def run_cli(main, args):
             print(f"error: {message}{'' if rank == 0 else f' (rank {rank})'}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C: the user asked to stop at once, so no traceback either
-        print("interrupted: stopped without saving", file=sys.stderr, flush=True)
+        if launch_rank() == 0:
+            print("interrupted: stopped without saving", file=sys.stderr, flush=True)
         sys.exit(130)
     finally:
         release_output_dirs()
@@ -113,6 +115,16 @@ def print_run_end(started, result, output_dir):
     where = f"checkpoints, log.jsonl and TensorBoard files in {output_dir}" if output_dir else "nothing written " \
         "(no --output-dir)"
     print0(f"done in {format_duration(time.perf_counter() - started)}: {result}; {where}")
+
+
+def log_epoch(record, output_dir, writer):
+    """One epoch's numbers: a line of DIR/log.jsonl, and each number as an epoch/<name> scalar in TensorBoard."""
+    if output_dir and is_main_process():
+        append_jsonl(os.path.join(output_dir, "log.jsonl"), record)
+    if writer is not None:
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(f"epoch/{key}", value, record["epoch"])
 
 
 def append_jsonl(path, record):

@@ -84,8 +84,9 @@ class EMA(AveragedModel):
         super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(1 - alpha), use_buffers=True)
         self.every, self.warmup_epochs = every, warmup_epochs
 
-    def update(self, model, epoch, global_step):
-        if global_step % self.every:
+    def update(self, model, epoch, step):
+        """After optimizer step `step` of `epoch`: every `every` steps of an epoch, as torchvision counts them."""
+        if step % self.every:
             return
         self.update_parameters(unwrap(model))
         if epoch < self.warmup_epochs:

@@ -36,8 +36,8 @@ class UnitScaler(torch.amp.GradScaler):
     an optimizer step whose gradients are not finite. On the CPU and with fused optimizers on a GPU it does so
     without a host sync, which a Python `if torch.isfinite(...)` would cost every step."""
 
-    def __init__(self, device_type, enabled=True):
-        super().__init__(device_type, init_scale=1.0, enabled=enabled)
+    def __init__(self, device_type):
+        super().__init__(device_type, init_scale=1.0)
 
     def update(self, new_scale=None):
         super().update(1.0)  # after a skipped step GradScaler would halve the scale; there is nothing to rescale
@@ -48,5 +48,6 @@ def grad_scaler(device, precision, optimizer):
     and a disabled one (no skipping of non-finite steps) where it would sync every step."""
     if uses_loss_scaling(precision):
         return torch.amp.GradScaler(device.type)
-    sync_free = device.type == "cpu" or getattr(optimizer, "_step_supports_amp_scaling", False)
-    return UnitScaler(device.type, enabled=sync_free)
+    if device.type == "cpu" or getattr(optimizer, "_step_supports_amp_scaling", False):
+        return UnitScaler(device.type)
+    return torch.amp.GradScaler(device.type, enabled=False)

@@ -23,6 +23,8 @@ class ProgressLog:
         self.losses, self.grad_norms, self.loss_total, self.done = [], [], 0.0, 0
         self.images, self.images_since_print, self.batches, self.data_time = 0, 0, 0, 0.0
         self.start = self.last_print = time.perf_counter()
+        if torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()  # max_memory_mib is the epoch's peak
 
     def timed(self, batches):
         """The batches of an iterator, counting images and the time spent waiting for them."""
@@ -67,13 +69,28 @@ class ProgressLog:
         for i, (loss, norm) in enumerate(zip(losses, norms)):
             self.writer.add_scalar("train/loss", loss, first_step + i)
             self.writer.add_scalar("train/grad_norm", norm, first_step + i)
-        self.writer.add_scalar("train/lr", lr, global_step)
-        self.writer.add_scalar("train/img_per_s", img_per_s, global_step)
+        if lr is not None:
+            self.writer.add_scalar("train/lr", lr, global_step)
+            self.writer.add_scalar("train/img_per_s", img_per_s, global_step)
+
+    def stop(self, step, reason):
+        """A stop signal ends the epoch at `step`: log the steps since the last progress line, which the
+        checkpoint saved next already counts as done, and say why the run stops."""
+        if self.losses:
+            losses = all_reduce_sum(torch.stack(self.losses)).div_(self.world_size).tolist()
+            self.loss_total += sum(losses)
+            self.log_scalars(step, losses, torch.stack(self.grad_norms).tolist(), None, None)
+            self.images += self.images_since_print
+            self.losses, self.grad_norms, self.images_since_print = [], [], 0
+        print0(f"stopping at step {step + 1} of epoch {self.epoch} on {reason}'s request")
 
     def summary(self, lr):
         """The epoch's numbers for log.jsonl: mean loss, last LR, time, throughput over all ranks, peak memory."""
         epoch_time = time.perf_counter() - self.start
         memory = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else 0
         images = self.images + self.images_since_print
-        return {"train_loss": self.loss_total / max(self.done, 1), "lr": lr, "epoch_time_s": epoch_time,
+        if self.done == 0:  # an epoch resumed after its last step (a stop during validation): nothing to report
+            return {"train_loss": None, "lr": lr, "epoch_time_s": epoch_time, "img_per_s": None,
+                    "max_memory_mib": memory}
+        return {"train_loss": self.loss_total / self.done, "lr": lr, "epoch_time_s": epoch_time,
                 "img_per_s": images * self.world_size / epoch_time, "max_memory_mib": memory}

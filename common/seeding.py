@@ -6,32 +6,35 @@ does, and what makes a sample's augmentation independent of the DataLoader worke
 
     what                                   seeded from                        where
     weight initialisation                  seed                               configure_torch, before the model is built
-    data order                             (seed, epoch)                      DistributedSampler(seed=seed), every rank
-                                                                              the same permutation, each its own slice
+    data order (also --ra-sampler's)       seed + epoch                       DistributedSampler(seed=seed) and
+                                                                              RepeatedAugmentationSampler: every rank
+                                                                              the same order, each its own slice
     per-sample augmentation (CPU workers)  (seed, epoch, sample index)        SeededSamples
-    per-epoch global stream: DataLoader    (seed, epoch, rank)                train_one_epoch, before the epoch's
-      worker seeds, MixUp/CutMix in workers                                   loader iterator is made
+    per-epoch global stream: the base      (seed, epoch, rank)                train_one_epoch, before the epoch's
+      seed of the DataLoader's workers                                        loader iterator is made
     per-step global stream: dropout,       (seed, epoch, step, rank)          train_one_epoch, before each step
-      stochastic depth, device transforms
-      that draw from torch's stream
+      stochastic depth, MixUp/CutMix, the
+      synthetic set's flips
     per-batch device augmentation          (seed, epoch, rank, batch index)   DeviceLoader: a torch.Generator of the
       (--data-backend gpu)                                                    batch's own, as it is prepared on a
                                                                               side thread one batch ahead
 
-Streams never share a seed by accident: each carries its own tag into the mix.
+A DataLoader worker's own stream is not covered (it depends on which worker gets which batch): nothing draws
+from it, which is why MixUp and CutMix run in the main process, not in the workers' collate function.
+Seeds come from numpy's SeedSequence, which hashes the whole tuple (stream, seed, position...): positions of
+any size, ImageNet's 1.28 million sample indices among them, never share a seed by arithmetic accident.
 """
+import numpy as np
 import torch
 
-_MODULUS = 2**63 - 25  # the largest prime below 2**63: seeds fill torch's 63-bit range
 _TAGS = {"epoch": 1, "step": 2, "sample": 3, "batch": 4}
 
 
 def derive_seed(stream, seed, *position):
-    """The seed of stream `stream` at `position` (a tuple of non-negative ints) of a run seeded with `seed`."""
-    value = _TAGS[stream]
-    for part in (seed, *position):
-        value = (value * 1_000_003 + part) % _MODULUS
-    return value
+    """The seed of stream `stream` at `position` (non-negative ints) of a run seeded with `seed`, in 63 bits."""
+    entropy = [_TAGS[stream], seed % 2**64, *position]
+    high, low = np.random.SeedSequence(entropy).generate_state(2, np.uint32).tolist()
+    return ((high << 32) | low) >> 1
 
 
 def seed_epoch(seed, epoch, rank):

@@ -43,13 +43,17 @@ class PreemptionSignal:
         has finished saving: a launcher that sees one rank exit stops the others."""
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
-        raise SystemExit(INTERRUPTED_EXIT_CODE if self.received == "SIGINT" else PREEMPTED_EXIT_CODE)
+        code = INTERRUPTED_EXIT_CODE if self.received == "SIGINT" else PREEMPTED_EXIT_CODE
+        print0(f"stopped on {self.received or 'another rank'}'s request (exit status {code}); the same command with "
+               "--resume auto goes on from the checkpoint")
+        raise SystemExit(code)
 
 
 class NonFiniteGuard:
     """Stops a run whose gradients were NaN or Inf (a NaN loss makes them so) in `max_steps` consecutive steps.
 
-    Those steps themselves are skipped by the GradScaler. Under float16 a non-finite gradient is an overflow,
+    Those steps themselves are skipped by the GradScaler (not by the disabled one of RMSprop on a GPU without
+    float16, see common/precision.py). Under float16 a non-finite gradient is an overflow,
     GradScaler's business (it lowers its scale), so nothing is counted. The count uses the gradient norm,
     which DDP makes the same on every rank, and stays on the device until check() at a sync point.
     """
@@ -59,19 +63,20 @@ class NonFiniteGuard:
         self.counting = not uses_loss_scaling(precision)
         self.run = self.worst_run = None
 
-    def update(self, grad_norm):
+    def update(self, grad_norm, epoch, step, sync_point):
+        """Count this step on the device; at a sync point, stop the run if the count reached the limit."""
         if not self.counting:
             return
         if self.run is None:
             self.run = self.worst_run = torch.zeros((), dtype=torch.int64, device=grad_norm.device)
         self.run = (self.run + 1) * ~torch.isfinite(grad_norm)
         self.worst_run = torch.maximum(self.worst_run, self.run)
+        if sync_point and (worst := int(self.worst_run)) >= self.max_steps:
+            raise UserError(f"the loss or gradients were NaN or Inf in {worst} consecutive steps (epoch {epoch}, by "
+                            f"step {step + 1}): stopped without saving; {self.advice()}")
 
-    def check(self, epoch, step):
-        if self.worst_run is None or (worst := int(self.worst_run)) < self.max_steps:
-            return
+    def advice(self):
         last = os.path.join(self.output_dir, "checkpoint.pth") if self.output_dir else None
-        saved = f"the last good checkpoint is {last}" if last and os.path.isfile(last) else "no checkpoint was saved"
-        raise UserError(f"the loss or gradients were NaN or Inf in {worst} consecutive steps (epoch {epoch}, by step "
-                        f"{step + 1}): stopped without saving; {saved}. Resume from it with a lower --lr or "
-                        "--clip-grad-norm")
+        if last and os.path.isfile(last):
+            return f"the last good checkpoint is {last}. Resume from it with a lower --lr or --clip-grad-norm"
+        return "no checkpoint was saved. Start again with a lower --lr or --clip-grad-norm"

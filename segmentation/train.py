@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.checkpoint import (Checkpointer, load_model_state, read_training_checkpoint, resume_path, state_dict_from,
-                               training_flags, unwrap)
+                               trained_settings, unwrap)
 from common.data import default_workers, optimizer_steps_per_epoch, set_epoch
 from common.distributed import check_sync_bn, data_parallel, init_distributed, sync_batch_norm
 from common.engine import configure_torch, evaluate, to_device, train_one_epoch
 from common.flags import (add_checkpoint_flags, add_optimisation_flags, add_precision_flags, non_negative_float,
                           non_negative_int, positive_float, positive_int)
 from common.images import MEAN, STD
-from common.log import (UserError, append_jsonl, count_parameters, is_main_process, print0, print_run_end,
-                        print_run_start, run_cli, start_output_dir, tensorboard_writer)
+from common.log import (UserError, count_parameters, log_epoch, print0, print_run_end, print_run_start, run_cli,
+                        start_output_dir, tensorboard_writer)
 from common.metrics import SegmentationMeter
 from common.optim import create_lr_scheduler, create_optimizer, param_groups
 from common.precision import autocast_context, grad_scaler, precision_from_flags
@@ -44,11 +44,13 @@ REAL_DATA_DEFAULTS = dict(model="deeplabv3plus_resnet50", batch_size=8, epochs=8
                           workers=default_workers(8), print_freq=50, unet_width=64)
 SYNTHETIC_DEFAULTS = dict(model="unet", batch_size=16, epochs=4, lr=0.05, lr_warmup_epochs=1, workers=0,
                           print_freq=25, unet_width=16)
+# Defaults of the flags that --test-only --resume may take from the checkpoint instead (None: not given).
+DEFAULTS = dict(output_stride=8, aux_loss=False, synthetic_val_size=500, synthetic_image_size=64, synthetic_classes=6)
 # Sizes by dataset, mmsegmentation's: the shorter side is rescaled around the base size, then cropped.
 SIZE_DEFAULTS = {"cityscapes": dict(base_size=1024, crop_size=[512, 1024]),
                  "voc": dict(base_size=512, crop_size=[512, 512]), "ade20k": dict(base_size=512, crop_size=[512, 512])}
 SCHEDULE_ARGS = ("epochs", "iters", "lr", "lr_scheduler", "lr_power", "lr_min", "lr_warmup_epochs",
-                 "lr_warmup_method", "lr_warmup_decay", "batch_size", "accum_steps", "world_size", "voc_aug")
+                 "lr_warmup_method", "lr_warmup_decay", "batch_size", "accum_steps", "world_size", "voc_aug", "seed")
 
 
 def get_args_parser():
@@ -80,18 +82,19 @@ def get_args_parser():
         "flips and normalises; synthetic: random batches on the device, to time the model step alone (default: pil)")
     add("--synthetic-train-size", type=positive_int, default=2_500,
         help="synthetic set: training images (default: 2500)")
-    add("--synthetic-val-size", type=positive_int, default=500, help="synthetic set: validation images (default: 500)")
-    add("--synthetic-image-size", type=positive_int, default=64,
+    add("--synthetic-val-size", type=positive_int, help="synthetic set: validation images (default: 500)")
+    add("--synthetic-image-size", type=positive_int,
         help="synthetic set: image side in pixels (default: 64)")
-    add("--synthetic-classes", type=int, default=6, choices=range(2, 12), metavar="{2..11}",
+    add("--synthetic-classes", type=int, choices=range(2, 12), metavar="{2..11}",
         help="synthetic set: classes, background included (default: 6)")
 
     group = p.add_argument_group("model")
     add = group.add_argument
     add("--model", choices=OWN_MODELS + TORCHVISION_MODELS, metavar="MODEL", help=f"{', '.join(OWN_MODELS)} or "
         f"torchvision's {', '.join(TORCHVISION_MODELS)} {recipe('model')}")
-    add("--output-stride", type=int, default=8, choices=[8, 16], help="DeepLabV3+: backbone output stride (default: 8)")
-    add("--aux-loss", action="store_true", help="auxiliary FCN head on layer3, its loss weighted by --aux-weight")
+    add("--output-stride", type=int, choices=[8, 16], help="DeepLabV3+: backbone output stride (default: 8)")
+    add("--aux-loss", action="store_true", default=None,
+        help="auxiliary FCN head on layer3, its loss weighted by --aux-weight")
     add("--aux-weight", type=non_negative_float, default=0.4, help="weight of the auxiliary loss (default: 0.4)")
     add("--unet-width", type=positive_int, help=f"UNet: channels of the first level {recipe('unet_width')}")
     add("--weights-backbone", help="ImageNet backbone: torchvision weights name (IMAGENET1K_V2) or a classifier "
@@ -139,23 +142,16 @@ def get_args_parser():
 
 # What --test-only --resume takes from the checkpoint unless given: the model and the validation images.
 TRAINED_SETTINGS = ("model", "output_stride", "aux_loss", "unet_width", "base_size", "crop_size", "dataset",
-                    "synthetic_val_size", "synthetic_image_size", "synthetic_classes")
-
-
-def take_trained_settings(args, path):
-    trained, parser = training_flags(path), get_args_parser()
-    for name in TRAINED_SETTINGS:
-        if name in trained and getattr(args, name) == parser.get_default(name):
-            setattr(args, name, trained[name])
+                    "data_path", "synthetic_val_size", "synthetic_image_size", "synthetic_classes")
 
 
 def finish_args(args):
     path = resume_path(args.resume, args.output_dir)  # a wrong path is reported before any work
     if args.test_only and path:
-        take_trained_settings(args, path)
+        vars(args).update(trained_settings(path, vars(args), TRAINED_SETTINGS))
     if args.iters and args.epochs:
         raise UserError(f"--iters {args.iters} and --epochs {args.epochs} both set the length of the run: give one")
-    for name, value in (SYNTHETIC_DEFAULTS if args.data_path is None else REAL_DATA_DEFAULTS).items():
+    for name, value in {**DEFAULTS, **(SYNTHETIC_DEFAULTS if args.data_path is None else REAL_DATA_DEFAULTS)}.items():
         if getattr(args, name) is None and not (name == "epochs" and args.iters):
             setattr(args, name, value)
     if args.data_path is None:
@@ -213,8 +209,12 @@ def validate(model, val_loader, class_names, device, autocast, memory_format, ar
 
 
 @torch.inference_mode()
-def log_examples(writer, predictor, val_loader, palette, device, autocast, epoch, count=4):
-    """Input | label | prediction of the first validation images, coloured with the dataset's palette."""
+def log_validation(writer, summary, class_names, predictor, val_loader, palette, device, autocast, epoch, count=4):
+    """TensorBoard: each class's IoU, and input | label | prediction of the first validation images, coloured
+    with the dataset's palette."""
+    for name, iou in zip(class_names, summary["per_class_iou"]):
+        if iou is not None:
+            writer.add_scalar(f"val_iou/{name}", iou, epoch)
     colours = torch.tensor(palette + [(255, 255, 255)] * (256 - len(palette)), dtype=torch.uint8, device=device)
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
     examples = [(image, target) for images, targets in itertools.islice(val_loader, count)
@@ -228,17 +228,6 @@ def log_examples(writer, predictor, val_loader, palette, device, autocast, epoch
         picture = (picture[0].clamp(0, 1) * 255).to(torch.uint8)
         row = [picture, colours[target[0]].permute(2, 0, 1).cpu(), colours[predicted[0]].permute(2, 0, 1).cpu()]
         writer.add_image(f"val_examples/{i}", torch.cat(row, dim=2), epoch)
-
-
-def log_epoch(record, val, class_names, output_dir, writer):
-    if output_dir and is_main_process():
-        append_jsonl(os.path.join(output_dir, "log.jsonl"), record)
-    if writer is not None:
-        for key in ("val_miou", "val_pixel_acc", "val_mean_acc", "train_loss", "img_per_s"):
-            writer.add_scalar(f"epoch/{key}", record[key], record["epoch"])
-        for name, iou in zip(class_names, val["per_class_iou"]):
-            if iou is not None:
-                writer.add_scalar(f"val_iou/{name}", iou, record["epoch"])
 
 
 def build_model(args, num_classes):
@@ -309,7 +298,8 @@ def main(args):
     scaler = grad_scaler(device, precision, optimizer)
     checkpointer = Checkpointer(args.output_dir, env.is_main, model, optimizer, lr_scheduler, scaler,
                                 precision=precision, flags=vars(args), keep=args.keep_checkpoints,
-                                best_key="best_miou", class_names=class_names, palette=palette)
+                                best_key="best_miou", best_name="mIoU", class_names=class_names, palette=palette,
+                                steps_per_epoch=steps_per_epoch)
     args.start_epoch, start_step = checkpointer.resume(resume_path(args.resume, args.output_dir), args.model,
                                                        SCHEDULE_ARGS)
 
@@ -341,9 +331,10 @@ def main(args):
         checkpointer.end_of_epoch(epoch, val["miou"])
         record = {"epoch": epoch, **stats, "val_miou": val["miou"], "val_pixel_acc": val["pixel_acc"],
                   "val_mean_acc": val["mean_acc"]}
-        log_epoch(record, val, class_names, args.output_dir, writer)
+        log_epoch(record, args.output_dir, writer)
         if writer is not None:
-            log_examples(writer, predictor_from_args(unwrap(model), args), val_loader, palette, device, autocast, epoch)
+            log_validation(writer, val, class_names, predictor_from_args(unwrap(model), args), val_loader, palette,
+                           device, autocast, epoch)
     if writer is not None:
         writer.close()
     best = "none (no epoch evaluated)" if checkpointer.best is None else f"{checkpointer.best:.2f}"

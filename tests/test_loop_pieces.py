@@ -13,11 +13,11 @@ from common.seeding import batch_generator, derive_seed, sample_seed
 
 def test_the_seeding_scheme_is_pinned():
     # Exact resume across versions of this code depends on these numbers: change them only on purpose.
-    assert derive_seed("epoch", 0, 0, 0) == 1000009000027000027
-    assert derive_seed("step", 0, 3, 17, 1) == 337523300105887172
-    assert sample_seed(42, 2, 12345) == derive_seed("sample", 42, 2, 12345) == 3000069000335012810
+    assert derive_seed("epoch", 0, 0, 0) == 3941715099434534770
+    assert derive_seed("step", 0, 3, 17, 1) == 1213057993237308119
+    assert sample_seed(42, 2, 12345) == derive_seed("sample", 42, 2, 12345) == 207354662272974991
     assert torch.equal(batch_generator(7, 1, 0, 5).get_state(),
-                       torch.Generator().manual_seed(7675104600336774389).get_state())
+                       torch.Generator().manual_seed(6577820859125905359).get_state())
 
 
 def test_every_stream_and_position_gets_its_own_seed():
@@ -25,6 +25,8 @@ def test_every_stream_and_position_gets_its_own_seed():
              for seed in range(3) for position in itertools.product(range(4), range(4), range(3))]
     assert len(set(seeds)) == len(seeds)
     assert all(0 <= s < 2**63 for s in seeds)
+    # Large positions do not spill into their neighbours (an ImageNet epoch holds 1.28 million indices).
+    assert sample_seed(0, 1, 5) != sample_seed(0, 0, 1_000_008) and sample_seed(0, 0, 2**40) != sample_seed(0, 1, 0)
 
 
 @pytest.mark.parametrize("amp,amp_dtype,expected", [(False, None, "float32"), (True, None, "float16"),
@@ -61,7 +63,7 @@ def test_the_first_epoch_is_best_even_at_zero_score(tmp_path):
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     scaler = grad_scaler(torch.device("cpu"), "float32", optimizer)
     checkpointer = Checkpointer(tmp_path, True, model, optimizer, scheduler, scaler, precision="float32", flags={},
-                                best_key="best_acc1")
+                                best_key="best_acc1", best_name="top-1")
     assert checkpointer.end_of_epoch(0, 0.0)
     assert (tmp_path / "best.pth").exists()
     assert not checkpointer.end_of_epoch(1, 0.0)

@@ -51,12 +51,13 @@ def test_copies_of_one_sample_are_augmented_differently():
     assert torch.equal(samples[2 + 5], samples[2 + 5])  # each copy the same wherever it is loaded
 
 
-def test_a_killed_run_with_repeated_augmentation_resumes_bitwise(tmp_path):
+def test_a_killed_run_with_repeated_augmentation_and_mixing_resumes_bitwise(tmp_path):
+    # Workers load the samples and the main process mixes them: neither may depend on where the epoch began.
     data = write_tree(tmp_path / "data", train_per_class=12)
     flags = ["--data-path", data, "--model", "resnet18", "--device", "cpu", "-b", "4", "-j", "2", "--epochs", "2",
              "--train-crop-size", "32", "--val-resize-size", "32", "--val-crop-size", "32", "--print-freq", "1",
              "--checkpoint-interval", "3", "--use-deterministic-algorithms", "--resume", "auto", "--ra-sampler",
-             "--ra-reps", "3"]
+             "--ra-reps", "3", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0"]
     straight = python("classification/train.py", *flags, "--output-dir", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
     killed = tmp_path / "killed"

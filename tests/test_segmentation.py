@@ -396,7 +396,7 @@ def test_iters_end_the_schedule_and_the_run_at_step_n_and_resume_exactly(tmp_pat
     assert all(torch.equal(final["model"][k], resumed["model"][k]) for k in final["model"])
     assert log_of(tmp_path / "resumed")[-1]["val_miou"] == records[-1]["val_miou"]
 
-    with pytest.raises(UserError, match=r"its LR schedule was laid out for other values \(iters 40 -> 48\)"):
+    with pytest.raises(UserError, match=r"its LR schedule and data order were laid out for other values \(iters 40 -> 48\)"):
         train_segmentation(*seg_tiny_without_epochs(), "--iters", "48", "--resume", tmp_path / "mid.pth")
     with pytest.raises(UserError, match=r"\(epochs None -> 3; iters 40 -> None\)"):
         train_segmentation(*SEG_TINY, "--epochs", "3", "--resume", tmp_path / "mid.pth")
