@@ -6,6 +6,7 @@ what an uninterrupted run does; the evaluation sampler counts every sample once 
 import itertools
 import os
 import signal
+import threading
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler
@@ -86,9 +87,23 @@ def set_epoch(loader, epoch, skip_batches=0):
 def ignore_stop_signals(worker_id):
     """DataLoader worker_init_fn: SIGTERM, SIGUSR1 and Ctrl-C sent to the whole process group (a terminal, `kill
     -- -PGID`, tini -g, many schedulers) must not kill the workers before the main process has saved: the main
-    process handles them, and ends its workers itself."""
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    process handles them, and ends its workers itself.
+
+    A SIGTERM from the main process itself still ends the worker: Python terminates its daemon children so at
+    exit, and an ignored one would leave it waiting for them forever."""
+    for signum in (signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # no way to tell who sent it (macOS): leave SIGTERM as it is
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    parent = os.getppid()
+
+    def end_on_the_parents_sigterm():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=end_on_the_parents_sigterm, daemon=True).start()
 
 
 def default_workers(most=8):
