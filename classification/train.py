@@ -97,8 +97,8 @@ def get_args_parser():
     add = group.add_argument
     add("--epochs", type=positive_int, help=f"epochs to train {recipe('epochs')}")
     add("--opt", default="sgd", choices=["sgd", "sgd_nesterov", "adamw", "rmsprop"], help="optimizer (default: sgd)")
-    add("--lr", type=positive_float, help=f"peak learning rate for the whole run's batch {recipe('lr')}")
-    add("--head-lr", type=positive_float, help="learning rate of the classifier head (default: --lr); for fine-tuning")
+    add("--lr", type=non_negative_float, help=f"peak learning rate for the whole run's batch {recipe('lr')}")
+    add("--head-lr", type=non_negative_float, help="learning rate of the classifier head (default: --lr); for fine-tuning")
     add("--momentum", type=non_negative_float, default=0.9, help="SGD/RMSprop momentum (default: 0.9)")
     add("--wd", "--weight-decay", type=non_negative_float, default=1e-4, dest="weight_decay",
         help="weight decay (default: 1e-4)")

@@ -111,7 +111,7 @@ def get_args_parser():
     add("--iters", type=positive_int, metavar="N", help="optimizer steps to train instead of --epochs, as "
         "mmsegmentation's 20k/40k/80k schedules count; the last epoch stops at step N (default: --epochs)")
     add("--opt", default="sgd", choices=["sgd", "sgd_nesterov", "adamw"], help="optimizer (default: sgd)")
-    add("--lr", type=positive_float, help=f"peak learning rate for the whole run's batch {recipe('lr')}")
+    add("--lr", type=non_negative_float, help=f"peak learning rate for the whole run's batch {recipe('lr')}")
     add("--momentum", type=non_negative_float, default=0.9, help="SGD momentum (default: 0.9)")
     add("--wd", "--weight-decay", type=non_negative_float, default=1e-4, dest="weight_decay",
         help="weight decay (default: 1e-4)")
