@@ -4,6 +4,7 @@ import fcntl
 import json
 import os
 import re
+import signal
 import sys
 import time
 
@@ -46,6 +47,8 @@ def run_cli(main, args):
         rank = launch_rank()
         if rank == 0 or isinstance(e, SampleError):
             print(f"error: {message}{'' if rank == 0 else f' (rank {rank})'}", file=sys.stderr, flush=True)
+        else:
+            wait_for_launcher_to_stop_this_rank()
         sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C: the user asked to stop at once, so no traceback either
         if launch_rank() == 0:
@@ -55,6 +58,13 @@ def run_cli(main, args):
         release_output_dirs()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def wait_for_launcher_to_stop_this_rank(timeout_s=30):
+    """Rank 0 prints an error that every rank meets. Were the other ranks to exit first, torchrun would kill
+    rank 0 before its line is out; so they wait for the SIGTERM the launcher sends once rank 0 has exited."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # received here, not by a handler
+    signal.sigtimedwait({signal.SIGTERM}, timeout_s)
 
 
 _held_locks = {}  # output folder -> the open lock file that holds it, for as long as this process lives

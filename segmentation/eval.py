@@ -32,7 +32,7 @@ from segmentation.model import create_model
 # checkpoint's training arguments, else these defaults. Those without a flag here only select the model
 # or the same synthetic validation set.
 FROM_TRAINING = dict(model=None, dataset=None, data_path=None, base_size=None, crop_size=None, output_stride=8,
-                     aux_loss=False, unet_width=64, synthetic_val_size=500, synthetic_image_size=64,
+                     aux_loss=False, unet_width=64, synthetic_val_size=500, synthetic_image_size=48,
                      synthetic_classes=6)
 
 
