@@ -39,8 +39,8 @@ from segmentation.model import (OWN_MODELS, TORCHVISION_MODELS, check_input_size
 # Real data gets the Cityscapes DeepLabV3+ recipe: 512x1024 crops, a batch of 8 (-b 8 on one GPU, -b 2 on
 # four), SGD 0.01, poly decay per iteration, 80 epochs. mmsegmentation's published 79.6-80.1 mIoU used weight
 # decay 5e-4, 40k-80k iterations and an ImageNet backbone (the README has the flags). The synthetic set gets
-# a small UNet that reaches a useful mIoU in minutes on a laptop CPU: width 12 on 48 px scenes takes a third of
-# the step time of width 16 on 64 px on a CPU without AVX-512, and still reaches 79% in 4 epochs (measured).
+# a small UNet that reaches a useful mIoU in a minute or two on a laptop CPU: width 12 on 48 px scenes takes a
+# quarter of the step time of width 16 on 64 px without AVX-512, and still reaches 79% in 4 epochs (measured).
 REAL_DATA_DEFAULTS = dict(model="deeplabv3plus_resnet50", batch_size=8, epochs=80, lr=0.01, lr_warmup_epochs=1,
                           workers=default_workers(8), print_freq=50, unet_width=64)
 SYNTHETIC_DEFAULTS = dict(model="unet", batch_size=16, epochs=4, lr=0.1, lr_warmup_epochs=1, workers=0,
