@@ -30,7 +30,7 @@ from common.precision import autocast_context, precision_from_flags
 # checkpoint's training arguments, else these defaults. The synthetic_* entries and train_crop_size (the
 # synthetic image size) have no flag here: they only select the same synthetic validation set.
 FROM_TRAINING = dict(model=None, data_path=None, val_resize_size=256, val_crop_size=224, interpolation="bilinear",
-                     train_crop_size=32, synthetic_val_size=2_000, synthetic_classes=10)
+                     train_crop_size=32, synthetic_val_size=1_000, synthetic_classes=10)
 
 
 def get_args_parser():

@@ -131,11 +131,12 @@ def get_args_parser():
     return p
 
 
-# A checkpoint's LR schedule was laid out, step by step, and its epochs' data order drawn, for these values;
-# resuming with others would silently follow the old curve or another order, so they must match.
-SCHEDULE_ARGS = ("epochs", "lr", "head_lr", "lr_scheduler", "lr_step_size", "lr_gamma", "lr_min", "lr_warmup_epochs",
-                 "lr_warmup_method", "lr_warmup_decay", "batch_size", "accum_steps", "world_size", "seed", "ra_sampler",
-                 "ra_reps")
+# A checkpoint's LR schedule was laid out, step by step, and its epochs' data order drawn, for these values,
+# and its optimizer state belongs to --opt; resuming with others would silently follow the old curve or
+# another order, so they must match.
+SCHEDULE_ARGS = ("opt", "epochs", "lr", "head_lr", "lr_scheduler", "lr_step_size", "lr_gamma", "lr_min",
+                 "lr_warmup_epochs", "lr_warmup_method", "lr_warmup_decay", "batch_size", "accum_steps", "world_size",
+                 "seed", "ra_sampler", "ra_reps")
 
 
 # What --test-only --resume takes from the checkpoint unless given: the model and the validation images.

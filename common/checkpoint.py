@@ -234,6 +234,10 @@ class Checkpointer:
         except ValueError as e:
             raise CheckpointError(f"cannot resume from {path}: {e}. Resume with the flags it was trained with "
                                   "(--opt, --norm-weight-decay, --head-lr)") from None
+        # The saved groups bring back the implementation they were stepped with; this run's may differ (CPU
+        # optimizers were not fused before 2026-12), and the scaler steps the optimizer that was built.
+        for group in self.optimizer.param_groups:
+            group.update({key: self.optimizer.defaults.get(key) for key in ("fused", "foreach")})
         check_same_schedule(checkpoint.get("args") or {}, self.flags, schedule_names, path)
         for name, value in self.must_match.items():  # other classes of the same count; another epoch length
             if name in checkpoint and checkpoint[name] != value:

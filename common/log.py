@@ -62,9 +62,20 @@ def run_cli(main, args):
 
 def wait_for_launcher_to_stop_this_rank(timeout_s=30):
     """Rank 0 prints an error that every rank meets. Were the other ranks to exit first, torchrun would kill
-    rank 0 before its line is out; so they wait for the SIGTERM the launcher sends once rank 0 has exited."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # received here, not by a handler
-    signal.sigtimedwait({signal.SIGTERM}, timeout_s)
+    rank 0 before its line is out; so under torchrun they wait for the SIGTERM it sends once rank 0 has exited.
+    Other launchers (srun) do not stop the remaining ranks, and there they exit at once."""
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if not under_torchrun or not hasattr(signal, "sigtimedwait"):  # macOS has no sigtimedwait
+        return
+    # Blocked first: otherwise its default action would end this rank at once, or PreemptionSignal's handler
+    # would take it and the wait would last the whole timeout.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        signal.sigtimedwait({signal.SIGTERM}, timeout_s)
+    except KeyboardInterrupt:  # Ctrl-C while waiting: exit as the error would have
+        pass
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 _held_locks = {}  # output folder -> the open lock file that holds it, for as long as this process lives

@@ -145,6 +145,18 @@ def test_resume_may_switch_on_float16_loss_scaling(trained_run):
     train(*TINY, "--epochs", "2", "--amp", "--resume", trained_run / "checkpoint.pth")  # no error is the test
 
 
+def test_a_checkpoint_of_an_unfused_optimizer_resumes_fused(trained_run, tmp_path):
+    # CPU optimizers were not fused before 2026-12, and their saved groups say so; the step must use this run's.
+    checkpoint = torch.load(trained_run / "checkpoint.pth", weights_only=True)
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group["fused"] = None
+    checkpoint["epoch"] = 0  # so that the resumed run steps the optimizer through epoch 1
+    torch.save(checkpoint, tmp_path / "old.pth")
+    train(*TINY, "--epochs", "2", "--resume", tmp_path / "old.pth", "--output-dir", tmp_path / "run")
+    resumed = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert resumed["epoch"] == 1 and all(group["fused"] for group in resumed["optimizer"]["param_groups"])
+
+
 def test_eval_takes_the_preprocessing_of_torchvision_weights():
     from classification.eval import preprocessing_of
     weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2

@@ -131,7 +131,7 @@ def test_an_error_every_rank_meets_is_reported_once_under_torchrun(tmp_path):
 
 
 def test_test_only_takes_the_model_and_sizes_of_the_checkpoint(tmp_path, capsys):
-    # Trained at 32 pixels: evaluating at the synthetic default of 64 would score other images.
+    # Trained at 32 pixels: evaluating at the synthetic default of 48 would score other images.
     train_segmentation(*SEG_TINY, "--output-dir", tmp_path)
     logged = load_checkpoint(tmp_path / "checkpoint.pth")["best_miou"]
     capsys.readouterr()
