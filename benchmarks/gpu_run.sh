@@ -53,6 +53,12 @@ print("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else "non
 } | tee "$run_dir/env.txt"
 
 start=$(date +%s)
+# Correctness first, about 10 s: --amp's skipped steps with every optimizer and the float32 crops, on CUDA (the
+# tests' cuda cases; the CPU ones run in CI).
+if [ "$smoke" = 0 ]; then
+    (cd "$root" && timeout 120 "$python" -m pytest -q -p no:cacheprovider -k cuda tests/test_amp.py \
+        tests/test_gpu_data.py --junitxml="$run_dir/cuda_checks.xml") 2>&1 | tail -n 15 | tee "$run_dir/cuda_checks.log"
+fi
 if [ "$hard_stop" -gt 0 ]; then
     timeout --kill-after=15 "$hard_stop" "$python" -u "$root/benchmarks/throughput.py" "${flags[@]}" "$@" 2>&1 \
         | tee "$run_dir/throughput.log"

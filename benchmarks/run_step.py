@@ -117,7 +117,7 @@ class Runner:
         quietly(lambda: train_one_epoch(
             self.model, self.criterion, self.optimizer, self.lr_scheduler, self.scaler, batches, 0, device=self.device,
             autocast=self.autocast, progress=ProgressLog(10**9), memory_format=self.memory_format,
-            nonfinite=NonFiniteGuard(10**9, None, self.precision)))
+            nonfinite=NonFiniteGuard(10**9, None, self.scaler)))
 
     def eval(self, batches):
         quietly(evaluate, self.model, batches, ClassificationMeter(self.num_classes, self.device), self.device,

@@ -194,11 +194,12 @@ def crop_resize(images, boxes, size):
     roi_align averages ceil(box / size) samples per output pixel in each direction, which keeps
     downscaling from aliasing, as the antialiased resize of the CPU preset does. Only the pixels a box reads
     are copied, into canvases of at most half the batch's decoded bytes each, made one after the other: one
-    canvas padded to the largest image would cost batch x largest image (about 18 GB in float16 for one
+    canvas padded to the largest image would cost batch x largest image (about 37 GB in float32 for one
     4,000x3,000 JPEG among 256 images)."""
     device = images[0].device
-    # float16 holds every uint8 value exactly and halves the canvas; the CPU has no float16 roi_align.
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    # float32 on every device: roi_align's CUDA kernel sums a bin's samples in the canvas's dtype, and in float16 a
+    # large box of bright pixels passes 65,504 and gives an Inf crop, which turns batch norm's statistics NaN.
+    dtype = torch.float32
     channels = images[0].shape[0]
     # Bytes per canvas pixel; torchvision's CPU roi_align also precomputes the interpolation of every sample
     # of a box (32 bytes each, about one sample per pixel the box covers) where CUDA computes it in place.

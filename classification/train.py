@@ -294,7 +294,7 @@ def main(args):
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     writer = tensorboard_writer(args.output_dir)
     progress = ProgressLog(args.print_freq, env.world_size, writer)
-    nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir, precision)
+    nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir, scaler)
     preemption = PreemptionSignal(device)
     for epoch in range(args.start_epoch, args.epochs):
         skip = start_step if epoch == args.start_epoch else 0

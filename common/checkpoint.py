@@ -155,13 +155,23 @@ def recorded_precision(checkpoint):
     return (flags.get("amp_dtype") or "float16") if flags.get("amp") else "float32"
 
 
-def check_finite_weights(model, epoch, output_dir):
-    """Refuse to save NaN or Inf weights over a good checkpoint. Call it on every rank: DDP keeps the weights
-    the same on all, so all stop together instead of some waiting for the others."""
-    weights = [t for t in model.parameters() if t.is_floating_point()]
-    if not torch.stack([t.isfinite().all() for t in weights]).all():  # one sync; a norm could overflow
-        raise CheckpointError(f"the model's weights are not finite in epoch {epoch}: not saved over "
-                              f"{output_dir}/checkpoint.pth; resume from it with a lower --lr or --clip-grad-norm")
+def last_good_checkpoint(output_dir):
+    """What a run that stops on NaN or Inf says about where to go on from."""
+    last = os.path.join(output_dir, "checkpoint.pth") if output_dir else None
+    if last and os.path.isfile(last):
+        return (f"the last good checkpoint is {last}, untouched: resume from it with --resume {last} (if the run "
+                "diverges again, try a lower --lr, --clip-grad-norm or --amp-dtype bfloat16)")
+    return ("no checkpoint was saved yet: start again (if the run diverges again, try a lower --lr, "
+            "--clip-grad-norm or --amp-dtype bfloat16)")
+
+
+def check_finite_weights(models, where, output_dir):
+    """Refuse to save NaN or Inf weights or batch-norm statistics over a good checkpoint. Call it on every rank:
+    DDP keeps the weights the same on all, so all stop together instead of some waiting for the others."""
+    tensors = [t for model in models for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if not torch.stack([t.isfinite().all() for t in tensors]).all():  # one sync; a norm could overflow
+        raise CheckpointError(f"the model's weights or batch-norm statistics are NaN or Inf ({where}): nothing was "
+                              f"saved; {last_good_checkpoint(output_dir)}")
 
 
 def save_training(state, output_dir, is_best=False, keep=0):
@@ -188,7 +198,7 @@ class Checkpointer:
     epoch's length in steps).
 
     save() runs on every rank (each checks the weights are finite) and writes on the main one only; with no
-    output_dir it does nothing.
+    output_dir it only checks.
     """
 
     def __init__(self, output_dir, is_main, model, optimizer, lr_scheduler, scaler, *, precision, flags,
@@ -209,10 +219,10 @@ class Checkpointer:
                 "model_ema_n_averaged": ema.n_averaged if ema is not None else None, **self.must_match}
 
     def save(self, epoch, step=None, is_best=False):
-        if not self.output_dir:
-            return
-        check_finite_weights(self.model, epoch, self.output_dir)
-        if self.is_main:
+        """Without an output folder nothing is written, but a run whose weights went NaN still stops here."""
+        models = [self.model] if self.model_ema is None else [self.model, self.model_ema]
+        check_finite_weights(models, f"epoch {epoch}" + ("" if step is None else f" step {step}"), self.output_dir)
+        if self.output_dir and self.is_main:
             save_training(self.state(epoch, step), self.output_dir, is_best, self.keep)
 
     def end_of_epoch(self, epoch, score):
@@ -234,8 +244,8 @@ class Checkpointer:
         except ValueError as e:
             raise CheckpointError(f"cannot resume from {path}: {e}. Resume with the flags it was trained with "
                                   "(--opt, --norm-weight-decay, --head-lr)") from None
-        # The saved groups bring back the implementation they were stepped with; this run's may differ (CPU
-        # optimizers were not fused before 2026-12), and the scaler steps the optimizer that was built.
+        # The saved groups bring back the implementation that stepped them (fused, foreach), which another device
+        # or version may have chosen; the scaler steps the optimizer this run built, with its choice.
         for group in self.optimizer.param_groups:
             group.update({key: self.optimizer.defaults.get(key) for key in ("fused", "foreach")})
         check_same_schedule(checkpoint.get("args") or {}, self.flags, schedule_names, path)

@@ -42,6 +42,12 @@ def read_dist_env(environ=os.environ):
     return DistEnv()
 
 
+def cuda_device_of(local_rank):
+    """One GPU per process, by local rank among the GPUs this process sees. SLURM's --gpus-per-task=1 shows each
+    task only its own GPU, as cuda:0, whatever its local rank."""
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
 def init_distributed(device_name=None, timeout_minutes=30):
     """Start the process group (NCCL on GPUs, gloo on CPU) and return (DistEnv, torch.device) for this rank."""
     env = read_dist_env()
@@ -49,8 +55,8 @@ def init_distributed(device_name=None, timeout_minutes=30):
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device_name)
     if device.type == "cuda":
-        if env.distributed or device.index is None:  # one GPU per process, by local rank
-            device = torch.device("cuda", env.local_rank)
+        if env.distributed or device.index is None:
+            device = cuda_device_of(env.local_rank)
         torch.cuda.set_device(device)
     if env.distributed:
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -64,6 +70,12 @@ def init_distributed(device_name=None, timeout_minutes=30):
 def all_reduce_sum(tensor):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
+    return tensor
+
+
+def all_reduce_max(tensor):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 

@@ -73,7 +73,7 @@ def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, e
         # ---- bookkeeping: values stay on the device until a sync point (a progress line, a checkpoint step) ----
         printed = progress.log(step, step_loss, grad_norm, optimizer.param_groups[0]["lr"])
         checkpoint_step = bool(checkpoint_interval) and (step + 1) % checkpoint_interval == 0
-        nonfinite.update(grad_norm, epoch, step, sync_point=printed or checkpoint_step)
+        nonfinite.update(step_loss, grad_norm, epoch, step, sync_point=printed or checkpoint_step)
         stopped = preemption is not None and preemption.agreed(sync_point=printed or checkpoint_step)
         if stopped:
             progress.stop(step, preemption.received or "another rank")

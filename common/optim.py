@@ -28,16 +28,19 @@ def param_groups(model, lr, weight_decay, norm_weight_decay=None, head=None, hea
 
 
 def create_optimizer(name, groups, lr, momentum, weight_decay, device_type):
-    # Fused kernels update all parameters in a few launches on CUDA, and in one pass over memory on the CPU
-    # (AdamW's CPU step: 110 ms of a 490 ms ResNet-18 step unfused, 40 ms fused; measured 2026-12-01). Both
-    # exist on the CPU since torch 2.4.
-    fused = {"fused": True} if device_type in ("cuda", "cpu") else {}
+    # AdamW's fused kernel updates all parameters in a few launches on CUDA and in one pass over memory on the CPU
+    # (both since torch 2.4), and honours a step the GradScaler skips.
+    # SGD is never fused: its fused kernel takes over the skip of a non-finite step from the GradScaler but leaves
+    # the momentum buffers of a skipped first step unfilled (torch.empty_like), or advances them with the
+    # non-finite gradient, and every later step is NaN. float16 runs skip their first steps routinely: the scale
+    # starts at 65,536 and overflows. The plain and foreach SGD are skipped whole by the GradScaler instead.
     if name in ("sgd", "sgd_nesterov"):
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                               nesterov=name == "sgd_nesterov", **fused)
+                               nesterov=name == "sgd_nesterov")
     if name == "adamw":
+        fused = {"fused": True} if device_type in ("cuda", "cpu") else {}
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **fused)
-    # RMSprop has no fused kernel: with float16 loss scaling, GradScaler reads its inf check back to the CPU
+    # RMSprop has no fused kernel either: with float16 loss scaling, GradScaler reads its inf check back to the CPU
     # every step (a sync); bfloat16 needs no scaler and avoids it.
     if name == "rmsprop":  # the eps and alpha of TF-style RMSprop used by EfficientNet/MobileNet recipes
         return torch.optim.RMSprop(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eps=0.0316, alpha=0.9)

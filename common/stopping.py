@@ -1,14 +1,14 @@
 """The two ways a run stops before its last epoch: on request (a preemption signal), or because it diverged
 (the loss or gradients went NaN or Inf). Both are decided at sync points, so every rank stops together."""
-import os
 import signal
 
 import torch
 import torch.distributed as dist
 
-from common.distributed import all_reduce_sum
+from common.checkpoint import last_good_checkpoint
+from common.distributed import all_reduce_max, all_reduce_sum
 from common.log import UserError, print0
-from common.precision import uses_loss_scaling
+from common.precision import UnitScaler
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; run the same command again
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports Ctrl-C; the checkpoint is saved as for 75
@@ -50,33 +50,40 @@ class PreemptionSignal:
 
 
 class NonFiniteGuard:
-    """Stops a run whose gradients were NaN or Inf (a NaN loss makes them so) in `max_steps` consecutive steps.
+    """Stops a run that diverged, at the first sync point after it is seen, without saving over the last good
+    checkpoint.
 
-    Those steps themselves are skipped by the GradScaler (not by the disabled one of RMSprop on a GPU without
-    float16, see common/precision.py). Under float16 a non-finite gradient is an overflow,
-    GradScaler's business (it lowers its scale), so nothing is counted. The count uses the gradient norm,
-    which DDP makes the same on every rank, and stays on the device until check() at a sync point.
+    Without float16, a step whose gradient norm is NaN or Inf (a NaN loss makes it so) is skipped by the scaler
+    (not by the disabled one of SGD and RMSprop on a GPU, see common/precision.py), and `max_steps` such steps
+    in a row stop the run. Under float16 a non-finite gradient is usually an overflow of the loss scale, which
+    GradScaler handles by skipping the step and halving the scale; what it cannot handle is counted instead: a
+    loss that is NaN or Inf before any scaling, and a scale halved below MIN_LOSS_SCALE, which only a run whose
+    every step overflows reaches. The counts stay on the device between sync points; ranks agree at each one.
     """
 
-    def __init__(self, max_steps, output_dir, precision):
-        self.max_steps, self.output_dir = max_steps, output_dir
-        self.counting = not uses_loss_scaling(precision)
+    # DeepSpeed's min_loss_scale, the same floor: below 1 even the unscaled gradients overflow float16.
+    MIN_LOSS_SCALE = 1.0
+
+    def __init__(self, max_steps, output_dir, scaler):
+        self.max_steps, self.output_dir, self.scaler = max_steps, output_dir, scaler
+        self.loss_scaling = scaler.is_enabled() and not isinstance(scaler, UnitScaler)
         self.run = self.worst_run = None
 
-    def update(self, grad_norm, epoch, step, sync_point):
-        """Count this step on the device; at a sync point, stop the run if the count reached the limit."""
-        if not self.counting:
-            return
+    def update(self, loss, grad_norm, epoch, step, sync_point):
+        """Count this step on the device; at a sync point, stop the run if it diverged."""
+        bad = ~torch.isfinite(loss) if self.loss_scaling else ~torch.isfinite(grad_norm)
         if self.run is None:
-            self.run = self.worst_run = torch.zeros((), dtype=torch.int64, device=grad_norm.device)
-        self.run = (self.run + 1) * ~torch.isfinite(grad_norm)
+            self.run = self.worst_run = torch.zeros((), dtype=torch.int64, device=bad.device)
+        self.run = (self.run + 1) * bad
         self.worst_run = torch.maximum(self.worst_run, self.run)
-        if sync_point and (worst := int(self.worst_run)) >= self.max_steps:
-            raise UserError(f"the loss or gradients were NaN or Inf in {worst} consecutive steps (epoch {epoch}, by "
-                            f"step {step + 1}): stopped without saving; {self.advice()}")
-
-    def advice(self):
-        last = os.path.join(self.output_dir, "checkpoint.pth") if self.output_dir else None
-        if last and os.path.isfile(last):
-            return f"the last good checkpoint is {last}. Resume from it with a lower --lr or --clip-grad-norm"
-        return "no checkpoint was saved. Start again with a lower --lr or --clip-grad-norm"
+        if not sync_point:
+            return
+        worst = int(all_reduce_max(self.worst_run.clone()))  # one rank's NaN loss is every rank's problem
+        where = f"(epoch {epoch}, by step {step + 1})"
+        if worst >= self.max_steps:
+            raise UserError(f"the loss or gradients were NaN or Inf in {worst} consecutive steps {where}: stopped "
+                            f"without saving; {last_good_checkpoint(self.output_dir)}")
+        if self.loss_scaling and self.scaler.get_scale() < self.MIN_LOSS_SCALE:
+            raise UserError(f"float16 loss scaling fell to {self.scaler.get_scale():.3g} {where}: every step "
+                            f"overflows, so the weights or the data hold NaN or Inf; stopped without saving; "
+                            f"{last_good_checkpoint(self.output_dir)}")

@@ -310,7 +310,7 @@ def main(args):
     criterion = SegmentationLoss(args.ignore_index, args.aux_weight)
     writer = tensorboard_writer(args.output_dir)
     progress = ProgressLog(args.print_freq, env.world_size, writer)
-    nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir, precision)
+    nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir, scaler)
     preemption = PreemptionSignal(device)
     for epoch in range(args.start_epoch, epochs):
         skip = start_step if epoch == args.start_epoch else 0

@@ -145,16 +145,28 @@ def test_resume_may_switch_on_float16_loss_scaling(trained_run):
     train(*TINY, "--epochs", "2", "--amp", "--resume", trained_run / "checkpoint.pth")  # no error is the test
 
 
-def test_a_checkpoint_of_an_unfused_optimizer_resumes_fused(trained_run, tmp_path):
-    # CPU optimizers were not fused before 2026-12, and their saved groups say so; the step must use this run's.
+def test_resume_steps_the_optimizer_this_run_built_not_the_saved_one(trained_run, tmp_path):
+    # A checkpoint's groups carry the implementation that stepped them. One saved with fused SGD (which corrupts
+    # momentum on skipped steps) or on another device must not bring it back.
     checkpoint = torch.load(trained_run / "checkpoint.pth", weights_only=True)
     for group in checkpoint["optimizer"]["param_groups"]:
         group["fused"] = None
     checkpoint["epoch"] = 0  # so that the resumed run steps the optimizer through epoch 1
-    torch.save(checkpoint, tmp_path / "old.pth")
-    train(*TINY, "--epochs", "2", "--resume", tmp_path / "old.pth", "--output-dir", tmp_path / "run")
+    torch.save(checkpoint, tmp_path / "unfused.pth")
+    train(*TINY, "--epochs", "2", "--resume", tmp_path / "unfused.pth", "--output-dir", tmp_path / "run")
     resumed = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
     assert resumed["epoch"] == 1 and all(group["fused"] for group in resumed["optimizer"]["param_groups"])
+
+    sgd, flags = tmp_path / "sgd", [*TINY, "--opt", "sgd", "--epochs", "2", "--synthetic-train-size", "128"]
+    train(*flags, "--output-dir", sgd)
+    checkpoint = torch.load(sgd / "checkpoint.pth", weights_only=True)
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group["fused"] = True
+    checkpoint["epoch"] = 0
+    torch.save(checkpoint, tmp_path / "fused_sgd.pth")
+    train(*flags, "--resume", tmp_path / "fused_sgd.pth", "--output-dir", sgd)
+    resumed = torch.load(sgd / "checkpoint.pth", weights_only=True)
+    assert resumed["epoch"] == 1 and not any(group["fused"] for group in resumed["optimizer"]["param_groups"])
 
 
 def test_eval_takes_the_preprocessing_of_torchvision_weights():

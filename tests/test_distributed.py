@@ -1,10 +1,11 @@
 import json
 
 import pytest
+import torch
 from conftest import TINY, python, torchrun
 
 from common.data import ShardedEvalSampler
-from common.distributed import DistEnv, read_dist_env
+from common.distributed import DistEnv, cuda_device_of, read_dist_env
 from common.log import UserError
 
 
@@ -21,6 +22,13 @@ def test_slurm_variables():
 def test_an_srun_step_smaller_than_the_allocation():
     env = read_dist_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "2", "MASTER_ADDR": "n"})
     assert (env.rank, env.world_size) == (1, 2)
+
+
+@pytest.mark.parametrize("local_rank,visible,expected", [(1, 1, 0), (3, 1, 0), (3, 8, 3), (5, 4, 1)])
+def test_each_rank_takes_a_gpu_it_can_see(monkeypatch, local_rank, visible, expected):
+    # srun --gpus-per-task=1 shows every task only its own GPU, as cuda:0, whatever its local rank
+    monkeypatch.setattr("torch.cuda.device_count", lambda: visible)
+    assert cuda_device_of(local_rank) == torch.device("cuda", expected)
 
 
 def test_torchrun_wins_over_slurm_inside_an_allocation():

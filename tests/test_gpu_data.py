@@ -145,6 +145,20 @@ def test_evaluation_crop_on_the_device_matches_the_pil_preset(tmp_path):
     assert (images[0] - expected).abs().mean() < 0.03  # normalised units: about 2 grey levels in 255
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_crops_are_computed_in_float32_so_bright_boxes_do_not_overflow(monkeypatch, device):
+    # roi_align's CUDA kernel sums a bin's samples in the input's dtype: in float16, 375 x 19 samples of 255 (a
+    # 6,000 x 300 box resized to 16 x 16) pass 65,504 and the crop is Inf.
+    import classification.gpu_preset as gpu_preset
+    dtypes = []
+    monkeypatch.setattr(gpu_preset, "roi_align", lambda canvas, *a, **k: (dtypes.append(canvas.dtype),
+                                                                          roi_align(canvas, *a, **k))[1])
+    image = torch.full((3, 300, 6000), 255, dtype=torch.uint8, device=device)
+    crops = crop_resize([image], torch.tensor([[0.0, 0.0, 6000.0, 300.0]]), 16)
+    assert dtypes and set(dtypes) == {torch.float32}
+    assert torch.isfinite(crops).all() and torch.allclose(crops, torch.full_like(crops, 255.0))
+
+
 def test_center_crop_boxes_are_centred_squares():
     box = center_crop_boxes(torch.tensor([300]), torch.tensor([500]), 256, 224)[0]
     side = 224 * 300 / 256

@@ -210,6 +210,6 @@ def test_a_nan_batch_is_skipped_and_the_scale_stays_one():
     optimizer.step = lambda *a, **k: (seen.append(1), real_step(*a, **k))[1]
     train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, scheduler, scaler, batches, 0, device=cpu,
                     autocast=autocast_context(cpu, "float32"), progress=ProgressLog(print_freq=10),
-                    nonfinite=NonFiniteGuard(3, None, "float32"))
+                    nonfinite=NonFiniteGuard(3, None, scaler))
     assert len(seen) == 3 and scaler.get_scale() == 1.0  # the NaN step skipped, the scale not halved
     assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(model.parameters(), before))
