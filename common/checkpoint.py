@@ -211,8 +211,10 @@ def write_failure(error):
     cause = error
     while cause is not None and not isinstance(cause, OSError):
         cause = cause.__cause__ or cause.__context__
-    if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+    if cause is not None and cause.errno == errno.ENOSPC:
         return f"{cause.strerror}: the disk is full", "free space there"
+    if cause is not None and cause.errno == errno.EDQUOT:
+        return cause.strerror, "free space there or raise the quota"
     if cause is not None and cause.errno == errno.EFBIG:
         return "File too large: a file-size limit (ulimit -f) is below the checkpoint's size", "raise the limit"
     if cause is not None:
