@@ -1,6 +1,7 @@
 """Classification data: ImageFolder trees checked up front, torchvision v2 presets, and the synthetic set."""
 import os
 from collections import Counter
+from functools import partial
 
 import torch
 from torch.utils.data import DataLoader
@@ -49,12 +50,14 @@ def list_classes(split_dir):
 class ImageFolderWithClasses(datasets.ImageFolder):
     """ImageFolder whose class -> index map is given, so val uses train's indices even with classes absent."""
 
-    def __init__(self, root, classes, transform):
+    def __init__(self, root, classes, transform, resize_shorter_side=None):
+        """`resize_shorter_side`: what `transform` resizes the shorter side to, checked before decoding."""
         if len(classes) < 2:  # one class is always right: "100% top-1" that means nothing
             raise UserError(f"{shown(root)} is read with {len(classes)} class ({', '.join(map(shown, classes))}): "
                             "a classifier needs at least 2: give train/ and val/ one folder of images per class")
         self.fixed_classes = classes
-        super().__init__(root, transform=transform, loader=read_image, allow_empty=True)
+        loader = partial(read_image, resize_shorter_side=resize_shorter_side)
+        super().__init__(root, transform=transform, loader=loader, allow_empty=True)
 
     def find_classes(self, directory):
         return self.fixed_classes, {name: i for i, name in enumerate(self.fixed_classes)}
@@ -227,7 +230,7 @@ def random_batches(args, device, num_classes, size):
 
 def device_loader(folder, args, env, device, train, seed=0, mixer=None):
     """--data-backend gpu: workers read file bytes, the device decodes and augments whole batches."""
-    encoded = EncodedSamples(folder.samples)
+    encoded = EncodedSamples(folder.samples, None if train else args.val_resize_size)
     sampler = train_sampler(encoded, args, env) if train else ShardedEvalSampler(encoded, env.rank, env.world_size)
     loader = DataLoader(encoded, batch_size=args.batch_size, num_workers=args.workers, sampler=sampler,
                         collate_fn=collate_encoded, drop_last=train, worker_init_fn=ignore_stop_signals)
@@ -272,7 +275,8 @@ def load_val(args, env, device, class_names):
         raise UserError(f"{val_dir} has class folders the model was not trained on: {', '.join(unknown[:5])}: "
                         "add them to train/ or remove them from val/")
     val_set = ImageFolderWithClasses(val_dir, class_names,
-                                     val_preset(args.val_resize_size, args.val_crop_size, args.interpolation))
+                                     val_preset(args.val_resize_size, args.val_crop_size, args.interpolation),
+                                     resize_shorter_side=args.val_resize_size)
     if args.data_backend == "gpu":
         return device_loader(val_set, args, env, device, train=False)
     return DataLoader(val_set, batch_size=args.batch_size, num_workers=args.workers,

@@ -21,8 +21,8 @@ from common.data import default_workers
 from common.distributed import init_distributed
 from common.engine import evaluate
 from common.export import add_export_args, export_model, export_requested
-from common.flags import non_negative_int, positive_int
-from common.log import UserError, print0, run_cli
+from common.flags import DEVICE_NAMES, device_name, non_negative_int, positive_int
+from common.log import UserError, check_destination, print0, run_cli
 from common.metrics import ClassificationMeter
 from common.precision import autocast_context, precision_from_flags
 
@@ -41,7 +41,7 @@ def get_args_parser():
     add("--weights", help="instead of --checkpoint: a torchvision weights name such as IMAGENET1K_V2")
     add("--data-path", help="ImageFolder root whose val/ is evaluated (default: the checkpoint's training data)")
     add("--model", help="torchvision model name (default: the checkpoint's)")
-    add("--device", help="cuda or cpu (default: cuda when available)")
+    add("--device", type=device_name, help=f"{DEVICE_NAMES} (default: cuda when available)")
     add("-b", "--batch-size", type=positive_int, default=64, help="images per process per step (default: 64)")
     add("-j", "--workers", type=non_negative_int, default=default_workers(8),
         help=f"DataLoader worker processes per rank (default: {default_workers(8)}, at most the cores)")
@@ -65,7 +65,7 @@ def model_from_checkpoint(checkpoint, args, num_classes):
     if args.use_ema and checkpoint.get("model_ema") is None:
         raise UserError(f"{args.checkpoint} holds no EMA weights: drop --use-ema")
     model, _ = create_model(args.model, None, num_classes)
-    state = state_dict_from({"model": checkpoint["model_ema"]} if args.use_ema else checkpoint)
+    state = state_dict_from({"model": checkpoint["model_ema"]} if args.use_ema else checkpoint, args.checkpoint)
     load_model_state(model, state, args.checkpoint)
     return model
 
@@ -90,6 +90,10 @@ def main(args):
         raise UserError("give either --checkpoint PATH (from train.py) or --model NAME --weights NAME")
     if args.weights and not args.model:
         raise UserError("--weights needs --model, e.g. --model resnet50 --weights IMAGENET1K_V2")
+    export = export_requested(args.export, args.export_path, args.export_triton)
+    for flag, path in (("--output-json", args.output_json), ("--confusion-png", args.confusion_png)):
+        if path:  # before the work, not after it
+            check_destination(flag, path)
     checkpoint, trained = {}, {}
     if args.checkpoint:
         checkpoint = load_checkpoint(args.checkpoint)
@@ -111,6 +115,13 @@ def main(args):
     elif class_names is None:  # as in training, the sorted folders of train/ (else val/) give the label indices
         train_dir = os.path.join(args.data_path, "train")
         class_names = list_classes(train_dir if os.path.isdir(train_dir) else os.path.join(args.data_path, "val"))
+    elif args.data_path is not None:  # labels follow the checkpoint's classes, by name: val/ must hold no others
+        unknown = sorted(set(list_classes(os.path.join(args.data_path, "val"))) - set(class_names))
+        if unknown:
+            known = f"{class_names[:5]}{' ...' if len(class_names) > 5 else ''}"
+            raise UserError(f"cannot evaluate {args.checkpoint} on {args.data_path}: its val/ has classes the "
+                            f"checkpoint was not trained on ({', '.join(unknown[:5])}; it knows {known}). Evaluate it "
+                            "on the data it was trained on")
     if args.weights:
         categories = weights_enum(args.model, args.weights).meta["categories"]
         if len(categories) != len(class_names):
@@ -122,7 +133,7 @@ def main(args):
     model.to(device, memory_format=memory_format)
 
     val_loader = load_val(args, env, device, class_names)
-    if export_requested(args.export, args.export_path, args.export_triton):  # instead of evaluating
+    if export:  # instead of evaluating
         if env.is_main:  # the first validation batch checks the export
             export_model(model, val_loader, args.export, args.export_path, args.export_rtol, args.export_triton,
                          args.model)

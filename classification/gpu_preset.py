@@ -16,14 +16,15 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from common.images import read_file_bytes, read_image
+from common.images import check_encoded_size, read_file_bytes, read_image
 
 
 class EncodedSamples(Dataset):
-    """(file bytes, target, index) of each sample of a dataset with a `samples` list of (path, target)."""
+    """(file bytes, target, index) of each sample of a dataset with a `samples` list of (path, target).
+    `resize_shorter_side`: what the preset resizes the shorter side to, checked from the file's header."""
 
-    def __init__(self, samples):
-        self.samples = samples
+    def __init__(self, samples, resize_shorter_side=None):
+        self.samples, self.resize_shorter_side = samples, resize_shorter_side
 
     def __len__(self):
         return len(self.samples)
@@ -32,7 +33,9 @@ class EncodedSamples(Dataset):
         index %= len(self.samples)  # RepeatedAugmentationSampler's copies: index + copy * len
         path, target = self.samples[index]
         # Regular files only, read up to their size: a FIFO would block and /dev/zero never end.
-        return torch.frombuffer(bytearray(read_file_bytes(path)), dtype=torch.uint8), target, index
+        data = read_file_bytes(path)
+        check_encoded_size(path, data, self.resize_shorter_side)  # as the pil backend refuses it, before decoding
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), target, index
 
 
 def collate_encoded(batch):

@@ -44,7 +44,7 @@ def create_model(name, weights, num_classes):
     if weights and os.path.isfile(weights):
         model = torchvision.models.get_model(name, num_classes=num_classes, **scratch)
         head = find_head(model)
-        state = state_dict_from(load_checkpoint(weights))
+        state = state_dict_from(load_checkpoint(weights), weights)
         skipped = load_model_state(model, state, weights, skip_mismatched={f"{head}.weight", f"{head}.bias"})
         if skipped:
             print0(f"new {num_classes}-class head: {', '.join(skipped)} from {weights} not used")

@@ -22,7 +22,7 @@ from common.data import default_workers, optimizer_steps_per_epoch, set_epoch
 from common.distributed import check_sync_bn, data_parallel, init_distributed, sync_batch_norm
 from common.engine import configure_torch, evaluate, to_device, train_one_epoch
 from common.flags import (add_checkpoint_flags, add_optimisation_flags, add_precision_flags, non_negative_float,
-                          non_negative_int, positive_float, positive_int)
+                          non_negative_int, positive_float, positive_int, probability)
 from common.images import MEAN, STD
 from common.log import (UserError, count_parameters, log_epoch, print0, print_run_end, print_run_start, run_cli,
                         start_output_dir, tensorboard_writer)
@@ -30,7 +30,7 @@ from common.metrics import ClassificationMeter
 from common.optim import EMA, create_lr_scheduler, create_optimizer, param_groups
 from common.precision import autocast_context, grad_scaler, precision_from_flags
 from common.progress import ProgressLog
-from common.stopping import NonFiniteGuard, PreemptionSignal
+from common.stopping import NonFiniteGuard, PreemptionSignal, stop_at_once_until_training
 
 # Defaults that depend on the data. Real data gets torchvision's ResNet-50 V1 recipe (76.1% top-1 published,
 # with 8 GPUs x 32 images); the synthetic set gets a small recipe that finishes on a laptop CPU, with AdamW
@@ -66,8 +66,10 @@ def get_args_parser():
     add("--val-crop-size", type=positive_int, help="validation centre crop (default: 224)")
     add("--interpolation", choices=["nearest", "bilinear", "bicubic"],
         help="resize filter (default: bilinear)")
-    add("--auto-augment", help="ra, ta_wide, augmix, or an AutoAugment policy: imagenet, cifar10, svhn (default: none)")
-    add("--random-erase", type=non_negative_float, default=0.0, help="RandomErasing probability (default: 0)")
+    add("--auto-augment", choices=["ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn"],
+        help="ra (RandAugment), ta_wide (TrivialAugmentWide), augmix, or an AutoAugment policy: imagenet, cifar10, "
+        "svhn (default: none)")
+    add("--random-erase", type=probability, default=0.0, help="RandomErasing probability (default: 0)")
     add("--mixup-alpha", type=non_negative_float, default=0.0, help="MixUp alpha (default: 0, off)")
     add("--cutmix-alpha", type=non_negative_float, default=0.0,
         help="CutMix alpha (default: 0, off); with MixUp, one of the two per batch")
@@ -105,7 +107,7 @@ def get_args_parser():
     add("--wd", "--weight-decay", type=non_negative_float, default=1e-4, dest="weight_decay",
         help="weight decay (default: 1e-4)")
     add("--norm-weight-decay", type=non_negative_float, help="weight decay of normalisation layers (default: --wd)")
-    add("--label-smoothing", type=non_negative_float, default=0.0,
+    add("--label-smoothing", type=probability, default=0.0,
         help="label smoothing of the cross-entropy loss (default: 0)")
     add("--lr-scheduler", choices=["steplr", "cosineannealinglr", "exponentiallr"],
         help=f"schedule after warmup, stepped every optimizer step {recipe('lr_scheduler')}")
@@ -205,9 +207,9 @@ def test_only(model, val_loader, class_names, device, autocast, memory_format, a
     path = resume_path(args.resume, args.output_dir)
     if args.resume and not path:
         raise UserError(f"--resume auto found no checkpoint in {args.output_dir}: nothing to evaluate")
-    checkpoint = read_training_checkpoint(path, args.model) if path else {}
+    checkpoint = read_training_checkpoint(path, args.model, class_names) if path else {}
     if checkpoint:
-        load_model_state(model, state_dict_from(checkpoint), path)
+        load_model_state(model, state_dict_from(checkpoint, path), path)
     validate(model, val_loader, class_names, device, autocast, memory_format, "Test")
     if checkpoint.get("model_ema") is not None:
         load_model_state(model, checkpoint["model_ema"], path)
@@ -327,5 +329,6 @@ def main(args):
 
 
 if __name__ == "__main__":
+    stop_at_once_until_training()  # SIGTERM before the loop: exit 75 at once, not by the default handler
     args = get_args_parser().parse_args()
     run_cli(lambda a: main(finish_args(a)), args)

@@ -1,5 +1,6 @@
 """Checkpoints as plain dicts of tensors: written atomically, read with weights_only=True, checked key by key;
 the Checkpointer that saves a run (checkpoint.pth, best.pth) and resumes it, refusing what would not continue it."""
+import errno
 import os
 import pickle
 import re
@@ -39,11 +40,15 @@ def save_atomic(state, path):
 
 
 def load_checkpoint(path):
+    """The dict a checkpoint file holds (a training checkpoint or a bare state dict), or a CheckpointError."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist: check the path, or use --resume auto "
                               "to resume only when <output-dir>/checkpoint.pth exists")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes), as a copy or save cut short leaves a file: use "
+                              "an earlier checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):  # e.g. torchvision's references store an argparse.Namespace
             raise CheckpointError(
@@ -53,16 +58,28 @@ def load_checkpoint(path):
         cause = e
     except Exception as e:
         cause = e
-    first_line = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip().splitlines()[0]
+    else:
+        if not isinstance(checkpoint, dict):
+            raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict: give a "
+                                  "checkpoint written by train.py, or a model's state dict")
+        return checkpoint
+    first_line = (re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip().splitlines() or ["no message"])[0]
     raise CheckpointError(f"cannot read checkpoint {path} ({type(cause).__name__}: {first_line}): the file is "
                           "truncated, corrupt or not a PyTorch checkpoint; use an earlier checkpoint")
 
 
-def state_dict_from(checkpoint):
+def is_bare_state_dict(checkpoint):
+    """Model weights alone (as torch.save(model.state_dict()) writes them), not a training checkpoint."""
+    return "model" not in checkpoint and bool(checkpoint) and all(
+        isinstance(v, torch.Tensor) for v in checkpoint.values())
+
+
+def state_dict_from(checkpoint, path):
     """A training checkpoint ({'model': ...}) or a bare state dict, with DDP/compile prefixes removed."""
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError("the file holds no model state dict (expected a dict of tensors or a 'model' key)")
+        raise CheckpointError(f"checkpoint {path} holds no model state dict (expected a dict of tensors or a 'model' "
+                              "key): give a checkpoint written by train.py, or a model's state dict")
     stripped = True
     while stripped and state:  # in any order and nesting: module._orig_mod.x, _orig_mod.module.x
         stripped = False
@@ -127,13 +144,37 @@ def trained_settings(path, given, names):
     return {name: trained[name] for name in names if given.get(name) is None and name in trained}
 
 
-def read_training_checkpoint(path, model_name):
+def read_training_checkpoint(path, model_name, class_names=None):
+    """The checkpoint at `path`, refused unless trained with --model `model_name` and, when `class_names` are
+    given (to evaluate it), on those classes: on data whose classes differ (cat, dog -> ant, cat) every image
+    would be scored against another class."""
     checkpoint = load_checkpoint(path)
     trained_with = (checkpoint.get("args") or {}).get("model")
     if trained_with not in (None, model_name):
         raise CheckpointError(f"checkpoint {path} was trained with --model {trained_with}, not {model_name}: "
                               f"pass --model {trained_with} or another checkpoint")
+    trained_on = checkpoint.get("class_names")
+    if class_names is not None and trained_on is not None and list(trained_on) != list(class_names):
+        raise CheckpointError(f"cannot evaluate {path} on this data: it was trained with class_names "
+                              f"{list(trained_on)}, the data has {list(class_names)}. Evaluate it on the data it was "
+                              "trained on")
     return checkpoint
+
+
+# What train.py writes into every checkpoint and a resumed run needs (the best score may be missing: it starts over).
+RESUME_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "epoch")
+
+
+def check_resumable(checkpoint, path):
+    """Refuse a file that cannot continue a run: model weights alone, or a checkpoint that lacks a part."""
+    if is_bare_state_dict(checkpoint):
+        raise CheckpointError(f"{path} holds model weights alone (a state dict), not a training checkpoint: start a "
+                              f"new run from them with --weights {path} instead of --resume")
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"cannot resume from {path}: it lacks {', '.join(missing)}, which train.py saves in "
+                              "every checkpoint (the file was written otherwise, or edited); start a new run from its "
+                              f"weights with --weights {path}")
 
 
 def check_same_schedule(trained_flags, flags, names, path):
@@ -174,20 +215,53 @@ def check_finite_weights(models, where, output_dir):
                               f"saved; {last_good_checkpoint(output_dir)}")
 
 
+def write_failure(error):
+    """(what went wrong, what to do) for a save that failed. torch.save reports a failed write as
+    "RuntimeError: [enforce fail at inline_container.cc:...]", with the OSError behind it as its context."""
+    cause = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and cause.errno == errno.ENOSPC:
+        return f"{cause.strerror}: the disk is full", "free space there"
+    if cause is not None and cause.errno == errno.EDQUOT:
+        return cause.strerror, "free space there or raise the quota"
+    if cause is not None and cause.errno == errno.EFBIG:
+        return "File too large: a file-size limit (ulimit -f) is below the checkpoint's size", "raise the limit"
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause.strerror or cause}", "fix that"
+    lines = str(error).strip().splitlines() or ["no message"]
+    return f"{type(error).__name__}: {lines[0]}", "fix that"
+
+
+def save_checkpoint_file(state, path, output_dir):
+    """save_atomic, with a failed write (a full disk, a file-size limit) in one line that says what is kept: the
+    temporary file is gone, and <output_dir>/checkpoint.pth is the last one saved whole, if any."""
+    try:
+        save_atomic(state, path)
+    except (OSError, RuntimeError) as e:
+        problem, fix = write_failure(e)
+        last = os.path.join(output_dir, "checkpoint.pth")
+        if os.path.isfile(last):
+            kept = f"the last good checkpoint, {last}, is intact; {fix}, then resume from it with --resume auto"
+        else:
+            kept = f"no checkpoint was saved yet; {fix}, then run the same command again"
+        raise CheckpointError(f"cannot save {path} ({problem}): {kept}") from None
+
+
 def save_training(state, output_dir, is_best=False, keep=0):
     """checkpoint.pth; at the end of an epoch also best.pth when its score is the best so far, and
     checkpoint_epoch<N>.pth of the last `keep` epochs."""
-    save_atomic(state, os.path.join(output_dir, "checkpoint.pth"))
+    save_checkpoint_file(state, os.path.join(output_dir, "checkpoint.pth"), output_dir)
     where = f"epoch {state['epoch']}" + (f" step {state['step']}" if state["step"] is not None else "")
     if state["step"] is None and keep > 0:
-        save_atomic(state, os.path.join(output_dir, f"checkpoint_epoch{state['epoch']}.pth"))
+        save_checkpoint_file(state, os.path.join(output_dir, f"checkpoint_epoch{state['epoch']}.pth"), output_dir)
         for old in range(state["epoch"] - keep, -1, -1):
             stale = os.path.join(output_dir, f"checkpoint_epoch{old}.pth")
             if not os.path.exists(stale):
                 break
             os.remove(stale)
     if is_best:
-        save_atomic(state, os.path.join(output_dir, "best.pth"))
+        save_checkpoint_file(state, os.path.join(output_dir, "best.pth"), output_dir)
     print0(f"saved {output_dir}/checkpoint.pth ({where}){' and best.pth' if is_best else ''}")
 
 
@@ -238,7 +312,8 @@ class Checkpointer:
         if path is None:
             return 0, 0
         checkpoint = read_training_checkpoint(path, model_name)
-        load_model_state(self.model, state_dict_from(checkpoint), path)
+        check_resumable(checkpoint, path)
+        load_model_state(self.model, state_dict_from(checkpoint, path), path)
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         except ValueError as e:
@@ -261,6 +336,9 @@ class Checkpointer:
             load_model_state(self.model_ema.module, checkpoint["model_ema"], path)
             self.model_ema.n_averaged.copy_(checkpoint["model_ema_n_averaged"])
         self.best = checkpoint.get(self.best_key)
+        if self.best_key not in checkpoint:
+            print0(f"note: {path} holds no {self.best_key}: the best {self.best_name} starts over, and best.pth is "
+                   "overwritten by the next evaluated epoch")
         epoch, step = checkpoint["epoch"], checkpoint.get("step")
         where = (epoch + 1, 0) if step is None else (epoch, step)
         best = "none yet" if self.best is None else f"{self.best:.2f}"

@@ -55,6 +55,7 @@ def init_distributed(device_name=None, timeout_minutes=30):
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device_name)
     if device.type == "cuda":
+        check_gpu(device, device_name)
         if env.distributed or device.index is None:
             device = cuda_device_of(env.local_rank)
         torch.cuda.set_device(device)
@@ -65,6 +66,17 @@ def init_distributed(device_name=None, timeout_minutes=30):
                                 rank=env.rank, world_size=env.world_size,
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     return env, device
+
+
+def check_gpu(device, device_name):
+    """Before any work: without it, the first CUDA call fails with the driver's traceback."""
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device_name}, but this process sees no CUDA GPU (torch {torch.__version__}, "
+                        f"CUDA {torch.version.cuda or 'not built in'}): check nvidia-smi and CUDA_VISIBLE_DEVICES, "
+                        "or use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"cuda:{device.index} asked for, but this process sees {torch.cuda.device_count()} GPU(s): "
+                        "use a lower index, or start at most one process per GPU")
 
 
 def all_reduce_sum(tensor):

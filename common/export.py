@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from common.log import UserError, print0
+from common.log import UserError, check_destination, print0
 
 
 def add_export_args(parser):
@@ -24,13 +24,16 @@ def add_export_args(parser):
 
 def export_requested(export, export_path, export_triton):
     """Whether to export instead of evaluating (the --export, --export-path and --export-triton values);
-    refuses export flags that do not fit, before any work."""
+    refuses export flags that do not fit, and destinations that cannot be written, before any work."""
     if not (export or export_path or export_triton):
         return False
     if not (export and export_path):
         raise UserError("give --export torchscript|onnx together with --export-path FILE")
     if export_triton and export != "onnx":
         raise UserError("--export-triton serves an ONNX model: use it with --export onnx")
+    check_destination("--export-path", export_path)
+    if export_triton:
+        check_destination("--export-triton", export_triton, folder=True)
     if export == "onnx":
         try:  # the exporter would fail only after the export has begun, with a long traceback
             import onnx  # noqa: F401

@@ -3,6 +3,7 @@
 Only definitions live here: the scripts read the values and pass them on as plain arguments.
 """
 import argparse
+import re
 
 
 def _number(kind, accept, rule):
@@ -21,6 +22,16 @@ positive_int = _number(int, lambda v: v > 0, "a positive integer")
 non_negative_int = _number(int, lambda v: v >= 0, "0 or a positive integer")
 positive_float = _number(float, lambda v: v > 0, "a positive number")
 non_negative_float = _number(float, lambda v: v >= 0, "0 or a positive number")
+probability = _number(float, lambda v: 0 <= v <= 1, "between 0 and 1")
+seed_value = _number(int, lambda v: 0 <= v < 2**32, "between 0 and 4294967295 (2**32 - 1)")
+DEVICE_NAMES = "cpu, cuda or cuda:N"
+
+
+def device_name(text):
+    """argparse type of --device: a typo (gpu) is refused at once, not by the first tensor moved to it."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"must be {DEVICE_NAMES}, got {text}")
+    return text
 
 
 def add_optimisation_flags(group, recipe):
@@ -32,12 +43,12 @@ def add_optimisation_flags(group, recipe):
         help="warmup starts at this fraction of --lr (default: 0.01)")
     add("--clip-grad-norm", type=positive_float, help="clip the gradient norm to this value (default: no clipping)")
     add("--accum-steps", type=positive_int, default=1, help="micro-batches per optimizer step (default: 1)")
-    add("--seed", type=int, default=0, help="seed of weights init, data order and augmentation (default: 0)")
+    add("--seed", type=seed_value, default=0, help="seed of weights init, data order and augmentation (default: 0)")
 
 
 def add_precision_flags(group):
     add = group.add_argument
-    add("--device", help="cuda or cpu (default: cuda when available)")
+    add("--device", type=device_name, help=f"{DEVICE_NAMES} (default: cuda when available)")
     add("--amp", action="store_true", help="mixed precision (autocast); float16 adds loss scaling")
     add("--amp-dtype", choices=["float16", "bfloat16"], help="autocast dtype (implies --amp; default float16)")
     add("--channels-last", action="store_true", help="NHWC memory format (faster convolutions under AMP)")

@@ -1,6 +1,7 @@
 """Reading image files of any mode Pillow knows into RGB, with one clear error for a broken file. Only regular
 files are read (a FIFO would block, /dev/zero never end), and a name in an error is quoted when it holds a
 character that would cut or hide in the one-line message."""
+import io
 import os
 import stat
 
@@ -90,19 +91,52 @@ def read_file_bytes(path):
     return data
 
 
-def read_image(path, name=None):
+def read_image(path, name=None, resize_shorter_side=None):
     """Any Pillow-readable file as RGB: grayscale, RGBA, palette, CMYK, 16-bit, PNG named .jpg. `path` may
-    also be a file object, called `name` in errors."""
+    also be a file object, called `name` in errors. With `resize_shorter_side`, the size the preset will resize
+    the image to is checked (check_resized_size) before the image is decoded."""
     source = path
     if isinstance(path, (str, bytes, os.PathLike)):
         source, _ = open_regular(path)
     try:
-        with source, Image.open(source) as image:
+        with source, Image.open(source) as image:  # opening reads the header only
+            check_resized_size(name or path, image.size, resize_shorter_side)
             if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit: keep the top 8 bits, not a clipped copy
                 image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
             return image.convert("RGB")
+    except SampleError:
+        raise
     except Exception as e:
         raise SampleError(f"cannot read image {shown(name or path)} ({reason(e)}): {REPLACE_IMAGE}") from None
+
+
+MAX_RESIZED_PIXELS = 64_000_000  # 768 MB as float32 RGB; a photo of any usual shape stays far below
+
+
+def check_resized_size(path, size, shorter_side):
+    """Refuse an image (width, height) = `size` that resizing its shorter side to `shorter_side` would make
+    larger than MAX_RESIZED_PIXELS: a 143-byte PNG of 20000x1 pixels becomes 256x5,120,000, gigabytes."""
+    if shorter_side is None:
+        return
+    width, height = size
+    resized = shorter_side * int(shorter_side * max(width, height) / max(min(width, height), 1))
+    if resized > MAX_RESIZED_PIXELS:
+        raise SampleError(f"image {shown(path)} is {width}x{height} pixels: resized to a shorter side of "
+                          f"{shorter_side} it would take {resized / 1e6:,.0f} megapixels, more than the "
+                          f"{MAX_RESIZED_PIXELS / 1e6:.0f} allowed: crop it to a usual shape, or remove it")
+
+
+def check_encoded_size(path, data, shorter_side):
+    """check_resized_size of an image's encoded bytes, from the size in its header (Pillow decodes nothing to
+    open it); bytes Pillow cannot open are left to the decoder, which names the file."""
+    if shorter_side is None:
+        return
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            size = image.size
+    except Exception:
+        return
+    check_resized_size(path, size, shorter_side)
 
 
 class NormalizeBytes:

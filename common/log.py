@@ -38,18 +38,19 @@ def launch_rank():
 
 
 def run_cli(main, args):
-    """Run main(args); turn a UserError (also one raised in a DataLoader worker) into one line and exit 2."""
+    """Run main(args); turn a UserError (also one raised in a DataLoader worker) or the death of a DataLoader
+    worker into one line and exit 2."""
     try:
         main(args)
     except UserError as e:
         # A worker's error arrives with the worker's traceback in its text; the cause is its last line.
-        message = re.sub(r"^[\w.]+Error: ", "", str(e).strip().splitlines()[-1])
-        rank = launch_rank()
-        if rank == 0 or isinstance(e, SampleError):
-            print(f"error: {message}{'' if rank == 0 else f' (rank {rank})'}", file=sys.stderr, flush=True)
-        else:
-            wait_for_launcher_to_stop_this_rank()
-        sys.exit(2)
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        report(re.sub(r"^[\w.]+Error: ", "", lines[-1]), only_this_rank=isinstance(e, SampleError))
+    except RuntimeError as e:
+        message = dataloader_worker_failure(e)
+        if message is None:
+            raise
+        report(message, only_this_rank=True)
     except KeyboardInterrupt:  # a second Ctrl-C: the user asked to stop at once, so no traceback either
         if launch_rank() == 0:
             print("interrupted: stopped without saving", file=sys.stderr, flush=True)
@@ -58,6 +59,54 @@ def run_cli(main, args):
         release_output_dirs()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def report(message, only_this_rank):
+    """Print the one error line and exit 2. An error every rank meets is printed by rank 0; one met by this
+    rank alone (a data file, a DataLoader worker) by this rank, with its number."""
+    rank = launch_rank()
+    if rank == 0 or only_this_rank:
+        print(f"error: {message}{'' if rank == 0 else f' (rank {rank})'}", file=sys.stderr, flush=True)
+    else:
+        wait_for_launcher_to_stop_this_rank()
+    sys.exit(2)
+
+
+SHARED_MEMORY_FIX = ("in a container, give it more with docker run --shm-size=8g (or --ipc=host), or lower -j "
+                     "or -b")
+
+
+def dataloader_worker_failure(error):
+    """The one-line message for a RuntimeError that says a DataLoader worker died or ran out of shared memory
+    (/dev/shm, where workers hand their batches over); None for any other error.
+
+    PyTorch reports a worker killed by a signal as "DataLoader worker (pid N) is killed by signal: Killed."
+    (often as the cause of "... exited unexpectedly"), and a full /dev/shm as the worker's own RuntimeError
+    "unable to allocate shared memory(shm) ..." or "unable to write to file </torch_...>: No space left on device".
+    """
+    chain, cause = [], error
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(str(e) for e in chain)
+    if "DataLoader worker" not in text:
+        return None
+    pid = re.search(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)", text)
+    worker = f"DataLoader worker (pid {pid.group(1)})" if pid else "a DataLoader worker"
+    killed = re.search(r"is killed by signal: ([^.]+)\.", text)  # strsignal's name: Killed, Bus error, ...
+    if killed and killed.group(1) == "Bus error":  # a page of a full /dev/shm that cannot be backed
+        return f"{worker} died of SIGBUS (bus error): shared memory (/dev/shm) ran out; {SHARED_MEMORY_FIX}"
+    if killed and killed.group(1) != "Killed":
+        return f"{worker} was killed by signal: {killed.group(1)}: run with -j 0 to meet the problem in this process"
+    if not killed and re.search(r"unable to \w+ shared memory|unable to write to file </torch_", text):
+        index = re.search(r"DataLoader worker process (\d+)", text)
+        worker = f"DataLoader worker {index.group(1)}" if index else worker
+        return f"{worker} ran out of shared memory (/dev/shm is full): {SHARED_MEMORY_FIX}"
+    if killed or "exited unexpectedly" in text:
+        how = "was killed (SIGKILL)" if killed else "exited unexpectedly"
+        return (f"{worker} {how}, which is most often the kernel's out-of-memory killer: lower -j (worker processes "
+                "per rank) or -b (batch size)")
+    return None
 
 
 def wait_for_launcher_to_stop_this_rank(timeout_s=30):
@@ -90,22 +139,50 @@ def start_output_dir(output_dir, flags):
     """
     if not output_dir or not is_main_process():
         return
-    os.makedirs(output_dir, exist_ok=True)
-    key = os.path.realpath(output_dir)
-    if key not in _held_locks:
-        lock = open(os.path.join(output_dir, ".lock"), "a+")
+    try:
+        check_destination("--output-dir", output_dir, folder=True)
+        key = os.path.realpath(output_dir)
+        if key not in _held_locks:
+            lock = open(os.path.join(output_dir, ".lock"), "a+")
+            try:
+                fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.seek(0)
+                raise UserError(f"another run (pid {lock.read().strip() or '?'}) is writing to --output-dir "
+                                f"{output_dir}: wait for it to end, or give this run another --output-dir") from None
+            lock.truncate(0)
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
+            _held_locks[key] = lock
+        with open(os.path.join(output_dir, "args.json"), "w") as f:
+            json.dump(flags, f, indent=1)
+    except OSError as e:  # a full disk, a quota
+        raise UserError(f"cannot write to --output-dir {output_dir} ({e.strerror}): free space there or give "
+                        "another folder") from None
+
+
+def check_destination(flag, path, folder=False):
+    """Refuse, before any work, a destination that cannot be written: a file where a folder goes or the
+    reverse, a missing folder for a file, a read-only file system. A folder destination is created."""
+    if folder:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a file, not a folder: give a folder (it is created if missing)")
         try:
-            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            raise UserError(f"another run (pid {lock.read().strip() or '?'}) is writing to --output-dir {output_dir}: "
-                            "wait for it to end, or give this run another --output-dir") from None
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        _held_locks[key] = lock
-    with open(os.path.join(output_dir, "args.json"), "w") as f:
-        json.dump(flags, f, indent=1)
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {flag} {path} ({e.strerror}): give a folder where this user can write") \
+                from None
+        parent = path
+    else:
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a folder: give a file name, e.g. {os.path.join(path, 'out')}")
+        if not os.path.isdir(parent):
+            raise UserError(f"{flag} {path}: folder {parent} does not exist: create it, or give a path in an existing "
+                            "folder")
+    if not os.access(parent, os.W_OK):  # a read-only file system says so to root too
+        raise UserError(f"{flag} {path}: cannot write in {parent} (a read-only file system, or no permission): give a "
+                        "path where this user can write")
 
 
 def release_output_dirs():

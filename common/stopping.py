@@ -14,6 +14,20 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint sa
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports Ctrl-C; the checkpoint is saved as for 75
 
 
+def stop_at_once_until_training():
+    """Until PreemptionSignal takes over at the training loop, a stop signal has nothing to save: SIGTERM or
+    SIGUSR1 during start-up (scanning data, building the model, loading a checkpoint) ends the run at once with
+    PREEMPTED_EXIT_CODE and a line, so a script that requeues on it runs the same command again. Install it
+    before any slow work; a first Ctrl-C stops at once too (KeyboardInterrupt, exit status 130)."""
+    def stop(signum, frame):
+        print0(f"stopped on {signal.Signals(signum).name} during start-up, before training began (exit status "
+               f"{PREEMPTED_EXIT_CODE}): nothing was saved; the same command starts the run again")
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, stop)
+
+
 class PreemptionSignal:
     """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before preempting a job) and a first Ctrl-C (SIGINT)
     ask the loop to stop at the next step boundary, save and exit; a second Ctrl-C stops at once. Ranks agree

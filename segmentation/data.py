@@ -43,9 +43,12 @@ def load_dataset(args, split, decode_only=False):
     """The dataset of a split with its transforms; decode_only leaves them to the device (--data-backend gpu)."""
     transforms = (None if decode_only else train_transforms(args.base_size, args.crop_size, args.scale_range)
                   if split == "train" else partial(val_transform, base_size=args.base_size))
+    shorter_side = int(args.scale_range[1] * args.base_size) if split == "train" else args.base_size
     if split == "train" and args.voc_aug:  # validation stays on VOC's val (eval.py has no such flag)
         split = "train_aug"
-    return DATASETS[args.dataset](args.data_path, split, transforms)
+    dataset = DATASETS[args.dataset](args.data_path, split, transforms)
+    dataset.resize_shorter_side = shorter_side
+    return dataset
 
 
 def dataset_info(args):

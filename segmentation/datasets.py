@@ -158,6 +158,10 @@ def check_same_size(image, image_path, mask_values, mask_path):
 class SegmentationFiles(torch.utils.data.Dataset):
     """A list of (image path, mask path) pairs of one split of a dataset layout, with its label mapping."""
 
+    # The largest shorter side the transforms (or the device, for --data-backend gpu) resize an image to; an
+    # image that would become too large at it is refused before decoding (common.images.check_resized_size).
+    resize_shorter_side = None
+
     def __init__(self, files, names, class_names, palette, label_maps, transforms=None):
         # label_maps holds one LabelMap per sample: Cityscapes mixes labelIds and labelTrainIds files.
         self.files = files
@@ -172,7 +176,7 @@ class SegmentationFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         image_path, mask_path = self.files[i]
-        image = read_image(image_path)
+        image = read_image(image_path, resize_shorter_side=self.resize_shorter_side)
         mask_values = read_mask_values(mask_path)
         check_same_size(image, image_path, mask_values, mask_path)
         image = tv_tensors.Image(image)

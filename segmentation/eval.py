@@ -19,8 +19,8 @@ from common.data import default_workers
 from common.distributed import init_distributed
 from common.engine import evaluate
 from common.export import add_export_args, export_model, export_requested
-from common.flags import non_negative_int, positive_int
-from common.log import UserError, print0, run_cli
+from common.flags import DEVICE_NAMES, device_name, non_negative_int, positive_int
+from common.log import UserError, check_destination, print0, run_cli
 from common.metrics import SegmentationMeter
 from common.precision import autocast_context, precision_from_flags
 from segmentation.data import dataset_info, load_val
@@ -42,7 +42,7 @@ def get_args_parser():
     add("--checkpoint", required=True, help="a checkpoint written by segmentation/train.py (best.pth, checkpoint.pth)")
     add("--data-path", help="dataset root (default: the checkpoint's training data)")
     add("--dataset", choices=sorted(DATASETS), help="layout of --data-path (default: the checkpoint's)")
-    add("--device", help="cuda or cpu (default: cuda when available)")
+    add("--device", type=device_name, help=f"{DEVICE_NAMES} (default: cuda when available)")
     add("-b", "--batch-size", type=positive_int, default=16,
         help="synthetic set: images per step (default: 16; real data: one)")
     add("-j", "--workers", type=non_negative_int, default=default_workers(4),
@@ -92,6 +92,11 @@ class PredictionWriter:
 
 
 def main(args):
+    export = export_requested(args.export, args.export_path, args.export_triton)
+    if args.output_json:  # before the work, not after it
+        check_destination("--output-json", args.output_json)
+    if args.save_predictions:
+        check_destination("--save-predictions", args.save_predictions, folder=True)
     checkpoint = load_checkpoint(args.checkpoint)
     trained = checkpoint.get("args") or {}
     for name, default in FROM_TRAINING.items():
@@ -112,11 +117,11 @@ def main(args):
         raise UserError(f"{args.checkpoint} predicts {len(trained_classes)} classes, but the data has "
                         f"{len(class_names)}: evaluate it on the dataset it was trained on")
     model = create_model(args.model, len(class_names), args.output_stride, args.aux_loss, None, args.unet_width)
-    load_model_state(model, state_dict_from(checkpoint), args.checkpoint)
+    load_model_state(model, state_dict_from(checkpoint, args.checkpoint), args.checkpoint)
     model.to(device, memory_format=memory_format)
 
     val_loader = load_val(args, env, device)
-    if export_requested(args.export, args.export_path, args.export_triton):  # instead of evaluating
+    if export:  # instead of evaluating
         if env.is_main:  # the first validation batch checks the export; UNet takes multiples of 16
             export_model(model, val_loader, args.export, args.export_path, args.export_rtol, args.export_triton,
                          args.model, size_divisor=getattr(model, "size_divisor", 1))

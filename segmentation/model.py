@@ -131,7 +131,7 @@ def create_model(name, num_classes, output_stride=16, aux_loss=False, weights_ba
         model = torchvision.models.get_model(name, weights=None, weights_backbone=enum_name,
                                              num_classes=num_classes, **extra)
     if path:
-        state = state_dict_from(load_checkpoint(path))
+        state = state_dict_from(load_checkpoint(path), path)
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier's head has no place here
         load_model_state(model.backbone, state, path)
     return model
@@ -148,7 +148,7 @@ def weights_state(name, weights):
     """The state dict --weights names: a checkpoint file, or for torchvision's models one of their weights
     names (COCO_WITH_VOC_LABELS_V1), downloaded once into torch's hub cache."""
     if os.path.isfile(weights):
-        return state_dict_from(load_checkpoint(weights))
+        return state_dict_from(load_checkpoint(weights), weights)
     if name not in TORCHVISION_MODELS:
         raise UserError(f"--weights {weights!r} is not a file, and weights names are for torchvision's models "
                         f"({', '.join(TORCHVISION_MODELS)}): give {name} a checkpoint .pth")

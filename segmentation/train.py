@@ -29,7 +29,7 @@ from common.metrics import SegmentationMeter
 from common.optim import create_lr_scheduler, create_optimizer, param_groups
 from common.precision import autocast_context, grad_scaler, precision_from_flags
 from common.progress import ProgressLog
-from common.stopping import NonFiniteGuard, PreemptionSignal
+from common.stopping import NonFiniteGuard, PreemptionSignal, stop_at_once_until_training
 from segmentation.data import dataset_info, load_train, load_val
 from segmentation.datasets import DATASETS, IGNORE_INDEX
 from segmentation.inference import add_eval_args, predictor_from_args
@@ -164,6 +164,9 @@ def finish_args(args):
         args.base_size = args.base_size or SIZE_DEFAULTS[args.dataset]["base_size"]
         args.crop_size = args.crop_size or SIZE_DEFAULTS[args.dataset]["crop_size"]
     args.crop_size = (args.crop_size * 2)[:2]  # one number means a square
+    low, high = args.scale_range
+    if low > high:  # RandomResize would fail at the first sample, in a DataLoader worker
+        raise UserError(f"--scale-range {low:g} {high:g}: give MIN <= MAX, e.g. --scale-range {high:g} {low:g}")
     if args.voc_aug and args.dataset != "voc":
         raise UserError("--voc-aug is VOC's SBD augmented training set: use it with --dataset voc --data-path ROOT")
     if args.compile and args.grad_checkpointing:
@@ -249,7 +252,7 @@ def test_only(model, val_loader, class_names, device, autocast, memory_format, a
     path = resume_path(args.resume, args.output_dir)
     if not path:
         raise UserError(f"--resume auto found no checkpoint in {args.output_dir}: nothing to evaluate")
-    load_model_state(model, state_dict_from(read_training_checkpoint(path, args.model)), path)
+    load_model_state(model, state_dict_from(read_training_checkpoint(path, args.model, class_names), path), path)
     validate(model, val_loader, class_names, device, autocast, memory_format, args, "Test")
 
 
@@ -343,5 +346,6 @@ def main(args):
 
 
 if __name__ == "__main__":
+    stop_at_once_until_training()  # SIGTERM before the loop: exit 75 at once, not by the default handler
     args = get_args_parser().parse_args()
     run_cli(lambda a: main(finish_args(a)), args)

@@ -1,11 +1,13 @@
 """Each bad input stops with one line that names the problem and the fix, before long work where possible."""
 import os
 import re
+import signal
 import sys
 
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 from classification.data import ImageFolderWithClasses, list_classes
 from common.log import UserError
@@ -277,3 +279,377 @@ def test_a_newline_in_a_name_stays_inside_the_one_error_line(tmp_path, where):
     with pytest.raises(UserError, match=pattern) as error:
         train("--data-path", data, *IMAGE_FLAGS)
     assert "\n" not in str(error.value)  # common.log keeps only the last line of a message
+
+
+# --- round three: output folders and full disks, checkpoint contents, flag values, dying workers, signals
+
+
+def parse_error(script, argv, capsys, parser="train"):
+    """What argparse says of `argv` to <script>/<parser>.py (it exits 2 with one line)."""
+    from importlib import import_module
+    with pytest.raises(SystemExit) as stop:
+        import_module(f"{script}.{parser}").get_args_parser().parse_args([str(a) for a in argv])
+    assert stop.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+SEED_RANGE = "argument --seed: must be between 0 and 4294967295 (2**32 - 1), got"
+
+
+@pytest.mark.parametrize("script,parser,argv,says", [
+    ("classification", "train", ["--label-smoothing", "2"],
+     "argument --label-smoothing: must be between 0 and 1, got 2"),
+    ("classification", "train", ["--random-erase", "2"], "argument --random-erase: must be between 0 and 1, got 2"),
+    ("classification", "train", ["--auto-augment", "randaugment"],  # quotes or not: it depends on the Python version
+     "argument --auto-augment: invalid choice: 'randaugment' (choose from ra, ta_wide, augmix, imagenet, cifar10, "
+     "svhn)"),
+    ("classification", "train", ["--seed", str(2**32)], f"{SEED_RANGE} 4294967296"),
+    ("segmentation", "train", ["--seed", "-1"], f"{SEED_RANGE} -1"),
+    ("classification", "train", ["--device", "gpu"], "argument --device: must be cpu, cuda or cuda:N, got gpu"),
+    ("segmentation", "train", ["--device", "gpu"], "argument --device: must be cpu, cuda or cuda:N, got gpu"),
+    ("classification", "eval", ["--device", "gpu"], "argument --device: must be cpu, cuda or cuda:N, got gpu"),
+    ("segmentation", "eval", ["--checkpoint", "c.pth", "--device", "gpu"],
+     "argument --device: must be cpu, cuda or cuda:N, got gpu"),
+])
+def test_flag_values_out_of_range_are_refused_with_the_range(script, parser, argv, says, capsys):
+    # --label-smoothing 2 failed at the first step, --random-erase 2 in a worker, --auto-augment randaugment and
+    # --device gpu with tracebacks, --seed 2**32 silently.
+    assert parse_error(script, argv, capsys, parser).replace("'", "").endswith(says.replace("'", ""))
+
+
+def test_a_reversed_scale_range_is_refused_before_any_work():
+    from conftest import SEG_TINY, train_segmentation
+    with pytest.raises(UserError, match=r"^--scale-range 2 0\.5: give MIN <= MAX, e\.g\. --scale-range 0\.5 2$"):
+        train_segmentation(*SEG_TINY, "--scale-range", "2.0", "0.5")
+
+
+def test_device_cuda_without_a_gpu_is_one_line_before_any_work(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    fails_with(r"^--device cuda, but this process sees no CUDA GPU \(torch .*\): check nvidia-smi and "
+               r"CUDA_VISIBLE_DEVICES, or use --device cpu$", *TINY, "--device", "cuda")
+
+
+# Mounts: CI runs as root, which ignores permission bits, so a read-only folder and a full disk are real file
+# systems mounted for the test.
+def mount(*argv):
+    return run("mount", *argv).returncode == 0
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    """mounted("read-only") or mounted("tmpfs", "size=...") -> a fresh folder with that file system mounted on
+    it (a read-only bind mount of itself, or a small tmpfs), unmounted after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a file system for the test needs root")
+    points = []
+
+    def make(kind, options=None):
+        point = tmp_path / f"mount{len(points)}"
+        point.mkdir()
+        cannot = "this machine does not let root mount a file system (no CAP_SYS_ADMIN)"
+        how = ("--bind", point, point) if kind == "read-only" else ("-t", "tmpfs", "-o", options, "tmpfs", point)
+        if not mount(*how):
+            pytest.skip(cannot)
+        points.append(point)
+        if kind == "read-only" and not mount("-o", "remount,bind,ro", point):  # a bind mount is made read-only so
+            pytest.skip(cannot)
+        return point
+
+    yield make
+    for point in reversed(points):
+        run("umount", point)
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "run").write_text("")
+    fails_with(rf"^--output-dir {tmp_path}/run is a file, not a folder: give a folder", *TINY,
+               "--output-dir", tmp_path / "run")
+
+
+@pytest.mark.parametrize("sub, says", [("run", r"cannot create --output-dir .*/run \(Read-only file system\)"),
+                                       ("", r"--output-dir .*: cannot write in .* \(a read-only file system")])
+def test_an_output_dir_on_a_read_only_file_system_is_one_line(mounted, sub, says):
+    fails_with(says, *TINY, "--output-dir", mounted("read-only") / sub)
+
+
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_says_where(mounted):
+    from common.checkpoint import CheckpointError, load_checkpoint, save_training
+    disk = mounted("tmpfs", "size=256k")
+    small, large = ({"model": {"w": torch.zeros(n)}, "epoch": epoch, "step": None} for epoch, n in ((0, 1000),
+                                                                                                    (1, 100_000)))
+    (disk / "first").mkdir()
+    with pytest.raises(CheckpointError, match=rf"^cannot save {disk}/first/checkpoint\.pth \(No space left on device: "
+                                              r"the disk is full\): no checkpoint was saved yet; free space there, "
+                                              r"then run the same command again$"):
+        save_training(large, disk / "first")
+    save_training(small, disk)
+    with pytest.raises(CheckpointError, match=rf"^cannot save {disk}/checkpoint\.pth \(No space left on device: the "
+                                              rf"disk is full\): the last good checkpoint, {disk}/checkpoint\.pth, is "
+                                              r"intact; free space there, then resume from it with --resume auto$"):
+        save_training(large, disk)
+    assert load_checkpoint(disk / "checkpoint.pth")["epoch"] == 0
+    assert sorted(os.listdir(disk)) == ["checkpoint.pth", "first"]  # no temporary file left behind
+
+
+SAVE_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, sys, torch
+from common.checkpoint import save_training
+from common.log import run_cli
+def main(out):
+    save_training({"model": {"w": torch.zeros(1000)}, "epoch": 0, "step": None}, out)  # about 5 KB
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))  # ulimit -f; Python ignores SIGXFSZ
+    save_training({"model": {"w": torch.zeros(100_000)}, "epoch": 1, "step": None}, out)  # about 400 KB
+run_cli(main, sys.argv[1])
+"""
+
+
+def test_a_file_size_limit_while_saving_keeps_the_last_checkpoint_and_says_where(tmp_path):
+    from common.checkpoint import load_checkpoint
+    result = run(sys.executable, "-c", SAVE_UNDER_A_FILE_SIZE_LIMIT, tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot save {tmp_path}/checkpoint.pth (File too large: a file-size limit (ulimit -f) is below the "
+        f"checkpoint's size): the last good checkpoint, {tmp_path}/checkpoint.pth, is intact; raise the limit, then "
+        "resume from it with --resume auto")
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 0 and os.listdir(tmp_path) == ["checkpoint.pth"]
+
+
+# --- checkpoint contents
+
+
+def test_resume_of_bare_weights_says_to_use_weights(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
+    fails_with(rf"^{path} holds model weights alone \(a state dict\), not a training checkpoint: start a new run from "
+               rf"them with --weights {path} instead of --resume$", *TINY, "--resume", path)
+
+
+def test_segmentation_resume_of_bare_weights_says_to_use_weights(tmp_path):
+    from conftest import SEG_TINY, train_segmentation
+    from segmentation.model import create_model
+    path = tmp_path / "unet.pth"
+    torch.save(create_model("unet", 3, 8, False, None, 8).state_dict(), path)
+    with pytest.raises(UserError, match=rf"^{path} holds model weights alone .* with --weights {path} instead"):
+        train_segmentation(*SEG_TINY, "--resume", path)
+
+
+def edited_checkpoint(trained_run, tmp_path, drop):
+    checkpoint = torch.load(trained_run / "checkpoint.pth", weights_only=True)
+    del checkpoint[drop]
+    torch.save(checkpoint, tmp_path / f"without_{drop}.pth")
+    return tmp_path / f"without_{drop}.pth"
+
+
+@pytest.mark.parametrize("drop", ["optimizer", "lr_scheduler", "scaler", "epoch"])
+def test_resume_of_a_checkpoint_missing_a_part_names_it(trained_run, tmp_path, drop):
+    path = edited_checkpoint(trained_run, tmp_path, drop)
+    fails_with(rf"^cannot resume from {path}: it lacks {drop}, which train.py saves in every checkpoint .*start a new "
+               rf"run from its weights with --weights {path}$", *TINY, "--epochs", "2", "--resume", path)
+
+
+def test_resume_of_a_checkpoint_without_its_best_score_says_it_starts_over(trained_run, tmp_path, capsys):
+    path = edited_checkpoint(trained_run, tmp_path, "best_acc1")
+    train(*TINY, "--epochs", "2", "--resume", path)  # epoch 1 of 2 done: nothing left to train
+    out = capsys.readouterr().out
+    assert f"note: {path} holds no best_acc1: the best top-1 starts over, and best.pth is overwritten" in out
+    assert "resumed from" in out
+
+
+@pytest.mark.parametrize("content", ["list", "empty"])
+@pytest.mark.parametrize("script", ["train.py --resume", "eval.py --checkpoint", "segmentation eval.py --checkpoint"])
+def test_a_checkpoint_that_is_a_list_or_empty_is_one_line(tmp_path, script, content):
+    from conftest import evaluate_segmentation
+    path = tmp_path / "odd.pth"
+    if content == "list":
+        torch.save([torch.zeros(2)], path)
+        says = rf"^checkpoint {path} holds a list, not a dict: give a checkpoint written by train\.py"
+    else:
+        path.write_bytes(b"")  # the error formatter itself used to fail on the message-less exception
+        says = rf"^checkpoint {path} is empty \(0 bytes\), as a copy or save cut short leaves a file"
+    with pytest.raises(UserError, match=says):
+        if script == "train.py --resume":
+            train(*TINY, "--resume", path)
+        elif script == "eval.py --checkpoint":
+            evaluate("--checkpoint", path, "--device", "cpu")
+        else:
+            evaluate_segmentation("--checkpoint", path, "--device", "cpu")
+
+
+def test_a_checkpoint_without_model_weights_names_the_file(tmp_path):
+    path = tmp_path / "no_model.pth"
+    torch.save({"epoch": 3, "args": {"model": "resnet18"}}, path)
+    with pytest.raises(UserError, match=rf"^checkpoint {path} holds no model state dict \(expected a dict of tensors"):
+        evaluate("--checkpoint", path, "--device", "cpu")
+
+
+def test_evaluating_a_checkpoint_on_other_classes_is_refused(tmp_path):
+    # Trained on [cat, dog], evaluated on [ant, cat]: cat's images would carry label 1, which was dog.
+    flags = ["--model", "resnet18", "--device", "cpu", "-b", "4", "-j", "0", "--train-crop-size", "32",
+             "--val-resize-size", "32", "--val-crop-size", "32"]
+    train("--data-path", write_tree(tmp_path / "pets", classes=("cat", "dog")), *flags, "--epochs", "1",
+          "--output-dir", tmp_path / "run")
+    other, checkpoint = write_tree(tmp_path / "insects", classes=("ant", "cat")), tmp_path / "run" / "checkpoint.pth"
+    fails_with(rf"^cannot evaluate {checkpoint} on this data: it was trained with class_names \['cat', 'dog'\], the "
+               r"data has \['ant', 'cat'\]\. Evaluate it on the data it was trained on$",
+               "--data-path", other, *flags, "--test-only", "--resume", checkpoint)
+    with pytest.raises(UserError, match=rf"^cannot evaluate {checkpoint} on {other}: its val/ has classes the "
+                                        r"checkpoint was not trained on \(ant; it knows \['cat', 'dog'\]\)"):
+        evaluate("--checkpoint", checkpoint, "--data-path", other, "--device", "cpu", "-j", "0")
+
+
+# --- evaluation destinations, checked before the checkpoint is even read
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--output-json", "{tmp}/nowhere/scores.json"], "--output-json {tmp}/nowhere/scores.json: folder {tmp}/nowhere "
+     "does not exist: create it"),
+    (["--confusion-png", "{tmp}/nowhere/c.png"], "--confusion-png {tmp}/nowhere/c.png: folder {tmp}/nowhere does not"),
+    (["--output-json", "{tmp}"], "--output-json {tmp} is a folder: give a file name"),
+    (["--export", "torchscript", "--export-path", "{tmp}/nowhere/model.pt"],
+     "--export-path {tmp}/nowhere/model.pt: folder {tmp}/nowhere does not exist"),
+    (["--export", "onnx", "--export-path", "{tmp}/m.onnx", "--export-triton", "{tmp}/file"],
+     "--export-triton {tmp}/file is a file, not a folder"),
+])
+def test_eval_destinations_are_checked_before_the_work(tmp_path, flags, says):
+    (tmp_path / "file").write_text("")
+    argv = [flag.format(tmp=tmp_path) for flag in flags]
+    with pytest.raises(UserError, match="^" + re.escape(says.format(tmp=tmp_path))):
+        evaluate("--checkpoint", tmp_path / "not-read.pth", "--device", "cpu", *argv)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--output-json", "{tmp}/nowhere/scores.json"], "--output-json {tmp}/nowhere/scores.json: folder {tmp}/nowhere "
+     "does not exist"),
+    (["--save-predictions", "{tmp}/file"], "--save-predictions {tmp}/file is a file, not a folder"),
+])
+def test_segmentation_eval_destinations_are_checked_before_the_work(tmp_path, flags, says):
+    from conftest import evaluate_segmentation
+    (tmp_path / "file").write_text("")
+    argv = [flag.format(tmp=tmp_path) for flag in flags]
+    with pytest.raises(UserError, match="^" + re.escape(says.format(tmp=tmp_path))):
+        evaluate_segmentation("--checkpoint", tmp_path / "not-read.pth", "--device", "cpu", *argv)
+
+
+# --- DataLoader workers that die
+
+
+class DyingSamples(torch.utils.data.Dataset):
+    """The worker that loads sample 3 dies of `signum`: SIGKILL as from the kernel's out-of-memory killer, SIGBUS
+    as when a full /dev/shm cannot back a page."""
+
+    def __init__(self, signum):
+        self.signum = signum
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, index):
+        if index == 3:
+            os.kill(os.getpid(), self.signum)
+        return torch.zeros(2)
+
+
+@pytest.mark.parametrize("signum, says", [
+    ("SIGKILL", r"DataLoader worker \(pid \d+\) was killed \(SIGKILL\), which is most often the kernel's "
+                r"out-of-memory killer: lower -j \(worker processes per rank\) or -b \(batch size\)"),
+    ("SIGBUS", r"DataLoader worker \(pid \d+\) died of SIGBUS \(bus error\): shared memory \(/dev/shm\) ran out; in a "
+               r"container, give it more with docker run --shm-size=8g \(or --ipc=host\), or lower -j or -b"),
+])
+def test_a_dataloader_worker_killed_by_a_signal_is_one_line(signum, says, capsys):
+    from torch.utils.data import DataLoader
+    from common.log import run_cli
+
+    def main(signum):
+        for _ in DataLoader(DyingSamples(getattr(signal, signum)), batch_size=2, num_workers=2):
+            pass
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main, signum)
+    assert stop.value.code == 2
+    assert re.fullmatch(f"error: {says}", capsys.readouterr().err.strip().splitlines()[-1])
+
+
+SHM_OF_ONE_MEGABYTE = """
+import torch
+from torch.utils.data import DataLoader
+from common.log import run_cli
+images = [torch.zeros(3, 256, 256)] * 32  # batches of 6 MB, through a /dev/shm of 1 MB
+run_cli(lambda _: [None for _ in DataLoader(images, batch_size=8, num_workers=2)], None)
+"""
+
+
+def test_a_full_dev_shm_is_one_line_pointing_to_shm_size():
+    if os.geteuid() != 0:
+        pytest.skip("a /dev/shm of 1 MB is mounted in a mount namespace of the test's own, which needs root")
+    if run("unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm").returncode != 0:
+        pytest.skip("this machine does not let root mount a file system (no CAP_SYS_ADMIN)")
+    result = run("unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs /dev/shm && exec "$0" -c "$1"',
+                 sys.executable, SHM_OF_ONE_MEGABYTE)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert re.fullmatch(r"error: DataLoader worker \d ran out of shared memory \(/dev/shm is full\): in a container, "
+                        r"give it more with docker run --shm-size=8g \(or --ipc=host\), or lower -j or -b",
+                        result.stderr.strip().splitlines()[-1])
+
+
+# --- SIGTERM before the training loop
+
+
+def test_sigterm_during_start_up_exits_75_with_a_line(tmp_path):
+    from common.stopping import PREEMPTED_EXIT_CODE
+    from conftest import ROOT, popen
+    out = tmp_path / "run"
+    # 50,000 synthetic images take seconds to draw: the signal arrives while they are drawn.
+    process = popen(sys.executable, ROOT / "classification/train.py", *TINY, "--synthetic-train-size", "50000",
+                    "--output-dir", out)
+    first = process.stdout.readline()  # the command line, printed once the process has started
+    assert "classification/train.py" in first
+    process.send_signal(signal.SIGTERM)
+    rest = process.stdout.read()
+    assert process.wait() == PREEMPTED_EXIT_CODE
+    assert f"stopped on SIGTERM during start-up, before training began (exit status {PREEMPTED_EXIT_CODE}): nothing " \
+           "was saved; the same command starts the run again" in rest
+    assert "Epoch: [0]" not in rest and not (out / "checkpoint.pth").exists()
+
+
+# --- an image that resizing would blow up
+
+
+def wide_png(path, width=1000, mode="RGB"):
+    """A PNG of width x 1 pixels (a few hundred bytes). Resized to a shorter side of 256 it would take 256 x
+    256,000 = 65.5 megapixels; the issue's 20000 x 1 took 5.9 GB, more than a test should risk without the fix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (width, 1), 1).save(path)
+    return path
+
+
+@pytest.mark.parametrize("backend", ["pil", "gpu"])
+def test_an_image_too_large_once_resized_is_refused_before_decoding(tmp_path, backend):
+    import argparse
+    from classification.data import load_val
+    from common.distributed import DistEnv
+    data = write_tree(tmp_path / "data")
+    wide = wide_png(data / "val" / "cat" / "wide.png")
+    args = argparse.Namespace(data_path=str(data), val_resize_size=256, val_crop_size=224, interpolation="bilinear",
+                              data_backend=backend, batch_size=4, workers=0, train_crop_size=224)
+    loader = load_val(args, DistEnv(), torch.device("cpu"), ["cat", "dog", "fox"])
+    dataset = loader.loader.dataset if backend == "gpu" else loader.dataset
+    index = [os.path.basename(path) for path, _ in dataset.samples].index("wide.png")
+    with pytest.raises(UserError, match=rf"^image {wide} is 1000x1 pixels: resized to a shorter side of 256 it would "
+                                        r"take 66 megapixels, more than the 64 allowed: crop it to a usual shape, or "
+                                        r"remove it$"):
+        dataset[index]
+
+
+@pytest.mark.parametrize("split, backend", [("val", "pil"), ("train", "pil"), ("train", "gpu")])
+def test_segmentation_refuses_an_image_too_large_once_resized(tmp_path, split, backend):
+    import argparse
+    from segmentation.data import load_dataset
+    folder = {"train": "training", "val": "validation"}[split]
+    wide = wide_png(tmp_path / "images" / folder / "ADE_wide.jpg")  # a PNG named .jpg: read by its header
+    wide_png(tmp_path / "annotations" / folder / "ADE_wide.png", mode="L")  # ADE20K's class 1 everywhere
+    args = argparse.Namespace(dataset="ade20k", data_path=str(tmp_path), base_size=256, crop_size=[256, 256],
+                              scale_range=[0.5, 2.0], voc_aug=None)
+    dataset = load_dataset(args, split, decode_only=backend == "gpu")
+    shorter = 512 if split == "train" else 256  # training rescales up to --scale-range's MAX x --base-size
+    with pytest.raises(UserError, match=rf"^image {wide} is 1000x1 pixels: resized to a shorter side of {shorter} it "
+                                        r"would take \d+ megapixels, more than the 64 allowed"):
+        dataset[0]

@@ -50,7 +50,7 @@ def test_missing_file_says_so(tmp_path):
 @pytest.mark.parametrize("prefix", ["module._orig_mod.", "_orig_mod.module.", "module."])
 def test_prefixes_of_ddp_and_compile_are_removed(prefix):
     state = {f"{prefix}fc.weight": torch.zeros(2), f"{prefix}fc.bias": torch.zeros(1)}
-    assert sorted(ckpt.state_dict_from({"model": state})) == ["fc.bias", "fc.weight"]
+    assert sorted(ckpt.state_dict_from({"model": state}, "x.pth")) == ["fc.bias", "fc.weight"]
 
 
 def test_load_model_state_names_the_keys_and_shapes_that_differ():
