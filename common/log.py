@@ -50,6 +50,13 @@ def run_cli(main, args):
         else:
             wait_for_launcher_to_stop_this_rank()
         sys.exit(2)
+    except RuntimeError as e:
+        message = shared_memory_message(e)
+        if message is None:
+            raise
+        rank = launch_rank()  # each rank's workers run out on their own, so each rank reports it
+        print(f"error: {message}{'' if rank == 0 else f' (rank {rank})'}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C: the user asked to stop at once, so no traceback either
         if launch_rank() == 0:
             print("interrupted: stopped without saving", file=sys.stderr, flush=True)
@@ -58,6 +65,19 @@ def run_cli(main, args):
         release_output_dirs()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def shared_memory_message(error):
+    """The line for a DataLoader that failed because /dev/shm is full, or None for any other error. Workers hand
+    batches over through /dev/shm; when it is full (Docker's default is 64 MB), writing there kills a worker with
+    SIGBUS, or fails with ENOSPC, and torch raises a RuntimeError that names neither the folder nor the fix."""
+    while error is not None:
+        text = str(error)
+        if "Bus error" in text or "out of shared memory" in text or re.search(r"/torch_\w+>?: No space left", text):
+            return ("a DataLoader worker ran out of shared memory (/dev/shm is full): in Docker, run with "
+                    "--shm-size=8g or --ipc=host; elsewhere, lower -j or -b")
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def wait_for_launcher_to_stop_this_rank(timeout_s=30):
