@@ -53,14 +53,17 @@ def missing():
     return f"images not built: {', '.join(absent)}" if absent else None
 
 
+def skip_unless_required(message):
+    if os.environ.get("REQUIRE_DOCKER_IMAGES") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def images_present():
     reason = missing()
     if reason:
-        message = f"{reason}; .ci/build-images builds them (as root)"
-        if os.environ.get("REQUIRE_DOCKER_IMAGES") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_unless_required(f"{reason}: .ci/build-images starts Docker and builds the images (as root)")
 
 
 @pytest.fixture(scope="module")
@@ -371,11 +374,11 @@ def layer_folders(image):
     """The folders of the image's layers on this machine (overlay2), lowest first."""
     driver = json.loads(docker("image", "inspect", "-f", "{{json .GraphDriver}}", image).stdout)
     if driver["Name"] != "overlay2":
-        pytest.skip(f"the layers are read from overlay2's folders; this engine stores them with {driver['Name']}")
+        skip_unless_required(f"the layers are read from overlay2's folders; this engine uses {driver['Name']}")
     folders = [*reversed(driver["Data"].get("LowerDir", "").split(":")), driver["Data"]["UpperDir"]]
     folders = [Path(folder) for folder in folders if folder]
     if not all(os.access(folder, os.R_OK | os.X_OK) for folder in folders):
-        pytest.skip("the layers' folders are readable by root only")
+        skip_unless_required("the layers' folders are readable by root only")
     return folders
 
 
