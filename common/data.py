@@ -90,7 +90,11 @@ def ignore_stop_signals(worker_id):
     process handles them, and ends its workers itself.
 
     A SIGTERM from the main process itself still ends the worker: Python terminates its daemon children so at
-    exit, and an ignored one would leave it waiting for them forever."""
+    exit, and an ignored one would leave it waiting for them forever.
+
+    SIGBUS (shared memory full) gets its default action back: the worker dies without torch's own message, one
+    line per worker, and the main process reports it in one line (common/log.py, dataloader_worker_failure)."""
+    signal.signal(signal.SIGBUS, signal.SIG_DFL)
     for signum in (signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):  # no way to tell who sent it (macOS): leave SIGTERM as it is

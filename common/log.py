@@ -95,7 +95,7 @@ def dataloader_worker_failure(error):
     worker = f"DataLoader worker (pid {pid.group(1)})" if pid else "a DataLoader worker"
     killed = re.search(r"is killed by signal: ([^.]+)\.", text)  # strsignal's name: Killed, Bus error, ...
     if killed and killed.group(1) == "Bus error":  # a page of a full /dev/shm that cannot be backed
-        return f"{worker} died of SIGBUS (bus error): shared memory (/dev/shm) ran out; {SHARED_MEMORY_FIX}"
+        return f"{worker} ran out of shared memory (/dev/shm is full; it died of SIGBUS): {SHARED_MEMORY_FIX}"
     if killed and killed.group(1) != "Killed":
         return f"{worker} was killed by signal: {killed.group(1)}: run with -j 0 to meet the problem in this process"
     if not killed and re.search(r"unable to \w+ shared memory|unable to write to file </torch_", text):

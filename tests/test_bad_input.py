@@ -552,7 +552,7 @@ class DyingSamples(torch.utils.data.Dataset):
 @pytest.mark.parametrize("signum, says", [
     ("SIGKILL", r"DataLoader worker \(pid \d+\) was killed \(SIGKILL\), which is most often the kernel's "
                 r"out-of-memory killer: lower -j \(worker processes per rank\) or -b \(batch size\)"),
-    ("SIGBUS", r"DataLoader worker \(pid \d+\) died of SIGBUS \(bus error\): shared memory \(/dev/shm\) ran out; in a "
+    ("SIGBUS", r"DataLoader worker \(pid \d+\) ran out of shared memory \(/dev/shm is full; it died of SIGBUS\): in a "
                r"container, give it more with docker run --shm-size=8g \(or --ipc=host\), or lower -j or -b"),
 ])
 def test_a_dataloader_worker_killed_by_a_signal_is_one_line(signum, says, capsys):

@@ -1,12 +1,9 @@
 """docker/ checked without a Docker engine: the linters, the parsed Dockerfile, the requirement files it
-installs, the build context, the HEALTHCHECK script, and the entrypoint run by bash.
+installs, the build context, the HEALTHCHECK script, and docker/services.py's pieces called directly (the token
+rules, the keys, the SSH session's environment, signal forwarding and reaping).
 
-The entrypoint runs with stand-ins on PATH that record how they were called: `jupyter` (a small HTTP server
-that answers the entrypoint's authentication check as Jupyter does, or as a Jupyter without authentication
-would), `sshd` (which hands `sshd -t` to the real one where the machine has it) and, for the shared-memory
-warning, `df`. The real sshd, where there is one, also checks the configuration the entrypoint writes (`sshd
--t`, `sshd -T`). tests/test_docker_real_services.py runs the entrypoint against the real JupyterLab, sshd and
-tini instead.
+tests/test_docker_image.py runs the built images instead: what these tests cannot show (that the image builds,
+that Jupyter, sshd and tini behave so inside a container) is proved there.
 """
 import contextlib
 import http.server
@@ -14,12 +11,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -31,17 +29,18 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+SERVICES = ROOT / "docker" / "services.py"
 HEALTHCHECK = ROOT / "docker" / "healthcheck.py"
 CONSTRAINTS = ROOT / "docker" / "constraints.txt"
 LOCKED = ROOT / "docker" / "locked.py"
+TARGETS = ("base", "full", "dev")
+
+sys.path.insert(0, str(ROOT / "docker"))
+import services  # noqa: E402  (docker/ is no package: the image runs it as a script)
 
 SSH_KEYGEN = shutil.which("ssh-keygen")
-REAL_SSHD = shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin:/usr/local/sbin:/sbin")
 needs_ssh_keygen = pytest.mark.skipif(
-    SSH_KEYGEN is None, reason="ssh-keygen not found (openssh-client): the entrypoint checks keys with it")
-needs_real_sshd = pytest.mark.skipif(
-    REAL_SSHD is None, reason="no sshd on this machine (openssh-server is not installed), so the generated "
-                              "configuration cannot be checked with the real sshd -t / -T")
+    SSH_KEYGEN is None, reason="ssh-keygen not found (openssh-client): services.py checks keys with it")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,51 +105,59 @@ def runs(stage):
     return [arguments for keyword, arguments in stage["instructions"] if keyword == "RUN"]
 
 
-def test_three_targets_each_built_on_the_one_before(dockerfile):
-    assert dockerfile["order"] == ["base", "full", "dev"]
-    assert dockerfile["stages"]["full"]["from"] == "base"
-    assert dockerfile["stages"]["dev"]["from"] == "full"
+def chain(dockerfile, name):
+    """The stages a target is built from, the target last."""
+    stage = dockerfile["stages"][name]
+    return (chain(dockerfile, stage["from"]) if stage["from"] in dockerfile["stages"] else []) + [stage]
 
 
-def test_from_is_a_cuda_base_image_pinned_by_digest_never_latest(dockerfile):
-    earlier_stages = set()
-    digest_args = arg_defaults(dockerfile["preamble"])
+def test_each_target_ends_with_the_code_on_a_stage_without_it(dockerfile):
+    assert dockerfile["order"] == ["torch", "base", "services", "full", "dev"]
+    assert [s["name"] for s in chain(dockerfile, "dev")] == ["torch", "services", "dev"]
+    assert [s["name"] for s in chain(dockerfile, "full")] == ["torch", "services", "full"]
+    assert [s["name"] for s in chain(dockerfile, "base")] == ["torch", "base"]
+    code = ("COPY", "--chown=${USER_UID}:${USER_GID} . /workspace")
+    for name in dockerfile["order"]:
+        copies = dockerfile["stages"][name]["instructions"].count(code)
+        # A change to the code rebuilds that one layer, never torch or JupyterLab.
+        assert copies == (1 if name in TARGETS else 0), name
+        if name in TARGETS:
+            assert dockerfile["stages"][name]["instructions"][-1] == code, name
+
+
+def test_from_is_the_cuda_base_image_pinned_by_digest_unless_another_base_is_given(dockerfile):
+    defaults = arg_defaults(dockerfile["preamble"])
     declared = [arguments for keyword, arguments in dockerfile["preamble"] if keyword == "ARG"]
-    for stage in dockerfile["stage_list"]:
-        image = stage["from"]
-        earlier_stages.add(stage["name"])
-        if image in earlier_stages:
-            continue
-        assert "latest" not in image, image
-        # A full x.y.z CUDA version, the smallest variant (torch's wheels bring CUDA, cuDNN and NCCL), and
-        # the digest, which is what Docker pulls: either written out, or a build argument without a
-        # default that the build refuses to go without (${NAME:?}).
-        match = re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-base-ubuntu22\.04@(sha256:[0-9a-f]{64}|\$\{(\w+):\?\})", image)
-        assert match, image
-        if match.group(2):
-            assert match.group(2) in declared and match.group(2) not in digest_args, \
-                f"{match.group(2)} must be a global ARG without a default"
+    assert dockerfile["stages"]["torch"]["from"] == "${BASE_IMAGE}"
+    # A full x.y.z CUDA version, the smallest variant (torch's wheels bring CUDA, cuDNN and NCCL), and the
+    # digest, which is what Docker pulls: a build argument without a default, whose absence the build names.
+    cuda = r"nvidia/cuda:\d+\.\d+\.\d+-base-ubuntu22\.04"
+    assert re.fullmatch(cuda + r"@\$\{CUDA_BASE_DIGEST:-no-CUDA_BASE_DIGEST-given\}", defaults["BASE_IMAGE"])
+    assert "CUDA_BASE_DIGEST" in declared and "CUDA_BASE_DIGEST" not in defaults
+    assert "latest" not in defaults["BASE_IMAGE"]
 
 
 def test_every_target_runs_as_a_numeric_non_root_user(dockerfile):
     variables = arg_defaults(dockerfile["preamble"])
-    for stage in dockerfile["stage_list"]:
-        users = [arguments for keyword, arguments in stage["instructions"] if keyword == "USER"]
-        assert users, f"stage {stage['name']} sets no USER"
+    for target in TARGETS:
+        users = [arguments for stage in chain(dockerfile, target) for keyword, arguments in stage["instructions"]
+                 if keyword == "USER"]
         uid, _, gid = expand(users[-1], variables).partition(":")
-        assert uid.isdigit() and int(uid) != 0, f"stage {stage['name']} ends as USER {users[-1]}"
-        assert gid.isdigit(), f"stage {stage['name']} ends as USER {users[-1]}"
+        assert uid.isdigit() and int(uid) != 0, f"{target} ends as USER {users[-1]}"
+        assert gid.isdigit(), f"{target} ends as USER {users[-1]}"
 
 
-def test_tini_is_pid_1(dockerfile):
+def test_tini_is_pid_1_and_every_target_has_the_entrypoint(dockerfile):
     entrypoints = [arguments for keyword, arguments in dockerfile["instructions"] if keyword == "ENTRYPOINT"]
-    assert len(entrypoints) == 1, "one ENTRYPOINT, in base, inherited by full and dev"
+    assert len(entrypoints) == 1, "one ENTRYPOINT, in the first stage, inherited by every target"
     command = json.loads(entrypoints[0])  # exec form: no shell in between to swallow signals
     assert Path(command[0]).name == "tini" and command[1] == "--"
     assert command[2] == "/usr/local/bin/entrypoint.sh"
-    copies = [arguments for keyword, arguments in dockerfile["stages"]["base"]["instructions"] if keyword == "COPY"]
-    assert any("docker/entrypoint.sh /usr/local/bin/entrypoint.sh" in copy for copy in copies)
-    assert any(re.search(r"apt-get install .*\btini\b", run) for run in runs(dockerfile["stages"]["base"]))
+    assert any(re.search(r"apt-get install .*\btini\b", run) for run in runs(dockerfile["stages"]["torch"]))
+    for target, scripts in (("base", "docker/entrypoint.sh"),
+                            ("full", "docker/entrypoint.sh docker/services.py docker/healthcheck.py"),
+                            ("dev", "docker/entrypoint.sh docker/services.py docker/healthcheck.py")):
+        assert ("COPY", f"--chmod=755 {scripts} /usr/local/bin/") in dockerfile["stages"][target]["instructions"]
 
 
 SECRET_WORDS = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|PRIVATE|CREDENTIAL|ACCESS_KEY", re.IGNORECASE)
@@ -182,29 +189,28 @@ def test_apt_and_pip_leave_no_caches(dockerfile):
     assert apt_runs >= 2 and pip_commands >= 4  # the parsing found them
 
 
-def test_full_has_the_ports_a_healthcheck_and_no_baked_host_keys(dockerfile):
-    full = dockerfile["stages"]["full"]["instructions"]
-    exposed = [arguments.split() for keyword, arguments in full if keyword == "EXPOSE"]
+def test_full_and_dev_have_the_ports_a_healthcheck_and_no_baked_host_keys(dockerfile):
+    services_stage = dockerfile["stages"]["services"]["instructions"]
+    exposed = [arguments.split() for keyword, arguments in services_stage if keyword == "EXPOSE"]
     assert exposed == [["8888", "2222"]]
-    healthchecks = [arguments for keyword, arguments in full if keyword == "HEALTHCHECK"]
+    healthchecks = [arguments for keyword, arguments in services_stage if keyword == "HEALTHCHECK"]
     assert len(healthchecks) == 1
     command = healthchecks[0].split(" CMD ", 1)[1]
     assert json.loads(command)[-1] == "/usr/local/bin/healthcheck.py"  # exec form, no shell
-    ssh_install = [run for run in runs(dockerfile["stages"]["full"]) if "openssh-server" in run]
+    ssh_install = [run for run in runs(dockerfile["stages"]["services"]) if "openssh-server" in run]
     assert len(ssh_install) == 1 and "rm -f /etc/ssh/ssh_host_*" in ssh_install[0]
     assert not any("ssh-keygen" in run for stage in dockerfile["stage_list"] for run in runs(stage))
-    compilers = ssh_install[0].split()
-    assert {"gcc", "g++", "python3-dev"} <= set(compilers)
+    assert {"gcc", "g++", "python3-dev"} <= set(ssh_install[0].split())
 
 
 def test_user_ids_are_build_args_and_the_workspace_is_theirs(dockerfile):
-    base = dockerfile["stages"]["base"]
+    torch_stage = dockerfile["stages"]["torch"]
     defaults = arg_defaults(dockerfile["preamble"])
     assert defaults["USER_UID"].isdigit() and defaults["USER_GID"].isdigit()
-    user_setup = next(run for run in runs(base) if "useradd" in run)
+    user_setup = next(run for run in runs(torch_stage) if "useradd" in run)
     assert '--uid "$USER_UID"' in user_setup and '--gid "$USER_GID"' in user_setup
     assert '-o "$USER_UID" -g "$USER_GID" /workspace' in user_setup
-    assert ("COPY", "--chown=${USER_UID}:${USER_GID} . /workspace") in base["instructions"]
+    assert 'if [ "$USER_UID" -eq 0 ]; then' in user_setup  # refused: the image runs as a non-root user
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,7 +224,7 @@ def requirement_lines(path):
 
 
 def test_the_image_installs_the_repository_requirement_files(dockerfile):
-    base, dev = dockerfile["stages"]["base"], dockerfile["stages"]["dev"]
+    base, dev = dockerfile["stages"]["torch"], dockerfile["stages"]["dev"]
     assert ("COPY", "docker/constraints.txt docker/locked.py /opt/requirements/") in base["instructions"]
     assert ("COPY", "requirements.txt /opt/requirements/") in base["instructions"]
     assert ("COPY", "requirements-dev.txt requirements-export.txt /opt/requirements/") in dev["instructions"]
@@ -248,7 +254,10 @@ def test_every_pip_install_is_constrained_locked_and_takes_the_index_argument(do
                     # What pip pulled in beyond the constraints stops the build right there.
                     assert commands[n + 1] == "python /opt/requirements/locked.py /opt/requirements/constraints.txt"
             if "pip install" in run:
-                assert run.startswith("--mount=type=secret,id=netrc,target=/root/.netrc "), run
+                # A mirror's credentials and a TLS proxy's CA bundle reach pip as secrets, in no layer.
+                assert run.startswith("--mount=type=secret,id=netrc,target=/root/.netrc "
+                                      "--mount=type=secret,id=pip-ca "), run
+                assert ("ARG", "PIP_CERT") in stage["instructions"], f"stage {stage['name']} does not see it"
     assert installs == 4
 
 
@@ -292,14 +301,20 @@ def test_every_requirement_is_pinned_to_a_version_that_satisfies_it():
 
 
 def test_cuda_version_of_base_image_wheel_index_and_torch_pins_agree(dockerfile):
-    image = dockerfile["stages"]["base"]["from"]
+    image = arg_defaults(dockerfile["preamble"])["BASE_IMAGE"]
     major, minor = re.search(r":(\d+)\.(\d+)\.", image).groups()
     cuda_tag = f"cu{major}{minor}"
-    index = arg_defaults(dockerfile["stages"]["base"]["instructions"])["TORCH_INDEX_URL"]
-    assert index == f"https://download.pytorch.org/whl/{cuda_tag}"
+    torch_stage = dockerfile["stages"]["torch"]
+    defaults = arg_defaults(torch_stage["instructions"])
+    assert defaults["TORCH_INDEX_URL"] == f"https://download.pytorch.org/whl/{cuda_tag}"
     local_tags = {canonicalize_name(r.name): Version(next(iter(r.specifier)).version).local
                   for r in requirement_lines(CONSTRAINTS)}
     assert local_tags["torch"] == local_tags["torchvision"] == cuda_tag
+    assert [name for name, tag in local_tags.items() if tag] == ["torch", "torchvision"]
+    # TORCH_LOCAL_VERSION replaces the label (CI's PyPI wheels have none), and only that label.
+    assert defaults["TORCH_LOCAL_VERSION"] == f"+{cuda_tag}"
+    assert any(f'sed -i "s/+{cuda_tag}\\$/${{TORCH_LOCAL_VERSION}}/" /opt/requirements/constraints.txt' in run
+               for run in runs(torch_stage))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,7 +365,7 @@ def excluded_from_context(path, patterns):
     "keys/id_rsa.pub", "home/.ssh/authorized_keys", "authorized_keys", "tls/server.key", "certs/ca.pem",
     "classification/__pycache__/train.cpython-311.pyc", ".pytest_cache/v/cache/nodeids",
     "jupyter_token", "secrets/jupyter_token", ".aws/credentials", ".pypirc", ".ssh/id_ed25519", ".docker/config.json",
-    ".kube/config", ".config/gcloud/credentials.db", "certs/client.pfx", ".ci/venv/bin/jupyter", "wandb/run-1/files",
+    ".kube/config", ".config/gcloud/credentials.db", "certs/client.pfx", "wandb/run-1/files",
 ])
 def test_dockerignore_keeps_out(path):
     assert excluded_from_context(path, dockerignore_patterns())
@@ -399,16 +414,13 @@ def test_shellcheck_finds_nothing():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_entrypoint_is_strict_bash_and_ends_in_exec():
+def test_entrypoint_is_strict_sh_and_becomes_the_command_or_the_supervisor():
     lines = ENTRYPOINT.read_text().splitlines()
-    assert lines[0] == "#!/usr/bin/env bash"
-    assert "set -euo pipefail" in lines
+    assert lines[0] == "#!/bin/sh" and "set -eu" in lines
     assert ENTRYPOINT.stat().st_mode & stat.S_IXUSR
-    main_body = ENTRYPOINT.read_text().split("\nmain() {\n", 1)[1].split("\n}\n", 1)[0]
-    # Nothing to supervise: the command replaces the entrypoint; otherwise the entrypoint waits for it.
-    assert '        exec "$@"' in main_body.splitlines()
-    assert main_body.strip().splitlines()[-1].strip() == "supervise"
-    assert lines[-1] == 'main "$@"'
+    # tini's child is the command itself (base), or services.py (full, dev), never a shell left waiting.
+    assert "    exec /usr/bin/python3 /usr/local/bin/services.py \"$@\"" in lines
+    assert lines[-1] == 'exec "$@"'
 
 
 def test_readme_documents_every_target_and_setting():
@@ -418,12 +430,14 @@ def test_readme_documents_every_target_and_setting():
     for flag in ("--gpus all", "--shm-size=8g", "--ipc=host", "-p 127.0.0.1:8888:8888", "-p 2222:2222",
                  "--build-arg USER_UID=$(id -u)", "torchrun", "570.124.06"):
         assert flag in readme, flag
-    # Not what the SSH session script that the entrypoint writes reads: that is the session's.
-    text = re.sub(r"<<SESSION\n.*?\nSESSION\n", "", ENTRYPOINT.read_text(), flags=re.S)
-    settings = set(re.findall(r"\$\{(\w+):-", text))
-    settings |= set(re.findall(r"\[\[ -v (\w+)", text))
-    assert {"SHM_DIR", "START_JUPYTER", "JUPYTER_TOKEN", "JUPYTER_TOKEN_FILE", "SSH_PUBLIC_KEY",
-            "SSH_AUTHORIZED_KEYS_FILE"} <= settings  # the patterns found them
+    # What services.py and the entrypoint read from the environment, less what every process has. Not what
+    # the SSH session script that services.py writes reads: that is the session's.
+    code = re.sub(r'file\.write\(f"""#!/bin/sh.*?"""\)', "", SERVICES.read_text(), flags=re.S)
+    settings = set(re.findall(r'environ(?:\.get\(|\[)"(\w+)"', code)) | set(re.findall(r'"(\w+)" in environ', code))
+    settings |= set(re.findall(r"\$\{([A-Z_]+):-", ENTRYPOINT.read_text()))
+    settings -= {"HOME", "PATH"}
+    assert {"START_JUPYTER", "JUPYTER_TOKEN", "JUPYTER_TOKEN_FILE", "SSH_PUBLIC_KEY", "SSH_AUTHORIZED_KEYS_FILE",
+            "JUPYTER_PORT", "SSHD_PORT"} <= settings  # the patterns found them
     assert [name for name in sorted(settings) if f"`{name}`" not in readme] == []
 
 
@@ -491,388 +505,244 @@ def test_healthcheck_finds_sshd_among_listening_sockets_without_connecting(tmp_p
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The entrypoint, run by bash
+# docker/services.py, its pieces called directly
 
-STAND_INS = {
-    # Records its environment's token settings and its arguments, one per line, then answers HTTP on its
-    # --ServerApp.port as Jupyter does: 403 without the token, 200 with it (200 to everyone with
-    # FAKE_JUPYTER_OPEN=1, as a Jupyter whose authentication a configuration file switched off). It ends once
-    # it has served a request with the token, the entrypoint's check, unless FAKE_JUPYTER_STAY=1.
-    "jupyter": f"""#!{sys.executable}
-import http.server, os, sys
-with open(os.path.join(os.environ["RECORD_DIR"], "jupyter"), "w") as record:
-    print("token=" + os.environ.get("JUPYTER_TOKEN", "<unset>"), file=record)
-    print("token_file=" + os.environ.get("JUPYTER_TOKEN_FILE", "<unset>"), file=record)
-    for arg in sys.argv[1:]:
-        print("arg=" + arg, file=record)
-port = int(next(a for a in sys.argv if a.startswith("--ServerApp.port=")).split("=")[1])
-done = False
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        global done
-        authenticated = self.headers.get("Authorization") == "token " + os.environ["JUPYTER_TOKEN"]
-        self.send_response(200 if authenticated or os.environ.get("FAKE_JUPYTER_OPEN") == "1" else 403)
-        self.end_headers()
-        done = authenticated and os.environ.get("FAKE_JUPYTER_STAY") != "1"
-
-    def log_message(self, *args):
-        pass
-
-server = http.server.HTTPServer(("127.0.0.1", port), Handler)
-while not done:
-    server.handle_request()
-""",
-    # Appends one line per call; `sshd -t` and `-T` go to the real sshd when REAL_SSHD names one.
-    "sshd": """#!/bin/sh
-echo "$*" >> "$RECORD_DIR/sshd"
-case "$1" in -t|-T) if [ -n "$REAL_SSHD" ]; then exec "$REAL_SSHD" "$@"; fi ;; esac
-exit 0
-""",
-    # POSIX df output for a /dev/shm of FAKE_SHM_KIB kibibytes.
-    "df": """#!/bin/sh
-echo "Filesystem 1024-blocks Used Available Capacity Mounted on"
-echo "shm $FAKE_SHM_KIB 0 $FAKE_SHM_KIB 0% /dev/shm"
-""",
-    "python3": "#!/bin/sh\nexit 1\n",  # a python3 without torch, or broken
-}
+def test_a_generated_jupyter_token_is_long_and_new_each_time():
+    (first, generated), (second, _) = services.jupyter_token({}), services.jupyter_token({})
+    assert generated and re.fullmatch(r"[0-9a-f]{48}", first) and first != second
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def test_a_chosen_jupyter_token_comes_from_the_environment_or_the_first_line_of_a_file(tmp_path):
+    chosen = "chosen-by-the-user-0123456789abcdef"
+    assert services.jupyter_token({"JUPYTER_TOKEN": chosen}) == (chosen, False)
+    token_file = tmp_path / "jupyter_token"
+    token_file.write_text(f"{chosen}\r\nsecond line\n")
+    assert services.jupyter_token({"JUPYTER_TOKEN_FILE": str(token_file)}) == (chosen, False)
 
 
-class Sandbox:
-    """A home, a record folder and a bin folder of stand-ins for one entrypoint run."""
-
-    def __init__(self, root, stand_ins=("jupyter", "sshd")):
-        self.root = root
-        self.home, self.bin, self.records = root / "home", root / "bin", root / "records"
-        for folder in (self.home, self.bin, self.records):
-            folder.mkdir(parents=True, exist_ok=True)
-        for name in stand_ins:
-            self.add(name)
-        self.services = root / "services"
-        self.jupyter_port = free_port()
-
-    def add(self, name):
-        path = self.bin / name
-        path.write_text(STAND_INS[name])
-        path.chmod(0o755)
-
-    def env(self, **settings):
-        # Only /usr/bin and /bin besides the stand-ins: no sbin folder with a real sshd, no jupyter or
-        # python of the outer environment unless a test adds one.
-        return {"PATH": f"{self.bin}:/usr/bin:/bin", "HOME": str(self.home), "LANG": "C.UTF-8",
-                "RECORD_DIR": str(self.records), "SERVICES_FILE": str(self.services), "STARTUP_REPORT": "0",
-                "JUPYTER_PORT": str(self.jupyter_port), "TMPDIR": str(self.root), **settings}
-
-    def run(self, *command, user=None, **settings):
-        return subprocess.run([str(ENTRYPOINT), *command], capture_output=True, text=True, timeout=60,
-                              env=self.env(**settings), cwd=self.root, stdin=subprocess.DEVNULL, user=user,
-                              group=user, extra_groups=[] if user is not None else None)
-
-    def record(self, name):
-        path = self.records / name
-        return path.read_text().splitlines() if path.exists() else None
-
-
-@pytest.fixture
-def sandbox(tmp_path):
-    return Sandbox(tmp_path)
-
-
-def test_a_plain_command_is_execd_with_its_arguments(sandbox):
-    script = 'echo "$$"; printf "<%s>" "$@"; exit 7'
-    process = subprocess.Popen([str(ENTRYPOINT), "bash", "-c", script, "bash", "two words", "*", ""],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=sandbox.env(),
-                               cwd=sandbox.root)
-    stdout, stderr = process.communicate(timeout=60)
-    pid, arguments = stdout.splitlines()
-    assert int(pid) == process.pid, "the command did not replace the entrypoint's process"
-    assert arguments == "<two words><*><>"
-    assert process.returncode == 7, stderr
-    assert sandbox.record("jupyter") is None and sandbox.record("sshd") is None
-    assert sandbox.services.read_text() == ""
-
-
-def test_without_a_command_or_service_it_gives_a_shell(sandbox):
-    result = subprocess.run([str(ENTRYPOINT)], input="echo shell:$0\n", capture_output=True, text=True,
-                            env=sandbox.env(START_JUPYTER="0"), cwd=sandbox.root, timeout=60)
-    assert result.returncode == 0 and result.stdout == "shell:bash\n", result.stderr
-
-
-@pytest.mark.parametrize("shm_kib, warned", [(64 * 1024, True), (1024 * 1024 - 1, True), (8 * 1024 * 1024, False)])
-def test_small_shared_memory_is_warned_about(sandbox, shm_kib, warned):
-    sandbox.add("df")
-    result = sandbox.run("true", FAKE_SHM_KIB=str(shm_kib))
-    assert result.returncode == 0
-    warning = f"warning: /dev/shm is {shm_kib // 1024} MiB"
-    assert (warning in result.stderr) == warned, result.stderr
-    if warned:
-        assert "bus error" in result.stderr and "--shm-size=8g or --ipc=host" in result.stderr
-
-
-def test_unreadable_shared_memory_is_warned_about(sandbox):
-    result = sandbox.run("true", SHM_DIR=str(sandbox.root / "no-such-folder"))
-    assert result.returncode == 0
-    assert "cannot read the size of" in result.stderr and "--shm-size=8g" in result.stderr
-
-
-def test_startup_report_names_torch_and_the_missing_driver(sandbox):
-    python_folder = Path(sys.executable).parent
-    env = sandbox.env(STARTUP_REPORT="1")
-    env["PATH"] = f"{sandbox.bin}:{python_folder}:/usr/bin:/bin"
-    result = subprocess.run([str(ENTRYPOINT), "true"], capture_output=True, text=True, env=env,
-                            cwd=sandbox.root, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert f"entrypoint: torch {metadata.version('torch')}" in result.stderr
-    assert ("nvidia-smi (index, name, memory, driver)" in result.stderr
-            or "no NVIDIA driver in the container: start it with --gpus all" in result.stderr)
-
-
-def test_startup_report_survives_a_python_without_torch(sandbox):
-    sandbox.add("python3")
-    result = sandbox.run("echo", "trained", STARTUP_REPORT="1")
-    assert result.returncode == 0 and result.stdout == "trained\n"
-    assert "torch: python3 cannot import it" in result.stderr
-
-
-# Jupyter ------------------------------------------------------------------------------------------------
-
-def jupyter_call(sandbox):
-    lines = sandbox.record("jupyter")
-    assert lines is not None, "jupyter was not started"
-    values = dict(line.split("=", 1) for line in lines if not line.startswith("arg="))
-    return values, [line[4:] for line in lines if line.startswith("arg=")]
-
-
-def test_jupyter_gets_a_generated_token_printed_once(sandbox):
-    result = sandbox.run()  # no command: JupyterLab takes the foreground
-    assert result.returncode == 0, result.stderr
-    values, arguments = jupyter_call(sandbox)
-    token, port = values["token"], sandbox.jupyter_port
-    assert re.fullmatch(r"[0-9a-f]{32,}", token), token
-    assert result.stderr.count(token) == 1
-    assert f"http://127.0.0.1:{port}/?token={token}" in result.stderr
-    assert arguments[0] == "lab" and "--ServerApp.ip=0.0.0.0" in arguments
-    assert f"--ServerApp.port={port}" in arguments and "--ServerApp.port_retries=0" in arguments
-    assert not any(token in argument for argument in arguments), "the token must not show in ps"
-    # The token is set by the configuration file Jupyter reads last, from the environment.
-    (config,) = [argument.split("=", 1)[1] for argument in arguments if argument.startswith("--config=")]
-    assert 'c.IdentityProvider.token = os.environ["JUPYTER_TOKEN"]' in Path(config).read_text().splitlines()
-    assert sandbox.services.read_text() == f"jupyter {port} {token}\n"
-    assert stat.S_IMODE(sandbox.services.stat().st_mode) == 0o600
-    sandbox.run()
-    assert jupyter_call(sandbox)[0]["token"] != token, "two containers got the same token"
-
-
-def test_empty_jupyter_token_is_refused(sandbox):
-    for command in ((), ("true",)):  # refused also when the command, not the entrypoint, would start Jupyter
-        result = sandbox.run(*command, JUPYTER_TOKEN="")
-        assert result.returncode == 2
-        assert "error: JUPYTER_TOKEN is empty, which would run Jupyter without authentication" in result.stderr
-    assert sandbox.record("jupyter") is None
-
-
-def test_jupyter_token_is_passed_through_and_not_printed(sandbox):
-    result = sandbox.run(JUPYTER_TOKEN="chosen-by-the-user-0123456789abcdef")
-    assert result.returncode == 0, result.stderr
-    assert jupyter_call(sandbox)[0]["token"] == "chosen-by-the-user-0123456789abcdef"
-    assert "chosen-by-the-user" not in result.stderr and "?token=<your token>" in result.stderr
-
-
-def test_jupyter_token_file_is_read(sandbox):
-    token_file = sandbox.root / "jupyter_token"
-    token_file.write_text("from-a-mounted-secret-file-0123456789\r\n")
-    result = sandbox.run(JUPYTER_TOKEN_FILE=str(token_file))
-    assert result.returncode == 0, result.stderr
-    values, _ = jupyter_call(sandbox)
-    assert values == {"token": "from-a-mounted-secret-file-0123456789", "token_file": "<unset>"}
-    assert "from-a-mounted-secret-file" not in result.stderr
-
-
-@pytest.mark.parametrize("token", ["a", "x" * 31])
-def test_a_short_chosen_token_is_refused(sandbox, token):
-    result = sandbox.run(JUPYTER_TOKEN=token)
-    assert result.returncode == 2
-    assert f"error: JUPYTER_TOKEN has {len(token)} characters; a chosen token needs at least 32" in result.stderr
-    token_file = sandbox.root / "jupyter_token"
-    token_file.write_text(token + "\n")
-    result = sandbox.run(JUPYTER_TOKEN_FILE=str(token_file))
-    assert result.returncode == 2 and "the token in JUPYTER_TOKEN_FILE has" in result.stderr
-    assert sandbox.record("jupyter") is None
-
-
-def test_a_jupyter_that_answers_without_the_token_stops_the_container(sandbox):
-    result = sandbox.run("echo", "trained", START_JUPYTER="1", FAKE_JUPYTER_OPEN="1", FAKE_JUPYTER_STAY="1")
-    assert result.returncode == 2 and result.stdout == "", "the command must not run"
-    assert "error: JupyterLab answered a request without the token with HTTP 200" in result.stderr
-    assert "token=" not in result.stderr.replace("?token=<", "")  # no URL printed for a server open to all
-
-
-def test_a_jupyter_that_exits_at_start_stops_the_container(sandbox):
-    (sandbox.bin / "jupyter").write_text("#!/bin/sh\necho 'port is in use' >&2\nexit 1\n")
-    result = sandbox.run("echo", "trained", START_JUPYTER="1")
-    assert result.returncode == 2 and result.stdout == ""
-    assert "port is in use" in result.stderr and "JupyterLab exited before it answered" in result.stderr
-
-
-@pytest.mark.parametrize("content, settings, message", [
-    ("\n", {}, "is empty, which would run Jupyter without authentication"),
-    (None, {}, "is not a readable file"),
-    ("a-token", {"JUPYTER_TOKEN": "another"}, "JUPYTER_TOKEN and JUPYTER_TOKEN_FILE are both set"),
+@pytest.mark.parametrize("environ, message", [
+    ({"JUPYTER_TOKEN": ""}, "JUPYTER_TOKEN is empty, which would run Jupyter without authentication"),
+    ({"JUPYTER_TOKEN": "a"}, "JUPYTER_TOKEN has 1 characters; a chosen token needs at least 32"),
+    ({"JUPYTER_TOKEN": "x" * 31}, "JUPYTER_TOKEN has 31 characters; a chosen token needs at least 32"),
+    ({"JUPYTER_TOKEN_FILE": "{folder}/empty"}, "the token in JUPYTER_TOKEN_FILE is empty"),
+    ({"JUPYTER_TOKEN_FILE": "{folder}/short"}, "the token in JUPYTER_TOKEN_FILE has 5 characters"),
+    ({"JUPYTER_TOKEN_FILE": "{folder}/missing"}, "/missing is not a readable file: mount it into the container"),
+    ({"JUPYTER_TOKEN": "x" * 40, "JUPYTER_TOKEN_FILE": "{folder}/short"}, "both set: keep one"),
 ])
-def test_bad_jupyter_token_file_is_refused(sandbox, content, settings, message):
-    token_file = sandbox.root / "jupyter_token"
-    if content is not None:
-        token_file.write_text(content)
-    result = sandbox.run(JUPYTER_TOKEN_FILE=str(token_file), **settings)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert sandbox.record("jupyter") is None
+def test_an_empty_short_or_unreadable_jupyter_token_is_refused(tmp_path, environ, message):
+    (tmp_path / "empty").write_text("\n")
+    (tmp_path / "short").write_text("short\n")
+    environ = {name: value.format(folder=tmp_path) for name, value in environ.items()}
+    with pytest.raises(services.Refused, match=re.escape(message)):
+        services.jupyter_token(environ)
 
 
-def test_jupyter_only_on_request_when_a_command_is_given(sandbox):
-    result = sandbox.run("echo", "trained")
-    assert result.stdout == "trained\n" and sandbox.record("jupyter") is None
-    # START_JUPYTER=1: Jupyter in the background, the command in the foreground (which waits for it here).
-    wait_for_jupyter = 'for _ in $(seq 200); do [ -s "$RECORD_DIR/jupyter" ] && exit 0; sleep 0.05; done; exit 1'
-    result = sandbox.run("bash", "-c", wait_for_jupyter, START_JUPYTER="1")
-    assert result.returncode == 0, result.stderr
-    assert re.fullmatch(r"[0-9a-f]{32,}", jupyter_call(sandbox)[0]["token"])
+@pytest.mark.parametrize("start_jupyter, command_given, has_jupyter, started", [
+    ("auto", False, True, True), ("auto", True, True, False), ("auto", False, False, False),
+    ("1", True, True, True), ("yes", True, True, True), ("0", False, True, False), ("false", False, True, False),
+])
+def test_jupyter_starts_without_a_command_or_on_request(start_jupyter, command_given, has_jupyter, started):
+    assert services.wants_jupyter(start_jupyter, command_given, has_jupyter) == started
 
 
-@pytest.mark.skipif(shutil.which("jupyter", path="/usr/bin:/bin") is not None,
-                    reason="a jupyter in /usr/bin, which the entrypoint's PATH in these tests includes")
-def test_start_jupyter_without_jupyter_is_an_error(sandbox):
-    (sandbox.bin / "jupyter").unlink()
-    result = sandbox.run("true", START_JUPYTER="1")
-    assert result.returncode == 2 and "this image has no JupyterLab" in result.stderr
-    result = sandbox.run("true", START_JUPYTER="maybe")
-    assert result.returncode == 2 and "START_JUPYTER must be 1, 0 or auto" in result.stderr
+def test_start_jupyter_must_be_a_known_value_and_jupyter_must_be_there():
+    with pytest.raises(services.Refused, match="START_JUPYTER must be 1, 0 or auto, not 'maybe'"):
+        services.wants_jupyter("maybe", False, True)
+    with pytest.raises(services.Refused, match="this image has no JupyterLab: use the full or dev image"):
+        services.wants_jupyter("1", False, False)
 
-
-# SSH ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def key_pair(tmp_path_factory):
     if SSH_KEYGEN is None:
-        pytest.skip("ssh-keygen not found (openssh-client): the entrypoint checks keys with it")
+        pytest.skip("ssh-keygen not found (openssh-client): services.py checks keys with it")
     folder = tmp_path_factory.mktemp("client")
     subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", "tester@laptop", "-f", folder / "id_ed25519"],
                    check=True)
     return (folder / "id_ed25519.pub").read_text().strip(), (folder / "id_ed25519").read_text()
 
 
-def test_no_key_no_sshd(sandbox):
-    result = sandbox.run("echo", "trained")
-    assert result.returncode == 0 and result.stdout == "trained\n"
-    assert sandbox.record("sshd") is None
-    assert "sshd not started: no public key" in result.stderr
-    assert not (sandbox.home / ".sshd").exists()
-
-
-def sshd_files(sandbox):
-    folder = sandbox.home / ".sshd"
-    return folder, folder / "sshd_config", folder / "authorized_keys", folder / "ssh_host_ed25519_key"
-
-
-def fingerprint(path):
-    return subprocess.run([SSH_KEYGEN, "-l", "-f", path], capture_output=True, text=True, check=True).stdout
-
-
 @needs_ssh_keygen
-def test_key_from_the_environment_starts_key_only_sshd(sandbox, key_pair):
+def test_public_keys_come_from_the_environment_and_the_mounted_file(tmp_path, key_pair):
     public_key, _ = key_pair
-    result = sandbox.run(SSH_PUBLIC_KEY=public_key, START_JUPYTER="0")  # no command: sshd in the foreground
-    assert result.returncode == 0, result.stderr
-    folder, config, authorized_keys, host_key = sshd_files(sandbox)
-    assert sandbox.record("sshd") == [f"-t -f {config}", f"-D -e -f {config}"]
-    settings = set(config.read_text().splitlines())
-    assert {"Port 2222", "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PermitRootLogin no",
-            "PermitEmptyPasswords no", "AuthenticationMethods publickey", "UsePAM no",
-            f"AuthorizedKeysFile {authorized_keys}", f"HostKey {host_key}", "AllowAgentForwarding no",
-            "AllowTcpForwarding local", "PermitOpen localhost:* 127.0.0.1:* [::1]:*", "X11Forwarding no",
-            "PermitTunnel no", "AllowStreamLocalForwarding no", "PermitUserEnvironment no"} <= settings
-    (force,) = [line.split(" ", 1)[1] for line in settings if line.startswith("ForceCommand ")]
-    session = Path(force)
-    assert session.parent != folder, "the session's environment must not land in a volume"
-    assert stat.S_IMODE(session.stat().st_mode) == 0o700
-    assert authorized_keys.read_text() == public_key + "\n"
-    assert stat.S_IMODE(authorized_keys.stat().st_mode) == 0o600
-    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
-    assert "(ED25519)" in fingerprint(host_key)
-    assert sandbox.services.read_text() == "sshd 2222\n"
-    first = fingerprint(host_key)
-    assert first.split()[1] in result.stderr  # the host key's fingerprint, to compare on first connection
-    assert sandbox.run(SSH_PUBLIC_KEY=public_key, START_JUPYTER="0").returncode == 0
-    assert fingerprint(host_key) == first, "a restart must keep the container's host key"
-
-
-@needs_ssh_keygen
-def test_key_from_the_mounted_authorized_keys_file(sandbox, key_pair):
-    public_key, _ = key_pair
-    mounted = sandbox.home / ".ssh" / "authorized_keys"
-    mounted.parent.mkdir()
+    mounted = tmp_path / "authorized_keys"
     mounted.write_text(f"# my laptop\n\n{public_key}\r\n")
-    result = sandbox.run(SSHD_PORT="2022", START_JUPYTER="0")
-    assert result.returncode == 0, result.stderr
-    _, config, authorized_keys, _ = sshd_files(sandbox)
-    assert authorized_keys.read_text() == public_key + "\n"
-    assert "Port 2022" in config.read_text().splitlines()
+    assert services.public_keys(public_key, str(mounted), False) == [public_key, public_key]
+    assert services.public_keys("", str(tmp_path / "absent"), False) == []  # the default place is optional
 
 
 @needs_ssh_keygen
 @pytest.mark.parametrize("bad_key, message", [
-    ("private", "holds a private key: give the public one"),
-    ("ssh-ed25519 not-base64-at-all tester", "has a line that is not an SSH public key"),
+    ("private", "SSH_PUBLIC_KEY holds a private key: give the public one"),
+    ("ssh-ed25519 not-base64-at-all tester", "SSH_PUBLIC_KEY has a line that is not an SSH public key"),
 ])
-def test_a_key_that_is_not_a_public_key_stops_the_container(sandbox, key_pair, bad_key, message):
-    key = key_pair[1] if bad_key == "private" else bad_key
-    result = sandbox.run("true", SSH_PUBLIC_KEY=key)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert sandbox.record("sshd") is None
+def test_a_key_that_is_not_a_public_key_is_refused(tmp_path, key_pair, bad_key, message):
+    with pytest.raises(services.Refused, match=message):
+        services.public_keys(key_pair[1] if bad_key == "private" else bad_key, str(tmp_path / "absent"), False)
 
 
-def test_a_named_key_file_that_is_missing_stops_the_container(sandbox):
-    result = sandbox.run("true", SSH_AUTHORIZED_KEYS_FILE=str(sandbox.root / "missing"))
-    assert result.returncode == 2 and "does not exist: mount your public key there" in result.stderr
-
-
-@needs_ssh_keygen
-def test_a_key_for_an_image_without_sshd_is_an_error(sandbox, key_pair):
-    (sandbox.bin / "sshd").unlink()
-    result = sandbox.run("true", SSH_PUBLIC_KEY=key_pair[0])
-    assert result.returncode == 2 and "this image has no SSH server" in result.stderr
+def test_a_named_key_file_that_is_missing_is_refused(tmp_path):
+    with pytest.raises(services.Refused, match="does not exist: mount your public key there"):
+        services.public_keys("", str(tmp_path / "missing"), True)
 
 
 @needs_ssh_keygen
-@needs_real_sshd
-def test_real_sshd_accepts_the_configuration_and_allows_keys_only(key_pair):
-    # The image runs sshd as its non-root user. As root, sshd would also want its privilege-separation
-    # user and /run/sshd, which only an installed and started openssh-server has; so a root test runs the
-    # entrypoint as nobody, in a folder nobody can use.
-    user = 65534 if os.geteuid() == 0 else None
-    root = Path(tempfile.mkdtemp(prefix="entrypoint-sshd-"))
+def test_sshd_configuration_is_key_only_and_the_host_key_is_kept(tmp_path, key_pair):
+    folder = tmp_path / "sshd"
+    config = Path(services.write_sshd_config(str(folder), 2022, "/tmp/session", [key_pair[0]]))
+    settings = set(config.read_text().splitlines())
+    assert {"Port 2022", "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PermitRootLogin no",
+            "AuthenticationMethods publickey", "UsePAM no", f"AuthorizedKeysFile {folder}/authorized_keys",
+            "AllowAgentForwarding no", "AllowTcpForwarding local", "PermitOpen localhost:* 127.0.0.1:* [::1]:*",
+            "X11Forwarding no", "PermitTunnel no", "AllowStreamLocalForwarding no", "PermitUserEnvironment no",
+            "ForceCommand /tmp/session"} <= settings
+    assert (folder / "authorized_keys").read_text() == key_pair[0] + "\n"
+    assert stat.S_IMODE((folder / "authorized_keys").stat().st_mode) == 0o600
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    host_key = (folder / "ssh_host_ed25519_key.pub").read_text()
+    services.write_sshd_config(str(folder), 2022, "/tmp/session", [key_pair[0]])  # a restart, a volume on ~/.sshd
+    assert (folder / "ssh_host_ed25519_key.pub").read_text() == host_key
+
+
+def test_an_ssh_session_gets_the_container_environment_exactly_less_the_token(tmp_path):
+    awkward = "two words, 'quotes' \"and\" $dollars `ticks`\nand a second line"
+    environ = {"PATH": os.environ["PATH"], "AWKWARD": awkward, "JUPYTER_TOKEN": "secret", "HOME": "/not/this",
+               "SSH_AUTH_SOCK": "/not/this", "BASH_FUNC_x%%": "() { true; }"}
+    session = services.write_ssh_session(str(tmp_path), environ, str(tmp_path))
+    assert stat.S_IMODE(os.stat(session).st_mode) == 0o700
+    remote = 'printf "%s|%s|%s|" "$AWKWARD" "${JUPYTER_TOKEN-unset}" "$HOME"; pwd'
+    result = subprocess.run([session], capture_output=True, text=True, cwd="/", timeout=30,
+                            env={"PATH": "/usr/bin:/bin", "HOME": "/home/someone", "SHELL": "/bin/sh",
+                                 "SSH_ORIGINAL_COMMAND": remote})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{awkward}|unset|/home/someone|{tmp_path}\n"
+
+
+@contextlib.contextmanager
+def status_server(status):
+    """An HTTP server that answers every request with `status`; yields its port."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            answer = status(self.headers.get("Authorization"))
+            self.send_response(answer)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        sandbox = Sandbox(root)
-        if user is not None:
-            for path in [root, *root.rglob("*")]:
-                os.chown(path, user, user)
-        result = sandbox.run("true", user=user, SSH_PUBLIC_KEY=key_pair[0], REAL_SSHD=REAL_SSHD)
-        assert result.returncode == 0, result.stderr
-        _, config, _, _ = sshd_files(sandbox)
-        assert sandbox.record("sshd")[0] == f"-t -f {config}"  # the entrypoint's own check, by the real sshd
-        effective = subprocess.run([REAL_SSHD, "-T", "-f", str(config)], capture_output=True, text=True,
-                                   user=user, group=user, extra_groups=[] if user is not None else None)
-        assert effective.returncode == 0, effective.stderr
-        settings = set(effective.stdout.splitlines())
-        assert {"passwordauthentication no", "permitrootlogin no", "kbdinteractiveauthentication no",
-                "pubkeyauthentication yes", "authenticationmethods publickey", "permitemptypasswords no",
-                "usepam no", "port 2222", "allowagentforwarding no", "allowtcpforwarding local",
-                "x11forwarding no", "permittunnel no", "allowstreamlocalforwarding no"} <= settings
-        assert "permitopen localhost:* 127.0.0.1:* [::1]:*" in settings
+        yield server.server_address[1]
     finally:
-        shutil.rmtree(root)
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("answers, message", [
+    (lambda header: 200, "answered a request without the token with HTTP 200"),
+    (lambda header: 403, "refused its own token (HTTP 403)"),
+    (lambda header: 200 if header == "token the-token" else 403, None),
+])
+def test_jupyter_must_refuse_requests_without_its_token_and_serve_it(answers, message):
+    with status_server(answers) as port:
+        if message is None:
+            assert services.check_jupyter_authentication(port, "the-token", lambda: False, 5)
+        else:
+            with pytest.raises(services.Refused, match=re.escape(message)):
+                services.check_jupyter_authentication(port, "the-token", lambda: False, 5)
+
+
+def test_a_jupyter_that_exits_before_it_answers_is_told_apart():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once the probe is closed
+    assert services.check_jupyter_authentication(port, "the-token", lambda: True, 5) is False
+    with pytest.raises(services.Refused, match=f"did not answer on port {port} within 0.5 s"):
+        services.check_jupyter_authentication(port, "the-token", lambda: False, 0.5)
+
+
+# A child that writes the signals it gets into a file and exits with 75 on SIGTERM, as train.py does.
+CHILD = """import signal, sys, time
+def got(signum, frame):
+    open(sys.argv[1], "a").write(signal.Signals(signum).name + "\\n")
+    if signum == signal.SIGTERM:
+        sys.exit(int(sys.argv[2]))
+for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+    signal.signal(signum, got)
+open(sys.argv[1], "a").write("ready\\n")
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_sigterm_reaches_every_child_other_signals_the_command_and_the_command_s_status_is_kept(tmp_path):
+    children = services.Children()
+    records = {name: tmp_path / name for name in ("service", "command")}
+    children.start("service", [sys.executable, "-c", CHILD, records["service"], "0"], service=True)
+    command = children.start("command", [sys.executable, "-c", CHILD, records["command"], "75"], service=False)
+    for record in records.values():
+        deadline = time.monotonic() + 60
+        while not (record.exists() and "ready" in record.read_text()):
+            assert time.monotonic() < deadline, "the children did not start"
+            time.sleep(0.05)
+    children.forward(signal.SIGUSR1)
+    children.forward(signal.SIGHUP)
+    children.forward(signal.SIGTERM)  # docker stop
+    assert children.wait_for_foreground() == 75
+    children.stop_all()
+    assert children.running == {}
+    # Pending signals arrive in the order of their numbers, not in the order sent.
+    assert sorted(records["command"].read_text().split()) == ["SIGHUP", "SIGTERM", "SIGUSR1", "ready"]
+    assert records["service"].read_text().split() == ["ready", "SIGTERM"]
+    assert command not in [int(p) for p in os.listdir("/proc") if p.isdigit()]  # reaped, no zombie
+
+
+def test_a_service_that_dies_is_reaped_and_the_command_goes_on(tmp_path, capsys):
+    children = services.Children()
+    service = children.start("sshd", [sys.executable, "-c", "import sys; sys.exit(3)"], service=True)
+    children.start("command", [sys.executable, "-c", "import time; time.sleep(1)"], service=False)
+    assert children.wait_for_foreground() == 0
+    assert service not in children.running and children.running == {}
+    assert "entrypoint: sshd exited (3); the HEALTHCHECK reports it" in capsys.readouterr().err
+
+
+def test_without_a_service_the_command_replaces_the_supervisor(tmp_path):
+    # No jupyter and no sshd on PATH, no key: nothing to look after, so services.py becomes the command.
+    env = {"PATH": "/nonexistent", "HOME": str(tmp_path), "SERVICES_FILE": str(tmp_path / "services")}
+    process = subprocess.Popen([sys.executable, SERVICES, "/bin/sh", "-c", 'echo "$$"; exit 7'], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 7, stderr
+    assert int(stdout) == process.pid, "the command did not replace services.py's process"
+    result = subprocess.run([sys.executable, SERVICES, "true"], env={**env, "JUPYTER_TOKEN": ""},
+                            capture_output=True, text=True, timeout=60)
+    # Refused even when Jupyter is not started: a `jupyter lab` typed as the command would inherit it.
+    assert result.returncode == 2 and result.stderr.startswith("error: JUPYTER_TOKEN is empty")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Docker's default /dev/shm of 64 MB, as the training scripts report it (common/log.py)
+
+def test_a_dataloader_out_of_shared_memory_is_told_apart_from_other_errors():
+    from common.log import dataloader_worker_failure
+
+    # What torch raises when a worker dies of SIGBUS: the main process's error, caused by the SIGCHLD handler's.
+    try:
+        try:
+            raise RuntimeError("DataLoader worker (pid 17) is killed by signal: Bus error. It is possible that "
+                               "dataloader's workers are out of shared memory.")
+        except RuntimeError as cause:
+            raise RuntimeError("DataLoader worker (pid(s) 17) exited unexpectedly") from cause
+    except RuntimeError as error:
+        sigbus = error
+    enospc = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                          "last):\nRuntimeError: unable to write to file </torch_18693_3050002876_0>: No space left on "
+                          "device (28)")
+    for error in (sigbus, enospc):
+        message = dataloader_worker_failure(error)
+        assert "ran out of shared memory" in message and "--shm-size=8g" in message and "--ipc=host" in message
+        assert "\n" not in message
+    killed = dataloader_worker_failure(RuntimeError("DataLoader worker (pid 17) is killed by signal: Killed."))
+    assert "shared memory" not in killed and "out-of-memory killer" in killed
+    assert dataloader_worker_failure(RuntimeError("CUDA out of memory")) is None
