@@ -173,10 +173,36 @@ class Deadline:
         return None if self.deadline is None else max(1.0, self.deadline - (time.monotonic() - self.start))
 
 
+def descendants(pid):
+    """Every process below `pid`, from Linux's /proc (none elsewhere): torchrun starts each rank in a session of
+    its own, out of reach of a signal to torchrun's process group."""
+    children = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+    found, pending = [], [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
+def kill_tree(pid):
+    below = descendants(pid)
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+    for process in below:
+        with contextlib.suppress(OSError):
+            os.kill(process, signal.SIGKILL)
+
+
 def run_command(argv, log_path, env, deadline):
     """Run argv from the repository root with its output (stdout and stderr, in order) in log_path; returns
-    (exit status or "killed at the deadline", the output, seconds). Its whole process group is killed at the
-    deadline: torchrun's ranks and DataLoader workers too."""
+    (exit status or "killed at the deadline", the output, seconds). At the deadline it is killed with everything
+    it started: torchrun's ranks and DataLoader workers too."""
     started = time.monotonic()
     with open(log_path, "w") as log:
         log.write(f"$ {' '.join(argv)}\n")
@@ -186,7 +212,7 @@ def run_command(argv, log_path, env, deadline):
         try:
             status = process.wait(timeout=deadline.left())
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_tree(process.pid)
             process.wait()
             status = KILLED
     with open(log_path, errors="replace") as f:

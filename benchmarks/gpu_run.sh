@@ -7,18 +7,19 @@
 #
 #   1  CUDA smoke matrix (plan: at most 180 s): the CUDA cases of tests/test_amp.py and tests/test_gpu_data.py,
 #      then benchmarks/cuda_matrix.py: every setting of both scripts trained, saved, resumed and evaluated
-#   2  GPU decoding against Pillow's (plan: at most 150 s, its JPEG tree included): benchmarks/decode_check.py
-#   3  peak memory with and without --grad-checkpointing (plan: at most 75 s): benchmarks/memory_flags.py
+#   2  GPU decoding against Pillow's (plan: at most 120 s, its JPEG tree included): benchmarks/decode_check.py
+#   3  peak memory with and without --grad-checkpointing (plan: at most 60 s): benchmarks/memory_flags.py
 #   4  the bars: benchmarks/throughput.py's rows and benchmarks/bars.py, in the time the call has left
-# Phases run in this order, each only when chosen and when the call has time left for it; everything in one
-# call does not fit: --phases 1,2 then --phases 3,4. Each call writes a new RESULTS_DIR/<UTC time>/ (env.txt,
-# summary.txt, phase1/ .. phase4/; RESULTS_DIR/latest points at it) and leaves earlier ones alone. The data
-# trees are written once under DATA_DIR (default: /tmp/throughput-data, or throughput.py's --data-dir) and reused.
+# Phases run in this order, each only when chosen and when the call has time left for it; a phase that ends
+# early leaves its time to the next. All four do not fit in one call: --phases 1,2,3, then --phases 4. Each
+# call writes a new RESULTS_DIR/<UTC time>/ (env.txt, summary.txt, phase1/ .. phase4/; RESULTS_DIR/latest points
+# at it) and leaves earlier ones alone. The data trees are written once under DATA_DIR (default:
+# /tmp/throughput-data, or throughput.py's --data-dir) and reused.
 # Exit status: 0 when every chosen phase ran and passed, 3 when one could not start in the time left, else the
 # first phase's failing status.
 set -u -o pipefail
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 smoke=0
 phases=1,2,3,4
 while [ $# -gt 0 ]; do
@@ -154,7 +155,7 @@ if budget=$(start_phase 1 180 60); then
     finish_phase 1 "$dir" "$code" "$started"
 fi
 
-if budget=$(start_phase 2 150 90); then
+if budget=$(start_phase 2 120 80); then
     dir=$run_dir/phase2 started=$(date +%s)
     mkdir -p "$dir"
     if [ "$smoke" = 1 ]; then flags=(--smoke); else flags=(--stop-after $(( budget - 45 ))); fi
@@ -163,7 +164,7 @@ if budget=$(start_phase 2 150 90); then
     finish_phase 2 "$dir" $? "$started"
 fi
 
-if budget=$(start_phase 3 75 45); then
+if budget=$(start_phase 3 60 40); then
     dir=$run_dir/phase3 started=$(date +%s)
     mkdir -p "$dir"
     run_limited "$budget" "$python" -u "$root/benchmarks/memory_flags.py" --out "$dir" \
