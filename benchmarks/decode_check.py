@@ -304,6 +304,10 @@ def summary_lines(result):
 
 def main(opts):
     started = time.perf_counter()
+    spec = trees.SMOKE_JPEG_SPEC if opts.smoke else trees.JPEG_SPEC
+    root = os.path.join(opts.data_dir.rstrip("/") + ("-smoke" if opts.smoke else ""), "imagenet-like")
+    print(f"# JPEG tree in {root}", flush=True)
+    tree = trees.generate_once(root, spec, trees.write_jpeg_tree)  # its worker processes fork before CUDA starts
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", device.index or 0)
@@ -312,13 +316,10 @@ def main(opts):
         opts.workers = 0 if opts.smoke else min(len(os.sched_getaffinity(0)), 16)
     if opts.smoke:
         opts.preset_batches, opts.preset_batch_size, opts.crop_size = 2, 4, 32
-    spec = trees.SMOKE_JPEG_SPEC if opts.smoke else trees.JPEG_SPEC
-    root = os.path.join(opts.data_dir.rstrip("/") + ("-smoke" if opts.smoke else ""), "imagenet-like")
-    result = {**environment(device), "smoke": opts.smoke, "bar": BAR, "options": vars(opts), "not_started": []}
+    result = {**environment(device), "smoke": opts.smoke, "bar": BAR, "options": vars(opts), "not_started": [],
+              "tree": {"root": root, **tree}}
     os.makedirs(opts.out, exist_ok=True)
     out = os.path.join(opts.out, "decode.json")
-    print(f"# JPEG tree in {root}", flush=True)
-    result["tree"] = {"root": root, **trees.generate_once(root, spec, trees.write_jpeg_tree)}
     jobs = trees.jpeg_jobs(root, spec)[:opts.files]
     paths, kinds = [job[0] for job in jobs], [job[4] for job in jobs]
     decoder = nvjpeg if device.type == "cuda" else cpu_stand_in
