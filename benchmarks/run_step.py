@@ -18,6 +18,7 @@ from classification.data import dataset_classes
 from classification.data import load_train as classification_load_train
 from classification.data import load_val as classification_load_val
 from classification.model import create_model as create_classifier
+from classification.model import enable_grad_checkpointing
 from common.data import set_epoch
 from common.distributed import DistEnv
 from common.engine import configure_torch, evaluate, train_one_epoch
@@ -37,6 +38,7 @@ def script_args(setting, opts, data, device, backend):
     if setting.dtype != "float32":
         flags += ["--amp-dtype", setting.dtype]
     flags += ["--channels-last"] * setting.channels_last + ["--compile"] * setting.compile
+    flags += ["--grad-checkpointing"] * setting.grad_checkpointing
     if setting.task == "classification":
         script = classification_train
         crop = str(opts.crop_size)
@@ -81,6 +83,18 @@ def quietly(function, *args):
         return function(*args)
 
 
+def optimizer_label(optimizer, device):
+    """The optimizer a row steps, as its JSON records it: the class and the implementation torch runs."""
+    fused, foreach = optimizer.defaults.get("fused"), optimizer.defaults.get("foreach")
+    if fused:
+        implementation = "fused"
+    elif foreach or (foreach is None and device.type == "cuda"):  # torch's default on CUDA tensors
+        implementation = "foreach"
+    else:
+        implementation = "for-loop"
+    return f"{type(optimizer).__name__} ({implementation})"
+
+
 class Runner:
     """The model, optimizer and scaler of one setting, built as the training scripts build them; train(batches)
     and eval(batches) run the engine's own loops over any sized iterable of batches."""
@@ -92,6 +106,8 @@ class Runner:
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         if setting.task == "classification":
             model, head = create_classifier(args.model, None, num_classes)
+            if args.grad_checkpointing:
+                enable_grad_checkpointing(model)
             self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
             groups = param_groups(model, args.lr, args.weight_decay, args.norm_weight_decay, head, args.head_lr)
             schedule = dict(step_size=args.lr_step_size, gamma=args.lr_gamma)
@@ -101,7 +117,9 @@ class Runner:
             groups = param_groups(model, args.lr, args.weight_decay, args.norm_weight_decay)
             schedule = dict(power=args.lr_power)
         model.to(device, memory_format=self.memory_format)
+        # The call both scripts make: SGD is never fused there (common/optim.py says why).
         self.optimizer = create_optimizer(args.opt, groups, args.lr, args.momentum, args.weight_decay, device.type)
+        self.optimizer_label = optimizer_label(self.optimizer, device)
         # The schedule's shape does not change a step's cost; any epoch length will do.
         self.lr_scheduler = create_lr_scheduler(
             self.optimizer, args.lr_scheduler, args.epochs, 1000, warmup_epochs=args.lr_warmup_epochs,

@@ -54,6 +54,7 @@ class Setting:
     train_backends: tuple
     eval_backends: tuple = ()
     output_stride: int = 8  # DeepLabV3+ only; 8 is segmentation/train.py's default
+    grad_checkpointing: bool = False
 
 
 # In the order they run: what the issue's bars need first, so that a run cut short still answers them (the
@@ -143,6 +144,7 @@ def run_setting(setting, opts, data, device, facts, peak_tflops, report, out_of_
         size = input_size(setting, args, train)
         flops = forward_flops_per_image(setting.task, setting.model, len(class_names), *size, setting.output_stride)
         row = describe(setting, args, opts, size, train, backend, flops, peak_tflops, facts)
+        row["optimizer"] = runner.optimizer_label
         try:
             if not train and not warmed_eval:
                 started = time.perf_counter()
@@ -194,15 +196,16 @@ def get_args_parser():
 
 
 def apply_smoke(opts, settings):
-    """Tiny everything; compilation is left out because on a CPU it alone takes minutes. The settings keep their
-    names, which the bars look rows up by (each row records that it was not compiled); those left the same as
-    another by that are run once."""
+    """Tiny everything; compilation is left out because on a CPU it alone takes minutes, and autocast too (float32
+    instead), because a CPU without bfloat16 instructions emulates it ten times slower (measured). The settings
+    keep their names, which the bars look rows up by (each row records its dtype and that it was not compiled);
+    those left the same as another by that are run once."""
     opts.warmup, opts.data_warmup, opts.steps, opts.workers = 1, 1, 1, 1
     opts.batch_size, opts.crop_size, opts.seg_batch_size, opts.seg_crop_size = 2, 32, 2, [32, 64]
     opts.data_dir = opts.data_dir.rstrip("/") + "-smoke"
     eager, seen = [], set()
     for s in settings:
-        setting = Setting(**{**asdict(s), "compile": False})
+        setting = Setting(**{**asdict(s), "compile": False, "dtype": "float32"})
         if (key := tuple(asdict(setting).values())[1:]) not in seen:
             seen.add(key)
             eager.append(setting)

@@ -10,6 +10,8 @@ import time
 import numpy as np
 from PIL import Image
 
+from segmentation.datasets import voc_colour
+
 # Sizes like ImageNet's: most photos 500 px on their long side, a tail of bigger ones up to camera size. Each
 # run of 200 files holds (files, long side from, to); the short side is 0.6-0.8 of the long one, a quarter of
 # the files are portrait. A JPEG's decoding cost grows with its entropy-coded size, so the pictures carry pixel
@@ -25,6 +27,9 @@ SMOKE_JPEG_SPEC = dict(JPEG_SPEC, classes=2, per_class=8, gray_every=8, cmyk_eve
 # textures at zlib level 1 come to 2.28 MB (measured). Masks hold labelIds, as gtFine's *_labelIds.png do.
 CITYSCAPES_SPEC = dict(images=400, height=1024, width=2048, cities=4)
 SMOKE_CITYSCAPES_SPEC = dict(images=4, height=64, width=128, cities=2)
+# The CUDA smoke matrix's VOC layout: every image of its own size, so that validation (one image a batch, at its
+# size) meets a new shape at each image, as VOC and ADE20K do; train and val lists hold different images.
+VOC_SPEC = dict(train=16, val=6, sizes=[48, 112], quality=90, noise=16)
 
 
 def size_class(n, spec):
@@ -50,6 +55,8 @@ def jpeg_jobs(root, spec):
 
 
 def file_kind(n, spec):
+    if spec.get("truncated_every") and n % spec["truncated_every"] == 3:  # the bad-file tree only
+        return "truncated"
     if n % spec["cmyk_every"] == 1:
         return "cmyk"
     if n % spec["png_every"] == spec["png_every"] // 2 + 1:
@@ -69,7 +76,10 @@ def write_photo(path, seed, height, width, kind, quality, noise):
     if kind == "png":
         picture.save(path, format="PNG", compress_level=1)
     else:
-        picture.convert({"rgb": "RGB", "gray": "L", "cmyk": "CMYK"}[kind]).save(path, format="JPEG", quality=quality)
+        mode = {"rgb": "RGB", "truncated": "RGB", "gray": "L", "cmyk": "CMYK"}[kind]
+        picture.convert(mode).save(path, format="JPEG", quality=quality)
+    if kind == "truncated":  # a download cut short: the header and half the data
+        os.truncate(path, os.path.getsize(path) // 2)
     return os.path.getsize(path), height, width, kind
 
 
@@ -100,7 +110,7 @@ def write_jpeg_tree(root, spec):
     return {"files": len(written), "mean_kb": round(sum(sizes) / len(sizes) / 1e3, 1),
             "mean_megapixels": round(sum(h * w for _, h, w, _ in written) / len(written) / 1e6, 3),
             "files_per_size_class": [classes.count(k) for k in range(len(spec["sizes"]))],
-            **{kind: sum(k == kind for *_, k in written) for kind in ("gray", "cmyk", "png")}}
+            **{kind: sum(k == kind for *_, k in written) for kind in ("gray", "cmyk", "png", "truncated")}}
 
 
 def write_cityscapes_tree(root, spec):
@@ -118,6 +128,38 @@ def write_cityscapes_tree(root, spec):
         os.symlink("train", os.path.join(root, top, "val"))
     sizes = in_parallel(write_street_pngs, jobs)
     return {"files": len(sizes), "mean_mb": round(sum(sizes) / len(sizes) / 1e6, 2)}
+
+
+def write_voc_pair(image_path, mask_path, seed, height, width, quality, noise):
+    write_photo(image_path, seed, height, width, "rgb", quality, noise)
+    rng = np.random.default_rng(seed)
+    classes = rng.integers(0, 21, (height // 16 + 1, width // 16 + 1), dtype=np.uint8)
+    mask = np.array(Image.fromarray(classes).resize((width, height), Image.NEAREST))
+    mask[:2], mask[-2:] = 255, 255  # a void border, as VOC's annotations have around objects
+    picture = Image.fromarray(mask)
+    picture.putpalette([value for index in range(256) for value in voc_colour(index)])  # a palette PNG, as VOC's
+    picture.save(mask_path)
+    return height, width
+
+
+def write_voc_tree(root, spec):
+    """PASCAL VOC 2012's layout (VOCdevkit/VOC2012/: JPEGImages, SegmentationClass palette PNGs, the lists of
+    ImageSets/Segmentation) with each side of each image drawn from spec["sizes"]."""
+    base = os.path.join(root, "VOCdevkit", "VOC2012")
+    for folder in ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation")):
+        os.makedirs(os.path.join(base, folder))
+    ids = [f"2007_{n:06d}" for n in range(spec["train"] + spec["val"])]
+    jobs = []
+    for n, image_id in enumerate(ids):
+        height, width = (int(side) for side in np.random.default_rng(n).integers(*spec["sizes"], 2, endpoint=True))
+        jobs.append((os.path.join(base, "JPEGImages", f"{image_id}.jpg"),
+                     os.path.join(base, "SegmentationClass", f"{image_id}.png"), n, height, width, spec["quality"],
+                     spec["noise"]))
+    sizes = in_parallel(write_voc_pair, jobs)
+    for split, chosen in (("train", ids[:spec["train"]]), ("val", ids[spec["train"]:])):
+        with open(os.path.join(base, "ImageSets", "Segmentation", f"{split}.txt"), "w") as f:
+            f.write("".join(f"{image_id}\n" for image_id in chosen))
+    return {"files": len(ids), "distinct_sizes": len(set(sizes))}
 
 
 def sized(spec, key, needed, per=1):

@@ -48,12 +48,17 @@ def cuda_device_of(local_rank):
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def init_distributed(device_name=None, timeout_minutes=30):
-    """Start the process group (NCCL on GPUs, gloo on CPU) and return (DistEnv, torch.device) for this rank."""
+def init_distributed(device_name=None, timeout_minutes=30, backend=None):
+    """Start the process group and return (DistEnv, torch.device) for this rank. `backend` defaults to NCCL on
+    GPUs and gloo on CPU; gloo on GPUs is slower (it copies through host memory) but takes several ranks on one
+    GPU, as ranks beyond the visible GPUs share them (cuda_device_of)."""
     env = read_dist_env()
     if device_name is None:
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device_name)
+    if backend == "nccl" and device.type != "cuda":
+        raise UserError(f"--dist-backend nccl needs CUDA devices, and this run is on {device.type}: drop the flag "
+                        "(gloo is used on CPU)")
     if device.type == "cuda":
         check_gpu(device, device_name)
         if env.distributed or device.index is None:
@@ -62,7 +67,7 @@ def init_distributed(device_name=None, timeout_minutes=30):
     if env.distributed:
         os.environ.setdefault("MASTER_PORT", "29500")
         # A rank that dies makes the others fail after this timeout instead of hanging forever.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
+        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"), init_method="env://",
                                 rank=env.rank, world_size=env.world_size,
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     return env, device

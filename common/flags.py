@@ -49,6 +49,8 @@ def add_optimisation_flags(group, recipe):
 def add_precision_flags(group):
     add = group.add_argument
     add("--device", type=device_name, help=f"{DEVICE_NAMES} (default: cuda when available)")
+    add("--dist-backend", choices=["nccl", "gloo"], help="process-group backend of a multi-process run (default: "
+        "nccl on GPUs, gloo on CPU); gloo also runs several processes on one GPU, which NCCL refuses")
     add("--amp", action="store_true", help="mixed precision (autocast); float16 adds loss scaling")
     add("--amp-dtype", choices=["float16", "bfloat16"], help="autocast dtype (implies --amp; default float16)")
     add("--channels-last", action="store_true", help="NHWC memory format (faster convolutions under AMP)")

@@ -257,7 +257,7 @@ def test_only(model, val_loader, class_names, device, autocast, memory_format, a
 
 
 def main(args):
-    env, device = init_distributed(args.device)
+    env, device = init_distributed(args.device, backend=args.dist_backend)
     args.world_size = env.world_size
     started = print_run_start(env, device)
     configure_torch(device, args.seed, args.use_deterministic_algorithms)

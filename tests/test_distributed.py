@@ -5,7 +5,7 @@ import torch
 from conftest import TINY, python, torchrun
 
 from common.data import ShardedEvalSampler
-from common.distributed import DistEnv, cuda_device_of, read_dist_env
+from common.distributed import DistEnv, cuda_device_of, init_distributed, read_dist_env
 from common.log import UserError
 
 
@@ -29,6 +29,28 @@ def test_each_rank_takes_a_gpu_it_can_see(monkeypatch, local_rank, visible, expe
     # srun --gpus-per-task=1 shows every task only its own GPU, as cuda:0, whatever its local rank
     monkeypatch.setattr("torch.cuda.device_count", lambda: visible)
     assert cuda_device_of(local_rank) == torch.device("cuda", expected)
+
+
+@pytest.mark.parametrize("flag,device,expected", [(None, "cuda", "nccl"), ("gloo", "cuda", "gloo"),
+                                                   (None, "cpu", "gloo"), ("gloo", "cpu", "gloo")])
+def test_dist_backend_flag_chooses_the_process_group(monkeypatch, flag, device, expected):
+    # Two ranks on a machine with one GPU: both take cuda:0, which NCCL refuses and gloo accepts.
+    started = {}
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "29500")  # which init_distributed would otherwise leave set in this process
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    monkeypatch.setattr("torch.cuda.set_device", lambda device: started.setdefault("device", device))
+    monkeypatch.setattr("torch.distributed.init_process_group", lambda backend, **kw: started.update(backend=backend))
+    env, chosen = init_distributed(device, backend=flag)
+    assert (env.rank, env.world_size, started["backend"]) == (1, 2, expected)
+    assert chosen == (torch.device("cuda", 0) if device == "cuda" else torch.device("cpu"))
+
+
+def test_nccl_on_cpu_is_refused_with_the_fix():
+    with pytest.raises(UserError, match="--dist-backend nccl needs CUDA devices.*drop the flag"):
+        init_distributed("cpu", backend="nccl")
 
 
 def test_torchrun_wins_over_slurm_inside_an_allocation():
