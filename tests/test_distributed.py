@@ -41,6 +41,7 @@ def test_dist_backend_flag_chooses_the_process_group(monkeypatch, flag, device, 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_PORT", "29500")  # which init_distributed would otherwise leave set in this process
     monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.set_device", lambda device: started.setdefault("device", device))
     monkeypatch.setattr("torch.distributed.init_process_group", lambda backend, **kw: started.update(backend=backend))
     env, chosen = init_distributed(device, backend=flag)
