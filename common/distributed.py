@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from common.log import UserError
+from common.log import UserError, launch_rank
 
 
 @dataclass
@@ -77,6 +77,28 @@ def all_reduce_max(tensor):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def from_rank0(compute):
+    """compute() on rank 0 alone, its result sent to every rank (broadcast_object_list, on gloo and NCCL alike):
+    what one process can work out for all, such as the listing of a data tree, is not repeated by each. A
+    UserError on rank 0 is raised on every rank, so that none waits for a result that never comes."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return compute()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("result", compute())]
+        except Exception as e:
+            dist.broadcast_object_list([("error", e if isinstance(e, UserError) else None)], src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        # Plain UserError: only rank 0 prints it (a SampleError would be printed by every rank).
+        raise UserError(str(value) if value is not None else f"rank 0 failed (its traceback says why); rank "
+                        f"{launch_rank()} stops too")
+    return value
 
 
 def check_sync_bn(sync_bn, env, device):
