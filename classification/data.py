@@ -32,6 +32,7 @@ SORT_VAL_COMMAND = "python tools/sort_imagenet_val.py {folder} LOC_val_solution.
 # and some network file systems: 1-2 s) with its modification time unmoved: the cache lists it again next time.
 MTIME_SLACK_NS = 2 * 10**9
 CACHE_FORMAT = 1
+LISTING_THREADS = 16
 
 
 def list_classes(split_dir):
@@ -82,6 +83,10 @@ class PathArray:
 
     @classmethod
     def joined(cls, parts):
+        if parts and all(part.data is parts[0].data for part in parts) and all(
+                first.offsets[-1] == second.offsets[0] for first, second in zip(parts, parts[1:])):
+            # Consecutive parts of one array (a cache that lists every class again as it was): no copy.
+            return cls(parts[0].data, np.concatenate([parts[0].offsets[:1], *(part.offsets[1:] for part in parts)]))
         data = np.concatenate([part.data[part.offsets[0]:part.offsets[-1]] for part in parts] or [cls().data])
         offsets, end = [np.zeros(1, np.int64)], 0
         for part in parts:
@@ -222,6 +227,30 @@ def unchanged(split_dir, cached, listed_at_ns):
     return True
 
 
+def in_threads(function, items, threads=LISTING_THREADS):
+    """[function(item) for item in items], by `threads` threads that take every threads-th item each (a network
+    file system answers many listings at once about as fast as one). The first error in the items' order is
+    raised, as a loop would raise it."""
+    items = list(items)
+
+    def run(first):
+        results = []
+        for item in items[first::threads]:
+            try:
+                results.append((function(item), None))
+            except Exception as e:
+                results.append((None, e))
+        return results
+    outcomes = [None] * len(items)
+    with ThreadPoolExecutor(threads) as pool:
+        for first, results in enumerate(pool.map(run, range(min(threads, len(items))))):
+            outcomes[first::threads] = results
+    for result, error in outcomes:
+        if error is not None:
+            raise error
+    return [result for result, _ in outcomes]
+
+
 def list_split(split_dir, cache_dir=None, strict=True):
     """The images of a split folder, listed in parallel threads (a network file system answers many listings at
     once about as fast as one). With `cache_dir`, the listing is kept there and read back at the next start:
@@ -233,9 +262,9 @@ def list_split(split_dir, cache_dir=None, strict=True):
     classes = list_classes(split_dir)
     path = cache_path(cache_dir, split_dir) if cache_dir else None
     cached, cached_at_ns = read_cache(path, split_dir) if path else ({}, None)
-    with ThreadPoolExecutor() as pool:
-        kept = list(pool.map(lambda name: name in cached and unchanged(split_dir, cached[name], cached_at_ns), classes))
-        listed = list(pool.map(lambda name, keep: cached[name] if keep else list_class(split_dir, name), classes, kept))
+    kept = in_threads(lambda name: name in cached and unchanged(split_dir, cached[name], cached_at_ns), classes)
+    listed = in_threads(lambda k: cached[classes[k]] if kept[k] else list_class(split_dir, classes[k]),
+                        range(len(classes)))
     for name, found in zip(classes, listed):
         if strict and found.not_files:
             raise found.not_files[0]
@@ -247,7 +276,7 @@ def list_split(split_dir, cache_dir=None, strict=True):
     if path and (relisted or set(cached) != set(classes)) and not any(c.not_files for c in listed):
         write_cache(path, split_dir, listed_at_ns, classes, listed)
     files = FileList(split_dir, classes, PathArray.joined([c.files for c in listed]),
-                     np.repeat(np.arange(len(classes), dtype=np.int64), [len(c.files) for c in listed]))
+                     np.repeat(np.arange(len(classes), dtype=np.int32), [len(c.files) for c in listed]))
     source = (f"{relisted} of {len(classes)} class folders listed, the others from {shown(path)}" if sum(kept)
               else f"{len(classes)} class folders listed")
     print0(f"{shown(split_dir)}: {len(files.paths):,} images ({source}) in {time.perf_counter() - started:.2f} s")
