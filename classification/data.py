@@ -206,9 +206,9 @@ def write_cache(path, split_dir, listed_at_ns, classes, listed):
                   folders_per_class=np.array([len(c.folders) for c in listed], np.int64))
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(f"{path}.tmp", "wb") as f:
+        with open(f"{path}.tmp.{os.getpid()}", "wb") as f:  # written whole, then renamed: never read half-written
             np.savez(f, **arrays)
-        os.replace(f"{path}.tmp", path)
+        os.replace(f"{path}.tmp.{os.getpid()}", path)
     except OSError as e:
         raise UserError(f"cannot write the file list cache {shown(path)} ({reason(e)}): give --list-cache a "
                         "writable folder") from None

@@ -1,4 +1,5 @@
-"""Which sample each rank sees, in which order, with which augmentation (common/seeding.py has the seeds).
+"""Which sample each rank sees, in which order, with which augmentation (common/seeding.py has the seeds), and
+what stands in for a sample whose file fails to load (--max-bad-samples).
 
 Training samplers can begin an epoch part-way, so a run resumed in the middle of an epoch replays exactly
 what an uninterrupted run does; the evaluation sampler counts every sample once under any number of processes.
@@ -254,9 +255,9 @@ class BadSamples:
         if not (self.output_dir and known):
             return
         path = os.path.join(self.output_dir, self.FILE)
-        with open(f"{path}.tmp", "w") as f:
+        with open(f"{path}.tmp.{os.getpid()}", "w") as f:
             f.writelines(f"{report_path}\t{error}\n" for report_path, error in known.values())
-        os.replace(f"{path}.tmp", path)
+        os.replace(f"{path}.tmp.{os.getpid()}", path)
 
     def state(self):
         """For the checkpoint: plain lists, which weights_only loading reads."""
