@@ -93,11 +93,11 @@ def from_rank0(compute):
     if dist.get_rank() == 0:
         try:
             result = compute()
+            box = [("result", pickle.dumps(result, protocol=5, buffer_callback=buffers.append),
+                    [buffer.raw().nbytes for buffer in buffers])]
         except Exception as e:
             dist.broadcast_object_list([("error", e if isinstance(e, UserError) else None, [])], src=0)
             raise
-        box = [("result", pickle.dumps(result, protocol=5, buffer_callback=buffers.append),
-                [buffer.raw().nbytes for buffer in buffers])]
     dist.broadcast_object_list(box, src=0)
     kind, value, sizes = box[0]
     if kind == "error":
@@ -109,9 +109,9 @@ def from_rank0(compute):
     for k, size in enumerate(sizes):
         tensor = (torch.frombuffer(bytearray(buffers[k].raw()), dtype=torch.uint8) if buffers and size
                   else torch.empty(size, dtype=torch.uint8))
-        if device is not None:  # NCCL sends device tensors only
-            tensor = tensor.to(device)
-        dist.broadcast(tensor, src=0)
+        if size:
+            tensor = tensor.to(device) if device is not None else tensor  # NCCL sends device tensors only
+            dist.broadcast(tensor, src=0)
         received.append(tensor.cpu().numpy())
     return result if dist.get_rank() == 0 else pickle.loads(value, buffers=received)
 
