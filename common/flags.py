@@ -63,6 +63,7 @@ def add_checkpoint_flags(group):
 
 def add_bad_sample_flag(group):
     group.add_argument("--max-bad-samples", type=non_negative_int, default=0, metavar="N",
-                       help="training images whose files fail to load (truncated, corrupt, unreadable) that the run "
-                       "replaces by other samples, listed in <output-dir>/bad_samples.txt; one more stops it "
-                       "(default: 0, the first stops it; tools/check_data.py finds them all before training)")
+                       help="training samples whose files fail to load (truncated, corrupt or unreadable images; "
+                       "masks that fail their checks) that the run replaces by other samples, listed in "
+                       "<output-dir>/bad_samples.txt; one more stops it (default: 0, the first stops it; "
+                       "tools/check_data.py finds them all before training)")
