@@ -95,6 +95,7 @@ def test_samples_are_arrays_not_python_objects(tmp_path):
     gc.collect()
     before = len(gc.get_objects())
     folder = image_folder(data / "train", CLASSES)
+    gc.collect()
     assert len(folder) == 900 and len(gc.get_objects()) - before < 100  # a list of tuples would add 900
     assert folder.samples[-1] == (str(data / "train" / "fox" / "99.jpg"), 2)
 
