@@ -171,6 +171,8 @@ def listing_rows(args, world):
             processes = [run_role(args, "listing", rank=rank, world=world, store=store, cache=cache)
                          for rank in range(world)]
             ranks = [outcome(p) for p in processes]
+            if os.path.exists(store):  # the process group's file store
+                os.remove(store)
             rows.append({"processes": world, "start": start, "seconds": max(r["seconds"] for r in ranks),
                          "ranks": ranks})
             print(f"listing, {world} process(es), {start} start: {rows[-1]['seconds']:.2f} s; class folders scanned "
