@@ -1,16 +1,23 @@
-"""Classification data: ImageFolder trees checked up front, torchvision v2 presets, and the synthetic set."""
+"""Classification data: ImageFolder trees listed once (and cached) and checked up front, torchvision v2 presets,
+and the synthetic set."""
+import json
 import os
+import time
 from collections import Counter
-from functools import partial
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
 from classification.gpu_preset import EncodedSamples, GpuPreset, collate_encoded
-from common.data import SeededSamples, ShardedEvalSampler, TensorLoader, ignore_stop_signals, training_sampler
+from common.data import (ReportedBatches, SeededSamples, ShardedEvalSampler, SkipBadSamples, TensorLoader,
+                         collate_reported, ignore_stop_signals, training_sampler)
 from common.device_loader import DeviceLoader, SyntheticBatches
+from common.distributed import from_rank0
 from common.images import MEAN, STD, NormalizeBytes, not_a_file_error, read_image, reason, shown
 from common.log import UserError, print0
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
@@ -20,12 +27,21 @@ IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS + (".jfif", ".jpe", ".gif", ".
 LAYOUT_HINT = "--data-path must hold train/ and val/, each with one folder of images per class (ImageNet layout)"
 
 
+SORT_VAL_COMMAND = "python tools/sort_imagenet_val.py {folder} LOC_val_solution.csv"
+# A folder changed less than this before it was listed may change again within its timestamp's granularity (FAT
+# and some network file systems: 1-2 s) with its modification time unmoved: the cache lists it again next time.
+MTIME_SLACK_NS = 2 * 10**9
+CACHE_FORMAT = 1
+LISTING_THREADS = 16
+
+
 def list_classes(split_dir):
-    """Class folder names of one split; stops on a missing split, a class folder that is a dangling symlink, or
-    an empty class folder. Hidden folders (.thumbnails, .ipynb_checkpoints) are not classes: skipped, in a note."""
+    """Class folder names of one split; stops on a missing split, a class folder that is a dangling symlink, a
+    split of images without class folders (ImageNet's val/ as distributed) or images beside the class folders.
+    Hidden folders (.thumbnails, .ipynb_checkpoints) are not classes: skipped, in a note."""
     if not os.path.isdir(split_dir):
         raise UserError(f"split folder {shown(split_dir)} not found: {LAYOUT_HINT}")
-    classes, hidden = [], []
+    classes, hidden, loose = [], [], []
     for entry in sorted(os.scandir(split_dir), key=lambda entry: entry.name):
         if entry.name.startswith("."):
             hidden += [entry.name] if entry.is_dir() else []
@@ -34,79 +50,319 @@ def list_classes(split_dir):
         elif entry.is_symlink() and not os.path.exists(entry.path):
             # Dropping it would shift the label index of every class sorted after it.
             raise not_a_file_error(entry.path, "class folder")
+        elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            loose.append(entry.name)
     if hidden:
         print0(f"note: hidden folders are not classes, skipped in {shown(split_dir)}: {', '.join(map(shown, hidden))}")
+    if loose:  # never read as one class, nor left out unsaid
+        sort_hint = (f"sort them into class folders with: {SORT_VAL_COMMAND.format(folder=shown(split_dir))} (the "
+                     "README shows it with the devkit's labels too)" if os.path.basename(os.path.normpath(split_dir))
+                     == "val" else "move each image into the folder of its class")
+        where = "and no class folders" if not classes else f"beside its class folders (e.g. {shown(loose[0])})"
+        raise UserError(f"{shown(split_dir)} holds {len(loose)} image{'s' * (len(loose) > 1)} {where}: {sort_hint}")
     if not classes:
         raise UserError(f"{shown(split_dir)} has no class folders: {LAYOUT_HINT}")
-    for name in classes:
-        folder = os.path.join(split_dir, name)
-        if not any(not entry.name.startswith(".") and entry.name.lower().endswith(IMAGE_EXTENSIONS)
-                   for entry in os.scandir(folder)):
-            raise UserError(f"class folder {shown(folder)} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
-                            "add images or remove the folder")
     return classes
 
 
-class ImageFolderWithClasses(datasets.ImageFolder):
-    """ImageFolder whose class -> index map is given, so val uses train's indices even with classes absent."""
+class PathArray:
+    """Many file names as two arrays: their bytes end to end, and where each one starts. Unlike a list of str, it
+    holds no Python object per name, whose reference counts DataLoader workers would write to, and so copy
+    page by page, as they read them (pytorch/pytorch#13246)."""
 
-    def __init__(self, root, classes, transform, resize_shorter_side=None):
-        """`resize_shorter_side`: what `transform` resizes the shorter side to, checked before decoding."""
-        if len(classes) < 2:  # one class is always right: "100% top-1" that means nothing
-            raise UserError(f"{shown(root)} is read with {len(classes)} class ({', '.join(map(shown, classes))}): "
-                            "a classifier needs at least 2: give train/ and val/ one folder of images per class")
-        self.fixed_classes = classes
-        loader = partial(read_image, resize_shorter_side=resize_shorter_side)
-        super().__init__(root, transform=transform, loader=loader, allow_empty=True)
+    def __init__(self, data=None, offsets=None):
+        self.data = np.zeros(0, np.uint8) if data is None else data
+        self.offsets = np.zeros(1, np.int64) if offsets is None else offsets
 
-    def find_classes(self, directory):
-        return self.fixed_classes, {name: i for i, name in enumerate(self.fixed_classes)}
+    @classmethod
+    def of(cls, names):
+        """From a list of bytes."""
+        offsets = np.zeros(len(names) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, names), np.int64, len(names)), out=offsets[1:])
+        return cls(np.frombuffer(b"".join(names), np.uint8).copy(), offsets)
 
-    @staticmethod
-    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        """(path, class index) of the images under each class folder, in torchvision's order. Unlike
-        torchvision's walk, hidden files and folders are skipped, other files are counted in a note, and a
-        listed image that is no regular file, a folder that cannot be listed or a symlink loop stops the run
-        (torchvision would hang on a FIFO, silently skip the folder, or list the images of a loop dozens of times)."""
-        samples, skipped, hidden = [], Counter(), 0
-        for name, class_index in sorted(class_to_idx.items()):
-            folders, pending = [], [(os.path.join(directory, name), ())]
-            if not os.path.isdir(pending[0][0]):
-                continue  # a class of train/ that val/ lacks
-            while pending:
-                folder, ancestors = pending.pop()
-                try:
-                    info, entries = os.stat(folder), sorted(os.scandir(folder), key=lambda entry: entry.name)
-                except OSError as e:
-                    raise UserError(f"cannot list folder {shown(folder)} ({reason(e)}): "
-                                    "fix its permissions or remove it") from None
-                here = (info.st_dev, info.st_ino)
-                if here in ancestors:
-                    raise UserError(f"folder {shown(folder)} leads back to {shown(os.path.realpath(folder))}, "
-                                    "which holds it (a symlink loop): remove the link")
-                files = []
-                for entry in entries:
-                    if entry.name.startswith("."):
-                        hidden += 1
-                    elif entry.is_dir():
-                        pending.append((entry.path, ancestors + (here,)))
-                    elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                        if not entry.is_file():
-                            raise not_a_file_error(entry.path)
-                        files.append(entry.path)
-                    else:
-                        skipped[os.path.splitext(entry.name)[1].lower() or "(no extension)"] += 1
-                folders.append((folder, files))
-            for _, files in sorted(folders):
-                samples += [(path, class_index) for path in files]
-        notes = [f"{hidden} hidden files or folders (names starting with '.')"] if hidden else []
-        if skipped:
-            kinds = ", ".join(f"{count} {shown(ext)}" for ext, count in skipped.most_common(5))
-            more = f" and {len(skipped) - 5} other kinds" if len(skipped) > 5 else ""
-            notes.append(f"files not named as images: {kinds}{more} (images end in {', '.join(IMAGE_EXTENSIONS)})")
-        if notes:
-            print0(f"note: skipped under {shown(directory)}: {'; '.join(notes)}")
-        return samples
+    @classmethod
+    def joined(cls, parts):
+        if parts and all(part.data is parts[0].data for part in parts) and all(
+                first.offsets[-1] == second.offsets[0] for first, second in zip(parts, parts[1:])):
+            # Consecutive parts of one array (a cache that lists every class again as it was): no copy.
+            return cls(parts[0].data, np.concatenate([parts[0].offsets[:1], *(part.offsets[1:] for part in parts)]))
+        data = np.concatenate([part.data[part.offsets[0]:part.offsets[-1]] for part in parts] or [cls().data])
+        offsets, end = [np.zeros(1, np.int64)], 0
+        for part in parts:
+            offsets.append(part.offsets[1:] - part.offsets[0] + end)
+            end += part.offsets[-1] - part.offsets[0]
+        return cls(data, np.concatenate(offsets))
+
+    def part(self, first, last):
+        """Names first..last-1, sharing this one's arrays."""
+        return PathArray(self.data, self.offsets[first:last + 1])
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes()
+
+
+class ClassFiles(NamedTuple):
+    """One class folder listed: its images (paths from the split folder, in torchvision's order), every folder
+    walked with its modification time (what the cache compares), and what was skipped or refused."""
+    files: PathArray
+    folders: list  # (path from the split folder, bytes; st_mtime_ns)
+    hidden: int = 0  # files and folders whose names start with '.'
+    skipped: dict = {}  # extension -> files not named as images
+    not_files: list = []  # a SampleError for each image name that is no regular file (a FIFO, a dangling link)
+
+
+def list_class(split_dir, name):
+    """Walk one class folder the way torchvision's make_dataset does (its order: folders by path, files by name),
+    but skip hidden files and folders, count other files, refuse what is no regular file, and stop on a folder
+    that cannot be listed or a symlink loop (torchvision would hang on a FIFO, silently skip the folder, or list
+    the images of a loop dozens of times)."""
+    folders, skipped, hidden, not_files = [], Counter(), 0, []
+    pending = [(name, ())]
+    while pending:
+        relative, ancestors = pending.pop()
+        folder = os.path.join(split_dir, relative)
+        try:  # the time first: a file added while the folder is listed makes it newer than its listing
+            info, entries = os.stat(folder), sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as e:
+            raise UserError(f"cannot list folder {shown(folder)} ({reason(e)}): fix its permissions or remove "
+                            "it") from None
+        here = (info.st_dev, info.st_ino)
+        if here in ancestors:
+            raise UserError(f"folder {shown(folder)} leads back to {shown(os.path.realpath(folder))}, which holds it "
+                            "(a symlink loop): remove the link")
+        files = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                hidden += 1
+            elif entry.is_dir():
+                pending.append((os.path.join(relative, entry.name), ancestors + (here,)))
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                if entry.is_file():
+                    files.append(os.fsencode(os.path.join(relative, entry.name)))
+                else:
+                    not_files.append(not_a_file_error(entry.path))
+            else:
+                skipped[os.path.splitext(entry.name)[1].lower() or "(no extension)"] += 1
+        folders.append((relative, info.st_mtime_ns, files))
+    folders.sort()
+    return ClassFiles(PathArray.of([path for *_, files in folders for path in files]),
+                      [(os.fsencode(relative), mtime) for relative, mtime, _ in folders], hidden, dict(skipped),
+                      not_files)
+
+
+class FileList(NamedTuple):
+    """The images of one split folder: paths from `root` and the index of each one's class folder in `classes`."""
+    root: str
+    classes: list
+    paths: PathArray
+    class_index: np.ndarray
+
+
+def cache_path(cache_dir, split_dir):
+    return os.path.join(cache_dir, f"file_list_{os.path.basename(os.path.normpath(split_dir))}.npz")
+
+
+def read_cache(path, split_dir):
+    """{class name: ClassFiles} of a cache file written for this split folder; {} when there is none or it is
+    unreadable (listed again, with a note) or of another folder."""
+    if not os.path.isfile(path):
+        return {}, None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {key: f[key] for key in f.files}
+        header = json.loads(arrays["header"].tobytes())
+        if header["format"] != CACHE_FORMAT or header["root"] != os.path.realpath(split_dir):
+            return {}, None
+        files = PathArray(arrays["file_paths"], arrays["file_offsets"])
+        folders = PathArray(arrays["folder_paths"], arrays["folder_offsets"])
+        file_starts = np.concatenate([[0], np.cumsum(arrays["files_per_class"])])
+        folder_starts = np.concatenate([[0], np.cumsum(arrays["folders_per_class"])])
+        cached = {}
+        for i, name in enumerate(header["classes"]):
+            walked = range(folder_starts[i], folder_starts[i + 1])
+            cached[name] = ClassFiles(files.part(file_starts[i], file_starts[i + 1]),
+                                      [(folders[k], int(arrays["folder_mtimes"][k])) for k in walked],
+                                      header["hidden"][i], header["skipped"][i])
+        return cached, header["listed_at_ns"]
+    except Exception as e:
+        print0(f"note: the file list cache {shown(path)} cannot be read ({reason(e)}): listing the tree again")
+        return {}, None
+
+
+def write_cache(path, split_dir, listed_at_ns, classes, listed):
+    header = {"format": CACHE_FORMAT, "root": os.path.realpath(split_dir), "listed_at_ns": listed_at_ns,
+              "classes": classes, "hidden": [c.hidden for c in listed], "skipped": [c.skipped for c in listed]}
+    folders = [folder for c in listed for folder, _ in c.folders]
+    folder_paths = PathArray.of(folders)
+    files = PathArray.joined([c.files for c in listed])
+    arrays = dict(header=np.frombuffer(json.dumps(header).encode(), np.uint8), file_paths=files.data,
+                  file_offsets=files.offsets, files_per_class=np.array([len(c.files) for c in listed], np.int64),
+                  folder_paths=folder_paths.data, folder_offsets=folder_paths.offsets,
+                  folder_mtimes=np.array([mtime for c in listed for _, mtime in c.folders], np.int64),
+                  folders_per_class=np.array([len(c.folders) for c in listed], np.int64))
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.tmp.{os.getpid()}", "wb") as f:  # written whole, then renamed: never read half-written
+            np.savez(f, **arrays)
+        os.replace(f"{path}.tmp.{os.getpid()}", path)
+    except OSError as e:
+        raise UserError(f"cannot write the file list cache {shown(path)} ({reason(e)}): give --list-cache a "
+                        "writable folder") from None
+
+
+def unchanged(split_dir, cached, listed_at_ns):
+    """Whether every folder of a cached class listing still has the modification time it was listed with (and
+    had it since well before it was listed, see MTIME_SLACK_NS)."""
+    for relative, mtime in cached.folders:
+        try:
+            now = os.stat(os.path.join(split_dir, os.fsdecode(relative))).st_mtime_ns
+        except OSError:
+            return False
+        if now != mtime or mtime >= listed_at_ns - MTIME_SLACK_NS:
+            return False
+    return True
+
+
+def in_threads(function, items, threads=LISTING_THREADS):
+    """[function(item) for item in items], by `threads` threads that take every threads-th item each (a network
+    file system answers many listings at once about as fast as one). The first error in the items' order is
+    raised, as a loop would raise it."""
+    items = list(items)
+
+    def run(first):
+        results = []
+        for item in items[first::threads]:
+            try:
+                results.append((function(item), None))
+            except Exception as e:
+                results.append((None, e))
+        return results
+    outcomes = [None] * len(items)
+    with ThreadPoolExecutor(threads) as pool:
+        for first, results in enumerate(pool.map(run, range(min(threads, len(items))))):
+            outcomes[first::threads] = results
+    for result, error in outcomes:
+        if error is not None:
+            raise error
+    return [result for result, _ in outcomes]
+
+
+def list_split(split_dir, cache_dir=None, strict=True):
+    """The images of a split folder, listed in parallel threads (a network file system answers many listings at
+    once about as fast as one). With `cache_dir`, the listing is kept there and read back at the next start:
+    each class folder whose folders all keep their modification times is taken from it, the others are listed
+    again. `strict` stops on an image name that is no regular file; otherwise they are in each ClassFiles.
+
+    Returns (FileList, [ClassFiles] in class order)."""
+    started, listed_at_ns = time.perf_counter(), time.time_ns()
+    classes = list_classes(split_dir)
+    path = cache_path(cache_dir, split_dir) if cache_dir else None
+    cached, cached_at_ns = read_cache(path, split_dir) if path else ({}, None)
+    kept = in_threads(lambda name: name in cached and unchanged(split_dir, cached[name], cached_at_ns), classes)
+    listed = in_threads(lambda k: cached[classes[k]] if kept[k] else list_class(split_dir, classes[k]),
+                        range(len(classes)))
+    for name, found in zip(classes, listed):
+        if strict and found.not_files:
+            raise found.not_files[0]
+        if not len(found.files) and not found.not_files:
+            raise UserError(f"class folder {shown(os.path.join(split_dir, name))} holds no images "
+                            f"({', '.join(IMAGE_EXTENSIONS)}): add images or remove the folder")
+    print_skipped(split_dir, listed)
+    relisted = len(classes) - sum(kept)
+    if path and (relisted or set(cached) != set(classes)) and not any(c.not_files for c in listed):
+        write_cache(path, split_dir, listed_at_ns, classes, listed)
+    files = FileList(split_dir, classes, PathArray.joined([c.files for c in listed]),
+                     np.repeat(np.arange(len(classes), dtype=np.int32), [len(c.files) for c in listed]))
+    source = (f"{relisted} of {len(classes)} class folders listed, the others from {shown(path)}" if sum(kept)
+              else f"{len(classes)} class folders listed")
+    print0(f"{shown(split_dir)}: {len(files.paths):,} images ({source}) in {time.perf_counter() - started:.2f} s")
+    return files, listed
+
+
+def print_skipped(split_dir, listed):
+    hidden, skipped = sum(c.hidden for c in listed), Counter()
+    for c in listed:
+        skipped.update(c.skipped)
+    notes = [f"{hidden} hidden files or folders (names starting with '.')"] if hidden else []
+    if skipped:
+        kinds = ", ".join(f"{count} {shown(ext)}" for ext, count in skipped.most_common(5))
+        more = f" and {len(skipped) - 5} other kinds" if len(skipped) > 5 else ""
+        notes.append(f"files not named as images: {kinds}{more} (images end in {', '.join(IMAGE_EXTENSIONS)})")
+    if notes:
+        print0(f"note: skipped under {shown(split_dir)}: {'; '.join(notes)}")
+
+
+class ImageFiles(Dataset):
+    """The (image, class index) samples of one split, read from a FileList's arrays; class indices are those of
+    `class_names` (train/'s classes, which val/ may hold only some of). `samples[i]` is (path, class index), as
+    in torchvision's ImageFolder, made when asked for."""
+
+    def __init__(self, files, class_names, transform=None, resize_shorter_side=None):
+        if len(class_names) < 2:  # one class is always right: "100% top-1" that means nothing
+            raise UserError(f"{shown(files.root)} is read with {len(class_names)} class "
+                            f"({', '.join(map(shown, class_names))}): a classifier needs at least 2: give train/ and "
+                            "val/ one folder of images per class")
+        index_of = {name: i for i, name in enumerate(class_names)}
+        self.root, self.paths, self.classes, self.transform = files.root, files.paths, list(class_names), transform
+        self.resize_shorter_side = resize_shorter_side
+        self.targets = np.array([index_of[name] for name in files.classes], np.int64)[files.class_index]
+        self.samples = SampleView(self)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def path(self, index):
+        return os.path.join(self.root, os.fsdecode(self.paths[index]))
+
+    def __getitem__(self, index):
+        image = read_image(self.path(index), resize_shorter_side=self.resize_shorter_side)
+        target = int(self.targets[index])
+        return (self.transform(image) if self.transform is not None else image), target
+
+
+class SampleView:
+    """(path, class index) of sample i of an ImageFiles, made on demand: what `samples[i]` is in torchvision."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        return self.files.path(index), int(self.files.targets[index])
+
+
+class FileNames(SampleView):
+    """The path of sample i of an ImageFiles, made on demand."""
+
+    def __getitem__(self, index):
+        return super().__getitem__(index)[0]
+
+
+def list_cache(args):
+    """Where the train scripts keep the listing of the tree: --list-cache, else --output-dir; None (no cache) without
+    either, and for the eval script, which has neither flag."""
+    return getattr(args, "list_cache", None) or getattr(args, "output_dir", None)
+
+
+def image_folder(split_dir, class_names, transform=None, cache_dir=None, resize_shorter_side=None):
+    """The ImageFiles of a split folder whose class folders are all among `class_names`, listed by rank 0 alone
+    (and cached in `cache_dir`) and sent to the other ranks. `resize_shorter_side`: what `transform` resizes the
+    shorter side to, checked from each file's header before decoding."""
+    files = from_rank0(lambda: list_split(split_dir, cache_dir)[0])
+    unknown = sorted(set(files.classes) - set(class_names))
+    if unknown:
+        raise UserError(f"{shown(split_dir)} has class folders the model was not trained on: "
+                        f"{', '.join(map(shown, unknown[:5]))}: add them to train/ or remove them from val/")
+    return ImageFiles(files, class_names, transform, resize_shorter_side)
 
 
 def train_preset(args):
@@ -214,10 +470,10 @@ def train_sampler(dataset, args, env):
 
 
 def dataset_classes(args):
-    """Class names in label order: the sorted class folders of train/, or the synthetic shapes."""
+    """Class names in label order: the sorted class folders of train/ (found by rank 0), or the synthetic shapes."""
     if args.data_path is None:
         return list(SHAPES[:args.synthetic_classes])
-    return list_classes(os.path.join(args.data_path, "train"))
+    return from_rank0(lambda: list_classes(os.path.join(args.data_path, "train")))
 
 
 def random_batches(args, device, num_classes, size):
@@ -228,40 +484,52 @@ def random_batches(args, device, num_classes, size):
     return make_batch
 
 
-def device_loader(folder, args, env, device, train, seed=0, mixer=None):
-    """--data-backend gpu: workers read file bytes, the device decodes and augments whole batches."""
+def skips_bad_samples(bad_samples):
+    return bad_samples is not None and bad_samples.limit > 0
+
+
+def device_loader(folder, args, env, device, train, seed=0, mixer=None, bad_samples=None):
+    """--data-backend gpu: workers read file bytes, the device decodes and augments whole batches. With
+    `bad_samples` (training with --max-bad-samples), a file that cannot be read (in a worker) or decoded (on the
+    device) is replaced by a stand-in."""
     encoded = EncodedSamples(folder.samples, None if train else args.val_resize_size)
-    sampler = train_sampler(encoded, args, env) if train else ShardedEvalSampler(encoded, env.rank, env.world_size)
-    loader = DataLoader(encoded, batch_size=args.batch_size, num_workers=args.workers, sampler=sampler,
+    stand_ins = SkipBadSamples(encoded, seed, bad_samples.limit) if skips_bad_samples(bad_samples) else None
+    dataset = stand_ins or encoded
+    sampler = train_sampler(dataset, args, env) if train else ShardedEvalSampler(dataset, env.rank, env.world_size)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, sampler=sampler,
                         collate_fn=collate_encoded, drop_last=train, worker_init_fn=ignore_stop_signals)
     size = args.train_crop_size if train else args.val_crop_size
     crop_range = dict(scale=args.train_crop_scale, ratio=args.train_crop_ratio) if train else {}
-    preset = GpuPreset([path for path, _ in folder.samples], device, train, size, args.val_resize_size, MEAN, STD,
+    preset = GpuPreset(FileNames(folder), device, train, size, args.val_resize_size, MEAN, STD, stand_ins=stand_ins,
                        **crop_range)
-    return DeviceLoader(loader, preset, device, seed, after=mixer)
+    loader = DeviceLoader(loader, preset, device, seed, after=mixer)
+    return ReportedBatches(loader, bad_samples) if stand_ins else loader
 
 
-def load_train(args, env, device, class_names):
-    """The training loader; each rank reads its own 1/world_size of every epoch."""
+def load_train(args, env, device, class_names, bad_samples=None):
+    """The training loader; each rank reads its own 1/world_size of every epoch. With `bad_samples`
+    (common.data.BadSamples of --max-bad-samples), files that fail to load are replaced and reported there."""
     mixer = batch_mixer(args, len(class_names))
     if args.data_path is None:
         return synthetic_loader(*synthetic_split(args, "train", device), args, env, True, mixer)
     if args.data_backend != "pil" and (args.auto_augment or args.random_erase):
         raise UserError(f"--auto-augment and --random-erase run in the pil backend only: drop them or use "
                         f"--data-backend pil instead of {args.data_backend}")
-    folder = ImageFolderWithClasses(os.path.join(args.data_path, "train"), class_names, train_preset(args))
+    folder = image_folder(os.path.join(args.data_path, "train"), class_names, train_preset(args), list_cache(args))
     if args.data_backend == "gpu":
-        return device_loader(folder, args, env, device, True, args.seed, mixer)
+        return device_loader(folder, args, env, device, True, args.seed, mixer, bad_samples)
     if args.data_backend == "synthetic":
         sampler = train_sampler(folder, args, env)
         make_batch = random_batches(args, device, len(class_names), args.train_crop_size)
         return SyntheticBatches(make_batch, len(sampler) // args.batch_size, sampler, args.batch_size)
-    train_set = SeededSamples(folder, args.seed)
+    skipping = skips_bad_samples(bad_samples)
+    train_set = SeededSamples(SkipBadSamples(folder, args.seed, bad_samples.limit) if skipping else folder, args.seed)
     # No persistent workers: fresh workers each epoch take their seeds from the per-epoch RNG, which keeps
     # a resumed run identical to an uninterrupted one.
     loader = DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers,
                         pin_memory=device.type == "cuda", sampler=train_sampler(train_set, args, env), drop_last=True,
-                        worker_init_fn=ignore_stop_signals)
+                        worker_init_fn=ignore_stop_signals, collate_fn=collate_reported if skipping else None)
+    loader = ReportedBatches(loader, bad_samples) if skipping else loader
     return MixedBatches(loader, mixer) if mixer else loader
 
 
@@ -269,14 +537,9 @@ def load_val(args, env, device, class_names):
     """Validation loader whose labels index `class_names`; every sample lands on exactly one rank."""
     if args.data_path is None:
         return synthetic_loader(*synthetic_split(args, "val", device), args, env, False)
-    val_dir = os.path.join(args.data_path, "val")
-    unknown = sorted(set(list_classes(val_dir)) - set(class_names))
-    if unknown:
-        raise UserError(f"{val_dir} has class folders the model was not trained on: {', '.join(unknown[:5])}: "
-                        "add them to train/ or remove them from val/")
-    val_set = ImageFolderWithClasses(val_dir, class_names,
-                                     val_preset(args.val_resize_size, args.val_crop_size, args.interpolation),
-                                     resize_shorter_side=args.val_resize_size)
+    val_set = image_folder(os.path.join(args.data_path, "val"), class_names,
+                           val_preset(args.val_resize_size, args.val_crop_size, args.interpolation), list_cache(args),
+                           resize_shorter_side=args.val_resize_size)
     if args.data_backend == "gpu":
         return device_loader(val_set, args, env, device, train=False)
     return DataLoader(val_set, batch_size=args.batch_size, num_workers=args.workers,

@@ -7,6 +7,7 @@ the same fallback), for all images at once; a few roi_align calls over canvases 
 and resize the whole batch.
 """
 import io
+import itertools
 import math
 from typing import NamedTuple
 
@@ -16,11 +17,13 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from common.images import check_encoded_size, read_file_bytes, read_image
+from common.images import check_encoded_size, read_file_bytes, read_image, shown
+from common.log import SampleError
+from common.seeding import stand_in_index
 
 
 class EncodedSamples(Dataset):
-    """(file bytes, target, index) of each sample of a dataset with a `samples` list of (path, target).
+    """(file bytes, target, index) of each sample of a dataset with a `samples` sequence of (path, target).
     `resize_shorter_side`: what the preset resizes the shorter side to, checked from the file's header."""
 
     def __init__(self, samples, resize_shorter_side=None):
@@ -28,6 +31,9 @@ class EncodedSamples(Dataset):
 
     def __len__(self):
         return len(self.samples)
+
+    def path(self, index):
+        return self.samples[index % len(self.samples)][0]
 
     def __getitem__(self, index):
         index %= len(self.samples)  # RepeatedAugmentationSampler's copies: index + copy * len
@@ -39,8 +45,9 @@ class EncodedSamples(Dataset):
 
 
 def collate_encoded(batch):
-    encoded, targets, indices = zip(*batch)
-    return list(encoded), torch.as_tensor(targets), torch.as_tensor(indices)
+    """Lists of bytes, tensors of targets and indices, and SkipBadSamples' reports when the samples carry them."""
+    encoded, targets, indices, *reports = zip(*batch)
+    return (list(encoded), torch.as_tensor(targets), torch.as_tensor(indices), *map(list, reports))
 
 
 def is_jpeg(encoded):
@@ -221,19 +228,47 @@ def crop_resize(images, boxes, size):
 
 
 class GpuPreset:
-    """prepare(batch, generator) for common.device_loader.DeviceLoader: decode, crop, flip, normalise."""
+    """prepare(batch, generator) for common.device_loader.DeviceLoader: decode, crop, flip, normalise. `paths[i]`
+    names sample i in errors. With `stand_ins` (common.data.SkipBadSamples over the EncodedSamples of the
+    batches, --max-bad-samples), a file that does not decode is replaced as a worker replaces one it cannot read,
+    and the batch's reports gain it."""
 
     def __init__(self, paths, device, train, crop_size, resize_size, mean, std, scale=(0.08, 1.0),
-                 ratio=(3 / 4, 4 / 3)):
-        self.paths, self.device, self.train = paths, device, train
+                 ratio=(3 / 4, 4 / 3), stand_ins=None):
+        self.paths, self.device, self.train, self.stand_ins = paths, device, train, stand_ins
         self.crop_size, self.resize_size, self.scale, self.ratio = crop_size, resize_size, scale, ratio
         # Made once: a tensor built from a Python list is a host-to-device copy, which waits for the GPU.
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
 
+    def decode_or_stand_in(self, encoded, targets, indices):
+        """decode_batch; where a file does not decode, the stand-in SkipBadSamples' rule picks, and its report."""
+        try:
+            return decode_batch(encoded, [self.paths[i] for i in indices.tolist()], self.device), targets, ()
+        except SampleError:
+            pass  # once more, one image at a time, to find which
+        images, targets, reports = [], targets.clone(), []
+        for slot, (data, index) in enumerate(zip(encoded, indices.tolist())):
+            for failures in itertools.count(1):
+                try:
+                    images.append(decode_batch([data], [self.paths[index]], self.device)[0])
+                    break
+                except SampleError as e:
+                    reports.append((index, shown(self.paths[index]), str(e)))
+                    if failures > self.stand_ins.limit:
+                        raise
+                    data, targets[slot], index, unread = self.stand_ins[stand_in_index(self.stand_ins.seed, index,
+                                                                                       len(self.stand_ins))]
+                    reports += unread
+        return images, targets, tuple(reports)
+
     def __call__(self, batch, generator):
-        encoded, targets, indices = batch
-        images = decode_batch(encoded, [self.paths[i] for i in indices.tolist()], self.device)
+        encoded, targets, indices, *reports = batch
+        if self.stand_ins is None:
+            images = decode_batch(encoded, [self.paths[i] for i in indices.tolist()], self.device)
+        else:
+            images, targets, undecoded = self.decode_or_stand_in(encoded, targets, indices)
+            reports = [reports[0] + [undecoded]]
         heights = torch.tensor([image.shape[1] for image in images])
         widths = torch.tensor([image.shape[2] for image in images])
         if self.train:
@@ -244,4 +279,4 @@ class GpuPreset:
         if self.train:
             flip = (torch.rand(len(crops), generator=generator) < 0.5).to(self.device).view(-1, 1, 1, 1)
             crops = torch.where(flip, crops.flip(-1), crops)
-        return (crops - self.mean) / self.std, targets.to(self.device, non_blocking=True)
+        return ((crops - self.mean) / self.std, targets.to(self.device, non_blocking=True), *reports)

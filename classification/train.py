@@ -18,11 +18,11 @@ from classification.model import create_model, enable_grad_checkpointing
 from classification.pictures import confusion_matrix_image, prediction_grid
 from common.checkpoint import (Checkpointer, load_model_state, read_training_checkpoint, resume_path, state_dict_from,
                                trained_settings, unwrap)
-from common.data import default_workers, optimizer_steps_per_epoch, set_epoch
+from common.data import BadSamples, default_workers, optimizer_steps_per_epoch, set_epoch
 from common.distributed import check_sync_bn, data_parallel, init_distributed, sync_batch_norm
-from common.engine import configure_torch, evaluate, to_device, train_one_epoch
-from common.flags import (add_checkpoint_flags, add_optimisation_flags, add_precision_flags, non_negative_float,
-                          non_negative_int, positive_float, positive_int, probability)
+from common.engine import RunSteps, configure_torch, evaluate, to_device, train_one_epoch
+from common.flags import (add_bad_sample_flag, add_checkpoint_flags, add_optimisation_flags, add_precision_flags,
+                          non_negative_float, non_negative_int, positive_float, positive_int, probability)
 from common.images import MEAN, STD
 from common.log import (UserError, count_parameters, log_epoch, print0, print_run_end, print_run_start, run_cli,
                         start_output_dir, tensorboard_writer)
@@ -80,6 +80,10 @@ def get_args_parser():
         help="pil: decode and augment in DataLoader workers; gpu: workers read bytes, the device decodes (nvJPEG) "
         "and augments whole batches; synthetic: random batches on the device, to time the model step alone "
         "(default: pil)")
+    add("--list-cache", metavar="DIR", help="where the listing of --data-path's train/ and val/ is kept "
+        "(file_list_train.npz, file_list_val.npz): a restart lists again only the class folders that changed "
+        "(default: --output-dir; no cache without it)")
+    add_bad_sample_flag(group)
     add("--synthetic-train-size", type=positive_int, default=3_500,
         help="synthetic set: training images (default: 3500)")
     add("--synthetic-val-size", type=positive_int,
@@ -170,6 +174,9 @@ def finish_args(args):
         if low > high or (name == "train_crop_scale" and high > 1):
             raise UserError(f"--{name.replace('_', '-')} {low:g} {high:g}: give MIN <= MAX"
                             f"{', and an area fraction of at most 1' if name == 'train_crop_scale' else ''}")
+    if args.list_cache and os.path.exists(args.list_cache) and not os.path.isdir(args.list_cache):
+        raise UserError(f"--list-cache {args.list_cache} is a file: give a folder for the listing of the tree (it is "
+                        "made if missing)")
     if args.data_path is None and (args.auto_augment or args.random_erase or args.train_crop_scale != [0.08, 1.0]):
         print0("note: the synthetic set has its own augmentation; --auto-augment, --random-erase and "
                "--train-crop-scale/-ratio apply to --data-path only")
@@ -264,7 +271,8 @@ def main(args):
         return
 
     start_output_dir(args.output_dir, vars(args))  # claimed before anything is read from it or written
-    train_loader = load_train(args, env, device, class_names)
+    bad_samples = BadSamples(args.max_bad_samples, args.output_dir)  # files that fail to load mid-run
+    train_loader = load_train(args, env, device, class_names, bad_samples)
     steps_per_epoch = optimizer_steps_per_epoch(train_loader, args.batch_size, args.accum_steps)
     images_per_step = args.batch_size * args.accum_steps * env.world_size
     print0(f"{args.model}, {count_parameters(model):,} parameters; {len(train_loader.dataset)} training and "
@@ -285,8 +293,8 @@ def main(args):
     scaler = grad_scaler(device, precision, optimizer)
     checkpointer = Checkpointer(args.output_dir, env.is_main, model, optimizer, lr_scheduler, scaler,
                                 precision=precision, flags=vars(args), keep=args.keep_checkpoints,
-                                model_ema=model_ema, best_key="best_acc1", best_name="top-1", class_names=class_names,
-                                steps_per_epoch=steps_per_epoch)
+                                model_ema=model_ema, bad_samples=bad_samples, best_key="best_acc1", best_name="top-1",
+                                class_names=class_names, steps_per_epoch=steps_per_epoch)
     args.start_epoch, start_step = checkpointer.resume(resume_path(args.resume, args.output_dir), args.model,
                                                        SCHEDULE_ARGS)
 
@@ -298,30 +306,42 @@ def main(args):
     progress = ProgressLog(args.print_freq, env.world_size, writer)
     nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir, scaler)
     preemption = PreemptionSignal(device)
+    run = RunSteps(steps_per_epoch, args.epochs * steps_per_epoch, args.eval_interval)
+    by = "step" if args.eval_interval else "epoch"  # what log.jsonl's lines and TensorBoard's scalars follow
     for epoch in range(args.start_epoch, args.epochs):
-        skip = start_step if epoch == args.start_epoch else 0
-        set_epoch(train_loader, epoch, skip * args.accum_steps)
-        stats = train_one_epoch(
-            model, criterion, optimizer, lr_scheduler, scaler, train_loader, epoch, device=device, autocast=autocast,
-            progress=progress, nonfinite=nonfinite, memory_format=memory_format, seed=args.seed, rank=env.rank,
-            accum_steps=args.accum_steps, clip_grad_norm=args.clip_grad_norm, ema=model_ema, preemption=preemption,
-            checkpointer=checkpointer, checkpoint_interval=args.checkpoint_interval, start_step=skip)
-        if stats.pop("stopped"):  # by SIGTERM/SIGUSR1, its checkpoint saved: the same command resumes it
-            preemption.exit()
-        val, val_meter = validate_epoch(model, model_ema, val_loader, class_names, device, autocast, memory_format,
-                                        epoch, preemption)
-        if val is None:  # a signal during validation: the trained epoch is saved now; its validation reruns on resume
-            checkpointer.save(epoch, steps_per_epoch)
-            preemption.exit()
-        record = {"epoch": epoch, **stats, **val}
-        checkpointer.end_of_epoch(epoch, record.get("val_ema_acc1", val["val_acc1"]))  # with EMA, its weights are kept
-        log_epoch(record, args.output_dir, writer)
-        if writer is not None:
-            log_predictions(writer, unwrap(model), val_loader, class_names, device, autocast, memory_format, epoch)
+        start = start_step if epoch == args.start_epoch else 0
+        for stop in run.pauses(epoch, start, checkpointer.validated):  # the epoch's end, and any validation inside
+            set_epoch(train_loader, epoch, start * args.accum_steps)
+            stats = train_one_epoch(
+                model, criterion, optimizer, lr_scheduler, scaler, train_loader, epoch, device=device,
+                autocast=autocast, progress=progress, nonfinite=nonfinite, memory_format=memory_format, seed=args.seed,
+                rank=env.rank, accum_steps=args.accum_steps, clip_grad_norm=args.clip_grad_norm, ema=model_ema,
+                preemption=preemption, checkpointer=checkpointer, checkpoint_interval=args.checkpoint_interval,
+                start_step=start, end_step=stop)
+            if stats.pop("stopped"):  # by SIGTERM/SIGUSR1, its checkpoint saved: the same command resumes it
+                preemption.exit()
+            start, record = stop, {"epoch": epoch, "step": epoch * steps_per_epoch + stop, **stats}
+            if not run.validates_after(epoch, stop):  # an epoch's end between validations (--eval-interval)
+                checkpointer.save(epoch)
+                log_epoch(record, args.output_dir, writer, by)
+                continue
+            val, val_meter = validate_epoch(model, model_ema, val_loader, class_names, device, autocast,
+                                            memory_format, epoch if by == "epoch" else f"{epoch} step {stop}",
+                                            preemption)
+            if val is None:  # a signal during validation: the training is saved now; the validation reruns on resume
+                checkpointer.save(epoch, stop)
+                preemption.exit()
+            record.update(val)
+            checkpointer.save_validated(epoch, record.get("val_ema_acc1", val["val_acc1"]),  # with EMA, its weights
+                                        None if stop == run.epoch_end(epoch) else stop)
+            log_epoch(record, args.output_dir, writer, by)
+            if writer is not None:
+                log_predictions(writer, unwrap(model), val_loader, class_names, device, autocast, memory_format,
+                                record[by])
 
-    if writer is not None and args.start_epoch < args.epochs:  # what the last epoch confuses with what
+    if writer is not None and args.start_epoch < args.epochs:  # what the last validation confuses with what
         picture = confusion_matrix_image(val_meter.confusion.matrix.cpu(), class_names)
-        writer.add_image("val/confusion_matrix", pil_to_tensor(picture), args.epochs - 1)
+        writer.add_image("val/confusion_matrix", pil_to_tensor(picture), record[by])
     if writer is not None:
         writer.close()
     best = "none (no epoch evaluated)" if checkpointer.best is None else f"{checkpointer.best:.3f}"

@@ -267,43 +267,51 @@ def save_training(state, output_dir, is_best=False, keep=0):
 
 class Checkpointer:
     """Saves and restores everything a run needs to continue, as plain dicts and tensors (what weights_only
-    loading accepts): model, optimizer, LR schedule, scaler, EMA, position, the best score so far, the run's
-    flags, its precision, and `must_match` entries that a resumed run must have too (class names, palette, the
-    epoch's length in steps).
+    loading accepts): model, optimizer, LR schedule, scaler, EMA, position, whether the validation due there
+    has run, the best score so far, the run's flags, its precision, the bad samples met so far
+    (--max-bad-samples, with `bad_samples`, a common.data.BadSamples), and `must_match` entries that a resumed
+    run must have too (class names, palette, the epoch's length in steps).
 
-    save() runs on every rank (each checks the weights are finite) and writes on the main one only; with no
-    output_dir it only checks.
+    save() runs on every rank (each checks the weights are finite, and the ranks agree on the bad samples) and
+    writes on the main one only; with no output_dir it only checks.
     """
 
     def __init__(self, output_dir, is_main, model, optimizer, lr_scheduler, scaler, *, precision, flags,
-                 best_key, best_name, keep=0, model_ema=None, **must_match):
+                 best_key, best_name, keep=0, model_ema=None, bad_samples=None, **must_match):
         self.output_dir, self.is_main, self.keep, self.best_key = output_dir, is_main, keep, best_key
         self.best_name = best_name  # how the log names the score: top-1, mIoU
         self.model, self.optimizer, self.lr_scheduler, self.scaler = model, optimizer, lr_scheduler, scaler
         self.precision, self.flags, self.model_ema, self.must_match = precision, flags, model_ema, must_match
+        self.bad_samples = bad_samples
         self.best = None  # the first evaluated epoch is the best so far, whatever its score
+        self.validated = False  # of a resumed checkpoint: whether the validation due where it was saved has run
 
-    def state(self, epoch, step):
+    def state(self, epoch, step, validated=False):
         """`step` is the number of optimizer steps done in `epoch` for a checkpoint saved inside it, None at its end."""
         ema = self.model_ema
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "precision": self.precision, "epoch": epoch, "step": step, "args": dict(self.flags),
-                self.best_key: self.best, "model_ema": ema.module.state_dict() if ema is not None else None,
-                "model_ema_n_averaged": ema.n_averaged if ema is not None else None, **self.must_match}
+                "precision": self.precision, "epoch": epoch, "step": step, "validated": validated,
+                "args": dict(self.flags), self.best_key: self.best,
+                "model_ema": ema.module.state_dict() if ema is not None else None,
+                "model_ema_n_averaged": ema.n_averaged if ema is not None else None,
+                "bad_samples": self.bad_samples.state() if self.bad_samples is not None else [], **self.must_match}
 
-    def save(self, epoch, step=None, is_best=False):
+    def save(self, epoch, step=None, is_best=False, validated=False):
         """Without an output folder nothing is written, but a run whose weights went NaN still stops here."""
         models = [self.model] if self.model_ema is None else [self.model, self.model_ema]
         check_finite_weights(models, f"epoch {epoch}" + ("" if step is None else f" step {step}"), self.output_dir)
+        if self.bad_samples is not None:
+            self.bad_samples.agree()
         if self.output_dir and self.is_main:
-            save_training(self.state(epoch, step), self.output_dir, is_best, self.keep)
+            save_training(self.state(epoch, step, validated), self.output_dir, is_best, self.keep)
 
-    def end_of_epoch(self, epoch, score):
-        """Save the finished epoch, as best.pth too when `score` is the best so far; returns whether it was."""
+    def save_validated(self, epoch, score, step=None):
+        """Save after a validation, at the end of `epoch` or, with --eval-interval, `step` steps into it; as
+        best.pth too when `score` is the best so far. Returns whether it was."""
         is_best = self.best is None or score > self.best
         self.best = score if is_best else self.best
-        self.save(epoch, is_best=is_best)
+        self.save(epoch, step, is_best=is_best, validated=True)
         return is_best
 
     def resume(self, path, model_name, schedule_names):
@@ -339,6 +347,9 @@ class Checkpointer:
         if self.best_key not in checkpoint:
             print0(f"note: {path} holds no {self.best_key}: the best {self.best_name} starts over, and best.pth is "
                    "overwritten by the next evaluated epoch")
+        self.validated = checkpoint.get("validated", False)
+        if self.bad_samples is not None:
+            self.bad_samples.load_state(checkpoint.get("bad_samples"))
         epoch, step = checkpoint["epoch"], checkpoint.get("step")
         where = (epoch + 1, 0) if step is None else (epoch, step)
         best = "none yet" if self.best is None else f"{self.best:.2f}"

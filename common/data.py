@@ -1,4 +1,5 @@
-"""Which sample each rank sees, in which order, with which augmentation (common/seeding.py has the seeds).
+"""Which sample each rank sees, in which order, with which augmentation (common/seeding.py has the seeds), and
+what stands in for a sample whose file fails to load (--max-bad-samples).
 
 Training samplers can begin an epoch part-way, so a run resumed in the middle of an epoch replays exactly
 what an uninterrupted run does; the evaluation sampler counts every sample once under any number of processes.
@@ -9,10 +10,12 @@ import signal
 import threading
 
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+import torch.distributed as dist
+from torch.utils.data import Dataset, DistributedSampler, default_collate
 
-from common.log import UserError
-from common.seeding import sample_seed
+from common.images import shown
+from common.log import SampleError, UserError, is_main_process, launch_rank, print0
+from common.seeding import sample_seed, stand_in_index
 
 
 class ResumableSampler(DistributedSampler):
@@ -162,3 +165,135 @@ class TensorLoader:
         for b in range(len(self)):
             batch = indices[b * self.batch_size:(b + 1) * self.batch_size]
             yield self.transform(self.images[batch], self.labels[batch])
+
+
+class SkipBadSamples(Dataset):
+    """--max-bad-samples: dataset[index] and what went wrong, (*sample, reports). A sample whose file fails to load
+    (a SampleError) is replaced by a stand-in chosen from the seed and its index alone (common/seeding.py), so
+    every rank, worker and resumed run replaces it alike. `reports` holds (index, path, error) of each failure:
+    it travels with the batch to the main process, since DataLoader workers share no memory with it.
+
+    Past `limit` failures for one sample (stand-ins can fail too) the last error is raised."""
+
+    def __init__(self, dataset, seed, limit):
+        self.dataset, self.seed, self.limit = dataset, seed, limit
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def path(self, index):
+        return self.dataset.path(index)
+
+    def __getitem__(self, index):
+        index %= len(self.dataset)  # RepeatedAugmentationSampler's copies: index + copy * len
+        reports = []
+        while True:
+            try:
+                return (*self.dataset[index], tuple(reports))
+            except SampleError as e:
+                reports.append((index, shown(self.dataset.path(index)), str(e)))
+                if len(reports) > self.limit or len(self.dataset) < 2:
+                    raise
+                index = stand_in_index(self.seed, index, len(self.dataset))
+
+
+def collate_reported(batch):
+    """default_collate of SkipBadSamples' samples, with their reports beside them as a list."""
+    *samples, reports = zip(*batch)
+    return (*default_collate(list(zip(*samples))), list(reports))
+
+
+class BadSamples:
+    """The training samples of a run whose files failed to load and were replaced (--max-bad-samples N): each
+    counted once, however often it is met, on every rank together and across resumes (the checkpoint keeps
+    them). They are printed as they are met, and written to <output-dir>/bad_samples.txt at each agreement.
+
+    A rank stops at once when it alone sees more than N; the ranks agree on the whole count in agree(), which
+    the Checkpointer calls at every save, on every rank, before it writes the count down."""
+
+    FILE = "bad_samples.txt"
+
+    def __init__(self, limit, output_dir=None):
+        self.limit, self.output_dir = limit, output_dir
+        self.known = {}  # sample index -> (path, error), agreed by every rank
+        self.new = {}  # met by this rank since the last agreement
+
+    def record(self, reports):
+        """Note the failures a batch reports (one tuple of (index, path, error) per sample)."""
+        for index, path, error in (report for sample in reports for report in sample):
+            if index in self.known or index in self.new:
+                continue  # met before, in an earlier epoch or by another copy of --ra-sampler
+            self.new[index] = (path, error)
+            rank = launch_rank()
+            print(f"note{'' if rank == 0 else f' (rank {rank})'}: {error}; skipped, a stand-in sample is trained on "
+                  f"instead (bad sample {len(self.known) + len(self.new)} of at most {self.limit})", flush=True)
+            if len(self.known) + len(self.new) > self.limit:
+                if is_main_process():
+                    self.write({**self.known, **self.new})
+                raise SampleError(self.too_many(error, len(self.known) + len(self.new)))
+
+    def agree(self):
+        """Gather every rank's new failures (a collective: call it on every rank at the same points), write them
+        down, and stop every rank together past the limit."""
+        if not self.limit:
+            return
+        gathered = [self.new]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self.new)
+        merged = {index: report for new in gathered for index, report in new.items()}
+        for index in sorted(merged):  # the same order on every rank and in every run
+            self.known.setdefault(index, merged[index])
+        self.new = {}
+        if is_main_process():
+            self.write(self.known)
+        if len(self.known) > self.limit:
+            raise UserError(self.too_many(next(reversed(self.known.values()))[1], len(self.known)))
+
+    def too_many(self, error, count):
+        listed = f"; those met so far are in {os.path.join(self.output_dir, self.FILE)}" if self.output_dir else ""
+        return (f"{error} (bad sample {count} of this run, more than --max-bad-samples {self.limit} allows{listed}; "
+                "python tools/check_data.py with the same data flags finds every bad file at once)")
+
+    def write(self, known):
+        if not (self.output_dir and known):
+            return
+        path = os.path.join(self.output_dir, self.FILE)
+        with open(f"{path}.tmp.{os.getpid()}", "w") as f:
+            f.writelines(f"{report_path}\t{error}\n" for report_path, error in known.values())
+        os.replace(f"{path}.tmp.{os.getpid()}", path)
+
+    def state(self):
+        """For the checkpoint: plain lists, which weights_only loading reads."""
+        return [[index, path, error] for index, (path, error) in self.known.items()]
+
+    def load_state(self, state):
+        self.known = {index: (path, error) for index, path, error in state or []}
+        if self.limit and len(self.known) > self.limit:
+            raise UserError(f"the checkpoint counts {len(self.known)} bad samples, more than --max-bad-samples "
+                            f"{self.limit}: resume with --max-bad-samples {len(self.known)} or more")
+        if self.known:
+            print0(f"{len(self.known)} bad samples met before this resume count towards --max-bad-samples "
+                   f"{self.limit}")
+
+
+class ReportedBatches:
+    """A loader whose batches end with SkipBadSamples' reports: yields them without, after handing the reports to
+    the run's BadSamples in the training thread as each batch is trained on, not as the workers prefetch it, so
+    that a checkpoint counts exactly the batches it has trained."""
+
+    def __init__(self, loader, bad_samples):
+        self.loader, self.bad_samples = loader, bad_samples
+        self.sampler, self.dataset, self.batch_size = loader.sampler, loader.dataset, loader.batch_size
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        batches = iter(self.loader)  # made now, in the training thread, from the stream the loop just seeded
+        return self.reported(batches)
+
+    def reported(self, batches):
+        for *batch, reports in batches:
+            self.bad_samples.record(reports)
+            yield tuple(batch)

@@ -37,12 +37,17 @@ class DeviceLoader:
         first = getattr(self.sampler, "start", 0) // self.batch_size
         return batch_generator(self.seed, epoch, rank, first + batch_index)
 
+    def finish(self, prepared):
+        """`after` on the prepared images and targets; what else the batch carries (bad-sample reports) follows."""
+        images, targets, *rest = prepared
+        return (*self.after(images, targets), *rest)
+
     def __iter__(self):
         # The DataLoader's iterator is made here, when the training loop asks for it, in the training thread:
         # making it draws the workers' base seed from torch's global stream, which the loop has just seeded.
         batches = iter(self.loader)
         if self.device.type != "cuda" or not self.threaded:
-            return (self.after(*self.prepare(batch, self.generator(index))) for index, batch in enumerate(batches))
+            return (self.finish(self.prepare(batch, self.generator(index))) for index, batch in enumerate(batches))
         return self.prefetched(batches)
 
     def prefetched(self, batches):
@@ -70,11 +75,11 @@ class DeviceLoader:
             while (item := ready.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                (images, targets), done = item
+                prepared, done = item
                 torch.cuda.current_stream(self.device).wait_event(done)
-                for tensor in (images, targets):  # made on the side stream, used on the main one
+                for tensor in prepared[:2]:  # made on the side stream, used on the main one
                     tensor.record_stream(torch.cuda.current_stream(self.device))
-                yield self.after(images, targets)
+                yield self.finish(prepared)
         finally:
             stop.set()
             while worker.is_alive():  # unblock a producer waiting on a full queue

@@ -3,13 +3,14 @@
 The samplers that split data across ranks live in common/data.py."""
 import datetime
 import os
+import pickle
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from common.log import UserError
+from common.log import UserError, launch_rank
 
 
 @dataclass
@@ -94,6 +95,42 @@ def all_reduce_max(tensor):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def from_rank0(compute):
+    """compute() on rank 0 alone, its result sent to every rank (on gloo and NCCL alike): what one process can work
+    out for all, such as the listing of a data tree, is not repeated by each. A UserError on rank 0 is raised on
+    every rank, so that none waits for a result that never comes.
+
+    The result is pickled with its arrays out of band (pickle protocol 5), which are sent as tensors: the
+    listing of ImageNet's tree, some 50 MB of arrays, is not copied through pickle's bytes several times over."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return compute()
+    box, buffers = [None], []
+    if dist.get_rank() == 0:
+        try:
+            result = compute()
+            box = [("result", pickle.dumps(result, protocol=5, buffer_callback=buffers.append),
+                    [buffer.raw().nbytes for buffer in buffers])]
+        except Exception as e:
+            dist.broadcast_object_list([("error", e if isinstance(e, UserError) else None, [])], src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value, sizes = box[0]
+    if kind == "error":
+        # Plain UserError: only rank 0 prints it (a SampleError would be printed by every rank).
+        raise UserError(str(value) if value is not None else f"rank 0 failed (its traceback says why); rank "
+                        f"{launch_rank()} stops too")
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    received = []
+    for k, size in enumerate(sizes):
+        tensor = (torch.frombuffer(bytearray(buffers[k].raw()), dtype=torch.uint8) if buffers and size
+                  else torch.empty(size, dtype=torch.uint8))
+        if size:
+            tensor = tensor.to(device) if device is not None else tensor  # NCCL sends device tensors only
+            dist.broadcast(tensor, src=0)
+        received.append(tensor.cpu().numpy())
+    return result if dist.get_rank() == 0 else pickle.loads(value, buffers=received)
 
 
 def check_sync_bn(sync_bn, env, device):

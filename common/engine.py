@@ -6,6 +6,7 @@ that each helper object does in one call (common/progress.py, common/stopping.py
 """
 import os
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,33 @@ def to_device(batch, device, memory_format=torch.contiguous_format):
 def gradient_sync(model, last_micro_batch):
     """DDP all-reduces gradients in backward; with accumulation, only the last micro-batch needs it."""
     return nullcontext() if last_micro_batch or not hasattr(model, "no_sync") else model.no_sync()
+
+
+class RunSteps(NamedTuple):
+    """Where a run of `total` optimizer steps, `per_epoch` to an epoch, pauses to validate: every `eval_interval`
+    steps counted from its start (--eval-interval), or at each epoch's end when that is 0; and at its end."""
+    per_epoch: int
+    total: int
+    eval_interval: int = 0
+
+    def epoch_end(self, epoch):
+        """The steps done in `epoch` when it ends: all of them, or fewer where the run ends inside it (--iters)."""
+        return min(self.per_epoch, self.total - epoch * self.per_epoch)
+
+    def validates_after(self, epoch, step):
+        done = epoch * self.per_epoch + step
+        if done == self.total:
+            return True
+        return done % self.eval_interval == 0 if self.eval_interval else step == self.per_epoch
+
+    def pauses(self, epoch, start, resumed_validated=True):
+        """The steps of `epoch` after which training pauses, from step `start` on: each validation, and the
+        epoch's end. A run resumed at a step where a validation was due but had not run (a checkpoint saved when
+        a stop signal came) or at an epoch's end not yet closed pauses at once, at `start` itself."""
+        end = self.epoch_end(epoch)
+        due = start > 0 and (start == end or (self.validates_after(epoch, start) and not resumed_validated))
+        return [start] * due + [step for step in range(start + 1, end + 1)
+                                if step == end or self.validates_after(epoch, step)]
 
 
 def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, epoch, *, device, autocast,

@@ -65,7 +65,18 @@ def add_checkpoint_flags(group):
     add("--start-epoch", type=non_negative_int, default=0, help="first epoch (default: 0; set by --resume)")
     add("--checkpoint-interval", type=non_negative_int, default=0, metavar="STEPS",
         help="also save checkpoint.pth every STEPS optimizer steps inside an epoch (default: 0, at epoch ends only)")
+    add("--eval-interval", type=non_negative_int, default=0, metavar="STEPS",
+        help="validate every STEPS optimizer steps of the run, and at its end, instead of at each epoch's end; "
+        "best.pth, log.jsonl and TensorBoard follow (default: 0, at each epoch's end)")
     add("--keep-checkpoints", type=non_negative_int, default=0, metavar="N",
         help="keep checkpoint_epoch<E>.pth of the last N epochs besides checkpoint.pth and best.pth (default: 0)")
     add("--max-nonfinite-steps", type=positive_int, default=3, metavar="N",
         help="stop when the loss or gradients are NaN or Inf in N consecutive steps, which are skipped (default: 3)")
+
+
+def add_bad_sample_flag(group):
+    group.add_argument("--max-bad-samples", type=non_negative_int, default=0, metavar="N",
+                       help="training samples whose files fail to load (truncated, corrupt or unreadable images; "
+                       "masks that fail their checks) that the run replaces by other samples, listed in "
+                       "<output-dir>/bad_samples.txt; one more stops it (default: 0, the first stops it; "
+                       "tools/check_data.py finds them all before training)")

@@ -215,14 +215,16 @@ def print_run_end(started, result, output_dir):
     print0(f"done in {format_duration(time.perf_counter() - started)}: {result}; {where}")
 
 
-def log_epoch(record, output_dir, writer):
-    """One epoch's numbers: a line of DIR/log.jsonl, and each number as an epoch/<name> scalar in TensorBoard."""
+def log_epoch(record, output_dir, writer, by="epoch"):
+    """One epoch's numbers (with --eval-interval, those since the last line: at an epoch's end or a validation): a
+    line of DIR/log.jsonl, and each number as a <by>/<name> scalar in TensorBoard at the record's `by` (its epoch,
+    or its step: the run's optimizer steps done)."""
     if output_dir and is_main_process():
         append_jsonl(os.path.join(output_dir, "log.jsonl"), record)
     if writer is not None:
         for key, value in record.items():
-            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                writer.add_scalar(f"epoch/{key}", value, record["epoch"])
+            if key not in ("epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(f"{by}/{key}", value, record[by])
 
 
 def append_jsonl(path, record):

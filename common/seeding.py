@@ -18,6 +18,9 @@ does, and what makes a sample's augmentation independent of the DataLoader worke
     per-batch device augmentation          (seed, epoch, rank, batch index)   DeviceLoader: a torch.Generator of the
       (--data-backend gpu)                                                    batch's own, as it is prepared on a
                                                                               side thread one batch ahead
+    the stand-in for a file that fails     (seed, failed sample index)        SkipBadSamples (--max-bad-samples),
+      to load                                                                 GpuPreset: the same on any rank and
+                                                                              in any epoch
 
 A DataLoader worker's own stream is not covered (it depends on which worker gets which batch): nothing draws
 from it, which is why MixUp and CutMix run in the main process, not in the workers' collate function.
@@ -27,7 +30,7 @@ any size, ImageNet's 1.28 million sample indices among them, never share a seed 
 import numpy as np
 import torch
 
-_TAGS = {"epoch": 1, "step": 2, "sample": 3, "batch": 4}
+_TAGS = {"epoch": 1, "step": 2, "sample": 3, "batch": 4, "stand-in": 5}
 
 
 def derive_seed(stream, seed, *position):
@@ -51,3 +54,9 @@ def sample_seed(seed, epoch, index):
 
 def batch_generator(seed, epoch, rank, batch_index):
     return torch.Generator().manual_seed(derive_seed("batch", seed, epoch, rank, batch_index))
+
+
+def stand_in_index(seed, index, size):
+    """The sample that replaces sample `index` of a dataset of `size` when its file fails to load: another one."""
+    other = derive_seed("stand-in", seed, index) % (size - 1)
+    return other + (other >= index)  # every index but `index` itself, equally likely

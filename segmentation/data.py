@@ -8,8 +8,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from common.data import SeededSamples, ShardedEvalSampler, TensorLoader, ignore_stop_signals, training_sampler
+from common.data import (ReportedBatches, SeededSamples, ShardedEvalSampler, SkipBadSamples, TensorLoader,
+                         collate_reported, ignore_stop_signals, training_sampler)
 from common.device_loader import DeviceLoader, SyntheticBatches
+from common.distributed import from_rank0
 from common.images import MEAN, STD, NormalizeBytes
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
 from segmentation.datasets import DATASETS, IGNORE_INDEX
@@ -46,7 +48,10 @@ def load_dataset(args, split, decode_only=False):
     shorter_side = int(args.scale_range[1] * args.base_size) if split == "train" else args.base_size
     if split == "train" and args.voc_aug:  # validation stays on VOC's val (eval.py has no such flag)
         split = "train_aug"
-    dataset = DATASETS[args.dataset](args.data_path, split, transforms)
+    # Listed by rank 0 alone and sent to the others. Not cached: the largest of these layouts (ADE20K's 20,210
+    # training pairs in two flat folders) lists in well under a second, where ImageNet's tree takes minutes.
+    dataset = from_rank0(lambda: DATASETS[args.dataset](args.data_path, split))
+    dataset.transforms = transforms
     dataset.resize_shorter_side = shorter_side
     return dataset
 
@@ -56,8 +61,11 @@ def dataset_info(args):
     if args.data_path is None:
         names = ["background", *SHAPES[:args.synthetic_classes - 1]]
         return names, SYNTHETIC_PALETTE[:len(names)]
-    dataset = DATASETS[args.dataset](args.data_path, "val")
-    return dataset.class_names, dataset.palette
+
+    def of_val():
+        dataset = DATASETS[args.dataset](args.data_path, "val")
+        return dataset.class_names, dataset.palette
+    return from_rank0(of_val)
 
 
 def collate_lists(batch):
@@ -117,17 +125,20 @@ class DeviceTransform:
         self.device, self.normalize = device, NormalizeBytes(device)
 
     def __call__(self, batch, generator):
+        decoded_images, decoded_masks, *reports = batch  # and the bad-sample reports of SkipBadSamples, if any
         images, masks = [], []
-        for image, mask in zip(*batch):
+        for image, mask in zip(decoded_images, decoded_masks):
             params = draw_augmentation(*image.shape[-2:], self.base_size, self.crop_size, self.scale_range, generator)
             image, mask = augment(image.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True),
                                   params, self.crop_size)
             images.append(image)
             masks.append(mask)
-        return self.normalize(torch.stack(images)), torch.stack(masks).to(torch.int64)
+        return (self.normalize(torch.stack(images)), torch.stack(masks).to(torch.int64), *reports)
 
 
-def load_train(args, env, device):
+def load_train(args, env, device, bad_samples=None):
+    """The training loader. With `bad_samples` (common.data.BadSamples of --max-bad-samples), samples whose files
+    fail to load are replaced and reported there."""
     if args.data_path is None:
         return synthetic_loader(*synthetic_split(args, "train", device), args, env, train=True)
     if args.data_backend == "synthetic":
@@ -138,17 +149,24 @@ def load_train(args, env, device):
             return (torch.randn(args.batch_size, 3, *args.crop_size, device=device),
                     torch.randint(num_classes, (args.batch_size, *args.crop_size), device=device))
         return SyntheticBatches(make_batch, len(sampler) // args.batch_size, sampler, args.batch_size)
+    skipping = bad_samples is not None and bad_samples.limit > 0
     if args.data_backend == "gpu":
         decoded = load_dataset(args, "train", decode_only=True)  # the workers only decode
+        decoded = SkipBadSamples(decoded, args.seed, bad_samples.limit) if skipping else decoded
         loader = DataLoader(decoded, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_lists,
                             sampler=training_sampler(decoded, env, args.seed), drop_last=True,
                             worker_init_fn=ignore_stop_signals)
-        return DeviceLoader(loader, DeviceTransform(args, device), device, args.seed)
-    train_set = SeededSamples(load_dataset(args, "train"), args.seed)
+        loader = DeviceLoader(loader, DeviceTransform(args, device), device, args.seed)
+        return ReportedBatches(loader, bad_samples) if skipping else loader
+    dataset = load_dataset(args, "train")
+    train_set = SeededSamples(SkipBadSamples(dataset, args.seed, bad_samples.limit) if skipping else dataset,
+                              args.seed)
     # Not persistent: fresh workers each epoch take their seeds from the per-epoch RNG (exact resume).
-    return DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers,
-                      pin_memory=device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals,
-                      sampler=training_sampler(train_set, env, args.seed))
+    loader = DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers,
+                        pin_memory=device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals,
+                        sampler=training_sampler(train_set, env, args.seed),
+                        collate_fn=collate_reported if skipping else None)
+    return ReportedBatches(loader, bad_samples) if skipping else loader
 
 
 def load_val(args, env, device):

@@ -174,6 +174,10 @@ class SegmentationFiles(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.files)
 
+    def path(self, i):
+        """The image of sample i, which names it (in bad_samples.txt, say)."""
+        return self.files[i][0]
+
     def __getitem__(self, i):
         image_path, mask_path = self.files[i]
         image = read_image(image_path, resize_shorter_side=self.resize_shorter_side)

@@ -17,11 +17,11 @@ from torch import nn
 
 from common.checkpoint import (Checkpointer, load_model_state, read_training_checkpoint, resume_path, state_dict_from,
                                trained_settings, unwrap)
-from common.data import default_workers, optimizer_steps_per_epoch, set_epoch
+from common.data import BadSamples, default_workers, optimizer_steps_per_epoch, set_epoch
 from common.distributed import check_sync_bn, data_parallel, init_distributed, sync_batch_norm
-from common.engine import configure_torch, evaluate, to_device, train_one_epoch
-from common.flags import (add_checkpoint_flags, add_optimisation_flags, add_precision_flags, non_negative_float,
-                          non_negative_int, positive_float, positive_int)
+from common.engine import RunSteps, configure_torch, evaluate, to_device, train_one_epoch
+from common.flags import (add_bad_sample_flag, add_checkpoint_flags, add_optimisation_flags, add_precision_flags,
+                          non_negative_float, non_negative_int, positive_float, positive_int)
 from common.images import MEAN, STD
 from common.log import (UserError, count_parameters, log_epoch, print0, print_run_end, print_run_start, run_cli,
                         start_output_dir, tensorboard_writer)
@@ -81,6 +81,7 @@ def get_args_parser():
     add("--data-backend", default="pil", choices=["pil", "gpu", "synthetic"],
         help="pil: decode and augment in DataLoader workers; gpu: workers decode, the device rescales, crops, "
         "flips and normalises; synthetic: random batches on the device, to time the model step alone (default: pil)")
+    add_bad_sample_flag(group)
     add("--synthetic-train-size", type=positive_int, default=2_500,
         help="synthetic set: training images (default: 2500)")
     add("--synthetic-val-size", type=positive_int, help="synthetic set: validation images (default: 500)")
@@ -123,7 +124,7 @@ def get_args_parser():
     add("--lr-min", type=non_negative_float, default=0.0, help="cosineannealinglr: final learning rate (default: 0)")
     add_optimisation_flags(group, recipe)
 
-    add_eval_args(p.add_argument_group("evaluation (each epoch)"))
+    add_eval_args(p.add_argument_group("evaluation (each epoch, or every --eval-interval steps)"))
 
     group = p.add_argument_group("precision and speed")
     add_precision_flags(group)
@@ -284,7 +285,8 @@ def main(args):
                         "or more crops per process (or --sync-bn across GPUs): use -b 2 or more, and --accum-steps "
                         "to keep the effective batch")
     start_output_dir(args.output_dir, vars(args))  # claimed before anything is read from it or written
-    train_loader = load_train(args, env, device)
+    bad_samples = BadSamples(args.max_bad_samples, args.output_dir)  # files that fail to load mid-run
+    train_loader = load_train(args, env, device, bad_samples)
     steps_per_epoch = optimizer_steps_per_epoch(train_loader, args.batch_size, args.accum_steps)
     total_steps = args.iters or args.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)  # with --iters, the last one may stop early
@@ -302,8 +304,8 @@ def main(args):
     scaler = grad_scaler(device, precision, optimizer)
     checkpointer = Checkpointer(args.output_dir, env.is_main, model, optimizer, lr_scheduler, scaler,
                                 precision=precision, flags=vars(args), keep=args.keep_checkpoints,
-                                best_key="best_miou", best_name="mIoU", class_names=class_names, palette=palette,
-                                steps_per_epoch=steps_per_epoch)
+                                bad_samples=bad_samples, best_key="best_miou", best_name="mIoU",
+                                class_names=class_names, palette=palette, steps_per_epoch=steps_per_epoch)
     args.start_epoch, start_step = checkpointer.resume(resume_path(args.resume, args.output_dir), args.model,
                                                        SCHEDULE_ARGS)
 
@@ -315,30 +317,36 @@ def main(args):
     progress = ProgressLog(args.print_freq, env.world_size, writer)
     nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir, scaler)
     preemption = PreemptionSignal(device)
+    run = RunSteps(steps_per_epoch, total_steps, args.eval_interval)
+    by = "step" if args.eval_interval else "epoch"  # what log.jsonl's lines and TensorBoard's scalars follow
     for epoch in range(args.start_epoch, epochs):
-        skip = start_step if epoch == args.start_epoch else 0
-        end = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-        set_epoch(train_loader, epoch, skip * args.accum_steps)
-        stats = train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, train_loader, epoch,
-                                device=device, autocast=autocast, progress=progress, nonfinite=nonfinite,
-                                memory_format=memory_format, seed=args.seed, rank=env.rank,
-                                accum_steps=args.accum_steps, clip_grad_norm=args.clip_grad_norm,
-                                preemption=preemption, checkpointer=checkpointer,
-                                checkpoint_interval=args.checkpoint_interval, start_step=skip, end_step=end)
-        if stats.pop("stopped"):  # by SIGTERM/SIGUSR1, its checkpoint saved: the same command resumes it
-            preemption.exit()
-        val = validate(model, val_loader, class_names, device, autocast, memory_format, args, f"Epoch {epoch} val",
-                       preemption)
-        if val is None:  # a signal during validation: the trained epoch is saved now; its validation reruns on resume
-            checkpointer.save(epoch, end)
-            preemption.exit()
-        checkpointer.end_of_epoch(epoch, val["miou"])
-        record = {"epoch": epoch, **stats, "val_miou": val["miou"], "val_pixel_acc": val["pixel_acc"],
-                  "val_mean_acc": val["mean_acc"]}
-        log_epoch(record, args.output_dir, writer)
-        if writer is not None:
-            log_validation(writer, val, class_names, predictor_from_args(unwrap(model), args), val_loader, palette,
-                           device, autocast, epoch)
+        start = start_step if epoch == args.start_epoch else 0
+        for stop in run.pauses(epoch, start, checkpointer.validated):  # the epoch's end, and any validation inside
+            set_epoch(train_loader, epoch, start * args.accum_steps)
+            stats = train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, train_loader, epoch,
+                                    device=device, autocast=autocast, progress=progress, nonfinite=nonfinite,
+                                    memory_format=memory_format, seed=args.seed, rank=env.rank,
+                                    accum_steps=args.accum_steps, clip_grad_norm=args.clip_grad_norm,
+                                    preemption=preemption, checkpointer=checkpointer,
+                                    checkpoint_interval=args.checkpoint_interval, start_step=start, end_step=stop)
+            if stats.pop("stopped"):  # by SIGTERM/SIGUSR1, its checkpoint saved: the same command resumes it
+                preemption.exit()
+            start, record = stop, {"epoch": epoch, "step": epoch * steps_per_epoch + stop, **stats}
+            if not run.validates_after(epoch, stop):  # an epoch's end between validations (--eval-interval)
+                checkpointer.save(epoch)
+                log_epoch(record, args.output_dir, writer, by)
+                continue
+            val = validate(model, val_loader, class_names, device, autocast, memory_format, args,
+                           f"Epoch {epoch} val" if by == "epoch" else f"Epoch {epoch} step {stop} val", preemption)
+            if val is None:  # a signal during validation: the training is saved now; the validation reruns on resume
+                checkpointer.save(epoch, stop)
+                preemption.exit()
+            checkpointer.save_validated(epoch, val["miou"], None if stop == run.epoch_end(epoch) else stop)
+            record.update(val_miou=val["miou"], val_pixel_acc=val["pixel_acc"], val_mean_acc=val["mean_acc"])
+            log_epoch(record, args.output_dir, writer, by)
+            if writer is not None:
+                log_validation(writer, val, class_names, predictor_from_args(unwrap(model), args), val_loader,
+                               palette, device, autocast, record[by])
     if writer is not None:
         writer.close()
     best = "none (no epoch evaluated)" if checkpointer.best is None else f"{checkpointer.best:.2f}"

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from classification.data import ImageFolderWithClasses, list_classes
+from classification.data import image_folder, list_classes
 from common.log import UserError
 from conftest import TINY, evaluate, python, run, train, write_image, write_tree
 
@@ -179,7 +179,7 @@ def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path, capsys):
     write_image(data / "train" / "cat" / "._0.jpg")  # macOS resource fork
     assert list_classes(data / "train") == ["cat", "dog", "fox"]
     assert "note: hidden folders are not classes, skipped in " in capsys.readouterr().out
-    folder = ImageFolderWithClasses(data / "train", ["cat", "dog", "fox"], transform=None)
+    folder = image_folder(data / "train", ["cat", "dog", "fox"])
     assert [os.path.basename(path) for path, label in folder.samples if label == 0] == [f"{i}.jpg" for i in range(8)]
     assert "train: 2 hidden files or folders (names starting with '.')\n" in capsys.readouterr().out
 
@@ -189,7 +189,7 @@ def test_gif_and_jfif_are_images_and_other_files_are_counted(tmp_path, capsys):
     write_image(data / "train" / "cat" / "a.gif", fmt="GIF")
     write_image(data / "train" / "cat" / "b.JFIF", fmt="JPEG")
     (data / "train" / "cat" / "notes.txt").write_text("not an image")
-    folder = ImageFolderWithClasses(data / "train", ["cat", "dog", "fox"], transform=None)
+    folder = image_folder(data / "train", ["cat", "dog", "fox"])
     cat = [path for path, label in folder.samples if label == 0]
     assert [os.path.basename(path) for path in cat[:2]] == ["0.jpg", "1.jpg"] and len(cat) == 10
     assert {os.path.basename(path) for path in cat} >= {"a.gif", "b.JFIF"}
@@ -202,8 +202,8 @@ def test_sample_order_is_torchvisions(tmp_path):
     data = write_tree(tmp_path / "data")
     for sub in ("a", "a-b", "a/x"):
         write_image(data / "train" / "dog" / sub / "0.jpg")
-    ours = ImageFolderWithClasses(data / "train", ["cat", "dog", "fox"], transform=None).samples
-    assert ours == torchvision.datasets.ImageFolder(data / "train").samples
+    ours = image_folder(data / "train", ["cat", "dog", "fox"]).samples
+    assert list(ours) == torchvision.datasets.ImageFolder(data / "train").samples
 
 
 def test_a_single_class_is_refused(tmp_path):

@@ -33,6 +33,20 @@ def test_checkpoint_is_plain_and_loads_with_weights_only(trained_run):
     assert {"epoch", "train_loss", "lr", "val_acc1", "val_acc5", "epoch_time_s", "img_per_s"} <= set(records[0])
 
 
+def test_validation_every_n_steps_writes_a_line_and_keeps_the_best_at_each(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train(*TINY, "--epochs", "2", "--synthetic-train-size", "128", "--synthetic-val-size", "64", "--eval-interval", "3",
+          "--output-dir", tmp_path)
+    records = log_of(tmp_path)  # 4 steps an epoch: validations at 3, 6 and the end, 8; epoch 0 ends at 4
+    assert [(r["epoch"], r["step"], "val_acc1" in r) for r in records] == [
+        (0, 3, True), (0, 4, False), (1, 6, True), (1, 8, True)]
+    best_step = max((r for r in records if "val_acc1" in r), key=lambda r: r["val_acc1"])["step"]
+    best = torch.load(tmp_path / "best.pth", weights_only=True)
+    assert best["epoch"] * 4 + (best["step"] or 4) == best_step and best["validated"]
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert [e.step for e in events.Scalars("step/val_acc1")] == [3, 6, 8]
+
+
 def test_tensorboard_gets_every_step_and_the_confusion_matrix(trained_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(trained_run / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()

@@ -263,14 +263,14 @@ def test_segmentation_device_transform_keeps_labels_and_pads_with_ignore():
 
 def test_both_backends_take_the_crop_scale_and_ratio(tmp_path):
     from classification import train as script
-    from classification.data import ImageFolderWithClasses, device_loader, train_preset
+    from classification.data import device_loader, image_folder, train_preset
     from common.distributed import DistEnv
     data = write_tree(tmp_path / "data")
     args = script.finish_args(script.get_args_parser().parse_args(
         ["--data-path", str(data), "-j", "0", "--train-crop-scale", "0.5", "0.9", "--train-crop-ratio", "0.9", "1.5"]))
     crop = train_preset(args).transforms[0]
     assert isinstance(crop, v2.RandomResizedCrop) and (tuple(crop.scale), tuple(crop.ratio)) == ((0.5, 0.9), (0.9, 1.5))
-    folder = ImageFolderWithClasses(data / "train", ["cat", "dog", "fox"], None)
+    folder = image_folder(data / "train", ["cat", "dog", "fox"])
     preset = device_loader(folder, args, DistEnv(), torch.device("cpu"), train=True).prepare
     assert (tuple(preset.scale), tuple(preset.ratio)) == ((0.5, 0.9), (0.9, 1.5))
 

@@ -10,7 +10,7 @@ import torch
 
 from common.checkpoint import load_checkpoint
 from common.stopping import PREEMPTED_EXIT_CODE
-from conftest import ROOT, SEG_TINY, TINY, popen, python, run, torchrun, train, write_tree
+from conftest import ROOT, SEG_TINY, TINY, popen, python, run, torchrun, train, train_segmentation, write_tree
 
 # Deterministic kernels on one thread per process: runs compared bit for bit must add in the same order.
 CLASSIFICATION = [*TINY, "--synthetic-train-size", "256", "-b", "16", "--epochs", "2", "--print-freq", "1",
@@ -112,12 +112,17 @@ def test_sigkill_at_a_random_step_resumes_bitwise_with_two_processes(tmp_path):
     assert same_weights(tmp_path / "straight", killed)
 
 
-def test_classification_resumes_bitwise_mid_epoch_with_image_folder_workers(tmp_path):
-    # Real files through DataLoader workers: augmentation must not depend on which worker loads a sample.
+def test_classification_resumes_bitwise_mid_epoch_with_image_folder_workers_and_bad_files(tmp_path):
+    # Real files through DataLoader workers: augmentation must not depend on which worker loads a sample, and two
+    # files that fail to load (--max-bad-samples) are replaced alike, and counted once, in the resumed run.
     data = write_tree(tmp_path / "data", train_per_class=12)
+    good = (data / "train" / "dog" / "3.jpg").read_bytes()
+    (data / "train" / "dog" / "3.jpg").write_bytes(good[: len(good) // 3])
+    (data / "train" / "cat" / "5.jpg").write_bytes(b"")
     flags = ["--data-path", data, "--model", "resnet18", "--device", "cpu", "-b", "4", "-j", "2", "--epochs", "2",
              "--train-crop-size", "32", "--val-resize-size", "32", "--val-crop-size", "32", "--print-freq", "1",
-             "--checkpoint-interval", "3", "--use-deterministic-algorithms", "--resume", "auto"]
+             "--checkpoint-interval", "3", "--use-deterministic-algorithms", "--resume", "auto",
+             "--max-bad-samples", "2"]
     straight = python("classification/train.py", *flags, "--output-dir", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
     killed = tmp_path / "killed"
@@ -125,7 +130,11 @@ def test_classification_resumes_bitwise_mid_epoch_with_image_folder_workers(tmp_
               lambda line: line.startswith("saved") and "epoch 1 step 3)" in line, signal.SIGKILL)
     resumed = python("classification/train.py", *flags, "--output-dir", killed)
     assert resumed.returncode == 0 and "epoch 1 step" in resumed.stdout, resumed.stderr[-2000:]
+    assert "2 bad samples met before this resume count towards --max-bad-samples 2" in resumed.stdout
     assert same_weights(tmp_path / "straight", killed)
+    bad = [load_checkpoint(out / "checkpoint.pth")["bad_samples"] for out in (tmp_path / "straight", killed)]
+    assert bad[0] == bad[1] and len(bad[0]) == 2
+    assert (killed / "bad_samples.txt").read_text() == (tmp_path / "straight" / "bad_samples.txt").read_text()
 
 
 def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(tmp_path):
@@ -213,3 +222,47 @@ def test_a_nan_batch_is_skipped_and_the_scale_stays_one():
                     nonfinite=NonFiniteGuard(3, None, scaler))
     assert len(seen) == 3 and scaler.get_scale() == 1.0  # the NaN step skipped, the scale not halved
     assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def stop_signal_when(monkeypatch, module, name, when):
+    """Send this process a SIGTERM as `module.name(*args)` is called with `when(*args)` true (runs in this process)."""
+    real = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        if when(*args):
+            signal.raise_signal(signal.SIGTERM)  # the run's PreemptionSignal takes it
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapper)
+
+
+def test_validation_every_n_steps_follows_resumes_and_stops_exactly(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from common import engine
+    from segmentation import train as script
+    at = SEG_TINY.index("--epochs")
+    seg_tiny = SEG_TINY[:at] + SEG_TINY[at + 2:]  # --iters instead
+    # 16 steps an epoch: validations at steps 12, 24 (epoch 1 step 8), 36 and 40 (the end, in epoch 2)
+    flags = [*seg_tiny, "--iters", "40", "--eval-interval", "12", "--checkpoint-interval", "5",
+             "--use-deterministic-algorithms", "--resume", "auto"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train_segmentation(*flags, "--output-dir", straight)
+    with monkeypatch.context() as patch, pytest.raises(SystemExit, match=str(PREEMPTED_EXIT_CODE)):
+        stop_signal_when(patch, script, "validate", lambda *args: args[7] == "Epoch 1 step 8 val")
+        train_segmentation(*flags, "--output-dir", stopped)  # stopped during the validation at step 24
+    checkpoint = load_checkpoint(stopped / "checkpoint.pth")
+    assert (checkpoint["epoch"], checkpoint["step"], checkpoint["validated"]) == (1, 8, False)
+    with monkeypatch.context() as patch, pytest.raises(SystemExit, match=str(PREEMPTED_EXIT_CODE)):
+        stop_signal_when(patch, engine, "seed_step", lambda seed, epoch, step, rank: (epoch, step) == (1, 13))
+        train_segmentation(*flags, "--output-dir", stopped)  # validates step 24 first, then stops between validations
+    assert (load_checkpoint(stopped / "checkpoint.pth")["step"]) == 14
+    train_segmentation(*flags, "--output-dir", stopped)
+    assert same_weights(straight, stopped)
+    validations = [[(r["step"], r["val_miou"]) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+                    if "val_miou" in r] for out in (straight, stopped)]
+    assert validations[0] == validations[1] and [step for step, _ in validations[0]] == [12, 24, 36, 40]
+    best_step = max(validations[0], key=lambda v: v[1])[0]  # the first of equal scores stays best
+    best = load_checkpoint(straight / "best.pth")
+    assert best["epoch"] * 16 + (best["step"] or 8) == best_step  # step None: the end of epoch 2, at 8 steps
+    events = EventAccumulator(str(straight / "tb")).Reload()
+    assert [event.step for event in events.Scalars("step/val_miou")] == [12, 24, 36, 40]

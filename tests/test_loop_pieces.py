@@ -64,8 +64,8 @@ def test_the_first_epoch_is_best_even_at_zero_score(tmp_path):
     scaler = grad_scaler(torch.device("cpu"), "float32", optimizer)
     checkpointer = Checkpointer(tmp_path, True, model, optimizer, scheduler, scaler, precision="float32", flags={},
                                 best_key="best_acc1", best_name="top-1")
-    assert checkpointer.end_of_epoch(0, 0.0)
+    assert checkpointer.save_validated(0, 0.0)
     assert (tmp_path / "best.pth").exists()
-    assert not checkpointer.end_of_epoch(1, 0.0)
+    assert not checkpointer.save_validated(1, 0.0)
     assert load_checkpoint(tmp_path / "best.pth")["epoch"] == 0
     assert load_checkpoint(tmp_path / "checkpoint.pth")["precision"] == "float32"

@@ -370,8 +370,8 @@ def test_iters_end_the_schedule_and_the_run_at_step_n_and_resume_exactly(tmp_pat
     from segmentation import train as script
     real_save = script.Checkpointer.save
 
-    def save(self, epoch, step=None, is_best=False):  # keeps the mid-epoch checkpoint of the partial last epoch
-        real_save(self, epoch, step, is_best)
+    def save(self, epoch, step=None, **kwargs):  # keeps the mid-epoch checkpoint of the partial last epoch
+        real_save(self, epoch, step, **kwargs)
         if (epoch, step) == (2, 4):
             shutil.copy(tmp_path / "run" / "checkpoint.pth", tmp_path / "mid.pth")
     monkeypatch.setattr(script.Checkpointer, "save", save)

@@ -1,0 +1,188 @@
+"""Find every bad file of a data set before training: decode each image once (and for segmentation each mask, with
+the checks training makes), on all cores, and report them all in one run with their counts per class or city.
+
+    python tools/check_data.py --data-path /data/imagenet                        # an ImageFolder tree: train/, val/
+    python tools/check_data.py --dataset cityscapes --data-path /data/cityscapes  # a segmentation layout
+
+It takes the train scripts' data flags (--data-path, --dataset, --voc-aug, -j, --list-cache, --output-dir; any other
+flag of a training command is ignored, so that command's flags can be pasted as they are). Exit status 0: every
+file is good; 1: bad files, each on a line `bad: ...` naming it; 2: the layout itself is wrong (one `error:` line).
+"""
+import argparse
+import bisect
+import itertools
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+
+from classification.data import list_split
+from common.flags import non_negative_int
+from common.images import read_image, shown
+from common.log import SampleError, run_cli
+from segmentation.datasets import DATASETS, check_same_size, read_mask_values
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--data-path", required=True, help="the tree training reads: an ImageFolder root, or with --dataset its layout")
+    add("--dataset", choices=sorted(DATASETS), help="segmentation: the layout of --data-path (default: an ImageFolder "
+        "tree for classification)")
+    add("--voc-aug", action="store_true", default=None, help="VOC: check the SBD augmented training set too")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    add("-j", "--workers", type=non_negative_int, default=cores,
+        help=f"processes that decode (default: {cores}, every core; 0: this process alone)")
+    add("--list-cache", metavar="DIR", help="classification: read and refresh the train scripts' listing cache here")
+    add("--output-dir", help="classification: the cache's default place, as in the train scripts")
+    return p
+
+
+class Samples:
+    """The samples of a few splits, numbered one after the other: item k is sample k - start of its split. (No
+    list of them: the workers would copy it, page by page, as they read it.)"""
+
+    def __init__(self, splits, sizes):
+        self.splits, self.starts = splits, [0, *itertools.accumulate(sizes)]
+
+    def __len__(self):
+        return self.starts[-1]
+
+    def locate(self, item):
+        """(split index, sample index) of an item."""
+        split = bisect.bisect_right(self.starts, item) - 1
+        return split, item - self.starts[split]
+
+    def split_of(self, item):
+        return self.splits[self.locate(item)[0]][0]
+
+
+class ImageFolderCheck(Samples):
+    """Each image of the train/ and val/ splits of an ImageFolder tree, decoded; grouped by class folder."""
+
+    def __init__(self, data_path, cache_dir):
+        splits, self.problems = [], []
+        for split in ("train", "val"):
+            files, listed = list_split(os.path.join(data_path, split), cache_dir, strict=False)
+            splits.append((split, files))
+            for name, found in zip(files.classes, listed):  # names that are no regular file: reported, not read
+                self.problems += [(split, name, str(error)) for error in found.not_files]
+        super().__init__(splits, [len(files.paths) for _, files in splits])
+
+    def group(self, item):
+        split, index = self.locate(item)
+        files = self.splits[split][1]
+        return files.classes[files.class_index[index]]
+
+    def check(self, item):
+        split, index = self.locate(item)
+        files = self.splits[split][1]
+        try:
+            read_image(os.path.join(files.root, os.fsdecode(files.paths[index])))
+            return []
+        except SampleError as e:
+            return [str(e)]
+
+
+class SegmentationCheck(Samples):
+    """Each image and mask of a segmentation layout's splits, read with training's checks (mask mode, values, the
+    image's size); grouped by city for Cityscapes, else by split."""
+
+    def __init__(self, name, data_path, voc_aug):
+        splits = [(split, DATASETS[name](data_path, split)) for split in ("train_aug" if voc_aug else "train", "val")]
+        super().__init__(splits, [len(dataset) for _, dataset in splits])
+        self.by_city, self.problems = name == "cityscapes", []
+
+    def group(self, item):
+        split, index = self.locate(item)
+        image = self.splits[split][1].files[index][0]
+        return os.path.basename(os.path.dirname(image)) if self.by_city else self.splits[split][0]
+
+    def check(self, item):
+        split, index = self.locate(item)
+        dataset = self.splits[split][1]
+        (image_path, mask_path), errors, image, values = dataset.files[index], [], None, None
+        try:
+            image = read_image(image_path)
+        except SampleError as e:
+            errors.append(str(e))
+        try:
+            values = read_mask_values(mask_path)
+            dataset.label_maps[index](values, mask_path)
+        except SampleError as e:
+            errors.append(str(e))
+        if image is not None and values is not None:
+            try:
+                check_same_size(image, image_path, values, mask_path)
+            except SampleError as e:
+                errors.append(str(e))
+        return errors
+
+
+_checker = None  # the check of each worker process, given once when it starts
+
+
+def _start_worker(checker):
+    global _checker
+    _checker = checker
+
+
+def _check_items(items):
+    return [(item, error) for item in items for error in _checker.check(item)]
+
+
+def check_all(checker, workers):
+    """(item, error) of every bad file, in the checker's order."""
+    chunks = [range(start, min(start + 64, len(checker))) for start in range(0, len(checker), 64)]
+    if workers == 0:
+        _start_worker(checker)
+        return [bad for chunk in chunks for bad in _check_items(chunk)]
+    # fork where there is one: the workers get the listing without copying it.
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    with context.Pool(workers, initializer=_start_worker, initargs=(checker,)) as pool:
+        found = [bad for part in pool.imap_unordered(_check_items, chunks) for bad in part]
+    return sorted(found)
+
+
+def main(args):
+    started = time.perf_counter()
+    if args.dataset:
+        checker = SegmentationCheck(args.dataset, args.data_path, args.voc_aug)
+        what = "images and masks"
+    else:
+        checker = ImageFolderCheck(args.data_path, args.list_cache or args.output_dir)
+        what = "images"
+    print(f"checking {len(checker):,} samples ({what}) with {args.workers or 1} processes", flush=True)
+    bad = check_all(checker, args.workers)
+    problems = checker.problems + [(checker.split_of(item), checker.group(item), error) for item, error in bad]
+    for _, _, error in problems:
+        print(f"bad: {error}")
+    for s, (split, _) in enumerate(checker.splits):
+        total = checker.starts[s + 1] - checker.starts[s]
+        counts = Counter(group for where, group, _ in problems if where == split)
+        listed = ", ".join(f"{shown(group)} {count}" for group, count in sorted(counts.items()))
+        print(f"{split}: {total:,} samples, {sum(counts.values())} bad files{f' ({listed})' if listed else ''}")
+    took = f"in {time.perf_counter() - started:.1f} s"
+    if problems:
+        in_training = sum(where == checker.splits[0][0] for where, _, _ in problems)
+        pairs = " (an image together with its mask)" if args.dataset else ""
+        skip = (f"; training can instead skip the {in_training} of its split with --max-bad-samples {in_training}, "
+                "validation stops on its own" if in_training else "")
+        print(f"{len(problems)} bad files {took}: replace or delete each one{pairs}{skip}")
+        raise SystemExit(1)
+    print(f"every file is good {took}")
+
+
+def parse_args(argv=None):
+    """This tool's flags; a training command's other flags are ignored, in a note."""
+    known, ignored = get_args_parser().parse_known_args(argv)
+    if ignored:
+        print(f"note: flags that do not choose the data are ignored: {' '.join(ignored)}")
+    return known
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args())
