@@ -29,7 +29,7 @@ class EncodedSamples(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
-        index %= len(self.samples)  # RepeatedAugmentationSampler's copies: index + copy * len
+        index %= len(self.samples)  # repeated augmentation's copies: index + copy * len
         path, target = self.samples[index]
         # Regular files only, read up to their size: a FIFO would block and /dev/zero never end.
         return torch.frombuffer(bytearray(read_file_bytes(path)), dtype=torch.uint8), target, index
