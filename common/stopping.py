@@ -133,31 +133,32 @@ class StallWatchdog:
     it was doing, ends its DataLoader workers, and exits with STALLED_EXIT_CODE, which a launcher answers by
     starting the run again with --resume auto: checkpoints are written atomically, so the last one is whole.
 
-    It watches only while the function that made it runs: once that has returned or raised (a run called
-    in-process, as the tests do), the thread ends.
+    It watches only while the function that made it runs (its code is on the stack of the thread that made
+    it) and no later watchdog was made: a run called in-process, as the tests do, ends its watchdog when it
+    returns or raises. It keeps no reference to that function's frame, which would keep the model alive.
     """
+
+    latest = None  # the watchdog of the run in progress
 
     def __init__(self, timeout_s, rank):
         self.timeout_s, self.rank, self.last_beat = timeout_s, rank, None
+        StallWatchdog.latest = self
         if timeout_s:
-            self.thread_id, self.owner = threading.get_ident(), sys._getframe(1)
+            self.thread_id, self.owner = threading.get_ident(), sys._getframe(1).f_code
             threading.Thread(target=self.watch, name="stall watchdog", daemon=True).start()
 
     def beat(self):
         self.last_beat = time.monotonic()
 
     def watch(self):
-        while True:
-            time.sleep(min(1.0, self.timeout_s / 4))
-            if not self.owner_runs():
-                self.owner = None
-                return
+        while StallWatchdog.latest is self and self.owner_runs():
             if self.last_beat is not None and time.monotonic() - self.last_beat > self.timeout_s:
                 self.stop_the_rank()
+            time.sleep(min(1.0, self.timeout_s / 4))
 
     def owner_runs(self):
         frame = sys._current_frames().get(self.thread_id)
-        while frame is not None and frame is not self.owner:
+        while frame is not None and frame.f_code is not self.owner:
             frame = frame.f_back
         return frame is not None
 
