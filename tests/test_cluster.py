@@ -307,3 +307,20 @@ def test_resuming_with_another_global_batch_is_refused_and_any_layout_of_the_sam
 def test_a_global_batch_this_start_cannot_keep_is_refused(flags, says):
     with pytest.raises(UserError, match=re.escape(says)):
         train(*TINY, *flags)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_dist_timeout_is_the_process_groups_timeout(task, monkeypatch):
+    from importlib import import_module
+    script = import_module(f"{task}.train")
+    asked = []
+
+    def init_distributed(device, timeout_minutes):  # records what the script asks for, and stops it there
+        asked.append(timeout_minutes)
+        raise UserError("stop")
+
+    monkeypatch.setattr(script, "init_distributed", init_distributed)
+    args = script.finish_args(script.get_args_parser().parse_args(["--device", "cpu", "--dist-timeout", "2.5"]))
+    with pytest.raises(UserError, match="stop"):
+        script.main(args)
+    assert asked == [2.5]
