@@ -466,7 +466,7 @@ def synthetic_loader(images, labels, args, env, train, mixer=None):
 
 
 def train_sampler(dataset, args, env):
-    return training_sampler(dataset, env, args.seed, args.ra_reps if args.ra_sampler else 0)
+    return training_sampler(dataset, env, args, args.ra_reps if args.ra_sampler else 0)
 
 
 def dataset_classes(args):

@@ -36,7 +36,7 @@ class EncodedSamples(Dataset):
         return self.samples[index % len(self.samples)][0]
 
     def __getitem__(self, index):
-        index %= len(self.samples)  # RepeatedAugmentationSampler's copies: index + copy * len
+        index %= len(self.samples)  # repeated augmentation's copies: index + copy * len
         path, target = self.samples[index]
         # Regular files only, read up to their size: a FIFO would block and /dev/zero never end.
         data = read_file_bytes(path)

@@ -18,7 +18,7 @@ from classification.model import create_model, enable_grad_checkpointing
 from classification.pictures import confusion_matrix_image, prediction_grid
 from common.checkpoint import (Checkpointer, load_model_state, read_training_checkpoint, resume_path, state_dict_from,
                                trained_settings, unwrap)
-from common.data import BadSamples, default_workers, optimizer_steps_per_epoch, set_epoch
+from common.data import BadSamples, batch_layout, default_workers, optimizer_steps_per_epoch, set_epoch
 from common.distributed import check_sync_bn, data_parallel, init_distributed, sync_batch_norm
 from common.engine import RunSteps, configure_torch, evaluate, to_device, train_one_epoch
 from common.flags import (add_bad_sample_flag, add_checkpoint_flags, add_optimisation_flags, add_precision_flags,
@@ -30,7 +30,7 @@ from common.metrics import ClassificationMeter
 from common.optim import EMA, create_lr_scheduler, create_optimizer, param_groups
 from common.precision import autocast_context, grad_scaler, precision_from_flags
 from common.progress import ProgressLog
-from common.stopping import NonFiniteGuard, PreemptionSignal, stop_at_once_until_training
+from common.stopping import NonFiniteGuard, PreemptionSignal, StallWatchdog, stop_at_once_until_training
 
 # Defaults that depend on the data. Real data gets torchvision's ResNet-50 V1 recipe (76.1% top-1 published,
 # with 8 GPUs x 32 images); the synthetic set gets a small recipe that finishes on a laptop CPU, with AdamW
@@ -139,10 +139,10 @@ def get_args_parser():
 
 # A checkpoint's LR schedule was laid out, step by step, and its epochs' data order drawn, for these values,
 # and its optimizer state belongs to --opt; resuming with others would silently follow the old curve or
-# another order, so they must match.
+# another order, so they must match. The global batch must match too, as a product: processes x -b x
+# --accum-steps may be laid out anew (common/checkpoint.py).
 SCHEDULE_ARGS = ("opt", "epochs", "lr", "head_lr", "lr_scheduler", "lr_step_size", "lr_gamma", "lr_min",
-                 "lr_warmup_epochs", "lr_warmup_method", "lr_warmup_decay", "batch_size", "accum_steps", "world_size",
-                 "seed", "ra_sampler", "ra_reps")
+                 "lr_warmup_epochs", "lr_warmup_method", "lr_warmup_decay", "seed", "ra_sampler", "ra_reps")
 
 
 # What --test-only --resume takes from the checkpoint unless given: the model and the validation images.
@@ -183,26 +183,27 @@ def finish_args(args):
     return args
 
 
-def validate(model, val_loader, class_names, device, autocast, memory_format, name, preemption=None):
+def validate(model, val_loader, class_names, device, autocast, memory_format, name, preemption=None, watchdog=None):
     """(summary, meter) of one evaluation; (None, None) when a stop signal came during it."""
     meter = ClassificationMeter(len(class_names), device)
-    if evaluate(model, val_loader, meter, device, autocast, memory_format, preemption) is None:
+    if evaluate(model, val_loader, meter, device, autocast, memory_format, preemption, watchdog) is None:
         return None, None
     summary = meter.summary()
     print0(f"{name}: top-1 {summary['acc1']:.3f}  top-5 {summary['acc5']:.3f}  on {summary['num_samples']} images")
     return summary, meter
 
 
-def validate_epoch(model, model_ema, val_loader, class_names, device, autocast, memory_format, epoch, preemption):
+def validate_epoch(model, model_ema, val_loader, class_names, device, autocast, memory_format, epoch, preemption,
+                   watchdog):
     """The epoch's validation numbers (of the EMA weights too) and the model's meter; (None, None) on a stop."""
     val, meter = validate(model, val_loader, class_names, device, autocast, memory_format, f"Epoch {epoch} val",
-                          preemption)
+                          preemption, watchdog)
     if val is None:
         return None, None
     record = {"val_acc1": val["acc1"], "val_acc5": val["acc5"]}
     if model_ema is not None:
         ema, _ = validate(model_ema, val_loader, class_names, device, autocast, memory_format,
-                          f"Epoch {epoch} EMA val", preemption)
+                          f"Epoch {epoch} EMA val", preemption, watchdog)
         if ema is None:
             return None, None
         record.update(val_ema_acc1=ema["acc1"], val_ema_acc5=ema["acc5"])
@@ -253,8 +254,10 @@ def log_predictions(writer, model, val_loader, class_names, device, autocast, me
 
 
 def main(args):
-    env, device = init_distributed(args.device, backend=args.dist_backend)
+    env, device = init_distributed(args.device, args.dist_timeout, args.dist_backend)
     args.world_size = env.world_size
+    layout = batch_layout(env, args)  # with --global-batch, the --accum-steps that keeps it on these processes
+    args.accum_steps = layout.accum_steps
     started = print_run_start(env, device)
     configure_torch(device, args.seed, args.use_deterministic_algorithms)
     precision = precision_from_flags(args.amp, args.amp_dtype)
@@ -306,18 +309,19 @@ def main(args):
     progress = ProgressLog(args.print_freq, env.world_size, writer)
     nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir, scaler)
     preemption = PreemptionSignal(device)
+    watchdog = StallWatchdog(args.stall_timeout, env.rank)
     run = RunSteps(steps_per_epoch, args.epochs * steps_per_epoch, args.eval_interval)
     by = "step" if args.eval_interval else "epoch"  # what log.jsonl's lines and TensorBoard's scalars follow
     for epoch in range(args.start_epoch, args.epochs):
         start = start_step if epoch == args.start_epoch else 0
         for stop in run.pauses(epoch, start, checkpointer.validated):  # the epoch's end, and any validation inside
-            set_epoch(train_loader, epoch, start * args.accum_steps)
+            set_epoch(train_loader, epoch, start)
             stats = train_one_epoch(
                 model, criterion, optimizer, lr_scheduler, scaler, train_loader, epoch, device=device,
                 autocast=autocast, progress=progress, nonfinite=nonfinite, memory_format=memory_format, seed=args.seed,
-                rank=env.rank, accum_steps=args.accum_steps, clip_grad_norm=args.clip_grad_norm, ema=model_ema,
-                preemption=preemption, checkpointer=checkpointer, checkpoint_interval=args.checkpoint_interval,
-                start_step=start, end_step=stop)
+                layout=layout, clip_grad_norm=args.clip_grad_norm, ema=model_ema, preemption=preemption,
+                checkpointer=checkpointer, checkpoint_interval=args.checkpoint_interval, start_step=start,
+                end_step=stop, watchdog=watchdog)
             if stats.pop("stopped"):  # by SIGTERM/SIGUSR1, its checkpoint saved: the same command resumes it
                 preemption.exit()
             start, record = stop, {"epoch": epoch, "step": epoch * steps_per_epoch + stop, **stats}
@@ -327,7 +331,7 @@ def main(args):
                 continue
             val, val_meter = validate_epoch(model, model_ema, val_loader, class_names, device, autocast,
                                             memory_format, epoch if by == "epoch" else f"{epoch} step {stop}",
-                                            preemption)
+                                            preemption, watchdog)
             if val is None:  # a signal during validation: the training is saved now; the validation reruns on resume
                 checkpointer.save(epoch, stop)
                 preemption.exit()

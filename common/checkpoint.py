@@ -188,6 +188,29 @@ def check_same_schedule(trained_flags, flags, names, path):
                               f"its weights with --weights {path}")
 
 
+def check_same_global_batch(trained_flags, flags, path):
+    """The schedule counts optimizer steps and each step takes the next global batch of the epoch's order, so any
+    layout of processes x -b x --accum-steps with the checkpoint's product goes on where it stopped
+    (common/data.py's BatchLayout); another product would take other samples in other steps."""
+    def factors(f):
+        return f.get("world_size", 1), f["batch_size"], f.get("accum_steps") or 1
+
+    def described(n, b, a):
+        return f"{n * b * a} images ({n} process{'es' if n > 1 else ''} x -b {b} x --accum-steps {a})"
+
+    if trained_flags.get("batch_size") is None or flags.get("batch_size") is None:
+        return
+    (n, b, a), (m, b2, a2) = factors(trained_flags), factors(flags)
+    trained = n * b * a
+    if trained == m * b2 * a2:
+        return
+    fix = f"--accum-steps {trained // (m * b2)} here, or " if trained % (m * b2) == 0 else ""
+    raise CheckpointError(f"cannot resume from {path}: it was trained with a global batch of {described(n, b, a)}, "
+                          f"this run has {described(m, b2, a2)}. Keep the product: {fix}--global-batch {trained}, "
+                          "which sets --accum-steps for any number of processes that, times -b, divides it; or start "
+                          f"a new run from its weights with --weights {path}")
+
+
 def recorded_precision(checkpoint):
     """The precision a checkpoint was trained in; one written before that was recorded says it by its flags."""
     if "precision" in checkpoint:
@@ -332,6 +355,7 @@ class Checkpointer:
         for group in self.optimizer.param_groups:
             group.update({key: self.optimizer.defaults.get(key) for key in ("fused", "foreach")})
         check_same_schedule(checkpoint.get("args") or {}, self.flags, schedule_names, path)
+        check_same_global_batch(checkpoint.get("args") or {}, self.flags, path)
         for name, value in self.must_match.items():  # other classes of the same count; another epoch length
             if name in checkpoint and checkpoint[name] != value:
                 raise CheckpointError(f"cannot resume from {path}: it was trained with {name} {checkpoint[name]}, "

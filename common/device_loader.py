@@ -15,8 +15,9 @@ class DeviceLoader:
     """Wraps a DataLoader of encoded batches: yields what `prepare(batch, generator)` makes of each batch,
     prepared one batch ahead on a side CUDA stream by a background thread (decoding blocks its thread).
 
-    Each batch's randomness comes from a generator seeded by (seed, epoch, rank, batch index), so a run
-    resumed mid-epoch prepares the remaining batches exactly as an uninterrupted one.
+    Each batch's randomness comes from a generator seeded by (seed, epoch, step, slot): its place in the run
+    and in the step's global batch (common/seeding.py), so a run resumed mid-epoch, also on another number of
+    processes with the same per-process batch, prepares the remaining batches as an uninterrupted one.
     """
 
     def __init__(self, loader, prepare, device, seed, after=None, threaded=True, depth=2):
@@ -33,9 +34,9 @@ class DeviceLoader:
         return len(self.loader)
 
     def generator(self, batch_index):
-        epoch, rank = getattr(self.sampler, "epoch", 0), getattr(self.sampler, "rank", 0)
-        first = getattr(self.sampler, "start", 0) // self.batch_size
-        return batch_generator(self.seed, epoch, rank, first + batch_index)
+        if not hasattr(self.sampler, "position"):  # evaluation: nothing is drawn
+            return None
+        return batch_generator(self.seed, self.sampler.epoch, *self.sampler.position(batch_index))
 
     def finish(self, prepared):
         """`after` on the prepared images and targets; what else the batch carries (bad-sample reports) follows."""

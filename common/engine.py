@@ -10,7 +10,8 @@ from typing import NamedTuple
 
 import torch
 
-from common.seeding import seed_epoch, seed_step
+from common.data import BatchLayout
+from common.seeding import seed_epoch, seed_micro_batch
 
 
 def configure_torch(device, seed, deterministic=False):
@@ -64,24 +65,27 @@ class RunSteps(NamedTuple):
 
 
 def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, epoch, *, device, autocast,
-                    progress, nonfinite, memory_format=torch.contiguous_format, seed=0, rank=0, accum_steps=1,
+                    progress, nonfinite, memory_format=torch.contiguous_format, seed=0, layout=BatchLayout(),
                     clip_grad_norm=None, ema=None, preemption=None, checkpointer=None, checkpoint_interval=0,
-                    start_step=0, end_step=None):
-    """Optimizer steps `start_step`..`end_step` (default: the epoch's end) of one epoch, each of `accum_steps`
-    micro-batches from `loader`, already positioned at `start_step`. The checkpointer saves every
-    `checkpoint_interval` steps and on a stop signal, which ends the epoch early ("stopped" in the summary)."""
+                    start_step=0, end_step=None, watchdog=None):
+    """Optimizer steps `start_step`..`end_step` (default: the epoch's end) of one epoch, each of
+    `layout.accum_steps` micro-batches from `loader`, already positioned at `start_step`. The checkpointer saves
+    every `checkpoint_interval` steps and on a stop signal, which ends the epoch early ("stopped" in the summary);
+    the watchdog (common/stopping.py) hears of every step."""
     model.train()
-    seed_epoch(seed, epoch, rank)  # before the loader's iterator draws its workers' seeds
+    seed_epoch(seed, epoch, layout.rank)  # before the loader's iterator draws its workers' seeds
+    accum_steps = layout.accum_steps
     epoch_steps = start_step + len(loader) // accum_steps
     steps = epoch_steps if end_step is None else min(epoch_steps, end_step)
     params = [p for p in model.parameters() if p.requires_grad]
     progress.start_epoch(epoch, start_step, steps, epoch_steps)
     batches, stopped = progress.timed(iter(loader)), False
     for step in range(start_step, steps):
-        seed_step(seed, epoch, step, rank)
         # ---- the step ----
         step_loss = torch.zeros((), device=device)
         for micro in range(accum_steps):
+            # By the micro-batch's place in the global batch, not by rank: any layout of it draws the same.
+            seed_micro_batch(seed, epoch, step, layout.slot(micro))
             images, targets = to_device(next(batches), device, memory_format)
             with gradient_sync(model, last_micro_batch=micro == accum_steps - 1):
                 with autocast:
@@ -99,6 +103,8 @@ def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, e
         if ema is not None:
             ema.update(model, epoch, step)
         # ---- bookkeeping: values stay on the device until a sync point (a progress line, a checkpoint step) ----
+        if watchdog is not None:
+            watchdog.beat()
         printed = progress.log(step, step_loss, grad_norm, optimizer.param_groups[0]["lr"])
         checkpoint_step = bool(checkpoint_interval) and (step + 1) % checkpoint_interval == 0
         nonfinite.update(step_loss, grad_norm, epoch, step, sync_point=printed or checkpoint_step)
@@ -114,7 +120,8 @@ def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, e
 
 
 @torch.inference_mode()
-def evaluate(model, loader, meter, device, autocast, memory_format=torch.contiguous_format, preemption=None):
+def evaluate(model, loader, meter, device, autocast, memory_format=torch.contiguous_format, preemption=None,
+             watchdog=None):
     """Feed every batch of `loader` to meter.update(output, target), then sum the meter over ranks. Returns
     None instead when `preemption` asks to stop: at once in one process, at the end across ranks (which may
     hold different numbers of batches, so the end is the one point all of them reach)."""
@@ -126,6 +133,8 @@ def evaluate(model, loader, meter, device, autocast, memory_format=torch.contigu
         with autocast:
             output = model(images)
         meter.update(output, targets)
+        if watchdog is not None:
+            watchdog.beat()
     if preemption is not None and preemption.agreed(sync_point=True):
         return None
     meter.all_reduce()

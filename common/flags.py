@@ -42,7 +42,12 @@ def add_optimisation_flags(group, recipe):
     add("--lr-warmup-decay", type=positive_float, default=0.01,
         help="warmup starts at this fraction of --lr (default: 0.01)")
     add("--clip-grad-norm", type=positive_float, help="clip the gradient norm to this value (default: no clipping)")
-    add("--accum-steps", type=positive_int, default=1, help="micro-batches per optimizer step (default: 1)")
+    add("--accum-steps", type=positive_int, help="micro-batches per optimizer step (default: 1, or what --global-batch "
+        "makes of it)")
+    add("--global-batch", type=positive_int, metavar="N", help="images per optimizer step over all processes: "
+        "each start sets --accum-steps to N / (processes x -b), so a run that comes back on another number of "
+        "processes (torchrun --nnodes=MIN:MAX) keeps its global batch; a number of processes that does not "
+        "divide it is refused (default: processes x -b x --accum-steps)")
     add("--seed", type=seed_value, default=0, help="seed of weights init, data order and augmentation (default: 0)")
 
 
@@ -72,6 +77,12 @@ def add_checkpoint_flags(group):
         help="keep checkpoint_epoch<E>.pth of the last N epochs besides checkpoint.pth and best.pth (default: 0)")
     add("--max-nonfinite-steps", type=positive_int, default=3, metavar="N",
         help="stop when the loss or gradients are NaN or Inf in N consecutive steps, which are skipped (default: 3)")
+    add("--stall-timeout", type=non_negative_float, default=600, metavar="SECONDS",
+        help="a rank on which no optimizer step or evaluation batch finishes in SECONDS (counted from the first "
+        "step) prints its threads' stacks and what it was waiting for, and exits with status 124 (default: 600; "
+        "0: off)")
+    add("--dist-timeout", type=positive_float, default=30, metavar="MINUTES",
+        help="timeout of the process group's collectives and rendezvous (default: 30)")
 
 
 def add_bad_sample_flag(group):

@@ -142,7 +142,7 @@ def load_train(args, env, device, bad_samples=None):
     if args.data_path is None:
         return synthetic_loader(*synthetic_split(args, "train", device), args, env, train=True)
     if args.data_backend == "synthetic":
-        sampler = training_sampler(load_dataset(args, "train"), env, args.seed)
+        sampler = training_sampler(load_dataset(args, "train"), env, args)
         num_classes = len(dataset_info(args)[0])
 
         def make_batch():
@@ -154,7 +154,7 @@ def load_train(args, env, device, bad_samples=None):
         decoded = load_dataset(args, "train", decode_only=True)  # the workers only decode
         decoded = SkipBadSamples(decoded, args.seed, bad_samples.limit) if skipping else decoded
         loader = DataLoader(decoded, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_lists,
-                            sampler=training_sampler(decoded, env, args.seed), drop_last=True,
+                            sampler=training_sampler(decoded, env, args), drop_last=True,
                             worker_init_fn=ignore_stop_signals)
         loader = DeviceLoader(loader, DeviceTransform(args, device), device, args.seed)
         return ReportedBatches(loader, bad_samples) if skipping else loader
@@ -164,7 +164,7 @@ def load_train(args, env, device, bad_samples=None):
     # Not persistent: fresh workers each epoch take their seeds from the per-epoch RNG (exact resume).
     loader = DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers,
                         pin_memory=device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals,
-                        sampler=training_sampler(train_set, env, args.seed),
+                        sampler=training_sampler(train_set, env, args),
                         collate_fn=collate_reported if skipping else None)
     return ReportedBatches(loader, bad_samples) if skipping else loader
 
@@ -194,7 +194,7 @@ def synthetic_loader(images, masks, args, env, train):
             masks = torch.where(flip.view(-1, 1, 1), masks.flip(-1), masks)
         return normalize(images), masks.long()
 
-    sampler = training_sampler(masks, env, args.seed) if train else ShardedEvalSampler(masks, env.rank, env.world_size)
+    sampler = training_sampler(masks, env, args) if train else ShardedEvalSampler(masks, env.rank, env.world_size)
     return TensorLoader(images, masks, sampler, args.batch_size, transform, drop_last=train)
 
 

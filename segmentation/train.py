@@ -17,7 +17,7 @@ from torch import nn
 
 from common.checkpoint import (Checkpointer, load_model_state, read_training_checkpoint, resume_path, state_dict_from,
                                trained_settings, unwrap)
-from common.data import BadSamples, default_workers, optimizer_steps_per_epoch, set_epoch
+from common.data import BadSamples, batch_layout, default_workers, optimizer_steps_per_epoch, set_epoch
 from common.distributed import check_sync_bn, data_parallel, init_distributed, sync_batch_norm
 from common.engine import RunSteps, configure_torch, evaluate, to_device, train_one_epoch
 from common.flags import (add_bad_sample_flag, add_checkpoint_flags, add_optimisation_flags, add_precision_flags,
@@ -29,7 +29,7 @@ from common.metrics import SegmentationMeter
 from common.optim import create_lr_scheduler, create_optimizer, param_groups
 from common.precision import autocast_context, grad_scaler, precision_from_flags
 from common.progress import ProgressLog
-from common.stopping import NonFiniteGuard, PreemptionSignal, stop_at_once_until_training
+from common.stopping import NonFiniteGuard, PreemptionSignal, StallWatchdog, stop_at_once_until_training
 from segmentation.data import dataset_info, load_train, load_val
 from segmentation.datasets import DATASETS, IGNORE_INDEX
 from segmentation.inference import add_eval_args, predictor_from_args
@@ -50,8 +50,9 @@ DEFAULTS = dict(output_stride=8, aux_loss=False, synthetic_val_size=500, synthet
 # Sizes by dataset, mmsegmentation's: the shorter side is rescaled around the base size, then cropped.
 SIZE_DEFAULTS = {"cityscapes": dict(base_size=1024, crop_size=[512, 1024]),
                  "voc": dict(base_size=512, crop_size=[512, 512]), "ade20k": dict(base_size=512, crop_size=[512, 512])}
+# As in classification/train.py: these must match on resume, and the global batch as a product.
 SCHEDULE_ARGS = ("opt", "epochs", "iters", "lr", "lr_scheduler", "lr_power", "lr_min", "lr_warmup_epochs",
-                 "lr_warmup_method", "lr_warmup_decay", "batch_size", "accum_steps", "world_size", "voc_aug", "seed")
+                 "lr_warmup_method", "lr_warmup_decay", "voc_aug", "seed")
 
 
 def get_args_parser():
@@ -201,11 +202,12 @@ class SegmentationLoss(nn.Module):
         return loss
 
 
-def validate(model, val_loader, class_names, device, autocast, memory_format, args, name, preemption=None):
+def validate(model, val_loader, class_names, device, autocast, memory_format, args, name, preemption=None,
+             watchdog=None):
     """The summary of one evaluation; None when a stop signal came during it."""
     meter = SegmentationMeter(len(class_names), device, args.ignore_index)
     predictor = predictor_from_args(model, args)
-    if evaluate(predictor, val_loader, meter, device, autocast, memory_format, preemption) is None:
+    if evaluate(predictor, val_loader, meter, device, autocast, memory_format, preemption, watchdog) is None:
         return None
     summary = meter.summary()
     print0(f"{name}: mIoU {summary['miou']:.2f}  pixel acc {summary['pixel_acc']:.2f}  "
@@ -258,8 +260,10 @@ def test_only(model, val_loader, class_names, device, autocast, memory_format, a
 
 
 def main(args):
-    env, device = init_distributed(args.device, backend=args.dist_backend)
+    env, device = init_distributed(args.device, args.dist_timeout, args.dist_backend)
     args.world_size = env.world_size
+    layout = batch_layout(env, args)  # with --global-batch, the --accum-steps that keeps it on these processes
+    args.accum_steps = layout.accum_steps
     started = print_run_start(env, device)
     configure_torch(device, args.seed, args.use_deterministic_algorithms)
     precision = precision_from_flags(args.amp, args.amp_dtype)
@@ -317,18 +321,19 @@ def main(args):
     progress = ProgressLog(args.print_freq, env.world_size, writer)
     nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir, scaler)
     preemption = PreemptionSignal(device)
+    watchdog = StallWatchdog(args.stall_timeout, env.rank)
     run = RunSteps(steps_per_epoch, total_steps, args.eval_interval)
     by = "step" if args.eval_interval else "epoch"  # what log.jsonl's lines and TensorBoard's scalars follow
     for epoch in range(args.start_epoch, epochs):
         start = start_step if epoch == args.start_epoch else 0
         for stop in run.pauses(epoch, start, checkpointer.validated):  # the epoch's end, and any validation inside
-            set_epoch(train_loader, epoch, start * args.accum_steps)
+            set_epoch(train_loader, epoch, start)
             stats = train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, train_loader, epoch,
                                     device=device, autocast=autocast, progress=progress, nonfinite=nonfinite,
-                                    memory_format=memory_format, seed=args.seed, rank=env.rank,
-                                    accum_steps=args.accum_steps, clip_grad_norm=args.clip_grad_norm,
-                                    preemption=preemption, checkpointer=checkpointer,
-                                    checkpoint_interval=args.checkpoint_interval, start_step=start, end_step=stop)
+                                    memory_format=memory_format, seed=args.seed, layout=layout,
+                                    clip_grad_norm=args.clip_grad_norm, preemption=preemption,
+                                    checkpointer=checkpointer, checkpoint_interval=args.checkpoint_interval,
+                                    start_step=start, end_step=stop, watchdog=watchdog)
             if stats.pop("stopped"):  # by SIGTERM/SIGUSR1, its checkpoint saved: the same command resumes it
                 preemption.exit()
             start, record = stop, {"epoch": epoch, "step": epoch * steps_per_epoch + stop, **stats}
@@ -337,7 +342,8 @@ def main(args):
                 log_epoch(record, args.output_dir, writer, by)
                 continue
             val = validate(model, val_loader, class_names, device, autocast, memory_format, args,
-                           f"Epoch {epoch} val" if by == "epoch" else f"Epoch {epoch} step {stop} val", preemption)
+                           f"Epoch {epoch} val" if by == "epoch" else f"Epoch {epoch} step {stop} val", preemption,
+                           watchdog)
             if val is None:  # a signal during validation: the training is saved now; the validation reruns on resume
                 checkpointer.save(epoch, stop)
                 preemption.exit()

@@ -157,7 +157,7 @@ def test_eval_with_weights_for_other_classes(tmp_path):
 def test_sync_bn_on_cpu_processes_is_refused(monkeypatch):
     # The check runs where a distributed CPU run would start; emulate that without starting two processes.
     from classification import train as script
-    monkeypatch.setattr(script, "init_distributed", lambda device, backend=None: (type("E", (), {
+    monkeypatch.setattr(script, "init_distributed", lambda device, *args, **kwargs: (type("E", (), {
         "rank": 0, "world_size": 2, "distributed": True, "is_main": True})(), torch.device("cpu")))
     fails_with(r"--sync-bn needs CUDA devices", *TINY, "--sync-bn")
 

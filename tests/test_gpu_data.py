@@ -16,7 +16,7 @@ from torchvision.ops import roi_align
 
 from classification.gpu_preset import (EncodedSamples, GpuPreset, center_crop_boxes, collate_encoded, crop_resize,
                                        decode_batch, random_resized_crop_boxes)
-from common.data import ResumableSampler
+from common.data import BatchLayout, TrainingSampler
 from common.device_loader import DeviceLoader
 from common.log import UserError
 from conftest import evaluate, run, train, train_segmentation, write_image, write_tree
@@ -210,13 +210,13 @@ def test_device_loader_batches_are_a_function_of_seed_epoch_and_position(tmp_pat
     data = write_tree(tmp_path / "data", train_per_class=4)
     samples = sorted((str(p), 0) for p in (data / "train").rglob("*.jpg"))
     encoded = EncodedSamples(samples)
-    sampler = ResumableSampler(encoded, 1, 0, shuffle=True, seed=0, drop_last=True)
+    sampler = TrainingSampler(encoded, BatchLayout(batch_size=3), seed=0)
     loader = torch.utils.data.DataLoader(encoded, batch_size=3, sampler=sampler, collate_fn=collate_encoded)
     device_loader = DeviceLoader(loader, GpuPreset([p for p, _ in samples], torch.device("cpu"), True, 16, 18,
                                                    MEAN, STD), torch.device("cpu"), seed=0)
     sampler.set_epoch(1)
     full = [images for images, _ in device_loader]
-    sampler.set_epoch(1, start=2 * 3)  # resumed after two batches
+    sampler.set_epoch(1, start_step=2)  # resumed after two steps
     rest = [images for images, _ in device_loader]
     assert len(full) == 4 and len(rest) == 2
     assert all(torch.equal(a, b) for a, b in zip(full[2:], rest))

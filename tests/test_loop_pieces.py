@@ -8,16 +8,39 @@ import torch
 from common.checkpoint import Checkpointer, load_checkpoint
 from common.precision import UnitScaler, grad_scaler, precision_from_flags, uses_loss_scaling
 from common.log import format_duration
-from common.seeding import batch_generator, derive_seed, sample_seed
+from common.data import BatchLayout
+from common.seeding import batch_generator, derive_seed, sample_seed, seed_micro_batch
 
 
 def test_the_seeding_scheme_is_pinned():
     # Exact resume across versions of this code depends on these numbers: change them only on purpose.
     assert derive_seed("epoch", 0, 0, 0) == 3941715099434534770
-    assert derive_seed("step", 0, 3, 17, 1) == 1213057993237308119
+    # Per micro-batch, by (epoch, step, slot): slot 1 is rank 1's micro-batch with --accum-steps 1 (the number the
+    # scheme keyed by rank gave it), and the second micro-batch of one process with --accum-steps 2.
+    seed_micro_batch(0, 3, 17, 1)
+    assert torch.initial_seed() == derive_seed("step", 0, 3, 17, 1) == 1213057993237308119
     assert sample_seed(42, 2, 12345) == derive_seed("sample", 42, 2, 12345) == 207354662272974991
+    # --data-backend gpu: seed 7, epoch 1, step 0, slot 5.
     assert torch.equal(batch_generator(7, 1, 0, 5).get_state(),
                        torch.Generator().manual_seed(6577820859125905359).get_state())
+
+
+def test_a_micro_batch_draws_the_same_under_every_layout_of_its_global_batch():
+    def draws(layout):
+        """Per (step, slot): what a micro-batch draws from the global stream, as dropout or MixUp would."""
+        seen = {}
+        for rank in range(layout.world_size):
+            ranked = BatchLayout(layout.world_size, rank, layout.batch_size, layout.accum_steps)
+            for step in range(2):
+                for micro in range(layout.accum_steps):
+                    seed_micro_batch(0, 1, step, ranked.slot(micro))
+                    seen[step, ranked.slot(micro)] = torch.rand(3)
+        return seen
+
+    two_processes, one_with_accumulation = draws(BatchLayout(2, 0, 8, 1)), draws(BatchLayout(1, 0, 8, 2))
+    assert two_processes.keys() == one_with_accumulation.keys() and len(two_processes) == 4
+    assert all(torch.equal(two_processes[k], one_with_accumulation[k]) for k in two_processes)
+    assert not torch.equal(two_processes[0, 0], two_processes[0, 1])
 
 
 def test_every_stream_and_position_gets_its_own_seed():

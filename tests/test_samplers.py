@@ -1,20 +1,58 @@
-"""Repeated augmentation (--ra-sampler): which copies each rank sees, and that resume stays exact with it."""
+"""The training sampler: one order per epoch cut into global batches and slots (the same under every layout of a
+global batch), repeated augmentation (--ra-sampler), and that resume stays exact with it."""
 import sys
 from collections import Counter
 
+import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
-from common.data import RepeatedAugmentationSampler, SeededSamples
+from common.data import BatchLayout, SeededSamples, TrainingSampler
 from conftest import ROOT, popen, python, write_tree
 
 
-def epoch_of(sampler, epoch, start=0):
-    sampler.set_epoch(epoch, start)
+def epoch_of(sampler, epoch, start_step=0):
+    sampler.set_epoch(epoch, start_step)
     return list(sampler)
 
 
+def slots_of(dataset, layout, epoch=3, reps=0):
+    """{(step, slot): the samples of that micro-batch} over every rank of `layout`."""
+    slots = {}
+    for rank in range(layout.world_size):
+        ranked = BatchLayout(layout.world_size, rank, layout.batch_size, layout.accum_steps)
+        sampler = TrainingSampler(dataset, ranked, seed=7, reps=reps)
+        samples = epoch_of(sampler, epoch)
+        for index in range(len(samples) // layout.batch_size):
+            slots[sampler.position(index)] = samples[index * layout.batch_size:(index + 1) * layout.batch_size]
+    return slots
+
+
+@pytest.mark.parametrize("reps", [0, 3])
+def test_every_layout_of_a_global_batch_fills_the_same_slots(reps):
+    # 2 processes x 4 x 1, 1 x 4 x 2 and 4 x 2 x 1 ... of a global batch of 8 over 30 samples: 3 steps.
+    same_b = [BatchLayout(2, 0, 4, 1), BatchLayout(1, 0, 4, 2)]
+    assert slots_of(range(30), same_b[0], reps=reps) == slots_of(range(30), same_b[1], reps=reps)
+    order = TrainingSampler(range(30), BatchLayout(1, 0, 8, 1), seed=7, reps=reps)
+    order.set_epoch(3)
+    for layout in same_b + [BatchLayout(4, 0, 2, 1), BatchLayout(2, 0, 1, 4)]:
+        slots = slots_of(range(30), layout, reps=reps)
+        assert len(slots) == 3 * layout.slots
+        for step in range(3):  # each step takes the next 8 entries of the one order, whatever the layout
+            taken = [i for slot in range(layout.slots) for i in slots[step, slot]]
+            assert sorted(taken) == sorted(order.order()[step * 8:(step + 1) * 8].tolist())
+
+
+def test_with_accum_steps_1_each_rank_takes_what_distributed_sampler_gave_it():
+    for rank in range(3):
+        ours = epoch_of(TrainingSampler(range(50), BatchLayout(3, rank, 4, 1), seed=2), 5)
+        theirs = DistributedSampler(range(50), 3, rank, shuffle=True, seed=2, drop_last=True)
+        theirs.set_epoch(5)
+        assert ours == list(theirs)[:len(ours)] and len(ours) == 4 * (50 // 12)
+
+
 def test_each_sample_comes_reps_times_in_a_row_and_an_epoch_keeps_its_length():
-    sampler = RepeatedAugmentationSampler(range(12), 1, 0, seed=0, reps=3)
+    sampler = TrainingSampler(range(12), BatchLayout(1, 0, 1, 1), seed=0, reps=3)
     virtual = epoch_of(sampler, 0)
     assert len(virtual) == len(sampler) == 12 and len(set(virtual)) == 12  # every copy its own virtual index
     real = [v % 12 for v in virtual]
@@ -24,8 +62,8 @@ def test_each_sample_comes_reps_times_in_a_row_and_an_epoch_keeps_its_length():
 
 
 def test_ranks_split_the_one_order_of_the_epoch():
-    single = epoch_of(RepeatedAugmentationSampler(range(12), 1, 0, seed=5, reps=4), 2)
-    ranks = [epoch_of(RepeatedAugmentationSampler(range(12), 2, rank, seed=5, reps=4), 2) for rank in (0, 1)]
+    single = epoch_of(TrainingSampler(range(12), BatchLayout(1, 0, 1, 1), seed=5, reps=4), 2)
+    ranks = [epoch_of(TrainingSampler(range(12), BatchLayout(2, rank, 1, 1), seed=5, reps=4), 2) for rank in (0, 1)]
     assert [v for pair in zip(*ranks) for v in pair] == single  # rank r takes every other entry of that order
     assert len(ranks[0]) == len(ranks[1]) == 6
     for first, second in zip(*ranks):  # consecutive copies of an image land on different ranks
@@ -33,9 +71,10 @@ def test_ranks_split_the_one_order_of_the_epoch():
 
 
 def test_a_resumed_epoch_yields_the_rest_of_the_same_order():
-    sampler = RepeatedAugmentationSampler(range(10), 1, 0, seed=1, reps=2)
+    sampler = TrainingSampler(range(10), BatchLayout(1, 0, 2, 1), seed=1, reps=2)
     whole = epoch_of(sampler, 3)
-    assert epoch_of(sampler, 3, start=4) == whole[4:] and len(sampler) == 6
+    assert epoch_of(sampler, 3, start_step=2) == whole[4:] and len(sampler) == 6
+    assert sampler.position(0) == (2, 0)
 
 
 def test_copies_of_one_sample_are_augmented_differently():
