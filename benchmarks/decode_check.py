@@ -37,6 +37,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from benchmarks import trees
 from benchmarks.report import environment, write_json
 from classification.gpu_preset import EncodedSamples, GpuPreset, collate_encoded, decode_batch, nvjpeg
+from common.data import BatchLayout, TrainingSampler
 from common.device_loader import DeviceLoader
 from common.images import MEAN, STD, read_file_bytes, read_image
 from common.optim import create_optimizer, param_groups
@@ -237,7 +238,10 @@ def side_stream_pass(paths, kinds, device, decoder, opts, first):
 
 def presets_pass(paths, device, opts):
     samples = [(path, 0) for path in paths[:opts.preset_batches * opts.preset_batch_size]]
-    loader = DataLoader(EncodedSamples(samples), batch_size=opts.preset_batch_size, num_workers=opts.workers,
+    encoded = EncodedSamples(samples)
+    # A training sampler, as the scripts use: each batch's crops are drawn from a generator of its place in the run.
+    sampler = TrainingSampler(encoded, BatchLayout(batch_size=opts.preset_batch_size), seed=0)
+    loader = DataLoader(encoded, batch_size=opts.preset_batch_size, num_workers=opts.workers, sampler=sampler,
                         collate_fn=collate_encoded, drop_last=True)
     preset = GpuPreset([path for path, _ in samples], device, True, opts.crop_size, opts.crop_size * 256 // 224,
                        MEAN, STD)

@@ -5,6 +5,7 @@ The optimizer step is the block marked "the step" in train_one_epoch; everything
 that each helper object does in one call (common/progress.py, common/stopping.py, common/checkpoint.py).
 """
 import os
+import warnings
 from contextlib import nullcontext
 from typing import NamedTuple
 
@@ -12,6 +13,11 @@ import torch
 
 from common.data import BatchLayout
 from common.seeding import seed_epoch, seed_micro_batch
+
+# GradScaler skips the optimizer step of a float16 step that overflowed, as the first steps of a run usually do;
+# torch then warns that the LR scheduler stepped before the optimizer. Intended: the schedule counts steps, taken
+# or skipped, so that it stays aligned with the data.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 
 
 def configure_torch(device, seed, deterministic=False):

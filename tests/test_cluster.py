@@ -212,10 +212,10 @@ multiprocessing.set_start_method("fork", force=True)  # the workers inherit the 
 sys.path.insert(0, os.getcwd())
 import classification.data as data
 read_image = data.read_image
-def read_or_wait_forever(path, name=None):
+def read_or_wait_forever(path, *args, **kwargs):
     if os.environ["RANK"] == "1" and os.path.exists(os.environ["STALL_TRIGGER"]):
         threading.Event().wait()
-    return read_image(path, name)
+    return read_image(path, *args, **kwargs)
 data.read_image = read_or_wait_forever
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
@@ -315,7 +315,7 @@ def test_dist_timeout_is_the_process_groups_timeout(task, monkeypatch):
     script = import_module(f"{task}.train")
     asked = []
 
-    def init_distributed(device, timeout_minutes):  # records what the script asks for, and stops it there
+    def init_distributed(device, timeout_minutes, backend=None):  # records what the script asks for; stops it
         asked.append(timeout_minutes)
         raise UserError("stop")
 

@@ -253,7 +253,7 @@ def test_validation_every_n_steps_follows_resumes_and_stops_exactly(tmp_path, mo
     checkpoint = load_checkpoint(stopped / "checkpoint.pth")
     assert (checkpoint["epoch"], checkpoint["step"], checkpoint["validated"]) == (1, 8, False)
     with monkeypatch.context() as patch, pytest.raises(SystemExit, match=str(PREEMPTED_EXIT_CODE)):
-        stop_signal_when(patch, engine, "seed_step", lambda seed, epoch, step, rank: (epoch, step) == (1, 13))
+        stop_signal_when(patch, engine, "seed_micro_batch", lambda seed, epoch, step, slot: (epoch, step) == (1, 13))
         train_segmentation(*flags, "--output-dir", stopped)  # validates step 24 first, then stops between validations
     assert (load_checkpoint(stopped / "checkpoint.pth")["step"]) == 14
     train_segmentation(*flags, "--output-dir", stopped)
