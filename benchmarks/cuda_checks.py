@@ -37,7 +37,7 @@ from classification.gpu_preset import crop_resize, decode_batch, random_resized_
 from common.checkpoint import Checkpointer
 from common.engine import to_device
 from common.optim import create_optimizer
-from common.precision import grad_scaler
+from common.engine import grad_scaler
 from segmentation.model import create_model as create_segmenter
 
 CHECKS = {}

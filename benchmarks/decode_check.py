@@ -39,7 +39,7 @@ from benchmarks.report import environment, write_json
 from classification.gpu_preset import EncodedSamples, GpuPreset, collate_encoded, decode_batch, nvjpeg
 from common.data import BatchLayout, TrainingSampler
 from common.device_loader import DeviceLoader
-from common.images import MEAN, STD, read_file_bytes, read_image
+from common.data import MEAN, STD, read_file_bytes, read_image
 from common.optim import create_optimizer, param_groups
 
 BAR = {"mean_abs_levels": 1.0, "p99_9_levels": 8}

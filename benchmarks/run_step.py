@@ -24,9 +24,9 @@ from common.distributed import DistEnv
 from common.engine import configure_torch, evaluate, train_one_epoch
 from common.metrics import ClassificationMeter
 from common.optim import create_lr_scheduler, create_optimizer, param_groups
-from common.precision import autocast_context, grad_scaler, precision_from_flags
-from common.progress import ProgressLog
-from common.stopping import NonFiniteGuard
+from common.engine import autocast_context, grad_scaler, precision_from_flags
+from common.log import ProgressLog
+from common.engine import NonFiniteGuard
 from segmentation import train as segmentation_train
 from segmentation.data import dataset_info
 from segmentation.data import load_train as segmentation_load_train

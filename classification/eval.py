@@ -24,7 +24,7 @@ from common.export import add_export_args, export_model, export_requested
 from common.flags import DEVICE_NAMES, device_name, non_negative_int, positive_int
 from common.log import UserError, check_destination, print0, run_cli
 from common.metrics import ClassificationMeter
-from common.precision import autocast_context, precision_from_flags
+from common.engine import autocast_context, precision_from_flags
 
 # Settings of the training run that evaluation must repeat: flags of this script when given, else the
 # checkpoint's training arguments, else these defaults. The synthetic_* entries and train_crop_size (the

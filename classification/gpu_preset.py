@@ -17,9 +17,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from common.images import check_encoded_size, read_file_bytes, read_image, shown
+from common.data import check_encoded_size, read_file_bytes, read_image, shown
 from common.log import SampleError
-from common.seeding import stand_in_index
+from common.data import stand_in_index
 
 
 class EncodedSamples(Dataset):
@@ -60,7 +60,7 @@ def nvjpeg(encoded, device):
 
 def decode_batch(encoded, paths, device, gpu_decode=None):
     """uint8 RGB tensors [3, H, W] on `device`. On CUDA the JPEGs go through nvJPEG in one batched call; PNGs,
-    CMYK or 16-bit files and anything nvJPEG refuses go through Pillow on the CPU (common.images.read_image,
+    CMYK or 16-bit files and anything nvJPEG refuses go through Pillow on the CPU (common.data.read_image,
     which also names a broken file)."""
     images = [None] * len(encoded)
     gpu_decode = gpu_decode or (nvjpeg if device.type == "cuda" else None)

@@ -23,14 +23,14 @@ from common.distributed import check_sync_bn, data_parallel, init_distributed, s
 from common.engine import RunSteps, configure_torch, evaluate, to_device, train_one_epoch
 from common.flags import (add_bad_sample_flag, add_checkpoint_flags, add_optimisation_flags, add_precision_flags,
                           non_negative_float, non_negative_int, positive_float, positive_int, probability)
-from common.images import MEAN, STD
+from common.data import MEAN, STD
 from common.log import (UserError, count_parameters, log_epoch, print0, print_run_end, print_run_start, run_cli,
                         start_output_dir, tensorboard_writer)
 from common.metrics import ClassificationMeter
 from common.optim import EMA, create_lr_scheduler, create_optimizer, param_groups
-from common.precision import autocast_context, grad_scaler, precision_from_flags
-from common.progress import ProgressLog
-from common.stopping import NonFiniteGuard, PreemptionSignal, StallWatchdog, stop_at_once_until_training
+from common.engine import autocast_context, grad_scaler, precision_from_flags
+from common.log import ProgressLog
+from common.engine import NonFiniteGuard, PreemptionSignal, StallWatchdog, stop_at_once_until_training
 
 # Defaults that depend on the data. Real data gets torchvision's ResNet-50 V1 recipe (76.1% top-1 published,
 # with 8 GPUs x 32 images); the synthetic set gets a small recipe that finishes on a laptop CPU, with AdamW

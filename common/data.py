@@ -1,24 +1,245 @@
-"""Which sample each rank sees, in which order, with which augmentation (common/seeding.py has the seeds), and
-what stands in for a sample whose file fails to load (--max-bad-samples).
+"""Data pieces both tasks share: image files read into RGB or refused in one clear line; the seeding scheme, where
+every random number of a run comes from; which sample each rank sees, in which order, with which augmentation;
+and what stands in for a sample whose file fails to load (--max-bad-samples).
 
 The training sampler cuts one order of each epoch into global batches of a fixed size, whatever the number of
 processes, and can begin an epoch part-way, so a run resumed in the middle of an epoch, also on another number
 of processes, replays what an uninterrupted run does; the evaluation sampler counts every sample once under any
 number of processes.
 """
+import io
 import os
 import signal
+import stat
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from common.images import shown
 from common.log import SampleError, UserError, is_main_process, launch_rank, print0
-from common.seeding import sample_seed, stand_in_index
 
+# ---- image files: any mode Pillow knows, read into RGB, with one clear error for a broken file. Only regular files
+# are read (a FIFO would block, /dev/zero never end), and a name in an error is quoted when it holds a character
+# that would cut or hide in the one-line message.
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torchvision's weights expect
+REPLACE_IMAGE = "delete the file or replace it with a valid image"
+
+
+def replace_hint(what):
+    return REPLACE_IMAGE if what == "image" else f"delete the file or replace it with a valid {what}"
+
+
+def shown(text):
+    """A path or name as an error shows it: as it is, or repr-quoted when it holds a character that would break
+    or hide in the one-line message (a newline, a tab, a byte-order mark, an undecodable byte)."""
+    text = os.fsdecode(text) if isinstance(text, bytes) else str(text)
+    return text if text.isprintable() else repr(text)
+
+
+def _kind(mode):
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def not_a_file_error(path, what="image", mode=None):
+    """The error for a listed file that is no regular file: a dangling symlink, a FIFO, a device, ... (a
+    SampleError: when it is met in loading, only the rank that loads it knows)."""
+    link = os.readlink(path) if os.path.islink(path) else None
+    if link is not None and not os.path.exists(path):
+        return SampleError(f"{what} {shown(path)} is a symlink to {shown(link)}, which does not exist: "
+                           "fix the link or remove it")
+    if mode is None:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            return SampleError(f"cannot read {what} {shown(path)} ({reason(e)}): {replace_hint(what)}")
+    kind = f"a symlink to {shown(link)}, {_kind(mode)}" if link is not None else _kind(mode)
+    return SampleError(f"{what} {shown(path)} is {kind}, not a regular file: only regular files are read as "
+                       f"{what}s; remove it or replace it with the {what} file")
+
+
+def reason(e):
+    """An exception as `Type: message` on one line (a message may hold a newline of its own)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _open_nonblocking(path, flags):
+    # Opening a FIFO for reading would otherwise wait for a writer forever, before fstat can tell what it is.
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
+def open_regular(path, what="image"):
+    """(binary file object, size in bytes) of `path`, refused unless it is a regular file."""
+    try:
+        f = open(path, "rb", opener=_open_nonblocking)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) and os.path.islink(path):
+            raise not_a_file_error(path, what) from None
+        raise SampleError(f"cannot read {what} {shown(path)} ({reason(e)}): {replace_hint(what)}") from None
+    info = os.fstat(f.fileno())
+    if not stat.S_ISREG(info.st_mode):
+        f.close()
+        raise not_a_file_error(path, what, info.st_mode)
+    return f, info.st_size
+
+
+def read_file_bytes(path):
+    """The bytes of an image file, refused unless it is a regular file, and never more than its size (a symlink
+    to /dev/zero would otherwise read until memory runs out)."""
+    f, size = open_regular(path)
+    with f:
+        try:
+            data = f.read(size)
+        except OSError as e:
+            raise SampleError(f"cannot read image {shown(path)} ({reason(e)}): {REPLACE_IMAGE}") from None
+    if not data:
+        raise SampleError(f"cannot read image {shown(path)} (the file is empty): {REPLACE_IMAGE}")
+    return data
+
+
+def read_image(path, name=None, resize_shorter_side=None):
+    """Any Pillow-readable file as RGB: grayscale, RGBA, palette, CMYK, 16-bit, PNG named .jpg. `path` may
+    also be a file object, called `name` in errors. With `resize_shorter_side`, the size the preset will resize
+    the image to is checked (check_resized_size) before the image is decoded."""
+    source = path
+    if isinstance(path, (str, bytes, os.PathLike)):
+        source, _ = open_regular(path)
+    try:
+        with source, Image.open(source) as image:  # opening reads the header only
+            check_resized_size(name or path, image.size, resize_shorter_side)
+            if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit: keep the top 8 bits, not a clipped copy
+                image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
+            return image.convert("RGB")
+    except SampleError:
+        raise
+    except Exception as e:
+        raise SampleError(f"cannot read image {shown(name or path)} ({reason(e)}): {REPLACE_IMAGE}") from None
+
+
+MAX_RESIZED_PIXELS = 64_000_000  # 768 MB as float32 RGB; a photo of any usual shape stays far below
+
+
+def check_resized_size(path, size, shorter_side):
+    """Refuse an image (width, height) = `size` that resizing its shorter side to `shorter_side` would make
+    larger than MAX_RESIZED_PIXELS: a 143-byte PNG of 20000x1 pixels becomes 256x5,120,000, gigabytes."""
+    if shorter_side is None:
+        return
+    width, height = size
+    resized = shorter_side * int(shorter_side * max(width, height) / max(min(width, height), 1))
+    if resized > MAX_RESIZED_PIXELS:
+        raise SampleError(f"image {shown(path)} is {width}x{height} pixels: resized to a shorter side of "
+                          f"{shorter_side} it would take {resized / 1e6:,.0f} megapixels, more than the "
+                          f"{MAX_RESIZED_PIXELS / 1e6:.0f} allowed: crop it to a usual shape, or remove it")
+
+
+def check_encoded_size(path, data, shorter_side):
+    """check_resized_size of an image's encoded bytes, from the size in its header (Pillow decodes nothing to
+    open it); bytes Pillow cannot open are left to the decoder, which names the file."""
+    if shorter_side is None:
+        return
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            size = image.size
+    except Exception:
+        return
+    check_resized_size(path, size, shorter_side)
+
+
+class NormalizeBytes:
+    """uint8 images [N, 3, H, W] to float32 normalised with MEAN and STD, on `device`."""
+
+    def __init__(self, device):
+        # Constants made once on the data's device: v2.Normalize builds them from Python lists on every call,
+        # and on a GPU each such host-to-device copy waits for all queued work, a sync in every step.
+        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+
+    def __call__(self, images):
+        return (images.float() - self.mean) * self.inv_std
+
+
+# ---- the seeding scheme ----------------------------------------------------------------------------------------
+#
+# Where every random number of a training run comes from: the whole seeding scheme, in one place.
+#
+# Each stream is seeded from --seed and the position in the run at which it is used, never from what ran
+# before. That is what makes a run resumed at any optimizer step replay exactly what an uninterrupted run
+# does, also on another number of processes with the same global and per-process batch, and what makes a
+# sample's augmentation independent of the DataLoader worker that loads it.
+#
+#     what                                   seeded from                        where
+#     weight initialisation                  seed                               configure_torch, before the model is built
+#     data order (also --ra-sampler's)       seed + epoch                       TrainingSampler (common/data.py): one
+#                                                                               order for all ranks, cut into global
+#                                                                               batches and those into slots
+#     per-sample augmentation (CPU workers)  (seed, epoch, sample index)        SeededSamples
+#     per-epoch global stream: the base      (seed, epoch, rank)                train_one_epoch, before the epoch's
+#       seed of the DataLoader's workers                                        loader iterator is made
+#     per-micro-batch global stream:         (seed, epoch, step, slot)          train_one_epoch, before each
+#       dropout, stochastic depth,                                              micro-batch is fetched
+#       MixUp/CutMix, the synthetic set's
+#       flips
+#     per-micro-batch device augmentation    (seed, epoch, step, slot)          DeviceLoader: a torch.Generator of the
+#       (--data-backend gpu)                                                    micro-batch's own, as it is prepared on
+#                                                                               a side thread one batch ahead
+#     the stand-in for a file that fails     (seed, failed sample index)        SkipBadSamples (--max-bad-samples),
+#       to load                                                                 GpuPreset: the same on any rank and
+#                                                                               in any epoch
+#
+# A slot is a micro-batch's place in its step's global batch (BatchLayout in common/data.py): micro-batch m of
+# rank r is slot m * world_size + r, and it holds the same samples under any layout of the same global batch and
+# per-process batch. Keying per-step randomness by slot, not by rank, is what lets a run resumed on another number
+# of processes (2 x -b 16 x 1 -> 1 x -b 16 x 2) draw what the uninterrupted run drew. With --accum-steps 1 the slot
+# is the rank, so those numbers are the ones of the scheme before slots. The per-epoch stream stays per rank: the
+# workers' base seed it gives reaches no sample (SeededSamples seeds each one).
+#
+# A DataLoader worker's own stream is not covered (it depends on which worker gets which batch): nothing draws
+# from it, which is why MixUp and CutMix run in the main process, not in the workers' collate function.
+# Seeds come from numpy's SeedSequence, which hashes the whole tuple (stream, seed, position...): positions of
+# any size, ImageNet's 1.28 million sample indices among them, never share a seed by arithmetic accident.
+
+_TAGS = {"epoch": 1, "step": 2, "sample": 3, "batch": 4, "stand-in": 5}
+
+
+def derive_seed(stream, seed, *position):
+    """The seed of stream `stream` at `position` (non-negative ints) of a run seeded with `seed`, in 63 bits."""
+    entropy = [_TAGS[stream], seed % 2**64, *position]
+    high, low = np.random.SeedSequence(entropy).generate_state(2, np.uint32).tolist()
+    return ((high << 32) | low) >> 1
+
+
+def seed_epoch(seed, epoch, rank):
+    torch.manual_seed(derive_seed("epoch", seed, epoch, rank))
+
+
+def seed_micro_batch(seed, epoch, step, slot):
+    torch.manual_seed(derive_seed("step", seed, epoch, step, slot))
+
+
+def sample_seed(seed, epoch, index):
+    return derive_seed("sample", seed, epoch, index)
+
+
+def batch_generator(seed, epoch, step, slot):
+    return torch.Generator().manual_seed(derive_seed("batch", seed, epoch, step, slot))
+
+
+def stand_in_index(seed, index, size):
+    """The sample that replaces sample `index` of a dataset of `size` when its file fails to load: another one."""
+    other = derive_seed("stand-in", seed, index) % (size - 1)
+    return other + (other >= index)  # every index but `index` itself, equally likely
+
+
+# ---- samplers, loaders and stand-ins ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class BatchLayout:

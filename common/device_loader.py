@@ -8,7 +8,7 @@ import threading
 
 import torch
 
-from common.seeding import batch_generator
+from common.data import batch_generator
 
 
 class DeviceLoader:

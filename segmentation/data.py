@@ -12,7 +12,7 @@ from common.data import (ReportedBatches, SeededSamples, ShardedEvalSampler, Ski
                          collate_reported, ignore_stop_signals, training_sampler)
 from common.device_loader import DeviceLoader, SyntheticBatches
 from common.distributed import from_rank0
-from common.images import MEAN, STD, NormalizeBytes
+from common.data import MEAN, STD, NormalizeBytes
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
 from segmentation.datasets import DATASETS, IGNORE_INDEX
 

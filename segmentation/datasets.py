@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from common.images import open_regular, read_image, reason, shown
+from common.data import open_regular, read_image, reason, shown
 from common.log import SampleError, UserError
 
 IGNORE_INDEX = 255
@@ -159,7 +159,7 @@ class SegmentationFiles(torch.utils.data.Dataset):
     """A list of (image path, mask path) pairs of one split of a dataset layout, with its label mapping."""
 
     # The largest shorter side the transforms (or the device, for --data-backend gpu) resize an image to; an
-    # image that would become too large at it is refused before decoding (common.images.check_resized_size).
+    # image that would become too large at it is refused before decoding (common.data.check_resized_size).
     resize_shorter_side = None
 
     def __init__(self, files, names, class_names, palette, label_maps, transforms=None):

@@ -22,7 +22,7 @@ from common.export import add_export_args, export_model, export_requested
 from common.flags import DEVICE_NAMES, device_name, non_negative_int, positive_int
 from common.log import UserError, check_destination, print0, run_cli
 from common.metrics import SegmentationMeter
-from common.precision import autocast_context, precision_from_flags
+from common.engine import autocast_context, precision_from_flags
 from segmentation.data import dataset_info, load_val
 from segmentation.datasets import CITYSCAPES_LABEL_IDS, DATASETS, IGNORE_INDEX
 from segmentation.inference import add_eval_args, predictor_from_args

@@ -22,14 +22,14 @@ from common.distributed import check_sync_bn, data_parallel, init_distributed, s
 from common.engine import RunSteps, configure_torch, evaluate, to_device, train_one_epoch
 from common.flags import (add_bad_sample_flag, add_checkpoint_flags, add_optimisation_flags, add_precision_flags,
                           non_negative_float, non_negative_int, positive_float, positive_int)
-from common.images import MEAN, STD
+from common.data import MEAN, STD
 from common.log import (UserError, count_parameters, log_epoch, print0, print_run_end, print_run_start, run_cli,
                         start_output_dir, tensorboard_writer)
 from common.metrics import SegmentationMeter
 from common.optim import create_lr_scheduler, create_optimizer, param_groups
-from common.precision import autocast_context, grad_scaler, precision_from_flags
-from common.progress import ProgressLog
-from common.stopping import NonFiniteGuard, PreemptionSignal, StallWatchdog, stop_at_once_until_training
+from common.engine import autocast_context, grad_scaler, precision_from_flags
+from common.log import ProgressLog
+from common.engine import NonFiniteGuard, PreemptionSignal, StallWatchdog, stop_at_once_until_training
 from segmentation.data import dataset_info, load_train, load_val
 from segmentation.datasets import DATASETS, IGNORE_INDEX
 from segmentation.inference import add_eval_args, predictor_from_args

@@ -16,9 +16,9 @@ from common.checkpoint import CheckpointError, Checkpointer, load_checkpoint
 from common.engine import train_one_epoch
 from common.log import UserError
 from common.optim import create_optimizer, param_groups
-from common.precision import autocast_context, grad_scaler
-from common.progress import ProgressLog
-from common.stopping import NonFiniteGuard
+from common.engine import autocast_context, grad_scaler
+from common.log import ProgressLog
+from common.engine import NonFiniteGuard
 from conftest import TINY, train
 from segmentation.model import create_model as create_segmenter
 from segmentation.train import SegmentationLoss

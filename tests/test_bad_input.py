@@ -594,7 +594,7 @@ def test_a_full_dev_shm_is_one_line_pointing_to_shm_size():
 
 
 def test_sigterm_during_start_up_exits_75_with_a_line(tmp_path):
-    from common.stopping import PREEMPTED_EXIT_CODE
+    from common.engine import PREEMPTED_EXIT_CODE
     from conftest import ROOT, popen
     out = tmp_path / "run"
     # 50,000 synthetic images take seconds to draw: the signal arrives while they are drawn.

@@ -17,7 +17,7 @@ from PIL import Image
 from classification.data import image_folder
 from common.data import BadSamples, SkipBadSamples
 from common.log import SampleError, UserError
-from common.seeding import stand_in_index
+from common.data import stand_in_index
 from conftest import ENV, ROOT, train, train_segmentation, write_image, write_tree
 
 IMAGE_FLAGS = ["--model", "resnet18", "--device", "cpu", "-b", "4", "--epochs", "1", "--train-crop-size", "32",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.checkpoint import load_checkpoint
-from common.stopping import PREEMPTED_EXIT_CODE
+from common.engine import PREEMPTED_EXIT_CODE
 from conftest import ROOT, SEG_TINY, TINY, popen, python, run, torchrun, train, train_segmentation, write_tree
 
 # Deterministic kernels on one thread per process: runs compared bit for bit must add in the same order.
@@ -202,9 +202,9 @@ def test_uneven_data_across_ranks(tmp_path):
 
 def test_a_nan_batch_is_skipped_and_the_scale_stays_one():
     from common.engine import train_one_epoch
-    from common.precision import autocast_context, grad_scaler
-    from common.progress import ProgressLog
-    from common.stopping import NonFiniteGuard
+    from common.engine import autocast_context, grad_scaler
+    from common.log import ProgressLog
+    from common.engine import NonFiniteGuard
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     batches = [(torch.randn(8, 4), torch.randint(2, (8,))) for _ in range(4)]

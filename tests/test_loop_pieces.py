@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from common.checkpoint import Checkpointer, load_checkpoint
-from common.precision import UnitScaler, grad_scaler, precision_from_flags, uses_loss_scaling
+from common.engine import UnitScaler, grad_scaler, precision_from_flags, uses_loss_scaling
 from common.log import format_duration
 from common.data import BatchLayout
-from common.seeding import batch_generator, derive_seed, sample_seed, seed_micro_batch
+from common.data import batch_generator, derive_seed, sample_seed, seed_micro_batch
 
 
 def test_the_seeding_scheme_is_pinned():

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from classification.data import list_split
 from common.flags import non_negative_int
-from common.images import read_image, shown
+from common.data import read_image, shown
 from common.log import SampleError, run_cli
 from segmentation.datasets import DATASETS, check_same_size, read_mask_values
 

@@ -22,7 +22,7 @@ import tarfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
-from common.images import reason, shown
+from common.data import reason, shown
 from common.log import UserError, run_cli
 
 WNID = re.compile(r"n\d{8}")
