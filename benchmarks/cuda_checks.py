@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 import traceback
-from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a script from anywhere
@@ -199,7 +198,7 @@ def mixup_copy(device, smoke):
     images, labels = torch.randn(shape), torch.randint(1000, (shape[0],))
     if device.type == "cuda":
         images, labels = images.pin_memory(), labels.pin_memory()
-    mixer = batch_mixer(SimpleNamespace(mixup_alpha=0.2, cutmix_alpha=1.0), 1000)
+    mixer = batch_mixer(0.2, 1.0, 1000)
     copy_alone = seconds_of(lambda: to_device((images, labels), device), device, repeats=11)
     mixed_copy = seconds_of(lambda: to_device(mixer(images, labels), device), device, repeats=11)
     return "info", {"batch": list(shape), "ms_copy_of_pinned_batch": round(1e3 * copy_alone, 2),

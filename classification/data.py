@@ -13,12 +13,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from classification.gpu_preset import EncodedSamples, GpuPreset, collate_encoded
-from common.data import (ReportedBatches, SeededSamples, ShardedEvalSampler, SkipBadSamples, TensorLoader,
-                         collate_reported, ignore_stop_signals, training_sampler)
-from common.device_loader import DeviceLoader, SyntheticBatches
+from common.data import (MEAN, STD, NormalizeBytes, SeededSamples, ShardedEvalSampler, SyntheticBatches, TensorLoader,
+                         TrainingSampler, ignore_stop_signals, not_a_file_error, read_image, reason, shown)
 from common.distributed import from_rank0
-from common.data import MEAN, STD, NormalizeBytes, not_a_file_error, read_image, reason, shown
 from common.log import UserError, print0
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
 
@@ -340,19 +337,6 @@ class SampleView:
         return self.files.path(index), int(self.files.targets[index])
 
 
-class FileNames(SampleView):
-    """The path of sample i of an ImageFiles, made on demand."""
-
-    def __getitem__(self, index):
-        return super().__getitem__(index)[0]
-
-
-def list_cache(args):
-    """Where the train scripts keep the listing of the tree: --list-cache, else --output-dir; None (no cache) without
-    either, and for the eval script, which has neither flag."""
-    return getattr(args, "list_cache", None) or getattr(args, "output_dir", None)
-
-
 def image_folder(split_dir, class_names, transform=None, cache_dir=None, resize_shorter_side=None):
     """The ImageFiles of a split folder whose class folders are all among `class_names`, listed by rank 0 alone
     (and cached in `cache_dir`) and sent to the other ranks. `resize_shorter_side`: what `transform` resizes the
@@ -365,35 +349,46 @@ def image_folder(split_dir, class_names, transform=None, cache_dir=None, resize_
     return ImageFiles(files, class_names, transform, resize_shorter_side)
 
 
-def train_preset(args):
-    interpolation = v2.InterpolationMode(args.interpolation)
-    steps = [v2.RandomResizedCrop(args.train_crop_size, scale=args.train_crop_scale, ratio=args.train_crop_ratio,
-                                  interpolation=interpolation, antialias=True),
+class Crop(NamedTuple):
+    """What the presets make of an image: for training a random-resized crop of `size` (RandomResizedCrop's `scale`
+    and `ratio`) and a flip; for validation a resize of the shorter side to `resize`, then a centre crop of `size`."""
+    train: bool
+    size: int
+    resize: int = 256
+    scale: tuple = (0.08, 1.0)
+    ratio: tuple = (3 / 4, 4 / 3)
+    interpolation: str = "bilinear"
+
+
+def train_preset(crop, auto_augment=None, random_erase=0.0):
+    interpolation = v2.InterpolationMode(crop.interpolation)
+    steps = [v2.RandomResizedCrop(crop.size, scale=crop.scale, ratio=crop.ratio, interpolation=interpolation,
+                                  antialias=True),
              v2.RandomHorizontalFlip()]
-    if args.auto_augment == "ra":
+    if auto_augment == "ra":
         steps.append(v2.RandAugment(interpolation=interpolation))
-    elif args.auto_augment == "ta_wide":
+    elif auto_augment == "ta_wide":
         steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
-    elif args.auto_augment == "augmix":
+    elif auto_augment == "augmix":
         steps.append(v2.AugMix(interpolation=interpolation))
-    elif args.auto_augment:
-        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(args.auto_augment), interpolation=interpolation))
+    elif auto_augment:
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(auto_augment), interpolation=interpolation))
     steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
-    if args.random_erase > 0:
-        steps.append(v2.RandomErasing(p=args.random_erase))
+    if random_erase > 0:
+        steps.append(v2.RandomErasing(p=random_erase))
     return v2.Compose(steps)
 
 
-def val_preset(resize_size, crop_size, interpolation="bilinear"):
-    return v2.Compose([v2.Resize(resize_size, interpolation=v2.InterpolationMode(interpolation), antialias=True),
-                       v2.CenterCrop(crop_size), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+def val_preset(crop):
+    return v2.Compose([v2.Resize(crop.resize, interpolation=v2.InterpolationMode(crop.interpolation), antialias=True),
+                       v2.CenterCrop(crop.size), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(MEAN, STD)])
 
 
-def batch_mixer(args, num_classes):
+def batch_mixer(mixup_alpha, cutmix_alpha, num_classes):
     """MixUp and/or CutMix on whole batches (one of them per batch), or None."""
     mixers = [mixer(alpha=alpha, num_classes=num_classes) for mixer, alpha in
-              ((v2.MixUp, args.mixup_alpha), (v2.CutMix, args.cutmix_alpha)) if alpha > 0]
+              ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]
     return v2.RandomChoice(mixers) if mixers else None
 
 
@@ -429,8 +424,8 @@ def _draw_shapes(n, image_size, num_classes, generator):
     labels = torch.randint(num_classes, (n,), generator=generator)
     images, background = noisy_backgrounds(n, image_size, generator)
     colour = contrasting_colours(n, background, generator)
-    # Shapes span 60-90% of the image side, so that at 32 px ResNet-18's stride-4 stem still sees their outline:
-    # it passes 90% in about 60% of the steps that shapes of 40-80% took (measured 2026-12-01).
+    # Shapes span 60-90% of the image side, so that at 32 px ResNet-18's stride-4 stem still sees their outline
+    # (shapes of 40-80% took a good deal more steps to learn).
     radius = (torch.rand(n, generator=generator) * 0.15 + 0.3) * image_size
     centre = radius[:, None] + torch.rand(n, 2, generator=generator) * (image_size - 2 * radius[:, None])
     coords = torch.arange(image_size, dtype=torch.float32) + 0.5
@@ -444,14 +439,8 @@ def _draw_shapes(n, image_size, num_classes, generator):
     return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
-def synthetic_split(args, split, device):
-    """(images, labels) of the built-in shapes set, already on `device`; image size = --train-crop-size."""
-    size = args.synthetic_train_size if split == "train" else args.synthetic_val_size
-    images, labels = make_shapes(size, args.train_crop_size, args.synthetic_classes, seed=0, split=split)
-    return images.to(device), labels.to(device)
-
-
-def synthetic_loader(images, labels, args, env, train, mixer=None):
+def synthetic_loader(images, labels, sampler, batch_size, train, mixer=None):
+    """Batches of the shapes set, already on the device: flipped per sample for training, normalised."""
     normalize = NormalizeBytes(images.device)
 
     def transform(images, labels):
@@ -461,12 +450,7 @@ def synthetic_loader(images, labels, args, env, train, mixer=None):
         images = normalize(images)
         return mixer(images, labels) if mixer is not None else (images, labels)
 
-    sampler = train_sampler(labels, args, env) if train else ShardedEvalSampler(labels, env.rank, env.world_size)
-    return TensorLoader(images, labels, sampler, args.batch_size, transform, drop_last=train)
-
-
-def train_sampler(dataset, args, env):
-    return training_sampler(dataset, env, args, args.ra_reps if args.ra_sampler else 0)
+    return TensorLoader(images, labels, sampler, batch_size, transform, drop_last=train)
 
 
 def dataset_classes(args):
@@ -476,72 +460,56 @@ def dataset_classes(args):
     return from_rank0(lambda: list_classes(os.path.join(args.data_path, "train")))
 
 
-def random_batches(args, device, num_classes, size):
-    """--data-backend synthetic: random batches of the real data's shape, already on the device."""
-    def make_batch():
-        return (torch.randn(args.batch_size, 3, size, size, device=device),
-                torch.randint(num_classes, (args.batch_size,), device=device))
-    return make_batch
-
-
-def skips_bad_samples(bad_samples):
-    return bad_samples is not None and bad_samples.limit > 0
-
-
-def device_loader(folder, args, env, device, train, seed=0, mixer=None, bad_samples=None):
-    """--data-backend gpu: workers read file bytes, the device decodes and augments whole batches. With
-    `bad_samples` (training with --max-bad-samples), a file that cannot be read (in a worker) or decoded (on the
-    device) is replaced by a stand-in."""
-    encoded = EncodedSamples(folder.samples, None if train else args.val_resize_size)
-    stand_ins = SkipBadSamples(encoded, seed, bad_samples.limit) if skips_bad_samples(bad_samples) else None
-    dataset = stand_ins or encoded
-    sampler = train_sampler(dataset, args, env) if train else ShardedEvalSampler(dataset, env.rank, env.world_size)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, sampler=sampler,
-                        collate_fn=collate_encoded, drop_last=train, worker_init_fn=ignore_stop_signals)
-    size = args.train_crop_size if train else args.val_crop_size
-    crop_range = dict(scale=args.train_crop_scale, ratio=args.train_crop_ratio) if train else {}
-    preset = GpuPreset(FileNames(folder), device, train, size, args.val_resize_size, MEAN, STD, stand_ins=stand_ins,
-                       **crop_range)
-    loader = DeviceLoader(loader, preset, device, seed, after=mixer)
-    return ReportedBatches(loader, bad_samples) if stand_ins else loader
-
-
-def load_train(args, env, device, class_names, bad_samples=None):
-    """The training loader; each rank reads its own 1/world_size of every epoch. With `bad_samples`
-    (common.data.BadSamples of --max-bad-samples), files that fail to load are replaced and reported there."""
-    mixer = batch_mixer(args, len(class_names))
+def load_train(args, layout, device, class_names, bad_samples):
+    """This rank's training micro-batches (`layout` says which) of the synthetic set or train/, augmented as the
+    flags say, in the chosen --data-backend. Files that fail to load are replaced by stand-ins and reported to
+    `bad_samples` (common.data.BadSamples of --max-bad-samples)."""
+    seed, batch_size, workers, backend = args.seed, args.batch_size, args.workers, args.data_backend
+    reps = args.ra_reps if args.ra_sampler else 0  # --ra-sampler's copies of each image
+    crop = Crop(True, args.train_crop_size, scale=args.train_crop_scale, ratio=args.train_crop_ratio,
+                interpolation=args.interpolation)
+    mixer = batch_mixer(args.mixup_alpha, args.cutmix_alpha, len(class_names))
     if args.data_path is None:
-        return synthetic_loader(*synthetic_split(args, "train", device), args, env, True, mixer)
-    if args.data_backend != "pil" and (args.auto_augment or args.random_erase):
+        images, labels = make_shapes(args.synthetic_train_size, crop.size, args.synthetic_classes, split="train")
+        sampler = TrainingSampler(labels, layout, seed, reps)
+        return synthetic_loader(images.to(device), labels.to(device), sampler, batch_size, True, mixer)
+    if backend != "pil" and (args.auto_augment or args.random_erase):
         raise UserError(f"--auto-augment and --random-erase run in the pil backend only: drop them or use "
-                        f"--data-backend pil instead of {args.data_backend}")
-    folder = image_folder(os.path.join(args.data_path, "train"), class_names, train_preset(args), list_cache(args))
-    if args.data_backend == "gpu":
-        return device_loader(folder, args, env, device, True, args.seed, mixer, bad_samples)
-    if args.data_backend == "synthetic":
-        sampler = train_sampler(folder, args, env)
-        make_batch = random_batches(args, device, len(class_names), args.train_crop_size)
-        return SyntheticBatches(make_batch, len(sampler) // args.batch_size, sampler, args.batch_size)
-    skipping = skips_bad_samples(bad_samples)
-    train_set = SeededSamples(SkipBadSamples(folder, args.seed, bad_samples.limit) if skipping else folder, args.seed)
+                        f"--data-backend pil instead of {backend}")
+    folder = image_folder(os.path.join(args.data_path, "train"), class_names, cache_dir=args.list_cache or
+                          args.output_dir)
+    if backend == "synthetic":  # the model step alone: random batches of the real data's shape on the device
+        shape = ((batch_size, 3, crop.size, crop.size), (batch_size,))
+        return SyntheticBatches(shape, len(class_names), device, TrainingSampler(folder, layout, seed, reps))
+    if backend == "gpu":
+        from classification.gpu_preset import device_loader  # only with --data-backend gpu
+        sampler = TrainingSampler(folder, layout, seed, reps)
+        return device_loader(folder, sampler, batch_size, workers, crop, device, seed, mixer, bad_samples)
+    folder.transform = train_preset(crop, args.auto_augment, args.random_erase)
+    train_set = SeededSamples(bad_samples.stand_ins(folder, seed), seed)
     # No persistent workers: fresh workers each epoch take their seeds from the per-epoch RNG, which keeps
     # a resumed run identical to an uninterrupted one.
-    loader = DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers,
-                        pin_memory=device.type == "cuda", sampler=train_sampler(train_set, args, env), drop_last=True,
-                        worker_init_fn=ignore_stop_signals, collate_fn=collate_reported if skipping else None)
-    loader = ReportedBatches(loader, bad_samples) if skipping else loader
+    loader = DataLoader(train_set, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                        sampler=TrainingSampler(train_set, layout, seed, reps), drop_last=True,
+                        worker_init_fn=ignore_stop_signals, collate_fn=bad_samples.collate)
+    loader = bad_samples.reported(loader)
     return MixedBatches(loader, mixer) if mixer else loader
 
 
 def load_val(args, env, device, class_names):
     """Validation loader whose labels index `class_names`; every sample lands on exactly one rank."""
+    batch_size, workers = args.batch_size, args.workers
+    crop = Crop(False, args.val_crop_size, args.val_resize_size, interpolation=args.interpolation)
     if args.data_path is None:
-        return synthetic_loader(*synthetic_split(args, "val", device), args, env, False)
-    val_set = image_folder(os.path.join(args.data_path, "val"), class_names,
-                           val_preset(args.val_resize_size, args.val_crop_size, args.interpolation), list_cache(args),
-                           resize_shorter_side=args.val_resize_size)
+        images, labels = make_shapes(args.synthetic_val_size, args.train_crop_size, args.synthetic_classes,
+                                     split="val")
+        sampler = ShardedEvalSampler(labels, env.rank, env.world_size)
+        return synthetic_loader(images.to(device), labels.to(device), sampler, batch_size, False)
+    val_set = image_folder(os.path.join(args.data_path, "val"), class_names, val_preset(crop),
+                           getattr(args, "list_cache", None) or getattr(args, "output_dir", None), crop.resize)
+    sampler = ShardedEvalSampler(val_set, env.rank, env.world_size)
     if args.data_backend == "gpu":
-        return device_loader(val_set, args, env, device, train=False)
-    return DataLoader(val_set, batch_size=args.batch_size, num_workers=args.workers,
-                      pin_memory=device.type == "cuda", sampler=ShardedEvalSampler(val_set, env.rank, env.world_size),
-                      worker_init_fn=ignore_stop_signals)
+        from classification.gpu_preset import device_loader  # only with --data-backend gpu
+        return device_loader(val_set, sampler, batch_size, workers, crop, device)
+    return DataLoader(val_set, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                      sampler=sampler, worker_init_fn=ignore_stop_signals)

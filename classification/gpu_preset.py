@@ -12,14 +12,15 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from common.data import check_encoded_size, read_file_bytes, read_image, shown
+from common.data import (MEAN, STD, check_encoded_size, ignore_stop_signals, read_file_bytes, read_image, shown,
+                         stand_in_index)
+from common.device_loader import DeviceLoader
 from common.log import SampleError
-from common.data import stand_in_index
 
 
 class EncodedSamples(Dataset):
@@ -280,3 +281,28 @@ class GpuPreset:
             flip = (torch.rand(len(crops), generator=generator) < 0.5).to(self.device).view(-1, 1, 1, 1)
             crops = torch.where(flip, crops.flip(-1), crops)
         return ((crops - self.mean) / self.std, targets.to(self.device, non_blocking=True), *reports)
+
+
+class FilePaths:
+    """paths[i], the file of sample i of a dataset that has path(i), made when asked for: no list of a million str."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, index):
+        return self.dataset.path(index)
+
+
+def device_loader(folder, sampler, batch_size, workers, crop, device, seed=0, mixer=None, bad_samples=None):
+    """--data-backend gpu: DataLoader workers read the file bytes of `folder`'s images, the device decodes and
+    augments whole batches (classification.data.Crop says how) one batch ahead. With `bad_samples`
+    (--max-bad-samples), a file that cannot be read (in a worker) or decoded (on the device) is replaced by a
+    stand-in."""
+    encoded = EncodedSamples(folder.samples, None if crop.train else crop.resize)
+    dataset = bad_samples.stand_ins(encoded, seed) if bad_samples is not None else encoded
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, sampler=sampler,
+                        collate_fn=collate_encoded, drop_last=crop.train, worker_init_fn=ignore_stop_signals)
+    preset = GpuPreset(FilePaths(folder), device, crop.train, crop.size, crop.resize, MEAN, STD, crop.scale,
+                       crop.ratio, stand_ins=dataset if dataset is not encoded else None)
+    loader = DeviceLoader(loader, preset, device, seed, after=mixer)
+    return bad_samples.reported(loader) if bad_samples is not None else loader

@@ -18,7 +18,7 @@ from classification.model import create_model, enable_grad_checkpointing
 from classification.pictures import confusion_matrix_image, prediction_grid
 from common.checkpoint import (Checkpointer, load_model_state, read_training_checkpoint, resume_path, state_dict_from,
                                trained_settings, unwrap)
-from common.data import BadSamples, batch_layout, default_workers, optimizer_steps_per_epoch, set_epoch
+from common.data import BadSamples, BatchLayout, default_workers
 from common.distributed import check_sync_bn, data_parallel, init_distributed, sync_batch_norm
 from common.engine import RunSteps, configure_torch, evaluate, to_device, train_one_epoch
 from common.flags import (add_bad_sample_flag, add_checkpoint_flags, add_optimisation_flags, add_precision_flags,
@@ -256,7 +256,8 @@ def log_predictions(writer, model, val_loader, class_names, device, autocast, me
 def main(args):
     env, device = init_distributed(args.device, args.dist_timeout, args.dist_backend)
     args.world_size = env.world_size
-    layout = batch_layout(env, args)  # with --global-batch, the --accum-steps that keeps it on these processes
+    # With --global-batch, the --accum-steps that keeps it on the processes this start found.
+    layout = BatchLayout.planned(env, args.batch_size, args.accum_steps, args.global_batch)
     args.accum_steps = layout.accum_steps
     started = print_run_start(env, device)
     configure_torch(device, args.seed, args.use_deterministic_algorithms)
@@ -275,8 +276,8 @@ def main(args):
 
     start_output_dir(args.output_dir, vars(args))  # claimed before anything is read from it or written
     bad_samples = BadSamples(args.max_bad_samples, args.output_dir)  # files that fail to load mid-run
-    train_loader = load_train(args, env, device, class_names, bad_samples)
-    steps_per_epoch = optimizer_steps_per_epoch(train_loader, args.batch_size, args.accum_steps)
+    train_loader = load_train(args, layout, device, class_names, bad_samples)
+    steps_per_epoch = train_loader.sampler.steps_per_epoch
     images_per_step = args.batch_size * args.accum_steps * env.world_size
     print0(f"{args.model}, {count_parameters(model):,} parameters; {len(train_loader.dataset)} training and "
            f"{len(val_loader.dataset)} validation images, {len(class_names)} classes; effective batch "
@@ -315,7 +316,7 @@ def main(args):
     for epoch in range(args.start_epoch, args.epochs):
         start = start_step if epoch == args.start_epoch else 0
         for stop in run.pauses(epoch, start, checkpointer.validated):  # the epoch's end, and any validation inside
-            set_epoch(train_loader, epoch, start)
+            train_loader.sampler.set_epoch(epoch, start)
             stats = train_one_epoch(
                 model, criterion, optimizer, lr_scheduler, scaler, train_loader, epoch, device=device,
                 autocast=autocast, progress=progress, nonfinite=nonfinite, memory_format=memory_format, seed=args.seed,

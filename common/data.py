@@ -272,28 +272,28 @@ class BatchLayout:
         """The place in the global batch of this rank's micro-batch `micro` (0 .. accum_steps - 1)."""
         return micro * self.world_size + self.rank
 
+    @classmethod
+    def planned(cls, env, batch_size, accum_steps=None, global_batch=None):
+        """This rank's layout, from -b and --accum-steps or --global-batch, on the processes this start found."""
+        return cls(env.world_size, env.rank, batch_size,
+                   accumulation_steps(env.world_size, batch_size, accum_steps, global_batch))
 
-def batch_layout(env, args):
-    """This rank's BatchLayout, from the flags (-b, --accum-steps or --global-batch) and the processes found."""
-    return BatchLayout(env.world_size, env.rank, args.batch_size, accumulation_steps(args, env.world_size))
 
-
-def accumulation_steps(args, world_size):
+def accumulation_steps(world_size, batch_size, accum_steps=None, global_batch=None):
     """--accum-steps for this start: with --global-batch N, N / (processes x -b), so that an elastic launch that
     comes back with another number of processes keeps the global batch (and the run's schedule and order)."""
-    if args.global_batch is None:
-        return args.accum_steps or 1
-    per_step = world_size * args.batch_size
-    if args.global_batch % per_step:
-        raise UserError(f"--global-batch {args.global_batch} is not a multiple of {world_size} "
-                        f"process{'es' if world_size > 1 else ''} x -b {args.batch_size} = {per_step}: start on a "
-                        "number of processes that divides it, or change -b")
-    accum_steps = args.global_batch // per_step
-    if args.accum_steps not in (None, accum_steps):
-        raise UserError(f"--accum-steps {args.accum_steps} and --global-batch {args.global_batch} disagree on "
-                        f"{world_size} process{'es' if world_size > 1 else ''} x -b {args.batch_size} (that global "
-                        f"batch needs --accum-steps {accum_steps}): give one of them")
-    return accum_steps
+    if global_batch is None:
+        return accum_steps or 1
+    per_step = world_size * batch_size
+    processes = f"{world_size} process{'es' if world_size > 1 else ''}"
+    if global_batch % per_step:
+        raise UserError(f"--global-batch {global_batch} is not a multiple of {processes} x -b {batch_size} = "
+                        f"{per_step}: start on a number of processes that divides it, or change -b")
+    if accum_steps not in (None, global_batch // per_step):
+        raise UserError(f"--accum-steps {accum_steps} and --global-batch {global_batch} disagree on {processes} x -b "
+                        f"{batch_size} (that global batch needs --accum-steps {global_batch // per_step}): give one "
+                        "of them")
+    return global_batch // per_step
 
 
 class TrainingSampler(Sampler):
@@ -312,9 +312,16 @@ class TrainingSampler(Sampler):
         self.dataset, self.layout, self.seed, self.reps = dataset, layout, seed, reps
         self.steps_per_epoch = len(dataset) // layout.global_batch
         self.epoch = self.start_step = 0
+        if self.steps_per_epoch == 0:
+            raise UserError(f"-b {layout.batch_size} x --accum-steps {layout.accum_steps} is more than the "
+                            f"{len(dataset) // layout.world_size} training images per process: lower -b or "
+                            "--accum-steps")
 
     def set_epoch(self, epoch, start_step=0):
+        """Begin `epoch` after its first `start_step` optimizer steps; the samples' augmentation follows the epoch."""
         self.epoch, self.start_step = epoch, start_step
+        if isinstance(self.dataset, SeededSamples):
+            self.dataset.epoch = epoch
 
     def order(self):
         """The epoch's order of (virtual) sample indices, the same on every rank."""
@@ -355,16 +362,8 @@ class SeededSamples(Dataset):
             return self.dataset[index % len(self.dataset)]
 
 
-def training_sampler(dataset, env, args, ra_reps=0):
-    """The training sampler of this rank (BatchLayout of the run's flags); with ra_reps, repeated augmentation."""
-    return TrainingSampler(dataset, batch_layout(env, args), args.seed, ra_reps)
 
 
-def set_epoch(loader, epoch, start_step=0):
-    """Point a training loader at `epoch`, starting after its first `start_step` optimizer steps."""
-    loader.sampler.set_epoch(epoch, start_step)
-    if isinstance(loader.dataset, SeededSamples):
-        loader.dataset.epoch = epoch
 
 
 def ignore_stop_signals(worker_id):
@@ -399,13 +398,6 @@ def default_workers(most=8):
     return min(most, cores)
 
 
-def optimizer_steps_per_epoch(loader, batch_size, accum_steps):
-    steps = loader.sampler.steps_per_epoch
-    if steps == 0:
-        per_process = len(loader.sampler.dataset) // loader.sampler.layout.world_size
-        raise UserError(f"-b {batch_size} x --accum-steps {accum_steps} is more than the {per_process} "
-                        "training images per process: lower -b or --accum-steps")
-    return steps
 
 
 class ShardedEvalSampler(torch.utils.data.Sampler):
@@ -446,6 +438,26 @@ class TensorLoader:
         for b in range(len(self)):
             batch = indices[b * self.batch_size:(b + 1) * self.batch_size]
             yield self.transform(self.images[batch], self.labels[batch])
+
+
+class SyntheticBatches:
+    """--data-backend synthetic: batches of random images and labels of `shapes` (images', targets') already on the
+    device, a few distinct ones reused, as many as the sampler's epoch holds: the input path costs nothing, so a
+    run measures the model step alone."""
+
+    def __init__(self, shapes, num_classes, device, sampler, distinct=4):
+        (image_shape, target_shape), self.batch_size = shapes, shapes[0][0]
+        self.sampler, self.dataset = sampler, sampler.dataset
+        self.batches = [(torch.randn(image_shape, device=device), torch.randint(num_classes, target_shape,
+                                                                                 device=device))
+                        for _ in range(distinct)]
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.batches[i % len(self.batches)]
 
 
 class SkipBadSamples(Dataset):
@@ -498,6 +510,19 @@ class BadSamples:
         self.limit, self.output_dir = limit, output_dir
         self.known = {}  # sample index -> (path, error), agreed by every rank
         self.new = {}  # met by this rank since the last agreement
+
+    def stand_ins(self, dataset, seed):
+        """`dataset` with its failing samples replaced (SkipBadSamples), or as it is when none may be skipped."""
+        return SkipBadSamples(dataset, seed, self.limit) if self.limit else dataset
+
+    @property
+    def collate(self):
+        """The DataLoader's collate_fn for stand_ins(dataset): default_collate with the reports beside."""
+        return collate_reported if self.limit else None
+
+    def reported(self, loader):
+        """`loader`, whose batches' reports reach this object as each batch is trained on."""
+        return ReportedBatches(loader, self) if self.limit else loader
 
     def record(self, reports):
         """Note the failures a batch reports (one tuple of (index, path, error) per sample)."""

@@ -1,8 +1,6 @@
 """The fast input path (--data-backend gpu): the main process turns what DataLoader workers read into batches on
-the device, one batch ahead on a side stream (classification/gpu_preset.py decodes JPEGs with nvJPEG there).
-
-Also --data-backend synthetic: random batches that live on the device, to time the model step alone.
-"""
+the device, one batch ahead on a side stream (classification/gpu_preset.py decodes JPEGs with nvJPEG there,
+segmentation/gpu_augment.py augments images and masks). Imported only with --data-backend gpu."""
 import queue
 import threading
 
@@ -89,18 +87,3 @@ class DeviceLoader:
                 except queue.Empty:
                     worker.join(timeout=0.1)
 
-
-class SyntheticBatches:
-    """`length` batches of random data already on the device (a few distinct ones, reused): the input path
-    costs nothing, so a run measures the model step alone."""
-
-    def __init__(self, make_batch, length, sampler, batch_size, distinct=4):
-        self.batches = [make_batch() for _ in range(min(distinct, length))]
-        self.length, self.sampler, self.batch_size, self.dataset = length, sampler, batch_size, sampler.dataset
-
-    def __len__(self):
-        return min(self.length, len(self.sampler) // self.batch_size)
-
-    def __iter__(self):
-        for i in range(len(self)):
-            yield self.batches[i % len(self.batches)]

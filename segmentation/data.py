@@ -8,11 +8,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from common.data import (ReportedBatches, SeededSamples, ShardedEvalSampler, SkipBadSamples, TensorLoader,
-                         collate_reported, ignore_stop_signals, training_sampler)
-from common.device_loader import DeviceLoader, SyntheticBatches
+from common.data import (MEAN, STD, NormalizeBytes, SeededSamples, ShardedEvalSampler, SyntheticBatches, TensorLoader,
+                         TrainingSampler, ignore_stop_signals)
 from common.distributed import from_rank0
-from common.data import MEAN, STD, NormalizeBytes
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
 from segmentation.datasets import DATASETS, IGNORE_INDEX
 
@@ -41,19 +39,14 @@ def val_transform(image, mask, base_size):
     return image, mask.to(torch.int64)
 
 
-def load_dataset(args, split, decode_only=False):
-    """The dataset of a split with its transforms; decode_only leaves them to the device (--data-backend gpu)."""
-    transforms = (None if decode_only else train_transforms(args.base_size, args.crop_size, args.scale_range)
-                  if split == "train" else partial(val_transform, base_size=args.base_size))
-    shorter_side = int(args.scale_range[1] * args.base_size) if split == "train" else args.base_size
-    if split == "train" and args.voc_aug:  # validation stays on VOC's val (eval.py has no such flag)
-        split = "train_aug"
-    # Listed by rank 0 alone and sent to the others. Not cached: the largest of these layouts (ADE20K's 20,210
-    # training pairs in two flat folders) lists in well under a second, where ImageNet's tree takes minutes.
-    dataset = from_rank0(lambda: DATASETS[args.dataset](args.data_path, split))
-    dataset.transforms = transforms
-    dataset.resize_shorter_side = shorter_side
-    return dataset
+def load_dataset(dataset, data_path, split, resize_shorter_side):
+    """The split of a dataset layout, listed by rank 0 alone and sent to the others; its transforms are the caller's
+    to set. Not cached: the largest of these layouts (ADE20K's 20,210 training pairs in two flat folders) lists in
+    well under a second, where ImageNet's tree takes minutes. `resize_shorter_side`: the largest shorter side the
+    transforms resize an image to, checked from each file's header before decoding."""
+    loaded = from_rank0(lambda: DATASETS[dataset](data_path, split))
+    loaded.resize_shorter_side = resize_shorter_side
+    return loaded
 
 
 def dataset_info(args):
@@ -68,123 +61,50 @@ def dataset_info(args):
     return from_rank0(of_val)
 
 
-def collate_lists(batch):
-    return tuple(list(items) for items in zip(*batch))
-
-
-def resized_shape(height, width, shorter):
-    """(height, width) after v2.functional.resize(image, [shorter]): the shorter side becomes `shorter`."""
-    if height <= width:
-        return shorter, int(shorter * width / height)
-    return int(shorter * height / width), shorter
-
-
-def draw_augmentation(height, width, base_size, crop_size, scale_range, generator):
-    """One sample's random choices for train_transforms' steps, drawn from `generator` with the distributions
-    v2 draws them with: RandomResize's shorter side, RandomCrop's offsets (after pad_if_needed, which pads the
-    missing rows and columns on both sides), the flip, and ColorJitter's order and factors."""
-    def randint(low, high):
-        return int(torch.randint(low, high, (), generator=generator))
-
-    shorter = randint(int(scale_range[0] * base_size), int(scale_range[1] * base_size) + 1)
-    height, width = resized_shape(height, width, shorter)
-    (crop_h, crop_w) = crop_size
-    pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
-    return {"shorter": shorter, "padding": [pad_w, pad_h, pad_w, pad_h],
-            "top": randint(0, height + 2 * pad_h - crop_h + 1), "left": randint(0, width + 2 * pad_w - crop_w + 1),
-            "flip": bool(torch.rand((), generator=generator) < 0.5),
-            "jitter_order": torch.randperm(3, generator=generator).tolist(),
-            "jitter": torch.empty(3).uniform_(1 - COLOUR_JITTER, 1 + COLOUR_JITTER, generator=generator).tolist()}
-
-
-def augment(image, mask, params, crop_size):
-    """Apply draw_augmentation's choices with v2.functional: masks are resized nearest and padded with 255."""
-    image, mask = tv_tensors.Image(image), tv_tensors.Mask(mask)
-    image = F.resize(image, [params["shorter"]], antialias=True)
-    mask = F.resize(mask, [params["shorter"]])
-    if any(params["padding"]):
-        image = F.pad(image, params["padding"], fill=0)
-        mask = F.pad(mask, params["padding"], fill=IGNORE_INDEX)
-    image = F.crop(image, params["top"], params["left"], *crop_size)
-    mask = F.crop(mask, params["top"], params["left"], *crop_size)
-    if params["flip"]:
-        image, mask = F.horizontal_flip(image), F.horizontal_flip(mask)
-    adjust = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
-    for i in params["jitter_order"]:
-        image = adjust[i](image, params["jitter"][i])
-    return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
-
-
-class DeviceTransform:
-    """--data-backend gpu: train_transforms applied on the device to the images and masks that the workers only
-    decoded. Every random choice comes from the batch's generator, none from torch's global stream, so the
-    DeviceLoader can prepare a batch ahead on its side thread and a resumed run prepares the same batches."""
-
-    def __init__(self, args, device):
-        self.base_size, self.crop_size, self.scale_range = args.base_size, args.crop_size, args.scale_range
-        self.device, self.normalize = device, NormalizeBytes(device)
-
-    def __call__(self, batch, generator):
-        decoded_images, decoded_masks, *reports = batch  # and the bad-sample reports of SkipBadSamples, if any
-        images, masks = [], []
-        for image, mask in zip(decoded_images, decoded_masks):
-            params = draw_augmentation(*image.shape[-2:], self.base_size, self.crop_size, self.scale_range, generator)
-            image, mask = augment(image.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True),
-                                  params, self.crop_size)
-            images.append(image)
-            masks.append(mask)
-        return (self.normalize(torch.stack(images)), torch.stack(masks).to(torch.int64), *reports)
-
-
-def load_train(args, env, device, bad_samples=None):
-    """The training loader. With `bad_samples` (common.data.BadSamples of --max-bad-samples), samples whose files
-    fail to load are replaced and reported there."""
+def load_train(args, layout, device, bad_samples):
+    """This rank's training micro-batches (`layout` says which) of the synthetic scenes or the dataset, augmented as
+    the flags say, in the chosen --data-backend. Files that fail to load are replaced by stand-ins and reported to
+    `bad_samples` (common.data.BadSamples of --max-bad-samples)."""
+    seed, batch_size, workers, backend = args.seed, args.batch_size, args.workers, args.data_backend
+    augmentation = (args.base_size, args.crop_size, args.scale_range)
     if args.data_path is None:
-        return synthetic_loader(*synthetic_split(args, "train", device), args, env, train=True)
-    if args.data_backend == "synthetic":
-        sampler = training_sampler(load_dataset(args, "train"), env, args)
-        num_classes = len(dataset_info(args)[0])
-
-        def make_batch():
-            return (torch.randn(args.batch_size, 3, *args.crop_size, device=device),
-                    torch.randint(num_classes, (args.batch_size, *args.crop_size), device=device))
-        return SyntheticBatches(make_batch, len(sampler) // args.batch_size, sampler, args.batch_size)
-    skipping = bad_samples is not None and bad_samples.limit > 0
-    if args.data_backend == "gpu":
-        decoded = load_dataset(args, "train", decode_only=True)  # the workers only decode
-        decoded = SkipBadSamples(decoded, args.seed, bad_samples.limit) if skipping else decoded
-        loader = DataLoader(decoded, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_lists,
-                            sampler=training_sampler(decoded, env, args), drop_last=True,
-                            worker_init_fn=ignore_stop_signals)
-        loader = DeviceLoader(loader, DeviceTransform(args, device), device, args.seed)
-        return ReportedBatches(loader, bad_samples) if skipping else loader
-    dataset = load_dataset(args, "train")
-    train_set = SeededSamples(SkipBadSamples(dataset, args.seed, bad_samples.limit) if skipping else dataset,
-                              args.seed)
+        images, masks = make_scenes(args.synthetic_train_size, args.synthetic_image_size, args.synthetic_classes)
+        return synthetic_loader(images.to(device), masks.to(device), TrainingSampler(masks, layout, seed), batch_size,
+                                train=True)
+    dataset = load_dataset(args.dataset, args.data_path, "train_aug" if args.voc_aug else "train",
+                           int(args.scale_range[1] * args.base_size))
+    if backend == "synthetic":  # the model step alone: random batches of the real data's shape on the device
+        shapes = ((batch_size, 3, *args.crop_size), (batch_size, *args.crop_size))
+        return SyntheticBatches(shapes, len(dataset.class_names), device, TrainingSampler(dataset, layout, seed))
+    if backend == "gpu":  # the workers only decode
+        from segmentation.gpu_augment import device_loader  # only with --data-backend gpu
+        sampler = TrainingSampler(dataset, layout, seed)
+        return device_loader(dataset, sampler, batch_size, workers, augmentation, device, seed, bad_samples)
+    dataset.transforms = train_transforms(*augmentation)
+    train_set = SeededSamples(bad_samples.stand_ins(dataset, seed), seed)
     # Not persistent: fresh workers each epoch take their seeds from the per-epoch RNG (exact resume).
-    loader = DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers,
-                        pin_memory=device.type == "cuda", drop_last=True, worker_init_fn=ignore_stop_signals,
-                        sampler=training_sampler(train_set, env, args),
-                        collate_fn=collate_reported if skipping else None)
-    return ReportedBatches(loader, bad_samples) if skipping else loader
+    loader = DataLoader(train_set, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                        drop_last=True, worker_init_fn=ignore_stop_signals, sampler=TrainingSampler(train_set, layout,
+                                                                                                    seed),
+                        collate_fn=bad_samples.collate)
+    return bad_samples.reported(loader)
 
 
 def load_val(args, env, device):
     """One image per batch for real data (their sizes differ); every image on exactly one rank."""
     if args.data_path is None:
-        return synthetic_loader(*synthetic_split(args, "val", device), args, env, train=False)
-    val_set = load_dataset(args, "val")
+        images, masks = make_scenes(args.synthetic_val_size, args.synthetic_image_size, args.synthetic_classes,
+                                    split="val")
+        sampler = ShardedEvalSampler(masks, env.rank, env.world_size)
+        return synthetic_loader(images.to(device), masks.to(device), sampler, args.batch_size, train=False)
+    val_set = load_dataset(args.dataset, args.data_path, "val", args.base_size)
+    val_set.transforms = partial(val_transform, base_size=args.base_size)
     return DataLoader(val_set, batch_size=1, num_workers=args.workers, pin_memory=device.type == "cuda",
                       sampler=ShardedEvalSampler(val_set, env.rank, env.world_size), worker_init_fn=ignore_stop_signals)
 
 
-def synthetic_split(args, split, device):
-    size = args.synthetic_train_size if split == "train" else args.synthetic_val_size
-    images, masks = make_scenes(size, args.synthetic_image_size, args.synthetic_classes, seed=0, split=split)
-    return images.to(device), masks.to(device)
-
-
-def synthetic_loader(images, masks, args, env, train):
+def synthetic_loader(images, masks, sampler, batch_size, train):
+    """Batches of the synthetic scenes, already on the device: image and mask flipped together for training."""
     normalize = NormalizeBytes(images.device)
 
     def transform(images, masks):
@@ -194,8 +114,7 @@ def synthetic_loader(images, masks, args, env, train):
             masks = torch.where(flip.view(-1, 1, 1), masks.flip(-1), masks)
         return normalize(images), masks.long()
 
-    sampler = training_sampler(masks, env, args) if train else ShardedEvalSampler(masks, env.rank, env.world_size)
-    return TensorLoader(images, masks, sampler, args.batch_size, transform, drop_last=train)
+    return TensorLoader(images, masks, sampler, batch_size, transform, drop_last=train)
 
 
 def make_scenes(num_samples, image_size=64, num_classes=6, seed=0, split="train", max_shapes=3):

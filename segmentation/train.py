@@ -17,7 +17,7 @@ from torch import nn
 
 from common.checkpoint import (Checkpointer, load_model_state, read_training_checkpoint, resume_path, state_dict_from,
                                trained_settings, unwrap)
-from common.data import BadSamples, batch_layout, default_workers, optimizer_steps_per_epoch, set_epoch
+from common.data import BadSamples, BatchLayout, default_workers
 from common.distributed import check_sync_bn, data_parallel, init_distributed, sync_batch_norm
 from common.engine import RunSteps, configure_torch, evaluate, to_device, train_one_epoch
 from common.flags import (add_bad_sample_flag, add_checkpoint_flags, add_optimisation_flags, add_precision_flags,
@@ -262,7 +262,8 @@ def test_only(model, val_loader, class_names, device, autocast, memory_format, a
 def main(args):
     env, device = init_distributed(args.device, args.dist_timeout, args.dist_backend)
     args.world_size = env.world_size
-    layout = batch_layout(env, args)  # with --global-batch, the --accum-steps that keeps it on these processes
+    # With --global-batch, the --accum-steps that keeps it on the processes this start found.
+    layout = BatchLayout.planned(env, args.batch_size, args.accum_steps, args.global_batch)
     args.accum_steps = layout.accum_steps
     started = print_run_start(env, device)
     configure_torch(device, args.seed, args.use_deterministic_algorithms)
@@ -290,8 +291,8 @@ def main(args):
                         "to keep the effective batch")
     start_output_dir(args.output_dir, vars(args))  # claimed before anything is read from it or written
     bad_samples = BadSamples(args.max_bad_samples, args.output_dir)  # files that fail to load mid-run
-    train_loader = load_train(args, env, device, bad_samples)
-    steps_per_epoch = optimizer_steps_per_epoch(train_loader, args.batch_size, args.accum_steps)
+    train_loader = load_train(args, layout, device, bad_samples)
+    steps_per_epoch = train_loader.sampler.steps_per_epoch
     total_steps = args.iters or args.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)  # with --iters, the last one may stop early
     print0(f"{args.model}, {count_parameters(model):,} parameters; {len(train_loader.dataset)} training and "
@@ -327,7 +328,7 @@ def main(args):
     for epoch in range(args.start_epoch, epochs):
         start = start_step if epoch == args.start_epoch else 0
         for stop in run.pauses(epoch, start, checkpointer.validated):  # the epoch's end, and any validation inside
-            set_epoch(train_loader, epoch, start)
+            train_loader.sampler.set_epoch(epoch, start)
             stats = train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, train_loader, epoch,
                                     device=device, autocast=autocast, progress=progress, nonfinite=nonfinite,
                                     memory_format=memory_format, seed=args.seed, layout=layout,

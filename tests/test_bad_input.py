@@ -642,13 +642,19 @@ def test_an_image_too_large_once_resized_is_refused_before_decoding(tmp_path, ba
 @pytest.mark.parametrize("split, backend", [("val", "pil"), ("train", "pil"), ("train", "gpu")])
 def test_segmentation_refuses_an_image_too_large_once_resized(tmp_path, split, backend):
     import argparse
-    from segmentation.data import load_dataset
+
+    from common.data import BadSamples, BatchLayout
+    from common.distributed import DistEnv
+    from segmentation.data import load_train, load_val
     folder = {"train": "training", "val": "validation"}[split]
     wide = wide_png(tmp_path / "images" / folder / "ADE_wide.jpg")  # a PNG named .jpg: read by its header
     wide_png(tmp_path / "annotations" / folder / "ADE_wide.png", mode="L")  # ADE20K's class 1 everywhere
     args = argparse.Namespace(dataset="ade20k", data_path=str(tmp_path), base_size=256, crop_size=[256, 256],
-                              scale_range=[0.5, 2.0], voc_aug=None)
-    dataset = load_dataset(args, split, decode_only=backend == "gpu")
+                              scale_range=[0.5, 2.0], voc_aug=None, seed=0, batch_size=1, workers=0,
+                              data_backend=backend)
+    cpu = torch.device("cpu")
+    loader = (load_val(args, DistEnv(), cpu) if split == "val" else load_train(args, BatchLayout(), cpu, BadSamples(0)))
+    dataset = loader.dataset
     shorter = 512 if split == "train" else 256  # training rescales up to --scale-range's MAX x --base-size
     with pytest.raises(UserError, match=rf"^image {wide} is 1000x1 pixels: resized to a shorter side of {shorter} it "
                                         r"would take \d+ megapixels, more than the 64 allowed"):

@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.io import decode_jpeg
 from torchvision.transforms import v2
 
-from classification.data import MEAN, STD, val_preset
+from classification.data import MEAN, STD, Crop, val_preset
 from torchvision.ops import roi_align
 
 from classification.gpu_preset import (EncodedSamples, GpuPreset, center_crop_boxes, collate_encoded, crop_resize,
@@ -140,7 +140,7 @@ def test_evaluation_crop_on_the_device_matches_the_pil_preset(tmp_path):
     preset = GpuPreset([str(path)], torch.device("cpu"), False, 64, 72, MEAN, STD)
     encoded = EncodedSamples([(str(path), 0)])
     images, _ = preset(collate_encoded([encoded[0]]), torch.Generator())
-    expected = val_preset(72, 64)(Image.open(path).convert("RGB"))
+    expected = val_preset(Crop(False, 64, 72))(Image.open(path).convert("RGB"))
     assert images.shape == (1, 3, 64, 64)
     assert (images[0] - expected).abs().mean() < 0.03  # normalised units: about 2 grey levels in 255
 
@@ -248,14 +248,12 @@ def test_segmentation_trains_with_each_backend(tmp_path, backend):
 
 
 def test_segmentation_device_transform_keeps_labels_and_pads_with_ignore():
-    from types import SimpleNamespace
-
-    from segmentation.data import DeviceTransform
-    args = SimpleNamespace(base_size=16, crop_size=[32, 48], scale_range=[0.5, 2.0])
+    from segmentation.gpu_augment import DeviceTransform
+    augmentation = (16, [32, 48], [0.5, 2.0])  # base size, crop size, scale range
     image = torch.randint(0, 255, (3, 16, 24), dtype=torch.uint8)
     mask = torch.randint(0, 3, (16, 24), dtype=torch.uint8)
-    images, masks = DeviceTransform(args, torch.device("cpu"))(([image] * 8, [mask] * 8),
-                                                               torch.Generator().manual_seed(0))
+    images, masks = DeviceTransform(augmentation, torch.device("cpu"))(([image] * 8, [mask] * 8),
+                                                                       torch.Generator().manual_seed(0))
     assert images.shape == (8, 3, 32, 48) and masks.shape == (8, 32, 48) and masks.dtype == torch.int64
     assert set(masks.unique().tolist()) <= {0, 1, 2, 255} and (masks == 255).any()  # crops bigger than the image
     assert not math.isnan(images.sum().item())
@@ -263,20 +261,24 @@ def test_segmentation_device_transform_keeps_labels_and_pads_with_ignore():
 
 def test_both_backends_take_the_crop_scale_and_ratio(tmp_path):
     from classification import train as script
-    from classification.data import device_loader, image_folder, train_preset
-    from common.distributed import DistEnv
+    from classification.data import load_train
+    from common.data import BadSamples, BatchLayout
     data = write_tree(tmp_path / "data")
-    args = script.finish_args(script.get_args_parser().parse_args(
-        ["--data-path", str(data), "-j", "0", "--train-crop-scale", "0.5", "0.9", "--train-crop-ratio", "0.9", "1.5"]))
-    crop = train_preset(args).transforms[0]
+
+    def loader(backend):
+        args = script.finish_args(script.get_args_parser().parse_args(
+            ["--data-path", str(data), "-j", "0", "-b", "4", "--train-crop-scale", "0.5", "0.9", "--train-crop-ratio",
+             "0.9", "1.5", "--data-backend", backend]))
+        return load_train(args, BatchLayout(batch_size=4), torch.device("cpu"), ["cat", "dog", "fox"], BadSamples(0))
+
+    crop = loader("pil").dataset.dataset.transform.transforms[0]  # under SeededSamples
     assert isinstance(crop, v2.RandomResizedCrop) and (tuple(crop.scale), tuple(crop.ratio)) == ((0.5, 0.9), (0.9, 1.5))
-    folder = image_folder(data / "train", ["cat", "dog", "fox"])
-    preset = device_loader(folder, args, DistEnv(), torch.device("cpu"), train=True).prepare
+    preset = loader("gpu").prepare
     assert (tuple(preset.scale), tuple(preset.ratio)) == ((0.5, 0.9), (0.9, 1.5))
 
 
 def test_segmentation_device_augmentation_draws_as_v2_does():
-    from segmentation.data import draw_augmentation, resized_shape
+    from segmentation.gpu_augment import draw_augmentation, resized_shape
     n, height, width, base, crop, scale_range = 4000, 40, 60, 32, (48, 48), (0.5, 2.0)
     generator = torch.Generator().manual_seed(0)
     ours = [draw_augmentation(height, width, base, crop, scale_range, generator) for _ in range(n)]
@@ -307,7 +309,7 @@ def F_resized_shape(height, width, shorter):
 
 
 def test_segmentation_device_augmentation_keeps_masks_nearest_and_pads_with_ignore():
-    from segmentation.data import augment
+    from segmentation.gpu_augment import augment
     image = torch.full((3, 8, 8), 200, dtype=torch.uint8)
     mask = torch.zeros(8, 8, dtype=torch.uint8)
     mask[:, 4:] = 7  # two labels side by side: bilinear resizing would make 1..6 along the edge
@@ -321,11 +323,8 @@ def test_segmentation_device_augmentation_keeps_masks_nearest_and_pads_with_igno
 
 def test_segmentation_device_transform_is_a_function_of_its_generator_alone():
     # It may run on the DeviceLoader's side thread: torch's global stream must neither feed nor change it.
-    from types import SimpleNamespace
-
-    from segmentation.data import DeviceTransform
-    transform = DeviceTransform(SimpleNamespace(base_size=16, crop_size=[24, 24], scale_range=[0.5, 2.0]),
-                                torch.device("cpu"))
+    from segmentation.gpu_augment import DeviceTransform
+    transform = DeviceTransform((16, [24, 24], [0.5, 2.0]), torch.device("cpu"))
     batch = ([torch.randint(0, 255, (3, 16, 20), dtype=torch.uint8)] * 4, [torch.zeros(16, 20, dtype=torch.uint8)] * 4)
     torch.manual_seed(1)
     before = torch.get_rng_state()

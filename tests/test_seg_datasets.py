@@ -445,20 +445,26 @@ def test_voc_aug_reads_sbd_class_index_masks_pixel_by_pixel(tmp_path, list_name)
 
 
 def test_voc_aug_flag_trains_on_the_augmented_set_and_validates_on_val(tmp_path):
+    from common.data import BadSamples, BatchLayout
+    from common.distributed import DistEnv
     from segmentation import train as script
-    from segmentation.data import load_dataset
+    from segmentation.data import load_train, load_val
     voc_aug_tree(tmp_path)
     args = script.finish_args(script.get_args_parser().parse_args(
-        ["--dataset", "voc", "--data-path", str(tmp_path), "--voc-aug", "--base-size", "16", "--crop-size", "16"]))
-    assert load_dataset(args, "train").names == ["2008_000003", "2007_000032", "2008_000002"]
-    assert load_dataset(args, "val").names == ["2007_000033"]
-    assert load_dataset(args, "train", decode_only=True).names == ["2008_000003", "2007_000032", "2008_000002"]
+        ["--dataset", "voc", "--data-path", str(tmp_path), "--voc-aug", "--base-size", "16", "--crop-size", "16",
+         "-b", "1"]))
+    cpu, layout = torch.device("cpu"), BatchLayout()
+
+    def training_names():
+        dataset = load_train(args, layout, cpu, BadSamples(0)).dataset
+        return getattr(dataset, "dataset", dataset).names  # under SeededSamples with --data-backend pil
+
+    assert training_names() == ["2008_000003", "2007_000032", "2008_000002"]
+    assert load_val(args, DistEnv(), cpu).dataset.names == ["2007_000033"]
     args.data_backend = "gpu"  # its workers decode the same set
-    from common.distributed import DistEnv
-    from segmentation.data import load_train
-    assert load_train(args, DistEnv(), torch.device("cpu")).dataset.names == ["2008_000003", "2007_000032", "2008_000002"]
-    args.voc_aug = None
-    assert load_dataset(args, "train").names == ["2007_000032"]
+    assert training_names() == ["2008_000003", "2007_000032", "2008_000002"]
+    args.voc_aug, args.data_backend = None, "pil"
+    assert training_names() == ["2007_000032"]
 
 
 def test_voc_aug_names_what_is_missing(tmp_path):
