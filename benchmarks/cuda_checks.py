@@ -34,9 +34,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from classification.data import batch_mixer
 from classification.gpu_preset import crop_resize, decode_batch, random_resized_crop_boxes
 from common.checkpoint import Checkpointer
-from common.engine import to_device
+from common.engine import Precision, StepParts, to_device
 from common.optim import create_optimizer
-from common.engine import grad_scaler
 from segmentation.model import create_model as create_segmenter
 
 CHECKS = {}
@@ -142,16 +141,19 @@ def adamw_unfused_checkpoint(device, smoke):
         optimizer.step()
 
     one_step(model, unfused, 1)
-    flags, keys = {"model": "linear"}, dict(best_key="best_acc1", best_name="top-1")
+    flags, score = {"model": "linear"}, ("best_acc1", "top-1")
+
+    def checkpointer(module, optimizer, folder, on):
+        precision = Precision(on)
+        parts = StepParts(module, None, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+                          precision.grad_scaler(optimizer), precision)
+        return Checkpointer(parts, folder, True, flags=flags, score=score)
+
     with tempfile.TemporaryDirectory() as folder:
-        schedule = torch.optim.lr_scheduler.LambdaLR(unfused, lambda _: 1.0)
-        Checkpointer(folder, True, model, unfused, schedule, grad_scaler(torch.device("cpu"), "float32", unfused),
-                     precision="float32", flags=flags, **keys).save(0)
+        checkpointer(model, unfused, folder, torch.device("cpu")).save(0)
         resumed = copy.deepcopy(model).to(device)
         fused = create_optimizer("adamw", [{"params": list(resumed.parameters())}], 1e-2, 0.9, 0.0, device.type)
-        Checkpointer(None, True, resumed, fused, torch.optim.lr_scheduler.LambdaLR(fused, lambda _: 1.0),
-                     grad_scaler(device, "float32", fused), precision="float32", flags=flags,
-                     **keys).resume(os.path.join(folder, "checkpoint.pth"), "linear", ())
+        checkpointer(resumed, fused, None, device).resume(os.path.join(folder, "checkpoint.pth"), "linear", ())
     reference = copy.deepcopy(model).to(device)
     plain = torch.optim.AdamW(reference.parameters(), lr=1e-2, fused=False, foreach=False)
     plain.load_state_dict(unfused.state_dict())

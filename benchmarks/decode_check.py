@@ -40,7 +40,7 @@ from classification.gpu_preset import EncodedSamples, GpuPreset, collate_encoded
 from common.data import BatchLayout, TrainingSampler
 from common.device_loader import DeviceLoader
 from common.data import MEAN, STD, read_file_bytes, read_image
-from common.optim import create_optimizer, param_groups
+from common.optim import create_optimizer
 
 BAR = {"mean_abs_levels": 1.0, "p99_9_levels": 8}
 
@@ -201,7 +201,7 @@ def training_step(device, smoke):
     """One optimizer step of ResNet-50 on a random batch, as the scripts take it (bf16, channels_last, SGD built
     by common/optim.py), to run on the main stream while the side stream decodes."""
     model = (resnet18() if smoke else resnet50()).to(device, memory_format=torch.channels_last)
-    optimizer = create_optimizer("sgd", param_groups(model, 0.01, 1e-4), 0.01, 0.9, 1e-4, device.type)
+    optimizer = create_optimizer("sgd", model, 0.01, 0.9, 1e-4, device.type)
     size, batch = (32, 2) if smoke else (224, 64)
     images = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     targets = torch.randint(1000, (batch,), device=device)

@@ -31,7 +31,6 @@ from benchmarks.report import environment, write_json
 from benchmarks.run_step import Runner, script_args
 from benchmarks.throughput import Setting, pick_device
 from benchmarks.timing import Batches, SyntheticLoader, random_batches, time_row, warm_up
-from common.engine import configure_torch
 
 SETTINGS = [Setting(f"{name}{suffix}", task, model, "bfloat16", True, False, ("synthetic",),
                     grad_checkpointing=bool(suffix))
@@ -54,7 +53,6 @@ def measure(setting, device, smoke):
     opts = sizes(smoke)
     data = {"imagefolder": os.devnull, "cityscapes": os.devnull}  # parsed by the scripts, never read
     args = script_args(setting, opts, data, device, "synthetic")
-    configure_torch(device, args.seed, args.use_deterministic_algorithms)
     runner = Runner(setting, args, device, NUM_CLASSES[setting.task])
     warm_up(runner, True, opts.warmup)
     state = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -1,6 +1,5 @@
 """Every call benchmarks/throughput.py makes into the training scripts, their data modules and the loop's pieces in
-common/ (engine, optim, precision, progress, stopping, data), in one place: when their signatures change, this
-file is the one to adapt.
+common/ (engine, optim, log, data), in one place: when their signatures change, this file is the one to adapt.
 
 A row must time the step the scripts run, so the arguments come from the scripts' own parsers and the model,
 optimizer, LR schedule, GradScaler and loaders are built as train.py builds them.
@@ -8,6 +7,7 @@ optimizer, LR schedule, GradScaler and loaders are built as train.py builds them
 import contextlib
 import io
 import re
+import signal
 import warnings
 
 import torch
@@ -21,15 +21,14 @@ from classification.model import create_model as create_classifier
 from classification.model import enable_grad_checkpointing
 from common.data import BadSamples, BatchLayout
 from common.distributed import DistEnv
-from common.engine import configure_torch, evaluate, train_one_epoch
-from common.metrics import ClassificationMeter
-from common.optim import create_lr_scheduler, create_optimizer, param_groups
-from common.engine import autocast_context, grad_scaler, precision_from_flags
+from common.engine import Precision, RunGuards, StepParts, evaluate, train_one_epoch
 from common.log import ProgressLog
-from common.engine import NonFiniteGuard
+from common.metrics import ClassificationMeter
+from common.optim import create_lr_scheduler, create_optimizer
 from segmentation import train as segmentation_train
 from segmentation.data import dataset_info
 from segmentation.data import load_train as segmentation_load_train
+from segmentation.model import create_model as create_segmenter
 
 
 def script_args(setting, opts, data, device, backend):
@@ -56,7 +55,8 @@ def script_args(setting, opts, data, device, backend):
 
 def prepare(setting, args, device):
     """torch's global settings as the script sets them; the class names of the data set."""
-    configure_torch(device, args.seed, args.use_deterministic_algorithms)
+    Precision(device, deterministic=args.use_deterministic_algorithms)
+    torch.manual_seed(args.seed)
     return dataset_classes(args) if setting.task == "classification" else dataset_info(args)[0]
 
 
@@ -102,42 +102,43 @@ class Runner:
 
     def __init__(self, setting, args, device, num_classes):
         self.setting, self.args, self.device, self.num_classes = setting, args, device, num_classes
-        self.precision = precision_from_flags(args.amp, args.amp_dtype)
-        self.autocast = autocast_context(device, self.precision)
-        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        precision = Precision(device, args.amp, args.amp_dtype, args.channels_last, args.use_deterministic_algorithms)
         if setting.task == "classification":
             model, head = create_classifier(args.model, None, num_classes)
             if args.grad_checkpointing:
                 enable_grad_checkpointing(model)
-            self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-            groups = param_groups(model, args.lr, args.weight_decay, args.norm_weight_decay, head, args.head_lr)
+            criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+            groups = dict(norm_weight_decay=args.norm_weight_decay, head=head, head_lr=args.head_lr)
             schedule = dict(step_size=args.lr_step_size, gamma=args.lr_gamma)
         else:
-            model = segmentation_train.build_model(args, num_classes)
-            self.criterion = segmentation_train.SegmentationLoss(args.ignore_index, args.aux_weight)
-            groups = param_groups(model, args.lr, args.weight_decay, args.norm_weight_decay)
+            model = create_segmenter(args.model, num_classes, args.output_stride, args.aux_loss, None, args.unet_width,
+                                     crop_size=args.crop_size, grad_checkpointing=args.grad_checkpointing)
+            criterion = segmentation_train.SegmentationLoss(args.ignore_index, args.aux_weight)
+            groups = dict(norm_weight_decay=args.norm_weight_decay)
             schedule = dict(power=args.lr_power)
-        model.to(device, memory_format=self.memory_format)
+        model.to(device, memory_format=precision.memory_format)
         # The call both scripts make: SGD is never fused there (common/optim.py says why).
-        self.optimizer = create_optimizer(args.opt, groups, args.lr, args.momentum, args.weight_decay, device.type)
-        self.optimizer_label = optimizer_label(self.optimizer, device)
+        optimizer = create_optimizer(args.opt, model, args.lr, args.momentum, args.weight_decay, device.type, **groups)
+        self.optimizer_label = optimizer_label(optimizer, device)
         # The schedule's shape does not change a step's cost; any epoch length will do.
-        self.lr_scheduler = create_lr_scheduler(
-            self.optimizer, args.lr_scheduler, args.epochs, 1000, warmup_epochs=args.lr_warmup_epochs,
+        lr_scheduler = create_lr_scheduler(
+            optimizer, args.lr_scheduler, args.epochs, 1000, warmup_epochs=args.lr_warmup_epochs,
             warmup_method=args.lr_warmup_method, warmup_decay=args.lr_warmup_decay, lr_min=args.lr_min, **schedule)
-        self.scaler = grad_scaler(device, self.precision, self.optimizer)
         if args.compile:
             model.compile()  # in place, as the scripts do; compilation happens in the first warm-up step
-        self.model = model
+        self.parts = StepParts(model, criterion, optimizer, lr_scheduler, precision.grad_scaler(optimizer), precision)
+        self.model, self.precision = model, precision
+        # Random-label batches that make the loss diverge must not stop the timing (their non-finite steps are still
+        # skipped, as in a real run); nor does a stop signal wait for a step's end: a benchmark just ends.
+        self.guards = RunGuards(device, 0, self.parts.scaler, max_nonfinite_steps=10**9)
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def train(self, batches):
-        # One progress line per call, at its end; random-label batches that make the loss diverge must not stop
-        # the timing (their non-finite steps are still skipped, as in a real run).
-        quietly(lambda: train_one_epoch(
-            self.model, self.criterion, self.optimizer, self.lr_scheduler, self.scaler, batches, 0, device=self.device,
-            autocast=self.autocast, progress=ProgressLog(10**9), memory_format=self.memory_format,
-            nonfinite=NonFiniteGuard(10**9, None, self.scaler)))
+        # One progress line per call, at its end.
+        quietly(lambda: train_one_epoch(self.parts, batches, 0, BatchLayout(), self.args.seed, ProgressLog(10**9),
+                                        self.guards))
 
     def eval(self, batches):
-        quietly(evaluate, self.model, batches, ClassificationMeter(self.num_classes, self.device), self.device,
-                self.autocast, self.memory_format)
+        quietly(evaluate, self.model, batches, ClassificationMeter(self.num_classes, self.device), self.precision)

@@ -10,7 +10,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
-import torch
 import torchvision
 
 from classification.data import SHAPES, list_classes, load_val
@@ -19,12 +18,11 @@ from classification.pictures import confusion_matrix_image
 from common.checkpoint import load_checkpoint, load_model_state, state_dict_from
 from common.data import default_workers
 from common.distributed import init_distributed
-from common.engine import evaluate
+from common.engine import Precision, evaluate
 from common.export import add_export_args, export_model, export_requested
-from common.flags import DEVICE_NAMES, device_name, non_negative_int, positive_int
+from common.flags import DEVICE_NAMES, device_name, number
 from common.log import UserError, check_destination, print0, run_cli
 from common.metrics import ClassificationMeter
-from common.engine import autocast_context, precision_from_flags
 
 # Settings of the training run that evaluation must repeat: flags of this script when given, else the
 # checkpoint's training arguments, else these defaults. The synthetic_* entries and train_crop_size (the
@@ -42,8 +40,8 @@ def get_args_parser():
     add("--data-path", help="ImageFolder root whose val/ is evaluated (default: the checkpoint's training data)")
     add("--model", help="torchvision model name (default: the checkpoint's)")
     add("--device", type=device_name, help=f"{DEVICE_NAMES} (default: cuda when available)")
-    add("-b", "--batch-size", type=positive_int, default=64, help="images per process per step (default: 64)")
-    add("-j", "--workers", type=non_negative_int, default=default_workers(8),
+    add("-b", "--batch-size", type=number(int, at_least=1), default=64, help="images per process per step (default: 64)")
+    add("-j", "--workers", type=number(int, at_least=0), default=default_workers(8),
         help=f"DataLoader worker processes per rank (default: {default_workers(8)}, at most the cores)")
     add("--amp", action="store_true", help="autocast (see --amp-dtype)")
     add("--amp-dtype", choices=["float16", "bfloat16"], help="autocast dtype (implies --amp; default float16)")
@@ -106,8 +104,7 @@ def main(args):
     if not args.model:
         raise UserError(f"{args.checkpoint} does not say which model it holds: give --model")
     env, device = init_distributed(args.device)
-    autocast = autocast_context(device, precision_from_flags(args.amp, args.amp_dtype))
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)  # TF32 and cuDNN's choice as in training
 
     class_names = checkpoint.get("class_names")
     if class_names is None and args.data_path is None:
@@ -130,7 +127,7 @@ def main(args):
         model, _ = create_model(args.model, args.weights, len(class_names))
     else:
         model = model_from_checkpoint(checkpoint, args, len(class_names))
-    model.to(device, memory_format=memory_format)
+    model.to(device, memory_format=precision.memory_format)
 
     val_loader = load_val(args, env, device, class_names)
     if export:  # instead of evaluating
@@ -139,7 +136,7 @@ def main(args):
                          args.model)
         return
     meter = ClassificationMeter(len(class_names), device)
-    evaluate(model, val_loader, meter, device, autocast, memory_format)
+    evaluate(model, val_loader, meter, precision)
     summary = meter.summary()
     per_class = meter.confusion.per_class_accuracy()
     counts = meter.confusion.matrix.sum(1).tolist()

@@ -1,6 +1,11 @@
 """Pictures of a classifier's validation, for TensorBoard and eval.py --confusion-png: the confusion matrix, and a
 grid of predictions."""
+import torch
 from PIL import Image, ImageDraw
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from common.checkpoint import unwrap
+from common.data import MEAN, STD
 
 TITLE = 14  # pixels of the axis titles' band
 
@@ -56,3 +61,35 @@ def prediction_grid(images, targets, predicted, confidence, class_names, tile=12
         draw.text((x + 2, y + tile + 13), f"pred {str(class_names[predicted[i]])[:12]} {100 * float(confidence[i]):.0f}%",
                   fill=(0, 120, 0) if right else (200, 0, 0))
     return grid
+
+
+def wrong_first(targets, predicted, confidence):
+    """Indices of the wrong predictions by falling confidence, then of the right ones by falling confidence."""
+    right = (predicted == targets).double()
+    return torch.argsort(right * 2 - confidence.double(), stable=True)  # wrong: -conf in [-1, 0); right: [1, 2)
+
+
+@torch.inference_mode()
+def log_pictures(writer, model, val_loader, meter, class_names, precision, step, count=16):
+    """TensorBoard at each validation: the confusion matrix of `meter`, and a grid of validation images with their
+    true and predicted classes, the most confidently wrong first, from the first validation batches (the same
+    images each time)."""
+    picture = confusion_matrix_image(meter.confusion.matrix.cpu(), class_names)
+    writer.add_image("val/confusion_matrix", pil_to_tensor(picture), step)
+    model = unwrap(model).eval()
+    images, targets, probabilities = [], [], []
+    for batch in val_loader:
+        batch_images, batch_targets = precision.to_device(batch)
+        with precision.autocast:
+            probabilities.append(model(batch_images).float().softmax(1).cpu())
+        images.append(batch_images.float().cpu())
+        targets.append(batch_targets.cpu())
+        if sum(len(t) for t in targets) >= 4 * count:
+            break
+    images, targets, probabilities = torch.cat(images), torch.cat(targets), torch.cat(probabilities)
+    confidence, predicted = probabilities.max(1)
+    shown = wrong_first(targets, predicted, confidence)[:count]
+    pictures = (images[shown] * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1))
+    pictures = (pictures.clamp(0, 1) * 255).round().to(torch.uint8)
+    grid = prediction_grid(pictures, targets[shown], predicted[shown], confidence[shown], class_names)
+    writer.add_image("val/predictions", pil_to_tensor(grid), step)

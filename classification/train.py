@@ -11,38 +11,31 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch
 from torch import nn
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from classification.data import dataset_classes, load_train, load_val
 from classification.model import create_model, enable_grad_checkpointing
-from classification.pictures import confusion_matrix_image, prediction_grid
-from common.checkpoint import (Checkpointer, load_model_state, read_training_checkpoint, resume_path, state_dict_from,
-                               trained_settings, unwrap)
-from common.data import BadSamples, BatchLayout, default_workers
-from common.distributed import check_sync_bn, data_parallel, init_distributed, sync_batch_norm
-from common.engine import RunSteps, configure_torch, evaluate, to_device, train_one_epoch
-from common.flags import (add_bad_sample_flag, add_checkpoint_flags, add_optimisation_flags, add_precision_flags,
-                          non_negative_float, non_negative_int, positive_float, positive_int, probability)
-from common.data import MEAN, STD
-from common.log import (UserError, count_parameters, log_epoch, print0, print_run_end, print_run_start, run_cli,
-                        start_output_dir, tensorboard_writer)
+from classification.pictures import log_pictures
+from common.checkpoint import Checkpointer, ResumePoint
+from common.data import BadSamples, BatchLayout
+from common.distributed import data_parallel, init_distributed
+from common.engine import Precision, RunGuards, RunSteps, StepParts, evaluate, train_one_epoch
+from common.flags import add_shared_flags, number
+from common.log import RunLog, UserError, print0, run_cli
 from common.metrics import ClassificationMeter
-from common.optim import EMA, create_lr_scheduler, create_optimizer, param_groups
-from common.engine import autocast_context, grad_scaler, precision_from_flags
-from common.log import ProgressLog
-from common.engine import NonFiniteGuard, PreemptionSignal, StallWatchdog, stop_at_once_until_training
+from common.optim import EMA, create_lr_scheduler, create_optimizer
 
 # Defaults that depend on the data. Real data gets torchvision's ResNet-50 V1 recipe (76.1% top-1 published,
 # with 8 GPUs x 32 images); the synthetic set gets a small recipe that finishes on a laptop CPU, with AdamW
-# because it reaches 90% on the shapes in fewer than half the steps SGD needs (measured 2026-12-01).
+# because it reaches 90% on the shapes in fewer than half the steps SGD needs (README, "Quick start").
 REAL_DATA_DEFAULTS = dict(model="resnet50", batch_size=32, epochs=90, opt="sgd", lr=0.1, lr_scheduler="steplr",
-                          lr_warmup_epochs=0, workers=default_workers(8), train_crop_size=224, print_freq=100)
+                          lr_warmup_epochs=0, train_crop_size=224, print_freq=100)
 SYNTHETIC_DEFAULTS = dict(model="resnet18", batch_size=64, epochs=3, opt="adamw", lr=2e-3,
                           lr_scheduler="cosineannealinglr", lr_warmup_epochs=1, workers=0, train_crop_size=32,
                           print_freq=20)
 # Defaults of the flags that --test-only --resume may take from the checkpoint instead (None: not given).
 DEFAULTS = dict(val_resize_size=256, val_crop_size=224, interpolation="bilinear", synthetic_val_size=1_000,
                 synthetic_classes=10)
+SECTIONS = ("data", "model", "optimisation", "precision and speed", "checkpoints and preemption", "logging")
 
 
 def get_args_parser():
@@ -50,32 +43,31 @@ def get_args_parser():
         return f"(default: {REAL_DATA_DEFAULTS[name]}; {SYNTHETIC_DEFAULTS[name]} on the synthetic set)"
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = p.add_argument_group("data")
-    add = group.add_argument
+    groups = add_shared_flags(p, recipe, SECTIONS)
+    add = groups["data"].add_argument
     add("--data-path", help="ImageFolder root with train/ and val/ (default: the built-in synthetic set)")
-    add("-b", "--batch-size", type=positive_int, help=f"images per process per step {recipe('batch_size')}")
-    add("-j", "--workers", type=non_negative_int, help=f"DataLoader worker processes per rank {recipe('workers')}")
-    add("--train-crop-size", type=positive_int, help=f"RandomResizedCrop size {recipe('train_crop_size')}")
-    add("--train-crop-scale", type=positive_float, nargs=2, default=[0.08, 1.0], metavar=("MIN", "MAX"),
+    add("-b", "--batch-size", type=number(int, at_least=1), help=f"images per process per step {recipe('batch_size')}")
+    add("--train-crop-size", type=number(int, at_least=1), help=f"RandomResizedCrop size {recipe('train_crop_size')}")
+    add("--train-crop-scale", type=number(float, above=0), nargs=2, default=[0.08, 1.0], metavar=("MIN", "MAX"),
         help="RandomResizedCrop: range of the crop's area, as a fraction of the image's (default: 0.08 1.0; "
         "higher MIN keeps more of the object, for small images and fine-tuning)")
-    add("--train-crop-ratio", type=positive_float, nargs=2, default=[3 / 4, 4 / 3], metavar=("MIN", "MAX"),
+    add("--train-crop-ratio", type=number(float, above=0), nargs=2, default=[3 / 4, 4 / 3], metavar=("MIN", "MAX"),
         help="RandomResizedCrop: range of the crop's width / height (default: 0.75 1.333)")
-    add("--val-resize-size", type=positive_int,
-        help="validation resize of the shorter side (default: 256)")
-    add("--val-crop-size", type=positive_int, help="validation centre crop (default: 224)")
-    add("--interpolation", choices=["nearest", "bilinear", "bicubic"],
-        help="resize filter (default: bilinear)")
+    add("--val-resize-size", type=number(int, at_least=1), help="validation resize of the shorter side (default: 256)")
+    add("--val-crop-size", type=number(int, at_least=1), help="validation centre crop (default: 224)")
+    add("--interpolation", choices=["nearest", "bilinear", "bicubic"], help="resize filter (default: bilinear)")
     add("--auto-augment", choices=["ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn"],
         help="ra (RandAugment), ta_wide (TrivialAugmentWide), augmix, or an AutoAugment policy: imagenet, cifar10, "
         "svhn (default: none)")
-    add("--random-erase", type=probability, default=0.0, help="RandomErasing probability (default: 0)")
-    add("--mixup-alpha", type=non_negative_float, default=0.0, help="MixUp alpha (default: 0, off)")
-    add("--cutmix-alpha", type=non_negative_float, default=0.0,
+    add("--random-erase", type=number(float, at_least=0, at_most=1), default=0.0,
+        help="RandomErasing probability (default: 0)")
+    add("--mixup-alpha", type=number(float, at_least=0), default=0.0, help="MixUp alpha (default: 0, off)")
+    add("--cutmix-alpha", type=number(float, at_least=0), default=0.0,
         help="CutMix alpha (default: 0, off); with MixUp, one of the two per batch")
     add("--ra-sampler", action="store_true", help="repeated augmentation: each image --ra-reps times per epoch, "
         "differently augmented, on consecutive ranks (torchvision's RASampler; its ResNet-50 V2 recipe uses it)")
-    add("--ra-reps", type=positive_int, default=3, help="copies of each image with --ra-sampler (default: 3)")
+    add("--ra-reps", type=number(int, at_least=1), default=3,
+        help="copies of each image with --ra-sampler (default: 3)")
     add("--data-backend", default="pil", choices=["pil", "gpu", "synthetic"],
         help="pil: decode and augment in DataLoader workers; gpu: workers read bytes, the device decodes (nvJPEG) "
         "and augments whole batches; synthetic: random batches on the device, to time the model step alone "
@@ -83,57 +75,47 @@ def get_args_parser():
     add("--list-cache", metavar="DIR", help="where the listing of --data-path's train/ and val/ is kept "
         "(file_list_train.npz, file_list_val.npz): a restart lists again only the class folders that changed "
         "(default: --output-dir; no cache without it)")
-    add_bad_sample_flag(group)
-    add("--synthetic-train-size", type=positive_int, default=3_500,
+    add("--synthetic-train-size", type=number(int, at_least=1), default=3_500,
         help="synthetic set: training images (default: 3500)")
-    add("--synthetic-val-size", type=positive_int,
-        help="synthetic set: validation images (default: 1000)")
+    add("--synthetic-val-size", type=number(int, at_least=1), help="synthetic set: validation images (default: 1000)")
     add("--synthetic-classes", type=int, choices=range(2, 11), metavar="{2..10}",
         help="synthetic set: number of classes (default: 10)")
 
-    group = p.add_argument_group("model")
-    add = group.add_argument
+    add = groups["model"].add_argument
     add("--model", help=f"torchvision classifier name {recipe('model')}")
     add("--weights", help="start from weights: a torchvision enum name (IMAGENET1K_V2) or a local .pth state dict")
     add("--sync-bn", action="store_true", help="synchronise batch-norm statistics across GPUs")
     add("--model-ema", action="store_true", help="keep an exponential moving average of weights and evaluate it")
-    add("--model-ema-steps", type=positive_int, default=32, help="optimizer steps between EMA updates (default: 32)")
-    add("--model-ema-decay", type=positive_float, default=0.99998,
+    add("--model-ema-steps", type=number(int, at_least=1), default=32,
+        help="optimizer steps between EMA updates (default: 32)")
+    add("--model-ema-decay", type=number(float, above=0), default=0.99998,
         help="EMA decay, scaled as in torchvision's reference (default: 0.99998)")
 
-    group = p.add_argument_group("optimisation")
-    add = group.add_argument
-    add("--epochs", type=positive_int, help=f"epochs to train {recipe('epochs')}")
+    add = groups["optimisation"].add_argument
+    add("--epochs", type=number(int, at_least=1), help=f"epochs to train {recipe('epochs')}")
     add("--opt", choices=["sgd", "sgd_nesterov", "adamw", "rmsprop"], help=f"optimizer {recipe('opt')}")
-    add("--lr", type=non_negative_float, help=f"peak learning rate for the whole run's batch {recipe('lr')}")
-    add("--head-lr", type=non_negative_float, help="learning rate of the classifier head (default: --lr); for fine-tuning")
-    add("--momentum", type=non_negative_float, default=0.9, help="SGD/RMSprop momentum (default: 0.9)")
-    add("--wd", "--weight-decay", type=non_negative_float, default=1e-4, dest="weight_decay",
+    add("--lr", type=number(float, at_least=0), help=f"peak learning rate for the whole run's batch {recipe('lr')}")
+    add("--head-lr", type=number(float, at_least=0),
+        help="learning rate of the classifier head (default: --lr); for fine-tuning")
+    add("--momentum", type=number(float, at_least=0), default=0.9, help="SGD/RMSprop momentum (default: 0.9)")
+    add("--wd", "--weight-decay", type=number(float, at_least=0), default=1e-4, dest="weight_decay",
         help="weight decay (default: 1e-4)")
-    add("--norm-weight-decay", type=non_negative_float, help="weight decay of normalisation layers (default: --wd)")
-    add("--label-smoothing", type=probability, default=0.0,
+    add("--norm-weight-decay", type=number(float, at_least=0),
+        help="weight decay of normalisation layers (default: --wd)")
+    add("--label-smoothing", type=number(float, at_least=0, at_most=1), default=0.0,
         help="label smoothing of the cross-entropy loss (default: 0)")
     add("--lr-scheduler", choices=["steplr", "cosineannealinglr", "exponentiallr"],
         help=f"schedule after warmup, stepped every optimizer step {recipe('lr_scheduler')}")
-    add("--lr-step-size", type=positive_int, default=30, help="StepLR: epochs between decays (default: 30)")
-    add("--lr-gamma", type=positive_float, default=0.1, help="StepLR/ExponentialLR: decay factor per step size / epoch "
-        "(default: 0.1)")
-    add("--lr-min", type=non_negative_float, default=0.0, help="CosineAnnealingLR: final learning rate (default: 0)")
-    add_optimisation_flags(group, recipe)
+    add("--lr-step-size", type=number(int, at_least=1), default=30, help="StepLR: epochs between decays (default: 30)")
+    add("--lr-gamma", type=number(float, above=0), default=0.1,
+        help="StepLR/ExponentialLR: decay factor per step size / epoch (default: 0.1)")
+    add("--lr-min", type=number(float, at_least=0), default=0.0,
+        help="CosineAnnealingLR: final learning rate (default: 0)")
 
-    group = p.add_argument_group("precision and speed")
-    add_precision_flags(group)
-    group.add_argument("--grad-checkpointing", action="store_true",
-                       help="recompute stage activations in backward to save memory")
-
-    group = p.add_argument_group("checkpoints and preemption")
-    add_checkpoint_flags(group)
-    add = group.add_argument
-    add("--test-only", action="store_true", help="only evaluate --resume (and its EMA) or --weights on val")
-
-    group = p.add_argument_group("logging")
-    group.add_argument("--print-freq", type=positive_int,
-                       help=f"optimizer steps between progress lines {recipe('print_freq')}")
+    groups["precision and speed"].add_argument("--grad-checkpointing", action="store_true",
+                                               help="recompute stage activations in backward to save memory")
+    groups["checkpoints and preemption"].add_argument(
+        "--test-only", action="store_true", help="only evaluate --resume (and its EMA) or --weights on val")
     return p
 
 
@@ -151,9 +133,9 @@ TRAINED_SETTINGS = ("model", "data_path", "train_crop_size", "val_resize_size", 
 
 
 def finish_args(args):
-    path = resume_path(args.resume, args.output_dir)  # a wrong path is reported before any work
-    if args.test_only and path:
-        vars(args).update(trained_settings(path, vars(args), TRAINED_SETTINGS))
+    resume = ResumePoint(args.resume, args.output_dir)  # a wrong path is reported before any work
+    if args.test_only:
+        vars(args).update(resume.trained_settings(vars(args), TRAINED_SETTINGS))
     for name, value in {**DEFAULTS, **(SYNTHETIC_DEFAULTS if args.data_path is None else REAL_DATA_DEFAULTS)}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -183,177 +165,121 @@ def finish_args(args):
     return args
 
 
-def validate(model, val_loader, class_names, device, autocast, memory_format, name, preemption=None, watchdog=None):
+def validate(model, val_loader, class_names, precision, name, guards=None):
     """(summary, meter) of one evaluation; (None, None) when a stop signal came during it."""
-    meter = ClassificationMeter(len(class_names), device)
-    if evaluate(model, val_loader, meter, device, autocast, memory_format, preemption, watchdog) is None:
+    meter = ClassificationMeter(len(class_names), precision.device)
+    if evaluate(model, val_loader, meter, precision, guards) is None:
         return None, None
     summary = meter.summary()
     print0(f"{name}: top-1 {summary['acc1']:.3f}  top-5 {summary['acc5']:.3f}  on {summary['num_samples']} images")
     return summary, meter
 
 
-def validate_epoch(model, model_ema, val_loader, class_names, device, autocast, memory_format, epoch, preemption,
-                   watchdog):
-    """The epoch's validation numbers (of the EMA weights too) and the model's meter; (None, None) on a stop."""
-    val, meter = validate(model, val_loader, class_names, device, autocast, memory_format, f"Epoch {epoch} val",
-                          preemption, watchdog)
+def validate_both(parts, val_loader, class_names, name, guards):
+    """The validation numbers of the model (and of its EMA weights) and the model's meter; (None, None) on a stop."""
+    val, meter = validate(parts.model, val_loader, class_names, parts.precision, f"{name} val", guards)
     if val is None:
         return None, None
     record = {"val_acc1": val["acc1"], "val_acc5": val["acc5"]}
-    if model_ema is not None:
-        ema, _ = validate(model_ema, val_loader, class_names, device, autocast, memory_format,
-                          f"Epoch {epoch} EMA val", preemption, watchdog)
+    if parts.ema is not None:
+        ema, _ = validate(parts.ema, val_loader, class_names, parts.precision, f"{name} EMA val", guards)
         if ema is None:
             return None, None
         record.update(val_ema_acc1=ema["acc1"], val_ema_acc5=ema["acc5"])
     return record, meter
 
 
-def test_only(model, val_loader, class_names, device, autocast, memory_format, args):
+def test_only(model, val_loader, class_names, precision, args):
     """Evaluate the model of --resume (and its EMA weights, if it has them) or of --weights."""
-    path = resume_path(args.resume, args.output_dir)
-    if args.resume and not path:
-        raise UserError(f"--resume auto found no checkpoint in {args.output_dir}: nothing to evaluate")
-    checkpoint = read_training_checkpoint(path, args.model, class_names) if path else {}
-    if checkpoint:
-        load_model_state(model, state_dict_from(checkpoint, path), path)
-    validate(model, val_loader, class_names, device, autocast, memory_format, "Test")
-    if checkpoint.get("model_ema") is not None:
-        load_model_state(model, checkpoint["model_ema"], path)
-        validate(model, val_loader, class_names, device, autocast, memory_format, "Test EMA")
-
-
-def wrong_first(targets, predicted, confidence):
-    """Indices of the wrong predictions by falling confidence, then of the right ones by falling confidence."""
-    right = (predicted == targets).double()
-    return torch.argsort(right * 2 - confidence.double(), stable=True)  # wrong: -conf in [-1, 0); right: [1, 2)
-
-
-@torch.inference_mode()
-def log_predictions(writer, model, val_loader, class_names, device, autocast, memory_format, epoch, count=16):
-    """A grid of validation images with their true and predicted classes, the most confidently wrong first,
-    from the first validation batches (the same images each epoch)."""
-    model.eval()
-    images, targets, probabilities = [], [], []
-    for batch in val_loader:
-        batch_images, batch_targets = to_device(batch, device, memory_format)
-        with autocast:
-            probabilities.append(model(batch_images).float().softmax(1).cpu())
-        images.append(batch_images.float().cpu())
-        targets.append(batch_targets.cpu())
-        if sum(len(t) for t in targets) >= 4 * count:
-            break
-    images, targets, probabilities = torch.cat(images), torch.cat(targets), torch.cat(probabilities)
-    confidence, predicted = probabilities.max(1)
-    shown = wrong_first(targets, predicted, confidence)[:count]
-    pictures = (images[shown] * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1))
-    pictures = (pictures.clamp(0, 1) * 255).round().to(torch.uint8)
-    grid = prediction_grid(pictures, targets[shown], predicted[shown], confidence[shown], class_names)
-    writer.add_image("val/predictions", pil_to_tensor(grid), epoch)
+    ema = None
+    if args.resume:
+        ema = ResumePoint(args.resume, args.output_dir).load_for_evaluation(model, args.model, class_names)
+    validate(model, val_loader, class_names, precision, "Test")
+    if ema is not None:
+        model.load_state_dict(ema)
+        validate(model, val_loader, class_names, precision, "Test EMA")
 
 
 def main(args):
-    env, device = init_distributed(args.device, args.dist_timeout, args.dist_backend)
+    env, device = init_distributed(args.device, args.dist_timeout, args.dist_backend, args.sync_bn)
     args.world_size = env.world_size
     # With --global-batch, the --accum-steps that keeps it on the processes this start found.
     layout = BatchLayout.planned(env, args.batch_size, args.accum_steps, args.global_batch)
     args.accum_steps = layout.accum_steps
-    started = print_run_start(env, device)
-    configure_torch(device, args.seed, args.use_deterministic_algorithms)
-    precision = precision_from_flags(args.amp, args.amp_dtype)
-    autocast = autocast_context(device, precision)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    check_sync_bn(args.sync_bn, env, device)
+    log = RunLog(env, device)
+    precision = Precision(device, args.amp, args.amp_dtype, args.channels_last, args.use_deterministic_algorithms)
+    torch.manual_seed(args.seed)  # the weights' initialisation
 
     class_names = dataset_classes(args)
     val_loader = load_val(args, env, device, class_names)  # before the long work: val/ problems show now
     model, head = create_model(args.model, args.weights, len(class_names))
-    model.to(device, memory_format=memory_format)
+    model.to(device, memory_format=precision.memory_format)
     if args.test_only:
-        test_only(model, val_loader, class_names, device, autocast, memory_format, args)
+        test_only(model, val_loader, class_names, precision, args)
         return
 
-    start_output_dir(args.output_dir, vars(args))  # claimed before anything is read from it or written
+    log.claim(args.output_dir, vars(args))  # before anything is read from the output folder or written to it
     bad_samples = BadSamples(args.max_bad_samples, args.output_dir)  # files that fail to load mid-run
     train_loader = load_train(args, layout, device, class_names, bad_samples)
     steps_per_epoch = train_loader.sampler.steps_per_epoch
-    images_per_step = args.batch_size * args.accum_steps * env.world_size
-    print0(f"{args.model}, {count_parameters(model):,} parameters; {len(train_loader.dataset)} training and "
-           f"{len(val_loader.dataset)} validation images, {len(class_names)} classes; effective batch "
-           f"{args.batch_size} x {args.accum_steps} accumulation x {env.world_size} processes = {images_per_step}")
-    if args.sync_bn:
-        model = sync_batch_norm(model, env)
-    model_ema = EMA(model, args.model_ema_decay, args.model_ema_steps, images_per_step, args.epochs,
+    print0(f"{args.model}, {sum(p.numel() for p in model.parameters()):,} parameters; {len(train_loader.dataset)} "
+           f"training and {len(val_loader.dataset)} validation images, {len(class_names)} classes; effective batch "
+           f"{args.batch_size} x {args.accum_steps} accumulation x {env.world_size} processes = {layout.global_batch}")
+    model_ema = EMA(model, args.model_ema_decay, args.model_ema_steps, layout.global_batch, args.epochs,
                     args.lr_warmup_epochs) if args.model_ema else None
     if args.grad_checkpointing:  # after the EMA copy, which must not inherit the patched forwards
         enable_grad_checkpointing(model)
-    groups = param_groups(model, args.lr, args.weight_decay, args.norm_weight_decay, head, args.head_lr)
-    optimizer = create_optimizer(args.opt, groups, args.lr, args.momentum, args.weight_decay, device.type)
+    optimizer = create_optimizer(args.opt, model, args.lr, args.momentum, args.weight_decay, device.type,
+                                 args.norm_weight_decay, head, args.head_lr)
     lr_scheduler = create_lr_scheduler(
         optimizer, args.lr_scheduler, args.epochs, steps_per_epoch, warmup_epochs=args.lr_warmup_epochs,
         warmup_method=args.lr_warmup_method, warmup_decay=args.lr_warmup_decay, step_size=args.lr_step_size,
         gamma=args.lr_gamma, lr_min=args.lr_min)
-    scaler = grad_scaler(device, precision, optimizer)
-    checkpointer = Checkpointer(args.output_dir, env.is_main, model, optimizer, lr_scheduler, scaler,
-                                precision=precision, flags=vars(args), keep=args.keep_checkpoints,
-                                model_ema=model_ema, bad_samples=bad_samples, best_key="best_acc1", best_name="top-1",
-                                class_names=class_names, steps_per_epoch=steps_per_epoch)
-    args.start_epoch, start_step = checkpointer.resume(resume_path(args.resume, args.output_dir), args.model,
-                                                       SCHEDULE_ARGS)
-
-    model = data_parallel(model, env, device)
+    model = data_parallel(model, env, device, args.sync_bn)
     if args.compile:
         model.compile()  # in place: the state dict keeps its keys
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    writer = tensorboard_writer(args.output_dir)
-    progress = ProgressLog(args.print_freq, env.world_size, writer)
-    nonfinite = NonFiniteGuard(args.max_nonfinite_steps, args.output_dir, scaler)
-    preemption = PreemptionSignal(device)
-    watchdog = StallWatchdog(args.stall_timeout, env.rank)
+    parts = StepParts(model, criterion, optimizer, lr_scheduler, precision.grad_scaler(optimizer), precision,
+                      args.clip_grad_norm, model_ema)
+    checkpointer = Checkpointer(parts, args.output_dir, env.is_main, flags=vars(args), score=("best_acc1", "top-1"),
+                                keep=args.keep_checkpoints, bad_samples=bad_samples, class_names=class_names,
+                                steps_per_epoch=steps_per_epoch)
+    args.start_epoch, start_step = checkpointer.resume(ResumePoint(args.resume, args.output_dir).path, args.model,
+                                                       SCHEDULE_ARGS)
+
+    progress = log.progress(args.print_freq)
+    guards = RunGuards(device, env.rank, parts.scaler, args.output_dir, args.max_nonfinite_steps, args.stall_timeout)
     run = RunSteps(steps_per_epoch, args.epochs * steps_per_epoch, args.eval_interval)
     by = "step" if args.eval_interval else "epoch"  # what log.jsonl's lines and TensorBoard's scalars follow
     for epoch in range(args.start_epoch, args.epochs):
         start = start_step if epoch == args.start_epoch else 0
         for stop in run.pauses(epoch, start, checkpointer.validated):  # the epoch's end, and any validation inside
             train_loader.sampler.set_epoch(epoch, start)
-            stats = train_one_epoch(
-                model, criterion, optimizer, lr_scheduler, scaler, train_loader, epoch, device=device,
-                autocast=autocast, progress=progress, nonfinite=nonfinite, memory_format=memory_format, seed=args.seed,
-                layout=layout, clip_grad_norm=args.clip_grad_norm, ema=model_ema, preemption=preemption,
-                checkpointer=checkpointer, checkpoint_interval=args.checkpoint_interval, start_step=start,
-                end_step=stop, watchdog=watchdog)
+            stats = train_one_epoch(parts, train_loader, epoch, layout, args.seed, progress, guards, checkpointer,
+                                    args.checkpoint_interval, start_step=start, end_step=stop)
             if stats.pop("stopped"):  # by SIGTERM/SIGUSR1, its checkpoint saved: the same command resumes it
-                preemption.exit()
+                guards.preemption.exit()
             start, record = stop, {"epoch": epoch, "step": epoch * steps_per_epoch + stop, **stats}
             if not run.validates_after(epoch, stop):  # an epoch's end between validations (--eval-interval)
                 checkpointer.save(epoch)
-                log_epoch(record, args.output_dir, writer, by)
+                log.record(record, by)
                 continue
-            val, val_meter = validate_epoch(model, model_ema, val_loader, class_names, device, autocast,
-                                            memory_format, epoch if by == "epoch" else f"{epoch} step {stop}",
-                                            preemption, watchdog)
+            name = f"Epoch {epoch}" if by == "epoch" else f"Epoch {epoch} step {stop}"
+            val, meter = validate_both(parts, val_loader, class_names, name, guards)
             if val is None:  # a signal during validation: the training is saved now; the validation reruns on resume
                 checkpointer.save(epoch, stop)
-                preemption.exit()
+                guards.preemption.exit()
             record.update(val)
             checkpointer.save_validated(epoch, record.get("val_ema_acc1", val["val_acc1"]),  # with EMA, its weights
                                         None if stop == run.epoch_end(epoch) else stop)
-            log_epoch(record, args.output_dir, writer, by)
-            if writer is not None:
-                log_predictions(writer, unwrap(model), val_loader, class_names, device, autocast, memory_format,
-                                record[by])
+            log.record(record, by)
+            if log.writer is not None:
+                log_pictures(log.writer, model, val_loader, meter, class_names, precision, record[by])
 
-    if writer is not None and args.start_epoch < args.epochs:  # what the last validation confuses with what
-        picture = confusion_matrix_image(val_meter.confusion.matrix.cpu(), class_names)
-        writer.add_image("val/confusion_matrix", pil_to_tensor(picture), record[by])
-    if writer is not None:
-        writer.close()
     best = "none (no epoch evaluated)" if checkpointer.best is None else f"{checkpointer.best:.3f}"
-    print_run_end(started, f"best top-1 {best}{' (EMA)' if model_ema is not None else ''}", args.output_dir)
+    log.end(f"best top-1 {best}{' (EMA)' if model_ema is not None else ''}")
 
 
 if __name__ == "__main__":
-    stop_at_once_until_training()  # SIGTERM before the loop: exit 75 at once, not by the default handler
     args = get_args_parser().parse_args()
     run_cli(lambda a: main(finish_args(a)), args)

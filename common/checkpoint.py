@@ -211,14 +211,6 @@ def check_same_global_batch(trained_flags, flags, path):
                           f"a new run from its weights with --weights {path}")
 
 
-def recorded_precision(checkpoint):
-    """The precision a checkpoint was trained in; one written before that was recorded says it by its flags."""
-    if "precision" in checkpoint:
-        return checkpoint["precision"]
-    flags = checkpoint.get("args") or {}
-    return (flags.get("amp_dtype") or "float16") if flags.get("amp") else "float32"
-
-
 def last_good_checkpoint(output_dir):
     """What a run that stops on NaN or Inf says about where to go on from."""
     last = os.path.join(output_dir, "checkpoint.pth") if output_dir else None
@@ -288,33 +280,54 @@ def save_training(state, output_dir, is_best=False, keep=0):
     print0(f"saved {output_dir}/checkpoint.pth ({where}){' and best.pth' if is_best else ''}")
 
 
+class ResumePoint:
+    """--resume, resolved before any work: `path` is the checkpoint the run starts from (None: a fresh start), and a
+    path that does not exist is refused at once; what --test-only takes from it, and its weights for evaluation."""
+
+    def __init__(self, resume, output_dir):
+        self.resume, self.output_dir = resume, output_dir
+        self.path = resume_path(resume, output_dir)
+
+    def trained_settings(self, given, names):
+        """Of the flags `names`, those left unset (None) in `given` (a dict), as the checkpoint was trained with them."""
+        return trained_settings(self.path, given, names) if self.path else {}
+
+    def load_for_evaluation(self, model, model_name, class_names):
+        """Load the checkpoint's weights into `model`, refused unless trained with --model `model_name` on
+        `class_names`; returns its EMA weights (a state dict), or None."""
+        if not self.path:
+            raise UserError(f"--resume auto found no checkpoint in {self.output_dir}: nothing to evaluate")
+        checkpoint = read_training_checkpoint(self.path, model_name, class_names)
+        load_model_state(model, state_dict_from(checkpoint, self.path), self.path)
+        return checkpoint.get("model_ema")
+
+
 class Checkpointer:
     """Saves and restores everything a run needs to continue, as plain dicts and tensors (what weights_only
-    loading accepts): model, optimizer, LR schedule, scaler, EMA, position, whether the validation due there
-    has run, the best score so far, the run's flags, its precision, the bad samples met so far
-    (--max-bad-samples, with `bad_samples`, a common.data.BadSamples), and `must_match` entries that a resumed
-    run must have too (class names, palette, the epoch's length in steps).
+    loading accepts): of the step's `parts` (common.engine.StepParts) the model, optimizer, LR schedule, scaler,
+    precision and EMA; the position, whether the validation due there has run, the best `score` so far (its key
+    in the checkpoint, and its name in the log: "best_acc1", "top-1"), the run's flags, the bad samples met so far
+    (--max-bad-samples, with `bad_samples`, a common.data.BadSamples), and `must_match` entries that a resumed run
+    must have too (class names, palette, the epoch's length in steps).
 
     save() runs on every rank (each checks the weights are finite, and the ranks agree on the bad samples) and
     writes on the main one only; with no output_dir it only checks.
     """
 
-    def __init__(self, output_dir, is_main, model, optimizer, lr_scheduler, scaler, *, precision, flags,
-                 best_key, best_name, keep=0, model_ema=None, bad_samples=None, **must_match):
-        self.output_dir, self.is_main, self.keep, self.best_key = output_dir, is_main, keep, best_key
-        self.best_name = best_name  # how the log names the score: top-1, mIoU
-        self.model, self.optimizer, self.lr_scheduler, self.scaler = model, optimizer, lr_scheduler, scaler
-        self.precision, self.flags, self.model_ema, self.must_match = precision, flags, model_ema, must_match
-        self.bad_samples = bad_samples
+    def __init__(self, parts, output_dir, is_main, *, flags, score, keep=0, bad_samples=None, **must_match):
+        self.parts, self.output_dir, self.is_main, self.keep = parts, output_dir, is_main, keep
+        self.model = unwrap(parts.model)  # the state dict's keys carry no DDP prefix; compile keeps them
+        self.best_key, self.best_name = score
+        self.flags, self.must_match, self.bad_samples = flags, must_match, bad_samples
         self.best = None  # the first evaluated epoch is the best so far, whatever its score
         self.validated = False  # of a resumed checkpoint: whether the validation due where it was saved has run
 
     def state(self, epoch, step, validated=False):
         """`step` is the number of optimizer steps done in `epoch` for a checkpoint saved inside it, None at its end."""
-        ema = self.model_ema
-        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "precision": self.precision, "epoch": epoch, "step": step, "validated": validated,
+        parts, ema = self.parts, self.parts.ema
+        return {"model": self.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+                "lr_scheduler": parts.lr_scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
+                "precision": parts.precision.name, "epoch": epoch, "step": step, "validated": validated,
                 "args": dict(self.flags), self.best_key: self.best,
                 "model_ema": ema.module.state_dict() if ema is not None else None,
                 "model_ema_n_averaged": ema.n_averaged if ema is not None else None,
@@ -322,7 +335,7 @@ class Checkpointer:
 
     def save(self, epoch, step=None, is_best=False, validated=False):
         """Without an output folder nothing is written, but a run whose weights went NaN still stops here."""
-        models = [self.model] if self.model_ema is None else [self.model, self.model_ema]
+        models = [self.model] if self.parts.ema is None else [self.model, self.parts.ema]
         check_finite_weights(models, f"epoch {epoch}" + ("" if step is None else f" step {step}"), self.output_dir)
         if self.bad_samples is not None:
             self.bad_samples.agree()
@@ -345,15 +358,16 @@ class Checkpointer:
         checkpoint = read_training_checkpoint(path, model_name)
         check_resumable(checkpoint, path)
         load_model_state(self.model, state_dict_from(checkpoint, path), path)
+        optimizer, ema = self.parts.optimizer, self.parts.ema
         try:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
         except ValueError as e:
             raise CheckpointError(f"cannot resume from {path}: {e}. Resume with the flags it was trained with "
                                   "(--opt, --norm-weight-decay, --head-lr)") from None
         # The saved groups bring back the implementation that stepped them (fused, foreach), which another device
         # or version may have chosen; the scaler steps the optimizer this run built, with its choice.
-        for group in self.optimizer.param_groups:
-            group.update({key: self.optimizer.defaults.get(key) for key in ("fused", "foreach")})
+        for group in optimizer.param_groups:
+            group.update({key: optimizer.defaults.get(key) for key in ("fused", "foreach")})
         check_same_schedule(checkpoint.get("args") or {}, self.flags, schedule_names, path)
         check_same_global_batch(checkpoint.get("args") or {}, self.flags, path)
         for name, value in self.must_match.items():  # other classes of the same count; another epoch length
@@ -361,12 +375,12 @@ class Checkpointer:
                 raise CheckpointError(f"cannot resume from {path}: it was trained with {name} {checkpoint[name]}, "
                                       f"this run has {value}. Resume on the data it was trained on, or start a new "
                                       f"run from its weights with --weights {path}")
-        self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        if checkpoint["scaler"] and recorded_precision(checkpoint) == self.precision:  # precision may change
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        if self.model_ema is not None and checkpoint.get("model_ema") is not None:
-            load_model_state(self.model_ema.module, checkpoint["model_ema"], path)
-            self.model_ema.n_averaged.copy_(checkpoint["model_ema_n_averaged"])
+        self.parts.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        if checkpoint["scaler"] and checkpoint.get("precision") == self.parts.precision.name:  # precision may change
+            self.parts.scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None and checkpoint.get("model_ema") is not None:
+            load_model_state(ema.module, checkpoint["model_ema"], path)
+            ema.n_averaged.copy_(checkpoint["model_ema_n_averaged"])
         self.best = checkpoint.get(self.best_key)
         if self.best_key not in checkpoint:
             print0(f"note: {path} holds no {self.best_key}: the best {self.best_name} starts over, and best.pth is "

@@ -49,10 +49,11 @@ def cuda_device_of(local_rank):
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def init_distributed(device_name=None, timeout_minutes=30, backend=None):
+def init_distributed(device_name=None, timeout_minutes=30, backend=None, sync_bn=False):
     """Start the process group and return (DistEnv, torch.device) for this rank. `backend` defaults to NCCL on
     GPUs and gloo on CPU; gloo on GPUs is slower (it copies through host memory) but takes several ranks on one
-    GPU, as ranks beyond the visible GPUs share them (cuda_device_of)."""
+    GPU, as ranks beyond the visible GPUs share them (cuda_device_of). `sync_bn` is checked now, before any work:
+    SyncBatchNorm has CUDA kernels only."""
     env = read_dist_env()
     if device_name is None:
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,6 +66,8 @@ def init_distributed(device_name=None, timeout_minutes=30, backend=None):
         if env.distributed or device.index is None:
             device = cuda_device_of(env.local_rank)
         torch.cuda.set_device(device)
+    if sync_bn and env.distributed and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA devices: drop it on CPU")
     if env.distributed:
         os.environ.setdefault("MASTER_PORT", "29500")
         # A rank that dies makes the others fail after this timeout instead of hanging forever.
@@ -133,19 +136,12 @@ def from_rank0(compute):
     return result if dist.get_rank() == 0 else pickle.loads(value, buffers=received)
 
 
-def check_sync_bn(sync_bn, env, device):
-    """Called before any work: SyncBatchNorm has CUDA kernels only."""
-    if sync_bn and env.distributed and device.type != "cuda":
-        raise UserError("--sync-bn needs CUDA devices: drop it on CPU")
-
-
-def sync_batch_norm(model, env):
-    """Batch-norm statistics over all ranks' batches; nothing to do in one process."""
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if env.distributed else model
-
-
-def data_parallel(model, env, device):
-    """DistributedDataParallel when there are several processes, the model itself otherwise."""
+def data_parallel(model, env, device, sync_bn=False):
+    """DistributedDataParallel when there are several processes (with `sync_bn`, batch-norm statistics over all
+    ranks' batches), the model itself otherwise. The parameters stay the same objects, so an optimizer or an EMA
+    made before still holds them."""
     if not env.distributed:
         return model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

@@ -16,22 +16,22 @@ import threading
 import time
 import warnings
 from contextlib import nullcontext
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
 from common.checkpoint import last_good_checkpoint
-from common.data import BatchLayout, seed_epoch, seed_micro_batch
+from common.data import seed_epoch, seed_micro_batch
 from common.distributed import all_reduce_max, all_reduce_sum
-from common.log import UserError, print0
+from common.log import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, STALLED_EXIT_CODE, UserError, print0
 
 
 # ---- precision: "float32", "bfloat16" or "float16", decided once per run ---------------------------------------
 #
-#     precision = precision_from_flags(args.amp, args.amp_dtype)
-#     autocast = autocast_context(device, precision)       # `with autocast:` around forward and loss
-#     scaler = grad_scaler(device, precision, optimizer)   # scale, unscale_, step, update, as torch documents
+#     precision = Precision(device, args.amp, args.amp_dtype, args.channels_last, args.use_deterministic_algorithms)
+#     with precision.autocast: ...                      # around forward and loss
+#     scaler = precision.grad_scaler(optimizer)         # scale, unscale_, step, update, as torch documents
 #
 # Only float16 needs loss scaling: its range is too narrow for small gradients. A checkpoint records the name, so a
 # resumed run knows whether the scaler state it saved still applies.
@@ -79,6 +79,23 @@ def grad_scaler(device, precision, optimizer):
     return torch.amp.GradScaler(device.type, enabled=False)
 
 
+class Precision:
+    """How a run computes, decided once from its flags: the precision's `name` and `autocast` context, the
+    `memory_format` of image batches, and torch's kernel choices (fast or deterministic, TF32)."""
+
+    def __init__(self, device, amp=False, amp_dtype=None, channels_last=False, deterministic=False):
+        self.device, self.name = device, precision_from_flags(amp, amp_dtype)
+        self.autocast = autocast_context(device, self.name)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        configure_kernels(device, deterministic)
+
+    def grad_scaler(self, optimizer):
+        return grad_scaler(self.device, self.name, optimizer)
+
+    def to_device(self, batch):
+        return to_device(batch, self.device, self.memory_format)
+
+
 # ---- the loops -------------------------------------------------------------------------------------------------
 
 # GradScaler skips the optimizer step of a float16 step that overflowed, as the first steps of a run usually do;
@@ -87,8 +104,8 @@ def grad_scaler(device, precision, optimizer):
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 
 
-def configure_torch(device, seed, deterministic=False):
-    """Kernel choices (fast or deterministic, TF32) and the seed of weight initialisation."""
+def configure_kernels(device, deterministic=False):
+    """Kernel choices: fast (cuDNN's benchmark) or deterministic, and TF32 matrix products."""
     torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it
@@ -96,7 +113,6 @@ def configure_torch(device, seed, deterministic=False):
         # on GPUs they warn instead of stopping the run. On CPU every kernel used here is deterministic.
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(seed)
 
 
 def to_device(batch, device, memory_format=torch.contiguous_format):
@@ -137,14 +153,25 @@ class RunSteps(NamedTuple):
                                 if step == end or self.validates_after(epoch, step)]
 
 
-def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, epoch, *, device, autocast,
-                    progress, nonfinite, memory_format=torch.contiguous_format, seed=0, layout=BatchLayout(),
-                    clip_grad_norm=None, ema=None, preemption=None, checkpointer=None, checkpoint_interval=0,
-                    start_step=0, end_step=None, watchdog=None):
+class StepParts(NamedTuple):
+    """What an optimizer step is made of, as the script built it."""
+    model: torch.nn.Module  # DDP-wrapped and compiled as the run trains it
+    criterion: Callable
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    precision: Precision
+    clip_grad_norm: Optional[float] = None
+    ema: Optional[torch.nn.Module] = None  # common.optim.EMA, updated after steps
+
+
+def train_one_epoch(parts, loader, epoch, layout, seed, progress, guards, checkpointer=None, checkpoint_interval=0,
+                    start_step=0, end_step=None):
     """Optimizer steps `start_step`..`end_step` (default: the epoch's end) of one epoch, each of
-    `layout.accum_steps` micro-batches from `loader`, already positioned at `start_step`. The checkpointer saves
-    every `checkpoint_interval` steps and on a stop signal, which ends the epoch early ("stopped" in the summary);
-    the watchdog (common/stopping.py) hears of every step."""
+    `layout.accum_steps` micro-batches from `loader`, already positioned at `start_step`. `progress` (ProgressLog)
+    and `guards` (RunGuards) hear of every step; the checkpointer saves every `checkpoint_interval` steps and on a
+    stop signal, which ends the epoch early ("stopped" in the summary)."""
+    model, criterion, optimizer, scaler = parts.model, parts.criterion, parts.optimizer, parts.scaler
     model.train()
     seed_epoch(seed, epoch, layout.rank)  # before the loader's iterator draws its workers' seeds
     accum_steps = layout.accum_steps
@@ -155,35 +182,34 @@ def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, e
     batches, stopped = progress.timed(iter(loader)), False
     for step in range(start_step, steps):
         # ---- the step ----
-        step_loss = torch.zeros((), device=device)
+        step_loss = torch.zeros((), device=parts.precision.device)
         for micro in range(accum_steps):
             # By the micro-batch's place in the global batch, not by rank: any layout of it draws the same.
             seed_micro_batch(seed, epoch, step, layout.slot(micro))
-            images, targets = to_device(next(batches), device, memory_format)
+            images, targets = parts.precision.to_device(next(batches))
             with gradient_sync(model, last_micro_batch=micro == accum_steps - 1):
-                with autocast:
+                with parts.precision.autocast:
                     loss = criterion(model(images), targets) / accum_steps
                 scaler.scale(loss).backward()
             step_loss += loss.detach()
         scaler.unscale_(optimizer)  # clip and log the true gradient norm, not the scaled one
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if clip_grad_norm:
-            torch.nn.utils.clip_grads_with_norm_(params, clip_grad_norm, grad_norm)
+        if parts.clip_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(params, parts.clip_grad_norm, grad_norm)
         scaler.step(optimizer)  # skipped when a gradient is not finite
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
-        if ema is not None:
-            ema.update(model, epoch, step)
+        parts.lr_scheduler.step()
+        if parts.ema is not None:
+            parts.ema.update(model, epoch, step)
         # ---- bookkeeping: values stay on the device until a sync point (a progress line, a checkpoint step) ----
-        if watchdog is not None:
-            watchdog.beat()
+        guards.watchdog.beat()
         printed = progress.log(step, step_loss, grad_norm, optimizer.param_groups[0]["lr"])
         checkpoint_step = bool(checkpoint_interval) and (step + 1) % checkpoint_interval == 0
-        nonfinite.update(step_loss, grad_norm, epoch, step, sync_point=printed or checkpoint_step)
-        stopped = preemption is not None and preemption.agreed(sync_point=printed or checkpoint_step)
+        guards.nonfinite.update(step_loss, grad_norm, epoch, step, sync_point=printed or checkpoint_step)
+        stopped = guards.preemption.agreed(sync_point=printed or checkpoint_step)
         if stopped:
-            progress.stop(step, preemption.received or "another rank")
+            progress.stop(step, guards.preemption.received or "another rank")
         # The epoch's last step is saved after validation; a stop does not wait for that.
         if checkpointer is not None and (stopped or (checkpoint_step and step < steps - 1)):
             checkpointer.save(epoch, step + 1)
@@ -193,22 +219,21 @@ def train_one_epoch(model, criterion, optimizer, lr_scheduler, scaler, loader, e
 
 
 @torch.inference_mode()
-def evaluate(model, loader, meter, device, autocast, memory_format=torch.contiguous_format, preemption=None,
-             watchdog=None):
+def evaluate(model, loader, meter, precision, guards=None):
     """Feed every batch of `loader` to meter.update(output, target), then sum the meter over ranks. Returns
-    None instead when `preemption` asks to stop: at once in one process, at the end across ranks (which may
-    hold different numbers of batches, so the end is the one point all of them reach)."""
+    None instead when a stop signal came (`guards`, RunGuards): at once in one process, at the end across ranks
+    (which may hold different numbers of batches, so the end is the one point all of them reach)."""
     model.eval()
     for batch in loader:
-        if preemption is not None and preemption.agreed(sync_point=False):
+        if guards is not None and guards.preemption.agreed(sync_point=False):
             return None
-        images, targets = to_device(batch, device, memory_format)
-        with autocast:
+        images, targets = precision.to_device(batch)
+        with precision.autocast:
             output = model(images)
         meter.update(output, targets)
-        if watchdog is not None:
-            watchdog.beat()
-    if preemption is not None and preemption.agreed(sync_point=True):
+        if guards is not None:
+            guards.watchdog.beat()
+    if guards is not None and guards.preemption.agreed(sync_point=True):
         return None
     meter.all_reduce()
     return meter
@@ -217,25 +242,6 @@ def evaluate(model, loader, meter, device, autocast, memory_format=torch.contigu
 # ---- stopping early: on request (a preemption signal), because the run diverged (the loss or gradients went NaN or
 # Inf), or because a rank stalled (no step for --stall-timeout seconds). The first two are decided at sync points,
 # so every rank stops together; a stalled rank cannot reach one, so each rank's watchdog stops it alone. ----------
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; run the same command again
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports Ctrl-C; the checkpoint is saved as for 75
-STALLED_EXIT_CODE = 124  # as coreutils' timeout reports one: a rank made no progress; resume from the last checkpoint
-
-
-def stop_at_once_until_training():
-    """Until PreemptionSignal takes over at the training loop, a stop signal has nothing to save: SIGTERM or
-    SIGUSR1 during start-up (scanning data, building the model, loading a checkpoint) ends the run at once with
-    PREEMPTED_EXIT_CODE and a line, so a script that requeues on it runs the same command again. Install it
-    before any slow work; a first Ctrl-C stops at once too (KeyboardInterrupt, exit status 130)."""
-    def stop(signum, frame):
-        print0(f"stopped on {signal.Signals(signum).name} during start-up, before training began (exit status "
-               f"{PREEMPTED_EXIT_CODE}): nothing was saved; the same command starts the run again")
-        raise SystemExit(PREEMPTED_EXIT_CODE)
-
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, stop)
-
 
 class PreemptionSignal:
     """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before preempting a job) and a first Ctrl-C (SIGINT)
@@ -353,11 +359,11 @@ class StallWatchdog:
 
     latest = None  # the watchdog of the run in progress
 
-    def __init__(self, timeout_s, rank):
+    def __init__(self, timeout_s, rank, owner=None):
         self.timeout_s, self.rank, self.last_beat = timeout_s, rank, None
         StallWatchdog.latest = self
         if timeout_s:
-            self.thread_id, self.owner = threading.get_ident(), sys._getframe(1).f_code
+            self.thread_id, self.owner = threading.get_ident(), owner or sys._getframe(1).f_code
             threading.Thread(target=self.watch, name="stall watchdog", daemon=True).start()
 
     def beat(self):
@@ -389,3 +395,14 @@ class StallWatchdog:
         for child in multiprocessing.active_children():  # DataLoader workers, one of which may be what hangs
             child.kill()
         os._exit(STALLED_EXIT_CODE)
+
+
+class RunGuards:
+    """The three ways a training run stops early, made once by the script and told of every step: on a stop
+    signal (`preemption`), on divergence (`nonfinite`), and when this rank stalls (`watchdog`)."""
+
+    def __init__(self, device, rank, scaler, output_dir=None, max_nonfinite_steps=3, stall_timeout=0):
+        self.preemption = PreemptionSignal(device)
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps, output_dir, scaler)
+        # It watches while the function that made this object runs: the script's main, or a test.
+        self.watchdog = StallWatchdog(stall_timeout, rank, owner=sys._getframe(1).f_code)

@@ -1,30 +1,33 @@
-"""The flags both train scripts take, by --help section; each script adds its own task's flags beside them.
-
-Only definitions live here: the scripts read the values and pass them on as plain arguments.
+"""The flags both train scripts take, in the --help sections they share; each script adds its own task's flags to
+the same sections. Only definitions live here: the scripts read the values and pass them on as plain arguments.
 """
 import argparse
 import re
 
+DEVICE_NAMES = "cpu, cuda or cuda:N"
 
-def _number(kind, accept, rule):
+
+def number(kind, at_least=None, above=None, at_most=None):
+    """An argparse type for `kind` (int or float) within the bounds given: a flag such as -b 0 or --clip-grad-norm
+    -1 is refused with the flag's name at once, instead of failing later or running with a meaning nobody asked
+    for."""
+    noun = "integer" if kind is int else "number"
+    if at_most is not None:
+        rule = f"between {at_least} and {at_most}"
+    elif above is not None:
+        rule = f"a positive {noun}" if above == 0 else f"more than {above}"
+    else:
+        rule = f"0 or a positive {noun}" if at_least == 0 else f"a positive {noun}" if at_least == 1 else \
+            f"at least {at_least}"
+
     def parse(text):
         value = kind(text)
-        if not accept(value):
+        low_ok = (at_least is None or value >= at_least) and (above is None or value > above)
+        if not (low_ok and (at_most is None or value <= at_most)):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its own messages
     return parse
-
-
-# argparse types: a flag such as -b 0 or --clip-grad-norm -1 is refused with the flag's name at once, instead of
-# failing later or, worse, running with a meaning nobody asked for.
-positive_int = _number(int, lambda v: v > 0, "a positive integer")
-non_negative_int = _number(int, lambda v: v >= 0, "0 or a positive integer")
-positive_float = _number(float, lambda v: v > 0, "a positive number")
-non_negative_float = _number(float, lambda v: v >= 0, "0 or a positive number")
-probability = _number(float, lambda v: 0 <= v <= 1, "between 0 and 1")
-seed_value = _number(int, lambda v: 0 <= v < 2**32, "between 0 and 4294967295 (2**32 - 1)")
-DEVICE_NAMES = "cpu, cuda or cuda:N"
 
 
 def device_name(text):
@@ -34,25 +37,36 @@ def device_name(text):
     return text
 
 
-def add_optimisation_flags(group, recipe):
-    """Warmup, clipping, accumulation and the seed; `recipe(name)` is the help text of a data-dependent default."""
-    add = group.add_argument
-    add("--lr-warmup-epochs", type=non_negative_int, help=f"epochs of warmup {recipe('lr_warmup_epochs')}")
+def add_shared_flags(parser, recipe, sections):
+    """Add the --help `sections` (names, in order) to `parser`, with the flags both train scripts share already in
+    "data", "optimisation", "precision and speed", "checkpoints and preemption" and "logging"; returns the
+    sections by name, for the script's own flags. `recipe(name)` is the help text of a data-dependent default."""
+    groups = {name: parser.add_argument_group(name) for name in sections}
+    add = groups["data"].add_argument
+    add("-j", "--workers", type=number(int, at_least=0), help="DataLoader worker processes per rank (default: 8, or "
+        "the cores this process may use if fewer; 0 on the synthetic set)")
+    add("--max-bad-samples", type=number(int, at_least=0), default=0, metavar="N",
+        help="training samples whose files fail to load (truncated, corrupt or unreadable images; masks that fail "
+        "their checks) that the run replaces by other samples, listed in <output-dir>/bad_samples.txt; one more "
+        "stops it (default: 0, the first stops it; tools/check_data.py finds them all before training)")
+
+    add = groups["optimisation"].add_argument
+    add("--lr-warmup-epochs", type=number(int, at_least=0), help=f"epochs of warmup {recipe('lr_warmup_epochs')}")
     add("--lr-warmup-method", default="linear", choices=["linear", "constant"], help="warmup shape (default: linear)")
-    add("--lr-warmup-decay", type=positive_float, default=0.01,
+    add("--lr-warmup-decay", type=number(float, above=0), default=0.01,
         help="warmup starts at this fraction of --lr (default: 0.01)")
-    add("--clip-grad-norm", type=positive_float, help="clip the gradient norm to this value (default: no clipping)")
-    add("--accum-steps", type=positive_int, help="micro-batches per optimizer step (default: 1, or what --global-batch "
-        "makes of it)")
-    add("--global-batch", type=positive_int, metavar="N", help="images per optimizer step over all processes: "
-        "each start sets --accum-steps to N / (processes x -b), so a run that comes back on another number of "
-        "processes (torchrun --nnodes=MIN:MAX) keeps its global batch; a number of processes that does not "
+    add("--clip-grad-norm", type=number(float, above=0), help="clip the gradient norm to this value (default: no "
+        "clipping)")
+    add("--accum-steps", type=number(int, at_least=1), help="micro-batches per optimizer step (default: 1, or what "
+        "--global-batch makes of it)")
+    add("--global-batch", type=number(int, at_least=1), metavar="N", help="images per optimizer step over all "
+        "processes: each start sets --accum-steps to N / (processes x -b), so a run that comes back on another "
+        "number of processes (torchrun --nnodes=MIN:MAX) keeps its global batch; a number of processes that does not "
         "divide it is refused (default: processes x -b x --accum-steps)")
-    add("--seed", type=seed_value, default=0, help="seed of weights init, data order and augmentation (default: 0)")
+    add("--seed", type=number(int, at_least=0, at_most=2**32 - 1), default=0,
+        help="seed of weights init, data order and augmentation (default: 0)")
 
-
-def add_precision_flags(group):
-    add = group.add_argument
+    add = groups["precision and speed"].add_argument
     add("--device", type=device_name, help=f"{DEVICE_NAMES} (default: cuda when available)")
     add("--dist-backend", choices=["nccl", "gloo"], help="process-group backend of a multi-process run (default: "
         "nccl on GPUs, gloo on CPU); gloo also runs several processes on one GPU, which NCCL refuses")
@@ -62,32 +76,26 @@ def add_precision_flags(group):
     add("--compile", action="store_true", help="torch.compile the model")
     add("--use-deterministic-algorithms", action="store_true", help="deterministic kernels only (slower)")
 
-
-def add_checkpoint_flags(group):
-    add = group.add_argument
+    add = groups["checkpoints and preemption"].add_argument
     add("--output-dir", help="where checkpoints, logs and TensorBoard files go (default: nothing is written)")
     add("--resume", help="checkpoint to continue from, or 'auto' for <output-dir>/checkpoint.pth if it exists")
-    add("--start-epoch", type=non_negative_int, default=0, help="first epoch (default: 0; set by --resume)")
-    add("--checkpoint-interval", type=non_negative_int, default=0, metavar="STEPS",
+    add("--start-epoch", type=number(int, at_least=0), default=0, help="first epoch (default: 0; set by --resume)")
+    add("--checkpoint-interval", type=number(int, at_least=0), default=0, metavar="STEPS",
         help="also save checkpoint.pth every STEPS optimizer steps inside an epoch (default: 0, at epoch ends only)")
-    add("--eval-interval", type=non_negative_int, default=0, metavar="STEPS",
+    add("--eval-interval", type=number(int, at_least=0), default=0, metavar="STEPS",
         help="validate every STEPS optimizer steps of the run, and at its end, instead of at each epoch's end; "
         "best.pth, log.jsonl and TensorBoard follow (default: 0, at each epoch's end)")
-    add("--keep-checkpoints", type=non_negative_int, default=0, metavar="N",
+    add("--keep-checkpoints", type=number(int, at_least=0), default=0, metavar="N",
         help="keep checkpoint_epoch<E>.pth of the last N epochs besides checkpoint.pth and best.pth (default: 0)")
-    add("--max-nonfinite-steps", type=positive_int, default=3, metavar="N",
+    add("--max-nonfinite-steps", type=number(int, at_least=1), default=3, metavar="N",
         help="stop when the loss or gradients are NaN or Inf in N consecutive steps, which are skipped (default: 3)")
-    add("--stall-timeout", type=non_negative_float, default=600, metavar="SECONDS",
+    add("--stall-timeout", type=number(float, at_least=0), default=600, metavar="SECONDS",
         help="a rank on which no optimizer step or evaluation batch finishes in SECONDS (counted from the first "
         "step) prints its threads' stacks and what it was waiting for, and exits with status 124 (default: 600; "
         "0: off)")
-    add("--dist-timeout", type=positive_float, default=30, metavar="MINUTES",
+    add("--dist-timeout", type=number(float, above=0), default=30, metavar="MINUTES",
         help="timeout of the process group's collectives and rendezvous (default: 30)")
 
-
-def add_bad_sample_flag(group):
-    group.add_argument("--max-bad-samples", type=non_negative_int, default=0, metavar="N",
-                       help="training samples whose files fail to load (truncated, corrupt or unreadable images; "
-                       "masks that fail their checks) that the run replaces by other samples, listed in "
-                       "<output-dir>/bad_samples.txt; one more stops it (default: 0, the first stops it; "
-                       "tools/check_data.py finds them all before training)")
+    groups["logging"].add_argument("--print-freq", type=number(int, at_least=1),
+                                   help=f"optimizer steps between progress lines {recipe('print_freq')}")
+    return groups

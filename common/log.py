@@ -37,9 +37,30 @@ def launch_rank():
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
 
 
+# Exit statuses besides 0 and 1 (a bug's traceback), for launchers to act on; the README has the table.
+USER_ERROR_EXIT_CODE = 2  # one `error:` line: fix what it names, do not restart
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; run the same command again
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports Ctrl-C; the checkpoint is saved as for 75
+STALLED_EXIT_CODE = 124  # as coreutils' timeout reports one: a rank made no progress; resume from the last checkpoint
+
+
+def stop_at_once_until_training():
+    """Until the training loop's PreemptionSignal takes over, a stop signal has nothing to save: SIGTERM or SIGUSR1
+    during start-up (scanning data, building the model, loading a checkpoint) ends the run at once with
+    PREEMPTED_EXIT_CODE and a line, so a script that requeues on it runs the same command again. A first Ctrl-C
+    stops at once too (KeyboardInterrupt, exit status 130). Returns the handlers it replaced."""
+    def stop(signum, frame):
+        print0(f"stopped on {signal.Signals(signum).name} before training began (exit status {PREEMPTED_EXIT_CODE}): "
+               "nothing was saved; the same command starts again")
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+
+    return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+
+
 def run_cli(main, args):
-    """Run main(args); turn a UserError (also one raised in a DataLoader worker) or the death of a DataLoader
-    worker into one line and exit 2."""
+    """Run main(args) as a command: stop signals end it at once until training begins; a UserError (also one
+    raised in a DataLoader worker) or the death of a DataLoader worker becomes one line and exit status 2."""
+    replaced = stop_at_once_until_training()
     try:
         main(args)
     except UserError as e:
@@ -54,11 +75,13 @@ def run_cli(main, args):
     except KeyboardInterrupt:  # a second Ctrl-C: the user asked to stop at once, so no traceback either
         if launch_rank() == 0:
             print("interrupted: stopped without saving", file=sys.stderr, flush=True)
-        sys.exit(130)
+        sys.exit(INTERRUPTED_EXIT_CODE)
     finally:
         release_output_dirs()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        for signum, handler in replaced.items():  # for a caller in the same process (the tests)
+            signal.signal(signum, handler)
 
 
 def report(message, only_this_rank):
@@ -69,7 +92,7 @@ def report(message, only_this_rank):
         print(f"error: {message}{'' if rank == 0 else f' (rank {rank})'}", file=sys.stderr, flush=True)
     else:
         wait_for_launcher_to_stop_this_rank()
-    sys.exit(2)
+    sys.exit(USER_ERROR_EXIT_CODE)
 
 
 SHARED_MEMORY_FIX = ("in a container, give it more with docker run --shm-size=8g (or --ipc=host), or lower -j "
@@ -191,14 +214,42 @@ def release_output_dirs():
         _held_locks.popitem()[1].close()
 
 
-def print_run_start(env, device):
-    """The command and where it runs; returns the start time for print_run_end."""
-    print0(f"{' '.join(sys.argv)}\nworld size {env.world_size}, device {device}, torch {torch.__version__}")
-    return time.perf_counter()
+class RunLog:
+    """What a training run tells the user and leaves behind: the opening and closing lines, and, once the output
+    folder is claimed (claim), args.json, log.jsonl and TensorBoard (`writer`, on rank 0 only; None elsewhere or
+    without an output folder)."""
 
+    def __init__(self, env, device):
+        print0(f"{' '.join(sys.argv)}\nworld size {env.world_size}, device {device}, torch {torch.__version__}")
+        self.world_size, self.started = env.world_size, time.perf_counter()
+        self.output_dir, self.writer = None, None
 
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())
+    def claim(self, output_dir, flags):
+        """Claim the output folder for this run (before anything is read from it or written) and open TensorBoard."""
+        start_output_dir(output_dir, flags)
+        self.output_dir, self.writer = output_dir, tensorboard_writer(output_dir)
+
+    def progress(self, print_freq):
+        return ProgressLog(print_freq, self.world_size, self.writer)
+
+    def record(self, record, by="epoch"):
+        """One line of log.jsonl (an epoch's numbers; with --eval-interval, those since the last line: at an epoch's
+        end or a validation) and each number as a <by>/<name> scalar in TensorBoard at the record's `by` (its epoch,
+        or its step: the run's optimizer steps done)."""
+        if self.output_dir and is_main_process():
+            append_jsonl(os.path.join(self.output_dir, "log.jsonl"), record)
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{by}/{key}", value, record[by])
+
+    def end(self, result):
+        """The closing line: how long the run took, its result, where its files are."""
+        if self.writer is not None:
+            self.writer.close()
+        where = (f"checkpoints, log.jsonl and TensorBoard files in {self.output_dir}" if self.output_dir else
+                 "nothing written (no --output-dir)")
+        print0(f"done in {format_duration(time.perf_counter() - self.started)}: {result}; {where}")
 
 
 def format_duration(seconds):
@@ -206,25 +257,6 @@ def format_duration(seconds):
     minutes, seconds = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
-
-
-def print_run_end(started, result, output_dir):
-    """The closing line: how long the run took, its result, where its files are."""
-    where = f"checkpoints, log.jsonl and TensorBoard files in {output_dir}" if output_dir else "nothing written " \
-        "(no --output-dir)"
-    print0(f"done in {format_duration(time.perf_counter() - started)}: {result}; {where}")
-
-
-def log_epoch(record, output_dir, writer, by="epoch"):
-    """One epoch's numbers (with --eval-interval, those since the last line: at an epoch's end or a validation): a
-    line of DIR/log.jsonl, and each number as a <by>/<name> scalar in TensorBoard at the record's `by` (its epoch,
-    or its step: the run's optimizer steps done)."""
-    if output_dir and is_main_process():
-        append_jsonl(os.path.join(output_dir, "log.jsonl"), record)
-    if writer is not None:
-        for key, value in record.items():
-            if key not in ("epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                writer.add_scalar(f"{by}/{key}", value, record[by])
 
 
 def summed_over_ranks(tensor):

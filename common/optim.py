@@ -27,7 +27,11 @@ def param_groups(model, lr, weight_decay, norm_weight_decay=None, head=None, hea
     return list(groups.values())
 
 
-def create_optimizer(name, groups, lr, momentum, weight_decay, device_type):
+def create_optimizer(name, model, lr, momentum, weight_decay, device_type, norm_weight_decay=None, head=None,
+                     head_lr=None):
+    """The optimizer --opt names, over param_groups of `model` (or over the parameter groups given instead)."""
+    groups = model if isinstance(model, list) else param_groups(model, lr, weight_decay, norm_weight_decay, head,
+                                                                head_lr)
     # AdamW's fused kernel updates all parameters in a few launches on CUDA and in one pass over memory on the CPU
     # (both since torch 2.4), and honours a step the GradScaler skips.
     # SGD is never fused: its fused kernel takes over the skip of a non-finite step from the GradScaler but leaves

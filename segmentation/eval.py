@@ -17,12 +17,11 @@ from PIL import Image
 from common.checkpoint import load_checkpoint, load_model_state, state_dict_from
 from common.data import default_workers
 from common.distributed import init_distributed
-from common.engine import evaluate
+from common.engine import Precision, evaluate
 from common.export import add_export_args, export_model, export_requested
-from common.flags import DEVICE_NAMES, device_name, non_negative_int, positive_int
+from common.flags import DEVICE_NAMES, device_name, number
 from common.log import UserError, check_destination, print0, run_cli
 from common.metrics import SegmentationMeter
-from common.engine import autocast_context, precision_from_flags
 from segmentation.data import dataset_info, load_val
 from segmentation.datasets import CITYSCAPES_LABEL_IDS, DATASETS, IGNORE_INDEX
 from segmentation.inference import add_eval_args, predictor_from_args
@@ -43,9 +42,9 @@ def get_args_parser():
     add("--data-path", help="dataset root (default: the checkpoint's training data)")
     add("--dataset", choices=sorted(DATASETS), help="layout of --data-path (default: the checkpoint's)")
     add("--device", type=device_name, help=f"{DEVICE_NAMES} (default: cuda when available)")
-    add("-b", "--batch-size", type=positive_int, default=16,
+    add("-b", "--batch-size", type=number(int, at_least=1), default=16,
         help="synthetic set: images per step (default: 16; real data: one)")
-    add("-j", "--workers", type=non_negative_int, default=default_workers(4),
+    add("-j", "--workers", type=number(int, at_least=0), default=default_workers(4),
         help=f"DataLoader worker processes per rank (default: {default_workers(4)}, at most the cores)")
     add("--amp", action="store_true", help="autocast (see --amp-dtype)")
     add("--amp-dtype", choices=["float16", "bfloat16"], help="autocast dtype (implies --amp; default float16)")
@@ -108,8 +107,7 @@ def main(args):
     if args.data_path is not None and args.dataset is None:
         raise UserError(f"--data-path needs --dataset to say its layout: one of {', '.join(sorted(DATASETS))}")
     env, device = init_distributed(args.device)
-    autocast = autocast_context(device, precision_from_flags(args.amp, args.amp_dtype))
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)  # TF32 and cuDNN's choice as in training
 
     class_names, palette = dataset_info(args)
     trained_classes = checkpoint.get("class_names") or class_names
@@ -118,7 +116,7 @@ def main(args):
                         f"{len(class_names)}: evaluate it on the dataset it was trained on")
     model = create_model(args.model, len(class_names), args.output_stride, args.aux_loss, None, args.unet_width)
     load_model_state(model, state_dict_from(checkpoint, args.checkpoint), args.checkpoint)
-    model.to(device, memory_format=memory_format)
+    model.to(device, memory_format=precision.memory_format)
 
     val_loader = load_val(args, env, device)
     if export:  # instead of evaluating
@@ -131,7 +129,7 @@ def main(args):
         names = getattr(val_loader.dataset, "names", None) or [f"{i:06d}" for i in range(len(val_loader.dataset))]
         meter = PredictionWriter(meter, [names[i] for i in val_loader.sampler], args.save_predictions, palette,
                                  args.dataset if args.data_path else None)
-    summary = evaluate(predictor_from_args(model, args), val_loader, meter, device, autocast, memory_format).summary()
+    summary = evaluate(predictor_from_args(model, args), val_loader, meter, precision).summary()
     width = max(len(name) for name in class_names)
     print0(f"{'class':<{width}}  IoU")
     for name, iou in zip(class_names, summary["per_class_iou"]):

@@ -1,12 +1,17 @@
-"""Inference for evaluation: whole image or sliding window, optionally over several scales and flips."""
+"""Inference for evaluation: whole image or sliding window, optionally over several scales and flips; the
+validation of a training run, and its pictures in TensorBoard."""
 import argparse
+import itertools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.flags import positive_int
-from common.log import UserError
+from common.data import MEAN, STD
+from common.engine import evaluate
+from common.flags import number
+from common.log import UserError, print0
+from common.metrics import SegmentationMeter
 
 
 class Predictor(nn.Module):
@@ -72,8 +77,8 @@ def add_eval_args(parser):
     add = parser.add_argument
     add("--eval-mode", choices=["whole", "slide"], default="whole",
         help="predict the whole image at once, or windows of --eval-crop every --eval-stride pixels")
-    add("--eval-crop", type=positive_int, nargs="+", metavar="PX", help="slide window: H [W] (default: --crop-size)")
-    add("--eval-stride", type=positive_int, nargs="+", metavar="PX",
+    add("--eval-crop", type=number(int, at_least=1), nargs="+", metavar="PX", help="slide window: H [W] (default: --crop-size)")
+    add("--eval-stride", type=number(int, at_least=1), nargs="+", metavar="PX",
         help="slide step: H [W] (default: 2/3 of the window)")
     add("--eval-scales", default="1.0", type=eval_scales,
         help="comma-separated input scales averaged at test time, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (default: 1.0)")
@@ -101,3 +106,38 @@ def predictor_from_args(model, args):
                         f"{crop[1]}: windows would leave pixels unseen; use a stride up to the window")
     return Predictor(model, args.eval_mode, crop[:2], stride[:2], [float(s) for s in args.eval_scales.split(",")],
                      args.eval_flip)
+
+
+def validate(model, val_loader, class_names, precision, args, name, guards=None):
+    """The summary of one evaluation with the --eval-* flags; None when a stop signal came during it."""
+    meter = SegmentationMeter(len(class_names), precision.device, args.ignore_index)
+    if evaluate(predictor_from_args(model, args), val_loader, meter, precision, guards) is None:
+        return None
+    summary = meter.summary()
+    print0(f"{name}: mIoU {summary['miou']:.2f}  pixel acc {summary['pixel_acc']:.2f}  "
+           f"mean acc {summary['mean_acc']:.2f}  on {summary['num_images']} images")
+    return summary
+
+
+@torch.inference_mode()
+def log_validation(writer, summary, class_names, model, val_loader, palette, precision, args, step):
+    """TensorBoard: each class's IoU, and input | label | prediction of the first four validation images, coloured
+    with the dataset's palette."""
+    for name, iou in zip(class_names, summary["per_class_iou"]):
+        if iou is not None:
+            writer.add_scalar(f"val_iou/{name}", iou, step)
+    predictor = predictor_from_args(getattr(model, "module", model), args).eval()
+    colours = torch.tensor(palette + [(255, 255, 255)] * (256 - len(palette)), dtype=torch.uint8,
+                           device=precision.device)
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    examples = [(image, target) for images, targets in itertools.islice(val_loader, 4)
+                for image, target in zip(images, targets)][:4]
+    for i, (image, target) in enumerate(examples):
+        image, target = precision.to_device((image[None], target[None]))
+        with precision.autocast:
+            scores = predictor(image)
+        predicted = F.interpolate(scores.float(), target.shape[-2:], mode="bilinear").argmax(1)
+        picture = F.interpolate(image.float().cpu() * std + mean, target.shape[-2:])
+        picture = (picture[0].clamp(0, 1) * 255).to(torch.uint8)
+        row = [picture, colours[target[0]].permute(2, 0, 1).cpu(), colours[predicted[0]].permute(2, 0, 1).cpu()]
+        writer.add_image(f"val_examples/{i}", torch.cat(row, dim=2), step)

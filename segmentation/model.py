@@ -19,6 +19,7 @@ from common.log import UserError, is_main_process, print0
 
 OWN_MODELS = ("deeplabv3plus_resnet50", "deeplabv3plus_resnet101", "unet")
 TORCHVISION_MODELS = tuple(torchvision.models.list_models(module=torchvision.models.segmentation))
+MODELS = OWN_MODELS + TORCHVISION_MODELS
 # The classifier layers, which a fine-tune to another class count replaces (torchvision's names and ours).
 HEAD_PREFIXES = ("classifier", "aux_classifier")
 
@@ -109,9 +110,23 @@ def backbone_weights(model_name, weights_backbone):
     return weights_backbone, None
 
 
-def create_model(name, num_classes, output_stride=16, aux_loss=False, weights_backbone=None, unet_width=64):
+def create_model(name, num_classes, output_stride=16, aux_loss=False, weights_backbone=None, unet_width=64,
+                 weights=None, crop_size=None, grad_checkpointing=False):
     """A model by name; --weights-backbone is a torchvision weights name (downloaded once) or a classifier
-    checkpoint of the same ResNet, e.g. from classification/train.py."""
+    checkpoint of the same ResNet, e.g. from classification/train.py. Then, as the train script's flags ask:
+    the whole model from --weights, a check that the training crops fit it, and gradient checkpointing."""
+    model = create_architecture(name, num_classes, output_stride, aux_loss, weights_backbone, unet_width)
+    if crop_size is not None:
+        check_input_size(model, *crop_size, "--crop-size")
+    if weights:
+        load_weights(model, name, weights)
+    if grad_checkpointing:
+        enable_grad_checkpointing(model)
+    return model
+
+
+def create_architecture(name, num_classes, output_stride=16, aux_loss=False, weights_backbone=None, unet_width=64):
+    """The model of `name`, its backbone from --weights-backbone if given."""
     if name not in OWN_MODELS + TORCHVISION_MODELS:
         raise UserError(f"unknown --model {name!r}: use one of {', '.join(OWN_MODELS + TORCHVISION_MODELS)}")
     if name == "unet":

@@ -16,7 +16,8 @@ from common.checkpoint import CheckpointError, Checkpointer, load_checkpoint
 from common.engine import train_one_epoch
 from common.log import UserError
 from common.optim import create_optimizer, param_groups
-from common.engine import autocast_context, grad_scaler
+from common.data import BatchLayout
+from common.engine import Precision, RunGuards, StepParts, grad_scaler
 from common.log import ProgressLog
 from common.engine import NonFiniteGuard
 from conftest import TINY, train
@@ -90,13 +91,13 @@ class OverflowFirst(nn.Module):
 def train_steps(model, optimizer, criterion, batches, device):
     """Steps of train_one_epoch under float16 autocast, the first one overflowing; returns the scale, the mean
     loss and a copy of the state dict after each step."""
-    criterion, scaler = OverflowFirst(criterion), grad_scaler(device, "float16", optimizer)
+    precision = Precision(device, amp=True)  # float16, as --amp
+    scaler = precision.grad_scaler(optimizer)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    parts = StepParts(model, OverflowFirst(criterion), optimizer, scheduler, scaler, precision)
     scales, losses, states = [], [], []
     for batch in batches:  # one step per call, to read the scale after each
-        stats = train_one_epoch(model, criterion, optimizer, scheduler, scaler, [batch], 0, device=device,
-                                autocast=autocast_context(device, "float16"), progress=ProgressLog(10**9),
-                                nonfinite=NonFiniteGuard(3, None, scaler))
+        stats = train_one_epoch(parts, [batch], 0, BatchLayout(), 0, ProgressLog(10**9), RunGuards(device, 0, scaler))
         scales.append(scaler.get_scale())
         losses.append(stats["train_loss"])
         states.append(copy.deepcopy(model.state_dict()))
@@ -110,7 +111,7 @@ def test_amp_trains_on_after_a_first_step_that_overflows(case, name, device):
     device = torch.device(device)
     model, criterion, batches = case(device)
     reference, initial = copy.deepcopy(model), copy.deepcopy(dict(model.named_parameters()))
-    optimizer = create_optimizer(name, param_groups(model, LR, 0.0), LR, MOMENTUM, 0.0, device.type)
+    optimizer = create_optimizer(name, model, LR, MOMENTUM, 0.0, device.type)
     scales, losses, states = train_steps(model, optimizer, criterion, batches, device)
     assert scales[0] == 2.0**15  # the first step overflowed and was skipped: the scale halved
     assert all(torch.equal(states[0][k], initial[k]) for k in initial)
@@ -164,10 +165,9 @@ def test_a_nan_running_mean_is_never_saved(tmp_path, output_dir):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-    scaler = grad_scaler(torch.device("cpu"), "float32", optimizer)
-    folder = tmp_path if output_dir else None
-    checkpointer = Checkpointer(folder, True, model, optimizer, scheduler, scaler, precision="float32", flags={},
-                                best_key="best_acc1", best_name="top-1")
+    precision = Precision(torch.device("cpu"))
+    parts = StepParts(model, None, optimizer, scheduler, precision.grad_scaler(optimizer), precision)
+    checkpointer = Checkpointer(parts, tmp_path if output_dir else None, True, flags={}, score=("best_acc1", "top-1"))
     checkpointer.save(0)
     model[1].running_mean[0] = float("nan")  # the parameters are finite: only the statistics went wrong
     with pytest.raises(CheckpointError, match=r"batch-norm statistics are NaN or Inf \(epoch 1 step 3\): nothing"):

@@ -214,7 +214,7 @@ def test_test_only_reproduces_the_logged_accuracy(trained_run, capsys):
 
 
 def test_the_prediction_grid_shows_the_most_confidently_wrong_first():
-    from classification.train import wrong_first
+    from classification.pictures import wrong_first
     targets = torch.tensor([0, 0, 1, 1, 2])
     predicted = torch.tensor([0, 1, 2, 1, 0])
     confidence = torch.tensor([0.9, 0.6, 0.95, 0.5, 0.7])

@@ -16,7 +16,8 @@ import torch
 
 from common.checkpoint import CheckpointError, load_checkpoint
 from common.log import UserError
-from common.engine import STALLED_EXIT_CODE, StallWatchdog, stalled_stage
+from common.engine import StallWatchdog, stalled_stage
+from common.log import STALLED_EXIT_CODE
 from conftest import ENV, ROOT, TINY, popen, python, torchrun, train, write_tree
 from test_hardening import descendants
 

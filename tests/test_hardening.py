@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.checkpoint import load_checkpoint
-from common.engine import PREEMPTED_EXIT_CODE
+from common.log import PREEMPTED_EXIT_CODE
 from conftest import ROOT, SEG_TINY, TINY, popen, python, run, torchrun, train, train_segmentation, write_tree
 
 # Deterministic kernels on one thread per process: runs compared bit for bit must add in the same order.
@@ -201,25 +201,24 @@ def test_uneven_data_across_ranks(tmp_path):
 
 
 def test_a_nan_batch_is_skipped_and_the_scale_stays_one():
-    from common.engine import train_one_epoch
-    from common.engine import autocast_context, grad_scaler
+    from common.data import BatchLayout
+    from common.engine import Precision, RunGuards, StepParts, train_one_epoch
     from common.log import ProgressLog
-    from common.engine import NonFiniteGuard
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     batches = [(torch.randn(8, 4), torch.randint(2, (8,))) for _ in range(4)]
     batches[1][0][0, 0] = float("nan")  # one poisoned sample in the second batch
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    cpu = torch.device("cpu")
-    scaler = grad_scaler(cpu, "float32", optimizer)
+    precision = Precision(torch.device("cpu"))
+    scaler = precision.grad_scaler(optimizer)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     before = [p.detach().clone() for p in model.parameters()]
     seen = []
     real_step = optimizer.step
     optimizer.step = lambda *a, **k: (seen.append(1), real_step(*a, **k))[1]
-    train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, scheduler, scaler, batches, 0, device=cpu,
-                    autocast=autocast_context(cpu, "float32"), progress=ProgressLog(print_freq=10),
-                    nonfinite=NonFiniteGuard(3, None, scaler))
+    parts = StepParts(model, torch.nn.CrossEntropyLoss(), optimizer, scheduler, scaler, precision)
+    train_one_epoch(parts, batches, 0, BatchLayout(), 0, ProgressLog(print_freq=10),
+                    RunGuards(precision.device, 0, scaler))
     assert len(seen) == 3 and scaler.get_scale() == 1.0  # the NaN step skipped, the scale not halved
     assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(model.parameters(), before))
 

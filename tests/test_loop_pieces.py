@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.checkpoint import Checkpointer, load_checkpoint
-from common.engine import UnitScaler, grad_scaler, precision_from_flags, uses_loss_scaling
+from common.engine import Precision, StepParts, UnitScaler, grad_scaler, precision_from_flags, uses_loss_scaling
 from common.log import format_duration
 from common.data import BatchLayout
 from common.data import batch_generator, derive_seed, sample_seed, seed_micro_batch
@@ -84,9 +84,9 @@ def test_the_first_epoch_is_best_even_at_zero_score(tmp_path):
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-    scaler = grad_scaler(torch.device("cpu"), "float32", optimizer)
-    checkpointer = Checkpointer(tmp_path, True, model, optimizer, scheduler, scaler, precision="float32", flags={},
-                                best_key="best_acc1", best_name="top-1")
+    precision = Precision(torch.device("cpu"))
+    parts = StepParts(model, None, optimizer, scheduler, precision.grad_scaler(optimizer), precision)
+    checkpointer = Checkpointer(parts, tmp_path, True, flags={}, score=("best_acc1", "top-1"))
     assert checkpointer.save_validated(0, 0.0)
     assert (tmp_path / "best.pth").exists()
     assert not checkpointer.save_validated(1, 0.0)

@@ -9,7 +9,7 @@ import pytest
 
 from common.checkpoint import CheckpointError, load_checkpoint
 from common.log import UserError
-from common.engine import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
+from common.log import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from conftest import ROOT, SEG_TINY, TINY, popen, python, torchrun, train, train_segmentation, write_tree
 
 

@@ -20,7 +20,7 @@ from collections import Counter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
 from classification.data import list_split
-from common.flags import non_negative_int
+from common.flags import number
 from common.data import read_image, shown
 from common.log import SampleError, run_cli
 from segmentation.datasets import DATASETS, check_same_size, read_mask_values
@@ -34,7 +34,7 @@ def get_args_parser():
         "tree for classification)")
     add("--voc-aug", action="store_true", default=None, help="VOC: check the SBD augmented training set too")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    add("-j", "--workers", type=non_negative_int, default=cores,
+    add("-j", "--workers", type=number(int, at_least=0), default=cores,
         help=f"processes that decode (default: {cores}, every core; 0: this process alone)")
     add("--list-cache", metavar="DIR", help="classification: read and refresh the train scripts' listing cache here")
     add("--output-dir", help="classification: the cache's default place, as in the train scripts")

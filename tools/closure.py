@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("classification", "common", "segmentation")
 # Imported inside a function only when their flag is given (--data-backend gpu, --export): not followed there.
-LAZY_MODULES = ("classification.gpu_preset", "common.device_loader", "common.export", "segmentation.device_aug")
+LAZY_MODULES = ("classification.gpu_preset", "common.device_loader", "common.export", "segmentation.gpu_augment")
 
 
 def module_file(name):
