@@ -149,8 +149,8 @@ def finish_args(args):
     if args.test_only and not (args.resume or args.weights):
         raise UserError("--test-only evaluates a trained model: give --resume PATH or --weights NAME")
     if args.compile and args.grad_checkpointing:
-        raise UserError("--grad-checkpointing and --compile together fail in the compiled backward on CUDA "
-                        "(torch 2.11): use one of them")
+        raise UserError("--grad-checkpointing and --compile together fail in the compiled backward on CUDA: use one "
+                        "of them")
     for name in ("train_crop_scale", "train_crop_ratio"):
         low, high = getattr(args, name)
         if low > high or (name == "train_crop_scale" and high > 1):

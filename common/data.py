@@ -462,7 +462,7 @@ class SyntheticBatches:
 
 class SkipBadSamples(Dataset):
     """--max-bad-samples: dataset[index] and what went wrong, (*sample, reports). A sample whose file fails to load
-    (a SampleError) is replaced by a stand-in chosen from the seed and its index alone (common/seeding.py), so
+    (a SampleError) is replaced by a stand-in chosen from the seed and its index alone (the seeding scheme above), so
     every rank, worker and resumed run replaces it alike. `reports` holds (index, path, error) of each failure:
     it travels with the batch to the main process, since DataLoader workers share no memory with it.
 

@@ -14,7 +14,7 @@ class DeviceLoader:
     prepared one batch ahead on a side CUDA stream by a background thread (decoding blocks its thread).
 
     Each batch's randomness comes from a generator seeded by (seed, epoch, step, slot): its place in the run
-    and in the step's global batch (common/seeding.py), so a run resumed mid-epoch, also on another number of
+    and in the step's global batch (common/data.py), so a run resumed mid-epoch, also on another number of
     processes with the same per-process batch, prepares the remaining batches as an uninterrupted one.
     """
 

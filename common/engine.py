@@ -283,7 +283,7 @@ class NonFiniteGuard:
     checkpoint.
 
     Without float16, a step whose gradient norm is NaN or Inf (a NaN loss makes it so) is skipped by the scaler
-    (not by the disabled one of SGD and RMSprop on a GPU, see common/precision.py), and `max_steps` such steps
+    (not by the disabled one of SGD and RMSprop on a GPU, see grad_scaler above), and `max_steps` such steps
     in a row stop the run. Under float16 a non-finite gradient is usually an overflow of the loss scale, which
     GradScaler handles by skipping the step and halving the scale; what it cannot handle is counted instead: a
     loss that is NaN or Inf before any scaling, and a scale halved below MIN_LOSS_SCALE, which only a run whose
@@ -319,14 +319,15 @@ class NonFiniteGuard:
 
 
 # What a stalled rank was doing, told by the innermost frame of its training thread that lies in one of these
-# places (paths end with them or hold them). With NCCL a collective returns at once and the rank waits at the
-# next sync instead: the loss of a progress line, the stop or non-finite check, hence those files.
+# places (paths that hold them; with function names, only in those functions). With NCCL a collective returns at
+# once and the rank waits at the next sync instead: the loss of a progress line, the stop or non-finite check.
 STALL_STAGES = (
-    (("torch/distributed/", "torch/nn/parallel/", "common/distributed.py", "common/progress.py",
-      "common/stopping.py"), "in a collective (waiting for the other ranks)"),
-    (("torch/utils/data/", "common/device_loader.py"), "waiting for data"),
-    (("torch/serialization.py", "common/checkpoint.py"), "saving a checkpoint"),
-    (("torch/autograd/", "torch/nn/", "torch/_tensor.py"), "in forward/backward"),
+    (("torch/distributed/", None), ("torch/nn/parallel/", None), ("common/distributed.py", None),
+     ("common/log.py", ("log", "stop")), ("common/engine.py", ("agreed", "update", "exit")),
+     "in a collective (waiting for the other ranks)"),
+    (("torch/utils/data/", None), ("common/device_loader.py", None), "waiting for data"),
+    (("torch/serialization.py", None), ("common/checkpoint.py", None), "saving a checkpoint"),
+    (("torch/autograd/", None), ("torch/nn/", None), ("torch/_tensor.py", None), "in forward/backward"),
 )
 
 
@@ -334,8 +335,9 @@ def stalled_stage(frame):
     """STALL_STAGES' name for the innermost frame of `frame`'s stack that one of its places matches."""
     while frame is not None:
         path = frame.f_code.co_filename.replace(os.sep, "/")
-        for places, stage in STALL_STAGES:
-            if any(place in path for place in places):
+        for *places, stage in STALL_STAGES:
+            if any(place in path and (functions is None or frame.f_code.co_name in functions)
+                   for place, functions in places):
                 return stage
         frame = frame.f_back
     return "between steps"

@@ -148,8 +148,8 @@ def finish_args(args):
     if args.voc_aug and args.dataset != "voc":
         raise UserError("--voc-aug is VOC's SBD augmented training set: use it with --dataset voc --data-path ROOT")
     if args.compile and args.grad_checkpointing:
-        raise UserError("--grad-checkpointing and --compile together fail in the compiled backward on CUDA "
-                        "(torch 2.11, measured with classification): use one of them")
+        raise UserError("--grad-checkpointing and --compile together fail in the compiled backward on CUDA: use one "
+                        "of them")
     if args.epochs and args.start_epoch >= args.epochs and not (args.resume or args.test_only):
         raise UserError(f"--start-epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing would be "
                         "trained")

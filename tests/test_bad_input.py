@@ -154,12 +154,17 @@ def test_eval_with_weights_for_other_classes(tmp_path):
         evaluate("--model", "resnet18", "--weights", "IMAGENET1K_V1", "--data-path", data, "--device", "cpu")
 
 
-def test_sync_bn_on_cpu_processes_is_refused(monkeypatch):
-    # The check runs where a distributed CPU run would start; emulate that without starting two processes.
-    from classification import train as script
-    monkeypatch.setattr(script, "init_distributed", lambda device, *args, **kwargs: (type("E", (), {
-        "rank": 0, "world_size": 2, "distributed": True, "is_main": True})(), torch.device("cpu")))
-    fails_with(r"--sync-bn needs CUDA devices", *TINY, "--sync-bn")
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_sync_bn_on_cpu_processes_is_refused(monkeypatch, task):
+    # Refused where a distributed CPU run starts, before the process group; two processes emulated by their variables.
+    from importlib import import_module
+    script = import_module(f"{task}.train")
+    for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("torch.distributed.init_process_group", lambda *a, **k: pytest.fail("the group was started"))
+    args = script.finish_args(script.get_args_parser().parse_args(["--device", "cpu", "--sync-bn"]))
+    with pytest.raises(UserError, match=r"--sync-bn needs CUDA devices: drop it on CPU"):
+        script.main(args)
 
 
 # --- files and layouts of an ImageFolder tree

@@ -118,14 +118,12 @@ def test_phases_flag_is_checked():
     assert done.returncode == 2 and "--phases takes phases 1 to 4" in done.stderr
 
 
-def test_every_row_of_the_matrix_is_taken_by_its_script_or_waits_for_another_issue():
+def test_every_row_of_the_matrix_is_taken_by_its_script():
     parsers = cuda_matrix.parsers()
     names = [row.name for row in cuda_matrix.rows_of(cuda_matrix.ROWS)]
     assert len(names) == len(set(names))
     for row in cuda_matrix.rows_of(cuda_matrix.ROWS):
-        refused = cuda_matrix.check_flags(row, parsers[row.script])
-        if refused is not None:
-            assert refused[0] == "skipped" and any(flag in row.flags for flag in cuda_matrix.FUTURE_FLAGS), refused
+        assert cuda_matrix.check_flags(row, parsers[row.script]) is None, row.name
     typo = cuda_matrix.Row("typo", cuda_matrix.CLS, "--amp --chanels-last")
     assert cuda_matrix.check_flags(typo, parsers[cuda_matrix.CLS])[0] == "fail"
 
