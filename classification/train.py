@@ -16,7 +16,7 @@ from classification.data import dataset_classes, load_train, load_val
 from classification.model import create_model, enable_grad_checkpointing
 from classification.pictures import log_pictures
 from common.checkpoint import Checkpointer, ResumePoint
-from common.data import BadSamples, BatchLayout
+from common.data import BadSamples, BatchLayout, default_workers
 from common.distributed import data_parallel, init_distributed
 from common.engine import Precision, RunGuards, RunSteps, StepParts, evaluate, train_one_epoch
 from common.flags import add_shared_flags, number
@@ -28,7 +28,7 @@ from common.optim import EMA, create_lr_scheduler, create_optimizer
 # with 8 GPUs x 32 images); the synthetic set gets a small recipe that finishes on a laptop CPU, with AdamW
 # because it reaches 90% on the shapes in fewer than half the steps SGD needs (README, "Quick start").
 REAL_DATA_DEFAULTS = dict(model="resnet50", batch_size=32, epochs=90, opt="sgd", lr=0.1, lr_scheduler="steplr",
-                          lr_warmup_epochs=0, train_crop_size=224, print_freq=100)
+                          lr_warmup_epochs=0, workers=default_workers(8), train_crop_size=224, print_freq=100)
 SYNTHETIC_DEFAULTS = dict(model="resnet18", batch_size=64, epochs=3, opt="adamw", lr=2e-3,
                           lr_scheduler="cosineannealinglr", lr_warmup_epochs=1, workers=0, train_crop_size=32,
                           print_freq=20)

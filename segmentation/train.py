@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.checkpoint import Checkpointer, ResumePoint
-from common.data import BadSamples, BatchLayout
+from common.data import BadSamples, BatchLayout, default_workers
 from common.distributed import data_parallel, init_distributed
 from common.engine import Precision, RunGuards, RunSteps, StepParts, train_one_epoch
 from common.flags import add_shared_flags, number
@@ -32,7 +32,7 @@ from segmentation.model import MODELS, create_model
 # a small UNet that reaches a useful mIoU in a minute or two on a laptop CPU: width 12 on 48 px scenes takes a
 # quarter of the step time of width 16 on 64 px without AVX-512, and still reaches about 80% in 4 epochs (README).
 REAL_DATA_DEFAULTS = dict(model="deeplabv3plus_resnet50", batch_size=8, epochs=80, lr=0.01, lr_warmup_epochs=1,
-                          print_freq=50, unet_width=64)
+                          workers=default_workers(8), print_freq=50, unet_width=64)
 SYNTHETIC_DEFAULTS = dict(model="unet", batch_size=16, epochs=4, lr=0.1, lr_warmup_epochs=1, workers=0,
                           print_freq=25, unet_width=12)
 # Defaults of the flags that --test-only --resume may take from the checkpoint instead (None: not given).

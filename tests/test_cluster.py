@@ -316,7 +316,7 @@ def test_dist_timeout_is_the_process_groups_timeout(task, monkeypatch):
     script = import_module(f"{task}.train")
     asked = []
 
-    def init_distributed(device, timeout_minutes, backend=None):  # records what the script asks for; stops it
+    def init_distributed(device, timeout_minutes, backend=None, sync_bn=False):  # records what the script asks for; stops it
         asked.append(timeout_minutes)
         raise UserError("stop")
 
@@ -325,3 +325,19 @@ def test_dist_timeout_is_the_process_groups_timeout(task, monkeypatch):
     with pytest.raises(UserError, match="stop"):
         script.main(args)
     assert asked == [2.5]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_workers_default_to_the_cores_on_real_data_and_to_zero_on_the_synthetic_set(task, tmp_path):
+    from importlib import import_module
+
+    from common.data import default_workers
+    script = import_module(f"{task}.train")
+    real = ["--data-path", str(tmp_path)] + (["--dataset", "voc"] if task == "segmentation" else [])
+
+    def workers(*flags):
+        return script.finish_args(script.get_args_parser().parse_args(list(flags))).workers
+
+    assert workers(*real) == default_workers(8) >= 1
+    assert workers() == 0
+    assert workers(*real, "-j", "3") == 3

@@ -247,7 +247,7 @@ def test_validation_every_n_steps_follows_resumes_and_stops_exactly(tmp_path, mo
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train_segmentation(*flags, "--output-dir", straight)
     with monkeypatch.context() as patch, pytest.raises(SystemExit, match=str(PREEMPTED_EXIT_CODE)):
-        stop_signal_when(patch, script, "validate", lambda *args: args[7] == "Epoch 1 step 8 val")
+        stop_signal_when(patch, script, "validate", lambda *args: args[5] == "Epoch 1 step 8 val")
         train_segmentation(*flags, "--output-dir", stopped)  # stopped during the validation at step 24
     checkpoint = load_checkpoint(stopped / "checkpoint.pth")
     assert (checkpoint["epoch"], checkpoint["step"], checkpoint["validated"]) == (1, 8, False)

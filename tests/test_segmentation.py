@@ -311,7 +311,7 @@ def test_weights_by_torchvision_name_replace_the_heads_of_another_class_count(mo
 
     def build(num_classes, *flags):
         args = script.finish_args(script.get_args_parser().parse_args(["--model", "fcn_resnet50", *flags]))
-        return script.build_model(args, num_classes).state_dict()
+        return create_model(args.model, num_classes, args.output_stride, args.aux_loss, weights=args.weights).state_dict()
 
     same = build(21, "--weights", "COCO_WITH_VOC_LABELS_V1")  # no --aux-loss: the shipped aux head is left out
     assert asked == ["COCO_WITH_VOC_LABELS_V1"]
