@@ -15,10 +15,10 @@ difference are reported beside); under --compile no recompilation is logged from
 on (so epoch 2 entirely, validation at its sizes included) and no recompile limit is hit; and with two ranks
 both evaluations print the same numbers on the whole validation set.
 
-A row whose flags the script does not take fails (a typo). A row or check is "cut" when the phase's deadline killed it, "not
-started" when no time was left. Writes DIR/matrix.json (rewritten after each job), DIR/summary.txt, DIR/logs/
-(every command's output) and DIR/checks/; trees and checkpoints go under --work, checkpoints deleted after each
-row. Exit status 1 when a row or check failed.
+A row whose flags the script does not take fails (a typo). A row or check is "cut" when the phase's deadline
+killed it, "not started" when no time was left. Writes DIR/matrix.json (rewritten after each job),
+DIR/summary.txt, DIR/logs/ (every command's output) and DIR/checks/; trees and checkpoints go under --work,
+checkpoints deleted after each row. Exit status 1 when a row or check failed.
 """
 import argparse
 import contextlib

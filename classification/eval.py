@@ -40,7 +40,8 @@ def get_args_parser():
     add("--data-path", help="ImageFolder root whose val/ is evaluated (default: the checkpoint's training data)")
     add("--model", help="torchvision model name (default: the checkpoint's)")
     add("--device", type=device_name, help=f"{DEVICE_NAMES} (default: cuda when available)")
-    add("-b", "--batch-size", type=number(int, at_least=1), default=64, help="images per process per step (default: 64)")
+    add("-b", "--batch-size", type=number(int, at_least=1), default=64,
+        help="images per process per step (default: 64)")
     add("-j", "--workers", type=number(int, at_least=0), default=default_workers(8),
         help=f"DataLoader worker processes per rank (default: {default_workers(8)}, at most the cores)")
     add("--amp", action="store_true", help="autocast (see --amp-dtype)")
@@ -104,7 +105,8 @@ def main(args):
     if not args.model:
         raise UserError(f"{args.checkpoint} does not say which model it holds: give --model")
     env, device = init_distributed(args.device)
-    precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)  # TF32 and cuDNN's choice as in training
+    # TF32 and cuDNN's choice of kernels as in training
+    precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
 
     class_names = checkpoint.get("class_names")
     if class_names is None and args.data_path is None:

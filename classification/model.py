@@ -60,7 +60,8 @@ def create_model(name, weights, num_classes):
         head = find_head(model)
         if len(enum.meta["categories"]) != num_classes:
             replace_head(model, head, num_classes)
-            print0(f"replaced the {len(enum.meta['categories'])}-class head of {weights} with a {num_classes}-class one")
+            print0(f"replaced the {len(enum.meta['categories'])}-class head of {weights} with a "
+                   f"{num_classes}-class one")
         return model, head
     model = torchvision.models.get_model(name, num_classes=num_classes, **scratch)
     return model, find_head(model)

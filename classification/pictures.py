@@ -58,8 +58,8 @@ def prediction_grid(images, targets, predicted, confidence, class_names, tile=12
         grid.paste(picture, (x, y))
         right = int(predicted[i]) == int(targets[i])
         draw.text((x + 2, y + tile + 1), f"true {str(class_names[targets[i]])[:16]}", fill="black")
-        draw.text((x + 2, y + tile + 13), f"pred {str(class_names[predicted[i]])[:12]} {100 * float(confidence[i]):.0f}%",
-                  fill=(0, 120, 0) if right else (200, 0, 0))
+        predicted_line = f"pred {str(class_names[predicted[i]])[:12]} {100 * float(confidence[i]):.0f}%"
+        draw.text((x + 2, y + tile + 13), predicted_line, fill=(0, 120, 0) if right else (200, 0, 0))
     return grid
 
 

@@ -289,7 +289,8 @@ class ResumePoint:
         self.path = resume_path(resume, output_dir)
 
     def trained_settings(self, given, names):
-        """Of the flags `names`, those left unset (None) in `given` (a dict), as the checkpoint was trained with them."""
+        """Of the flags `names`, those left unset (None) in `given` (a dict), as the checkpoint was trained with
+        them."""
         return trained_settings(self.path, given, names) if self.path else {}
 
     def load_for_evaluation(self, model, model_name, class_names):

@@ -177,7 +177,8 @@ class NormalizeBytes:
 # sample's augmentation independent of the DataLoader worker that loads it.
 #
 #     what                                   seeded from                        where
-#     weight initialisation                  seed                               configure_torch, before the model is built
+#     weight initialisation                  seed                               torch.manual_seed in the train
+#                                                                               script, before the model is built
 #     data order (also --ra-sampler's)       seed + epoch                       TrainingSampler (common/data.py): one
 #                                                                               order for all ranks, cut into global
 #                                                                               batches and those into slots

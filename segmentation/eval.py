@@ -107,7 +107,8 @@ def main(args):
     if args.data_path is not None and args.dataset is None:
         raise UserError(f"--data-path needs --dataset to say its layout: one of {', '.join(sorted(DATASETS))}")
     env, device = init_distributed(args.device)
-    precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)  # TF32 and cuDNN's choice as in training
+    # TF32 and cuDNN's choice of kernels as in training
+    precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
 
     class_names, palette = dataset_info(args)
     trained_classes = checkpoint.get("class_names") or class_names

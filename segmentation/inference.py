@@ -77,7 +77,8 @@ def add_eval_args(parser):
     add = parser.add_argument
     add("--eval-mode", choices=["whole", "slide"], default="whole",
         help="predict the whole image at once, or windows of --eval-crop every --eval-stride pixels")
-    add("--eval-crop", type=number(int, at_least=1), nargs="+", metavar="PX", help="slide window: H [W] (default: --crop-size)")
+    add("--eval-crop", type=number(int, at_least=1), nargs="+", metavar="PX",
+        help="slide window: H [W] (default: --crop-size)")
     add("--eval-stride", type=number(int, at_least=1), nargs="+", metavar="PX",
         help="slide step: H [W] (default: 2/3 of the window)")
     add("--eval-scales", default="1.0", type=eval_scales,

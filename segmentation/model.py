@@ -102,7 +102,8 @@ def backbone_weights(model_name, weights_backbone):
     """(torchvision weights name or None, local file or None) for --weights-backbone."""
     if weights_backbone is None or os.path.isfile(weights_backbone):
         return None, weights_backbone
-    arch = model_name.split("_", 1)[1]  # deeplabv3plus_resnet50 -> resnet50, lraspp_mobilenet_v3_large -> mobilenet_v3_large
+    # deeplabv3plus_resnet50 -> resnet50, lraspp_mobilenet_v3_large -> mobilenet_v3_large
+    arch = model_name.split("_", 1)[1]
     names = [w.name for w in torchvision.models.get_model_weights(arch)]
     if weights_backbone not in names:
         raise UserError(f"--weights-backbone {weights_backbone!r} is neither a file nor a torchvision weights name "

@@ -62,8 +62,9 @@ def get_args_parser():
     add("-b", "--batch-size", type=number(int, at_least=1), help=f"crops per process per step {recipe('batch_size')}")
     add("--crop-size", type=number(int, at_least=1), nargs="+", metavar="PX", help="training crop H [W] "
         "(default: 512 1024 on Cityscapes, 512 on VOC and ADE20K)")
-    add("--base-size", type=number(int, at_least=1), help="shorter side before random rescaling, and of validation images "
-        "(default: 1024 on Cityscapes, 512 on VOC and ADE20K)")
+    add("--base-size", type=number(int, at_least=1),
+        help="shorter side before random rescaling, and of validation images (default: 1024 on Cityscapes, 512 on "
+        "VOC and ADE20K)")
     add("--scale-range", type=number(float, above=0), nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"),
         help="random rescale of the base size (default: 0.5 2.0)")
     add("--ignore-index", type=int, default=IGNORE_INDEX, help="a label left out of loss and metrics, besides "
@@ -104,15 +105,19 @@ def get_args_parser():
     add("--momentum", type=number(float, at_least=0), default=0.9, help="SGD momentum (default: 0.9)")
     add("--wd", "--weight-decay", type=number(float, at_least=0), default=1e-4, dest="weight_decay",
         help="weight decay (default: 1e-4)")
-    add("--norm-weight-decay", type=number(float, at_least=0), help="weight decay of normalisation layers (default: --wd)")
+    add("--norm-weight-decay", type=number(float, at_least=0),
+        help="weight decay of normalisation layers (default: --wd)")
     add("--lr-scheduler", default="polylr", choices=["polylr", "cosineannealinglr"],
         help="schedule after warmup, stepped every optimizer step (default: polylr)")
-    add("--lr-power", type=number(float, above=0), default=0.9, help="polylr: lr * (1 - step / steps) ** power (default: 0.9)")
-    add("--lr-min", type=number(float, at_least=0), default=0.0, help="cosineannealinglr: final learning rate (default: 0)")
+    add("--lr-power", type=number(float, above=0), default=0.9,
+        help="polylr: lr * (1 - step / steps) ** power (default: 0.9)")
+    add("--lr-min", type=number(float, at_least=0), default=0.0,
+        help="cosineannealinglr: final learning rate (default: 0)")
 
     add_eval_args(groups["evaluation (each epoch, or every --eval-interval steps)"])
-    groups["precision and speed"].add_argument("--grad-checkpointing", action="store_true", help="recompute the backbone's (UNet: every "
-                       "block's) activations in backward to save memory (default: off)")
+    groups["precision and speed"].add_argument(
+        "--grad-checkpointing", action="store_true",
+        help="recompute the backbone's (UNet: every block's) activations in backward to save memory (default: off)")
 
     groups["checkpoints and preemption"].add_argument("--test-only", action="store_true",
                                                       help="only evaluate the checkpoint of --resume on val")
