@@ -205,6 +205,41 @@ def test_an_elastic_launch_that_loses_a_node_goes_on_alone_with_the_same_global_
     assert relative_distance(out, reference(task)) < 1e-3
 
 
+def rank_of(pid):
+    try:
+        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    except OSError:
+        return None
+    return next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_ends_with_the_same_weights(task, reference, tmp_path):
+    out, logs = tmp_path / "run", [tmp_path / "torchrun.log"]
+    # Without it, the restart may read the killed attempt's addresses from torchrun's store (README, pytorch #135712)
+    env = {k: v for k, v in ENV.items() if k not in LAUNCH_VARIABLES} | {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    launcher = launch([*TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1", *command(task),
+                       *MID_EPOCH, "--output-dir", out], logs[0], env)
+    wait_for(logs, "(epoch 0 step 1)", [launcher])
+    rank1 = [pid for pid in descendants(launcher.pid) if rank_of(pid) == 1]
+    assert rank1, logs[0].read_text()[-3000:]
+    os.kill(rank1[0], 9)  # as the out-of-memory killer would; torchrun restarts both workers
+    finish([launcher], logs)
+    said = logs[0].read_text()
+    assert re.search(rf"resumed from {re.escape(str(out))}/checkpoint.pth: epoch 0 step [123],", said), said[-3000:]
+    ours, theirs = weights(out), weights(reference(task))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)  # same layout: bit for bit
+
+
+def test_restarts_that_share_torchruns_store_are_warned_about():
+    from common.distributed import restarts_may_reuse_stale_addresses
+    launched = {"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert restarts_may_reuse_stale_addresses(launched)
+    assert not restarts_may_reuse_stale_addresses(launched | {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    assert not restarts_may_reuse_stale_addresses(launched | {"TORCHELASTIC_MAX_RESTARTS": "0"})
+    assert not restarts_may_reuse_stale_addresses({})
+
+
 # Rank 1's DataLoader worker waits forever, from the moment the file STALL_TRIGGER exists, for an image that never
 # comes (as from a file server that stopped answering). Patched in before the script runs; the workers fork it.
 NEVER_ANSWERS = """
