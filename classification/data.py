@@ -22,8 +22,6 @@ from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, sha
 # torchvision's list and the other photo formats Pillow reads (of a GIF, the first frame).
 IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS + (".jfif", ".jpe", ".gif", ".apng", ".avif", ".pbm", ".pnm")
 LAYOUT_HINT = "--data-path must hold train/ and val/, each with one folder of images per class (ImageNet layout)"
-
-
 SORT_VAL_COMMAND = "python tools/sort_imagenet_val.py {folder} LOC_val_solution.csv"
 # A folder changed less than this before it was listed may change again within its timestamp's granularity (FAT
 # and some network file systems: 1-2 s) with its modification time unmoved: the cache lists it again next time.
@@ -33,9 +31,7 @@ LISTING_THREADS = 16
 
 
 def list_classes(split_dir):
-    """Class folder names of one split; stops on a missing split, a class folder that is a dangling symlink, a
-    split of images without class folders (ImageNet's val/ as distributed) or images beside the class folders.
-    Hidden folders (.thumbnails, .ipynb_checkpoints) are not classes: skipped, in a note."""
+    """Class folder names of one split; hidden folders (.thumbnails, .ipynb_checkpoints) are not classes."""
     if not os.path.isdir(split_dir):
         raise UserError(f"split folder {shown(split_dir)} not found: {LAYOUT_HINT}")
     classes, hidden, loose = [], [], []
@@ -63,9 +59,8 @@ def list_classes(split_dir):
 
 
 class PathArray:
-    """Many file names as two arrays: their bytes end to end, and where each one starts. Unlike a list of str, it
-    holds no Python object per name, whose reference counts DataLoader workers would write to, and so copy
-    page by page, as they read them (pytorch/pytorch#13246)."""
+    """File names as two arrays: their bytes end to end, and where each starts. A list of str holds an object per
+    name, whose reference counts DataLoader workers write to as they read, copying its pages (pytorch#13246)."""
 
     def __init__(self, data=None, offsets=None):
         self.data = np.zeros(0, np.uint8) if data is None else data
@@ -103,8 +98,8 @@ class PathArray:
 
 
 class ClassFiles(NamedTuple):
-    """One class folder listed: its images (paths from the split folder, in torchvision's order), every folder
-    walked with its modification time (what the cache compares), and what was skipped or refused."""
+    """One class folder listed: its images (paths from the split folder, in torchvision's order), and every
+    folder walked with the modification time the cache compares."""
     files: PathArray
     folders: list  # (path from the split folder, bytes; st_mtime_ns)
     hidden: int = 0  # files and folders whose names start with '.'
@@ -113,10 +108,8 @@ class ClassFiles(NamedTuple):
 
 
 def list_class(split_dir, name):
-    """Walk one class folder the way torchvision's make_dataset does (its order: folders by path, files by name),
-    but skip hidden files and folders, count other files, refuse what is no regular file, and stop on a folder
-    that cannot be listed or a symlink loop (torchvision would hang on a FIFO, silently skip the folder, or list
-    the images of a loop dozens of times)."""
+    """Walk one class folder in torchvision's make_dataset order (folders by path, files by name), but stop on
+    what torchvision hangs on (a FIFO), skips silently (an unlistable folder) or lists dozens of times (a loop)."""
     folders, skipped, hidden, not_files = [], Counter(), 0, []
     pending = [(name, ())]
     while pending:
@@ -164,8 +157,7 @@ def cache_path(cache_dir, split_dir):
 
 
 def read_cache(path, split_dir):
-    """{class name: ClassFiles} of a cache file written for this split folder; {} when there is none or it is
-    unreadable (listed again, with a note) or of another folder."""
+    """({class name: ClassFiles}, listing time) of this split folder's cache; ({}, None) when there is none."""
     if not os.path.isfile(path):
         return {}, None
     try:
@@ -212,8 +204,7 @@ def write_cache(path, split_dir, listed_at_ns, classes, listed):
 
 
 def unchanged(split_dir, cached, listed_at_ns):
-    """Whether every folder of a cached class listing still has the modification time it was listed with (and
-    had it since well before it was listed, see MTIME_SLACK_NS)."""
+    """Whether a cached class's folders keep the modification times they had well before the listing."""
     for relative, mtime in cached.folders:
         try:
             now = os.stat(os.path.join(split_dir, os.fsdecode(relative))).st_mtime_ns
@@ -225,9 +216,9 @@ def unchanged(split_dir, cached, listed_at_ns):
 
 
 def in_threads(function, items, threads=LISTING_THREADS):
-    """[function(item) for item in items], by `threads` threads that take every threads-th item each (a network
-    file system answers many listings at once about as fast as one). The first error in the items' order is
-    raised, as a loop would raise it."""
+    """[function(item) for item in items] in threads (a network file system answers many listings at once about
+    as fast as one), each taking every threads-th item: thousands of tiny tasks spend their time on the GIL. The
+    first error in the items' order is raised, as a loop would raise it."""
     items = list(items)
 
     def run(first):
@@ -249,12 +240,8 @@ def in_threads(function, items, threads=LISTING_THREADS):
 
 
 def list_split(split_dir, cache_dir=None, strict=True):
-    """The images of a split folder, listed in parallel threads (a network file system answers many listings at
-    once about as fast as one). With `cache_dir`, the listing is kept there and read back at the next start:
-    each class folder whose folders all keep their modification times is taken from it, the others are listed
-    again. `strict` stops on an image name that is no regular file; otherwise they are in each ClassFiles.
-
-    Returns (FileList, [ClassFiles] in class order)."""
+    """(FileList, [ClassFiles] in class order) of a split folder. With `cache_dir`, the next start lists again
+    only the class folders that changed. `strict` stops on an image name that is no regular file."""
     started, listed_at_ns = time.perf_counter(), time.time_ns()
     classes = list_classes(split_dir)
     path = cache_path(cache_dir, split_dir) if cache_dir else None
@@ -294,9 +281,8 @@ def print_skipped(split_dir, listed):
 
 
 class ImageFiles(Dataset):
-    """The (image, class index) samples of one split, read from a FileList's arrays; class indices are those of
-    `class_names` (train/'s classes, which val/ may hold only some of). `samples[i]` is (path, class index), as
-    in torchvision's ImageFolder, made when asked for."""
+    """The (image, class index) samples of a FileList; class indices are those of `class_names` (train/'s
+    classes, which val/ may hold only some of)."""
 
     def __init__(self, files, class_names, transform=None, resize_shorter_side=None):
         if len(class_names) < 2:  # one class is always right: "100% top-1" that means nothing
@@ -322,7 +308,7 @@ class ImageFiles(Dataset):
 
 
 class SampleView:
-    """(path, class index) of sample i of an ImageFiles, made on demand: what `samples[i]` is in torchvision."""
+    """ImageFiles.samples: torchvision ImageFolder's (path, class index) pairs, made on demand."""
 
     def __init__(self, files):
         self.files = files
@@ -338,9 +324,8 @@ class SampleView:
 
 
 def image_folder(split_dir, class_names, transform=None, cache_dir=None, resize_shorter_side=None):
-    """The ImageFiles of a split folder whose class folders are all among `class_names`, listed by rank 0 alone
-    (and cached in `cache_dir`) and sent to the other ranks. `resize_shorter_side`: what `transform` resizes the
-    shorter side to, checked from each file's header before decoding."""
+    """The ImageFiles of a split folder, listed by rank 0 alone and sent to the others. `resize_shorter_side`:
+    what `transform` resizes the shorter side to, checked from each file's header before decoding."""
     files = from_rank0(lambda: list_split(split_dir, cache_dir)[0])
     unknown = sorted(set(files.classes) - set(class_names))
     if unknown:
@@ -350,8 +335,8 @@ def image_folder(split_dir, class_names, transform=None, cache_dir=None, resize_
 
 
 class Crop(NamedTuple):
-    """What the presets make of an image: for training a random-resized crop of `size` (RandomResizedCrop's `scale`
-    and `ratio`) and a flip; for validation a resize of the shorter side to `resize`, then a centre crop of `size`."""
+    """A training random-resized crop of `size` (RandomResizedCrop's `scale` and `ratio`), or a validation resize
+    of the shorter side to `resize`, then a centre crop of `size`."""
     train: bool
     size: int
     resize: int = 256
@@ -360,17 +345,16 @@ class Crop(NamedTuple):
     interpolation: str = "bilinear"
 
 
+AUGMENTS = {"ra": v2.RandAugment, "ta_wide": v2.TrivialAugmentWide, "augmix": v2.AugMix}  # else a policy
+
+
 def train_preset(crop, auto_augment=None, random_erase=0.0):
     interpolation = v2.InterpolationMode(crop.interpolation)
     steps = [v2.RandomResizedCrop(crop.size, scale=crop.scale, ratio=crop.ratio, interpolation=interpolation,
                                   antialias=True),
              v2.RandomHorizontalFlip()]
-    if auto_augment == "ra":
-        steps.append(v2.RandAugment(interpolation=interpolation))
-    elif auto_augment == "ta_wide":
-        steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
-    elif auto_augment == "augmix":
-        steps.append(v2.AugMix(interpolation=interpolation))
+    if auto_augment in AUGMENTS:
+        steps.append(AUGMENTS[auto_augment](interpolation=interpolation))
     elif auto_augment:
         steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(auto_augment), interpolation=interpolation))
     steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
@@ -393,9 +377,9 @@ def batch_mixer(mixup_alpha, cutmix_alpha, num_classes):
 
 
 class MixedBatches:
-    """A DataLoader's batches through MixUp/CutMix in the main process, where the training loop seeds every step.
-    In the workers' collate function they would draw from a worker's stream, which depends on which worker gets
-    which batch: a run resumed mid-epoch would mix differently."""
+    """A DataLoader's batches through MixUp/CutMix in the main process, which the training loop seeds every step:
+    in the workers they would draw from the stream of whichever worker got the batch, and a resumed run would
+    mix differently."""
 
     def __init__(self, loader, mixer):
         self.loader, self.mixer = loader, mixer
@@ -424,8 +408,7 @@ def _draw_shapes(n, image_size, num_classes, generator):
     labels = torch.randint(num_classes, (n,), generator=generator)
     images, background = noisy_backgrounds(n, image_size, generator)
     colour = contrasting_colours(n, background, generator)
-    # Shapes span 60-90% of the image side, so that at 32 px ResNet-18's stride-4 stem still sees their outline
-    # (shapes of 40-80% took a good deal more steps to learn).
+    # Shapes span 60-90% of the image side, so that at 32 px ResNet-18's stride-4 stem still sees their outline.
     radius = (torch.rand(n, generator=generator) * 0.15 + 0.3) * image_size
     centre = radius[:, None] + torch.rand(n, 2, generator=generator) * (image_size - 2 * radius[:, None])
     coords = torch.arange(image_size, dtype=torch.float32) + 0.5
@@ -440,7 +423,7 @@ def _draw_shapes(n, image_size, num_classes, generator):
 
 
 def synthetic_loader(images, labels, sampler, batch_size, train, mixer=None):
-    """Batches of the shapes set, already on the device: flipped per sample for training, normalised."""
+    """Batches of the shapes set, already on the device."""
     normalize = NormalizeBytes(images.device)
 
     def transform(images, labels):
@@ -461,11 +444,10 @@ def dataset_classes(args):
 
 
 def load_train(args, layout, device, class_names, bad_samples):
-    """This rank's training micro-batches (`layout` says which) of the synthetic set or train/, augmented as the
-    flags say, in the chosen --data-backend. Files that fail to load are replaced by stand-ins and reported to
-    `bad_samples` (common.data.BadSamples of --max-bad-samples)."""
+    """This rank's training micro-batches (`layout` says which); files that fail to load are replaced by
+    stand-ins and reported to `bad_samples`."""
     seed, batch_size, workers, backend = args.seed, args.batch_size, args.workers, args.data_backend
-    reps = args.ra_reps if args.ra_sampler else 0  # --ra-sampler's copies of each image
+    reps = args.ra_reps if args.ra_sampler else 0
     crop = Crop(True, args.train_crop_size, scale=args.train_crop_scale, ratio=args.train_crop_ratio,
                 interpolation=args.interpolation)
     mixer = batch_mixer(args.mixup_alpha, args.cutmix_alpha, len(class_names))
@@ -487,8 +469,7 @@ def load_train(args, layout, device, class_names, bad_samples):
         return device_loader(folder, sampler, batch_size, workers, crop, device, seed, mixer, bad_samples)
     folder.transform = train_preset(crop, args.auto_augment, args.random_erase)
     train_set = SeededSamples(bad_samples.stand_ins(folder, seed), seed)
-    # No persistent workers: fresh workers each epoch take their seeds from the per-epoch RNG, which keeps
-    # a resumed run identical to an uninterrupted one.
+    # Not persistent: fresh workers each epoch take their seeds from the per-epoch RNG (exact resume).
     loader = DataLoader(train_set, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
                         sampler=TrainingSampler(train_set, layout, seed, reps), drop_last=True,
                         worker_init_fn=ignore_stop_signals, collate_fn=bad_samples.collate)

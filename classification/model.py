@@ -15,7 +15,7 @@ def classifier_models():
 
 
 def find_head(model):
-    """Qualified name of the final nn.Linear, the layer that maps features to classes."""
+    """Qualified name of the final nn.Linear, the classifier head."""
     linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if not linear:
         raise UserError(f"{type(model).__name__} has no nn.Linear classifier to resize: choose another --model")
@@ -68,12 +68,9 @@ def create_model(name, weights, num_classes):
 
 
 def enable_grad_checkpointing(model):
-    """Recompute each stage's activations in the backward pass instead of storing them.
-
-    Batch-norm running statistics see each batch twice (forward and recompute), as with timm's
-    checkpoint_seq; gradients are unchanged. Call it after copying the model for EMA, since the
-    copy would keep the patched forward of the original.
-    """
+    """Recompute each stage's activations in backward. Batch-norm running statistics see each batch twice, as
+    with timm's checkpoint_seq. Call it after copying the model for EMA, whose copy would keep the patched
+    forwards."""
     if hasattr(model, "layer4"):  # ResNet, ResNeXt, Wide ResNet
         stages = [getattr(model, f"layer{i}") for i in range(1, 5)]
     elif hasattr(model, "features"):  # ConvNeXt, EfficientNet, MobileNet, Swin

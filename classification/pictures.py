@@ -11,8 +11,8 @@ TITLE = 14  # pixels of the axis titles' band
 
 
 def confusion_matrix_image(matrix, class_names=None, cell=None):
-    """Row-normalised confusion matrix as a Pillow image: true classes down the left, predicted classes across
-    the top, white = 0, dark blue = all of the row; each cell's count when the cells are large enough to read."""
+    """Row-normalised confusion matrix as a Pillow image, white = 0, dark blue = all of the row; the counts when
+    the cells are large enough to read."""
     n = matrix.shape[0]
     cell = cell or max(1, min(40, 960 // n))
     labelled = class_names is not None and cell >= 12
@@ -46,8 +46,7 @@ def draw_axes(image, draw, class_names, cell, margin):
 
 
 def prediction_grid(images, targets, predicted, confidence, class_names, tile=128, columns=4):
-    """A grid of validation pictures (uint8 [N, 3, H, W]), each with its true class and the predicted one and
-    its probability beneath, a wrong prediction in red."""
+    """A grid of validation pictures (uint8 [N, 3, H, W]) with their true and predicted classes, wrong in red."""
     band = 26  # two lines of the default font under each picture
     rows = -(-len(images) // columns)
     grid = Image.new("RGB", (columns * tile, rows * (tile + band)), "white")
@@ -64,16 +63,15 @@ def prediction_grid(images, targets, predicted, confidence, class_names, tile=12
 
 
 def wrong_first(targets, predicted, confidence):
-    """Indices of the wrong predictions by falling confidence, then of the right ones by falling confidence."""
+    """Indices of the wrong predictions, then of the right ones, each by falling confidence."""
     right = (predicted == targets).double()
     return torch.argsort(right * 2 - confidence.double(), stable=True)  # wrong: -conf in [-1, 0); right: [1, 2)
 
 
 @torch.inference_mode()
 def log_pictures(writer, model, val_loader, meter, class_names, precision, step, count=16):
-    """TensorBoard at each validation: the confusion matrix of `meter`, and a grid of validation images with their
-    true and predicted classes, the most confidently wrong first, from the first validation batches (the same
-    images each time)."""
+    """TensorBoard: the confusion matrix of `meter`, and the first validation batches' pictures (the same ones each
+    time), the most confidently wrong first."""
     picture = confusion_matrix_image(meter.confusion.matrix.cpu(), class_names)
     writer.add_image("val/confusion_matrix", pil_to_tensor(picture), step)
     model = unwrap(model).eval()

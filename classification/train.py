@@ -24,9 +24,8 @@ from common.log import RunLog, UserError, print0, run_cli
 from common.metrics import ClassificationMeter
 from common.optim import EMA, create_lr_scheduler, create_optimizer
 
-# Defaults that depend on the data. Real data gets torchvision's ResNet-50 V1 recipe (76.1% top-1 published,
-# with 8 GPUs x 32 images); the synthetic set gets a small recipe that finishes on a laptop CPU, with AdamW
-# because it reaches 90% on the shapes in fewer than half the steps SGD needs (README, "Quick start").
+# Defaults that depend on the data: torchvision's ResNet-50 V1 recipe (8 GPUs x 32 images) for real data; for the
+# synthetic set a small recipe that finishes on a laptop CPU, AdamW as it needs far fewer steps there than SGD.
 REAL_DATA_DEFAULTS = dict(model="resnet50", batch_size=32, epochs=90, opt="sgd", lr=0.1, lr_scheduler="steplr",
                           lr_warmup_epochs=0, workers=default_workers(8), train_crop_size=224, print_freq=100)
 SYNTHETIC_DEFAULTS = dict(model="resnet18", batch_size=64, epochs=3, opt="adamw", lr=2e-3,
@@ -72,9 +71,8 @@ def get_args_parser():
         help="pil: decode and augment in DataLoader workers; gpu: workers read bytes, the device decodes (nvJPEG) "
         "and augments whole batches; synthetic: random batches on the device, to time the model step alone "
         "(default: pil)")
-    add("--list-cache", metavar="DIR", help="where the listing of --data-path's train/ and val/ is kept "
-        "(file_list_train.npz, file_list_val.npz): a restart lists again only the class folders that changed "
-        "(default: --output-dir; no cache without it)")
+    add("--list-cache", metavar="DIR", help="folder keeping the listing of train/ and val/ (file_list_*.npz): a "
+        "restart lists again only the class folders that changed (default: --output-dir; none without it)")
     add("--synthetic-train-size", type=number(int, at_least=1), default=3_500,
         help="synthetic set: training images (default: 3500)")
     add("--synthetic-val-size", type=number(int, at_least=1), help="synthetic set: validation images (default: 1000)")
@@ -119,14 +117,10 @@ def get_args_parser():
     return p
 
 
-# A checkpoint's LR schedule was laid out, step by step, and its epochs' data order drawn, for these values,
-# and its optimizer state belongs to --opt; resuming with others would silently follow the old curve or
-# another order, so they must match. The global batch must match too, as a product: processes x -b x
-# --accum-steps may be laid out anew (common/checkpoint.py).
+# A resume must keep these: the checkpoint's LR schedule and data order were laid out for them, and its optimizer
+# state belongs to --opt. The global batch must match as a product; processes x -b x --accum-steps may change.
 SCHEDULE_ARGS = ("opt", "epochs", "lr", "head_lr", "lr_scheduler", "lr_step_size", "lr_gamma", "lr_min",
                  "lr_warmup_epochs", "lr_warmup_method", "lr_warmup_decay", "seed", "ra_sampler", "ra_reps")
-
-
 # What --test-only --resume takes from the checkpoint unless given: the model and the validation images.
 TRAINED_SETTINGS = ("model", "data_path", "train_crop_size", "val_resize_size", "val_crop_size", "interpolation",
                     "synthetic_val_size", "synthetic_classes")
@@ -176,7 +170,7 @@ def validate(model, val_loader, class_names, precision, name, guards=None):
 
 
 def validate_both(parts, val_loader, class_names, name, guards):
-    """The validation numbers of the model (and of its EMA weights) and the model's meter; (None, None) on a stop."""
+    """(numbers of the model and of its EMA weights, the model's meter); (None, None) on a stop."""
     val, meter = validate(parts.model, val_loader, class_names, parts.precision, f"{name} val", guards)
     if val is None:
         return None, None
@@ -190,7 +184,7 @@ def validate_both(parts, val_loader, class_names, name, guards):
 
 
 def test_only(model, val_loader, class_names, precision, args):
-    """Evaluate the model of --resume (and its EMA weights, if it has them) or of --weights."""
+    """Evaluate --resume (and its EMA weights) or --weights."""
     ema = None
     if args.resume:
         ema = ResumePoint(args.resume, args.output_dir).load_for_evaluation(model, args.model, class_names)

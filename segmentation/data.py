@@ -20,8 +20,7 @@ SYNTHETIC_PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0
 
 
 def train_transforms(base_size, crop_size, scale_range):
-    """Rescale the shorter side to 0.5-2x the base size, crop (padding images with 0, masks with the ignore
-    index), flip, jitter colours, normalise. v2 resizes tv_tensors.Mask with nearest interpolation, always."""
+    """v2 resizes tv_tensors.Mask with nearest interpolation, always; the crop pads masks with the ignore index."""
     return v2.Compose([
         v2.RandomResize(int(scale_range[0] * base_size), int(scale_range[1] * base_size) + 1),
         v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
@@ -40,10 +39,8 @@ def val_transform(image, mask, base_size):
 
 
 def load_dataset(dataset, data_path, split, resize_shorter_side):
-    """The split of a dataset layout, listed by rank 0 alone and sent to the others; its transforms are the caller's
-    to set. Not cached: the largest of these layouts (ADE20K's 20,210 training pairs in two flat folders) lists in
-    well under a second, where ImageNet's tree takes minutes. `resize_shorter_side`: the largest shorter side the
-    transforms resize an image to, checked from each file's header before decoding."""
+    """The split of a dataset layout, listed by rank 0 alone and sent to the others; not cached, as even ADE20K's
+    lists in well under a second."""
     loaded = from_rank0(lambda: DATASETS[dataset](data_path, split))
     loaded.resize_shorter_side = resize_shorter_side
     return loaded
@@ -62,9 +59,8 @@ def dataset_info(args):
 
 
 def load_train(args, layout, device, bad_samples):
-    """This rank's training micro-batches (`layout` says which) of the synthetic scenes or the dataset, augmented as
-    the flags say, in the chosen --data-backend. Files that fail to load are replaced by stand-ins and reported to
-    `bad_samples` (common.data.BadSamples of --max-bad-samples)."""
+    """This rank's training micro-batches (`layout` says which); files that fail to load are replaced by
+    stand-ins and reported to `bad_samples`."""
     seed, batch_size, workers, backend = args.seed, args.batch_size, args.workers, args.data_backend
     augmentation = (args.base_size, args.crop_size, args.scale_range)
     if args.data_path is None:
@@ -84,9 +80,8 @@ def load_train(args, layout, device, bad_samples):
     train_set = SeededSamples(bad_samples.stand_ins(dataset, seed), seed)
     # Not persistent: fresh workers each epoch take their seeds from the per-epoch RNG (exact resume).
     loader = DataLoader(train_set, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                        drop_last=True, worker_init_fn=ignore_stop_signals, sampler=TrainingSampler(train_set, layout,
-                                                                                                    seed),
-                        collate_fn=bad_samples.collate)
+                        sampler=TrainingSampler(train_set, layout, seed), drop_last=True,
+                        worker_init_fn=ignore_stop_signals, collate_fn=bad_samples.collate)
     return bad_samples.reported(loader)
 
 
@@ -104,11 +99,11 @@ def load_val(args, env, device):
 
 
 def synthetic_loader(images, masks, sampler, batch_size, train):
-    """Batches of the synthetic scenes, already on the device: image and mask flipped together for training."""
+    """Batches of the synthetic scenes, already on the device."""
     normalize = NormalizeBytes(images.device)
 
     def transform(images, masks):
-        if train:  # per-sample flips of image and mask together
+        if train:
             flip = torch.rand(len(images), device=images.device) < 0.5
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
             masks = torch.where(flip.view(-1, 1, 1), masks.flip(-1), masks)

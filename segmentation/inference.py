@@ -15,12 +15,8 @@ from common.metrics import SegmentationMeter
 
 
 class Predictor(nn.Module):
-    """Wraps a segmentation model; forward(images) returns class scores at the images' size.
-
-    With one scale and no flip the scores are the model's logits; with test-time augmentation they are
-    the softmax probabilities averaged over every scale and flip (logits of different scales are not on
-    one scale, probabilities are).
-    """
+    """Class scores of a segmentation model at the images' size: its logits, or with test-time augmentation the
+    probabilities averaged over every scale and flip (logits of different scales are not on one scale)."""
 
     def __init__(self, model, mode="whole", crop=None, stride=None, scales=(1.0,), flip=False):
         super().__init__()
@@ -73,7 +69,7 @@ class Predictor(nn.Module):
 
 
 def add_eval_args(parser):
-    """The evaluation flags, shared by train.py (validation each epoch) and eval.py."""
+    """The evaluation flags of train.py and eval.py."""
     add = parser.add_argument
     add("--eval-mode", choices=["whole", "slide"], default="whole",
         help="predict the whole image at once, or windows of --eval-crop every --eval-stride pixels")
@@ -122,8 +118,7 @@ def validate(model, val_loader, class_names, precision, args, name, guards=None)
 
 @torch.inference_mode()
 def log_validation(writer, summary, class_names, model, val_loader, palette, precision, args, step):
-    """TensorBoard: each class's IoU, and input | label | prediction of the first four validation images, coloured
-    with the dataset's palette."""
+    """TensorBoard: each class's IoU, and input | label | prediction of the first four validation images."""
     for name, iou in zip(class_names, summary["per_class_iou"]):
         if iou is not None:
             writer.add_scalar(f"val_iou/{name}", iou, step)

@@ -103,19 +103,21 @@ def backbone_weights(model_name, weights_backbone):
     if weights_backbone is None or os.path.isfile(weights_backbone):
         return None, weights_backbone
     # deeplabv3plus_resnet50 -> resnet50, lraspp_mobilenet_v3_large -> mobilenet_v3_large
-    arch = model_name.split("_", 1)[1]
-    names = [w.name for w in torchvision.models.get_model_weights(arch)]
-    if weights_backbone not in names:
-        raise UserError(f"--weights-backbone {weights_backbone!r} is neither a file nor a torchvision weights name "
-                        f"of {arch} ({', '.join(names)})")
-    return weights_backbone, None
+    return torchvision_weights("--weights-backbone", weights_backbone, model_name.split("_", 1)[1]).name, None
+
+
+def torchvision_weights(flag, weights, arch):
+    options = torchvision.models.get_model_weights(arch)
+    if weights not in options.__members__:
+        raise UserError(f"{flag} {weights!r} is neither a file nor a torchvision weights name of {arch} "
+                        f"({', '.join(w.name for w in options)})")
+    return options[weights]
 
 
 def create_model(name, num_classes, output_stride=16, aux_loss=False, weights_backbone=None, unet_width=64,
                  weights=None, crop_size=None, grad_checkpointing=False):
-    """A model by name; --weights-backbone is a torchvision weights name (downloaded once) or a classifier
-    checkpoint of the same ResNet, e.g. from classification/train.py. Then, as the train script's flags ask:
-    the whole model from --weights, a check that the training crops fit it, and gradient checkpointing."""
+    """A model by name, then as the train script's flags ask: the whole model from --weights, a check that the
+    training crops fit it, and gradient checkpointing."""
     model = create_architecture(name, num_classes, output_stride, aux_loss, weights_backbone, unet_width)
     if crop_size is not None:
         check_input_size(model, *crop_size, "--crop-size")
@@ -127,9 +129,10 @@ def create_model(name, num_classes, output_stride=16, aux_loss=False, weights_ba
 
 
 def create_architecture(name, num_classes, output_stride=16, aux_loss=False, weights_backbone=None, unet_width=64):
-    """The model of `name`, its backbone from --weights-backbone if given."""
-    if name not in OWN_MODELS + TORCHVISION_MODELS:
-        raise UserError(f"unknown --model {name!r}: use one of {', '.join(OWN_MODELS + TORCHVISION_MODELS)}")
+    """The model of `name`; --weights-backbone is a torchvision weights name (downloaded once) or a classifier
+    checkpoint of the same ResNet, e.g. from classification/train.py."""
+    if name not in MODELS:
+        raise UserError(f"unknown --model {name!r}: use one of {', '.join(MODELS)}")
     if name == "unet":
         if weights_backbone or aux_loss:
             raise UserError("unet has no backbone and no auxiliary head: drop --weights-backbone and --aux-loss")
@@ -161,18 +164,13 @@ def check_input_size(model, height, width, flag):
 
 
 def weights_state(name, weights):
-    """The state dict --weights names: a checkpoint file, or for torchvision's models one of their weights
-    names (COCO_WITH_VOC_LABELS_V1), downloaded once into torch's hub cache."""
+    """The state dict of --weights: a checkpoint file, or a torchvision model's weights name (downloaded once)."""
     if os.path.isfile(weights):
         return state_dict_from(load_checkpoint(weights), weights)
     if name not in TORCHVISION_MODELS:
         raise UserError(f"--weights {weights!r} is not a file, and weights names are for torchvision's models "
                         f"({', '.join(TORCHVISION_MODELS)}): give {name} a checkpoint .pth")
-    options = torchvision.models.get_model_weights(name)
-    if weights not in options.__members__:
-        raise UserError(f"--weights {weights!r} is neither a file nor a torchvision weights name of {name} "
-                        f"({', '.join(w.name for w in options)})")
-    return options[weights].get_state_dict(progress=is_main_process())
+    return torchvision_weights("--weights", weights, name).get_state_dict(progress=is_main_process())
 
 
 def load_weights(model, name, weights):
@@ -189,12 +187,7 @@ def load_weights(model, name, weights):
 
 
 def enable_grad_checkpointing(model):
-    """Recompute each stage's activations in the backward pass instead of storing them: the ResNet stages
-    of DeepLabV3+ and of torchvision's FCN / DeepLabV3, or UNet's encoder and decoder blocks.
-
-    Gradients are unchanged; batch-norm running statistics see each batch twice (forward and recompute),
-    as with classification's --grad-checkpointing.
-    """
+    """Recompute each stage's activations in backward, as classification's --grad-checkpointing does."""
     backbone = getattr(model, "backbone", None)
     if isinstance(model, UNet):
         stages = [*model.encoder, *model.decoder]

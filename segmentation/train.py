@@ -26,11 +26,9 @@ from segmentation.datasets import DATASETS, IGNORE_INDEX
 from segmentation.inference import add_eval_args, log_validation, validate
 from segmentation.model import MODELS, create_model
 
-# Real data gets the Cityscapes DeepLabV3+ recipe: 512x1024 crops, a batch of 8 (-b 8 on one GPU, -b 2 on
-# four), SGD 0.01, poly decay per iteration, 80 epochs. mmsegmentation's published 79.6-80.1 mIoU used weight
-# decay 5e-4, 40k-80k iterations and an ImageNet backbone (the README has the flags). The synthetic set gets
-# a small UNet that reaches a useful mIoU in a minute or two on a laptop CPU: width 12 on 48 px scenes takes a
-# quarter of the step time of width 16 on 64 px without AVX-512, and still reaches about 80% in 4 epochs (README).
+# Real data gets the Cityscapes DeepLabV3+ recipe: a batch of 8 (-b 8 on one GPU, -b 2 on four), SGD 0.01, poly
+# decay, 80 epochs (the README has mmsegmentation's published flags). The synthetic set gets a small UNet that
+# reaches a useful mIoU in a minute or two on a laptop CPU (README).
 REAL_DATA_DEFAULTS = dict(model="deeplabv3plus_resnet50", batch_size=8, epochs=80, lr=0.01, lr_warmup_epochs=1,
                           workers=default_workers(8), print_freq=50, unet_width=64)
 SYNTHETIC_DEFAULTS = dict(model="unet", batch_size=16, epochs=4, lr=0.1, lr_warmup_epochs=1, workers=0,
@@ -40,9 +38,9 @@ DEFAULTS = dict(output_stride=8, aux_loss=False, synthetic_val_size=500, synthet
 # Sizes by dataset, mmsegmentation's: the shorter side is rescaled around the base size, then cropped.
 SIZE_DEFAULTS = {"cityscapes": dict(base_size=1024, crop_size=[512, 1024]),
                  "voc": dict(base_size=512, crop_size=[512, 512]), "ade20k": dict(base_size=512, crop_size=[512, 512])}
-# As in classification/train.py: these must match on resume, and the global batch as a product.
 SECTIONS = ("data", "model", "optimisation", "evaluation (each epoch, or every --eval-interval steps)",
             "precision and speed", "checkpoints and preemption", "logging")
+# As in classification/train.py: these must match on resume, and the global batch as a product.
 SCHEDULE_ARGS = ("opt", "epochs", "iters", "lr", "lr_scheduler", "lr_power", "lr_min", "lr_warmup_epochs",
                  "lr_warmup_method", "lr_warmup_decay", "voc_aug", "seed")
 
@@ -67,9 +65,8 @@ def get_args_parser():
         "VOC and ADE20K)")
     add("--scale-range", type=number(float, above=0), nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"),
         help="random rescale of the base size (default: 0.5 2.0)")
-    add("--ignore-index", type=int, default=IGNORE_INDEX, help="a label left out of loss and metrics, besides "
-        "255 (void in every dataset loader and the crop padding), e.g. 0 to leave out a background class "
-        "(default: 255, nothing more)")
+    add("--ignore-index", type=int, default=IGNORE_INDEX, help="a label left out of loss and metrics besides 255 "
+        "(void and crop padding), e.g. 0 for a background class (default: 255, nothing more)")
     add("--data-backend", default="pil", choices=["pil", "gpu", "synthetic"],
         help="pil: decode and augment in DataLoader workers; gpu: workers decode, the device rescales, crops, "
         "flips and normalises; synthetic: random batches on the device, to time the model step alone (default: pil)")
