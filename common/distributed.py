@@ -88,12 +88,6 @@ def check_gpu(device, device_name):
                         "use a lower index, or start at most one process per GPU")
 
 
-def all_reduce_sum(tensor):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
-
-
 def all_reduce_max(tensor):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)

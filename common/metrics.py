@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from common.distributed import all_reduce_sum
+from common.log import all_reduce_sum
 
 
 class ConfusionMatrix:
