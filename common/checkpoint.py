@@ -128,13 +128,6 @@ def resume_path(resume, output_dir):
     return resume
 
 
-def trained_settings(path, given, names):
-    """Of the flags `names`, those left unset (None) in `given`, as the checkpoint was trained with them: what
-    --test-only evaluates with unless told otherwise."""
-    trained = load_checkpoint(path).get("args") or {}
-    return {name: trained[name] for name in names if given.get(name) is None and name in trained}
-
-
 def read_training_checkpoint(path, model_name, class_names=None):
     """The checkpoint, refused unless trained with --model `model_name` and, when given, on `class_names`: on
     other classes (cat, dog -> ant, cat) every image would be scored against another class."""
@@ -273,7 +266,10 @@ class ResumePoint:
         self.path = resume_path(resume, output_dir)
 
     def trained_settings(self, given, names):
-        return trained_settings(self.path, given, names) if self.path else {}
+        """Of the flags `names`, those left unset (None) in `given`, as the checkpoint was trained with them: what
+        --test-only evaluates with unless told otherwise."""
+        trained = (load_checkpoint(self.path).get("args") or {}) if self.path else {}
+        return {name: trained[name] for name in names if given.get(name) is None and name in trained}
 
     def load_for_evaluation(self, model, model_name, class_names):
         """Returns the checkpoint's EMA weights (a state dict), or None."""

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from common.log import SampleError, UserError, is_main_process, launch_rank, print0
+from common.log import SampleError, UserError, in_process_group, is_main_process, launch_rank, print0
 
 # ---- image files: only regular files are read (a FIFO would block, /dev/zero never end).
 
@@ -23,7 +23,7 @@ REPLACE_IMAGE = "delete the file or replace it with a valid image"
 
 
 def replace_hint(what):
-    return REPLACE_IMAGE if what == "image" else f"delete the file or replace it with a valid {what}"
+    return f"delete the file or replace it with a valid {what}"
 
 
 def shown(text):
@@ -154,30 +154,23 @@ class NormalizeBytes:
 
 # ---- the seeding scheme: where every random number of a training run comes from ----------------------------------
 #
-# Each stream is seeded from --seed and the position in the run at which it is used, never from what ran
-# before. That is what makes a run resumed at any optimizer step replay exactly what an uninterrupted run
-# does, also on another number of processes with the same global and per-process batch, and what makes a
-# sample's augmentation independent of the DataLoader worker that loads it.
+# Each stream is seeded from --seed and the position in the run at which it is used, never from what ran before:
+# a run resumed at any optimizer step, also on another number of processes with the same global and per-process
+# batch, replays what an uninterrupted run does, and a sample's augmentation does not depend on the DataLoader
+# worker that loads it.
 #
-#     what                                   seeded from                        where
-#     weight initialisation                  seed                               torch.manual_seed in the train
-#                                                                               script, before the model is built
-#     data order (also --ra-sampler's)       seed + epoch                       TrainingSampler (common/data.py): one
-#                                                                               order for all ranks, cut into global
-#                                                                               batches and those into slots
-#     per-sample augmentation (CPU workers)  (seed, epoch, sample index)        SeededSamples
-#     per-epoch global stream: the base      (seed, epoch, rank)                train_one_epoch, before the epoch's
-#       seed of the DataLoader's workers                                        loader iterator is made
-#     per-micro-batch global stream:         (seed, epoch, step, slot)          train_one_epoch, before each
-#       dropout, stochastic depth,                                              micro-batch is fetched
-#       MixUp/CutMix, the synthetic set's
-#       flips
-#     per-micro-batch device augmentation    (seed, epoch, step, slot)          DeviceLoader: a torch.Generator of the
-#       (--data-backend gpu)                                                    micro-batch's own, as it is prepared on
-#                                                                               a side thread one batch ahead
-#     the stand-in for a file that fails     (seed, failed sample index)        SkipBadSamples (--max-bad-samples),
-#       to load                                                                 GpuPreset: the same on any rank and
-#                                                                               in any epoch
+#   weight initialisation: from seed, in the train script before the model is built (torch.manual_seed)
+#   data order (also --ra-sampler's): from seed + epoch, in TrainingSampler (one order for all ranks, cut into
+#     global batches and those into slots)
+#   each sample's augmentation (CPU workers): from (seed, epoch, sample index), in SeededSamples
+#   the DataLoader workers' base seed (the per-epoch global stream): from (seed, epoch, rank), in train_one_epoch
+#     before the epoch's loader iterator is made
+#   dropout, stochastic depth, MixUp/CutMix, the synthetic set's flips (the per-micro-batch global stream): from
+#     (seed, epoch, step, slot), in train_one_epoch before each micro-batch is fetched
+#   device augmentation (--data-backend gpu): from (seed, epoch, step, slot), in DeviceLoader, a torch.Generator
+#     of the micro-batch's own (it is prepared on a side thread one batch ahead)
+#   the stand-in for a file that fails to load: from (seed, failed sample index), in SkipBadSamples and GpuPreset,
+#     the same on any rank and in any epoch
 #
 # A slot is a micro-batch's place in its step's global batch (BatchLayout): keyed by slot, not by rank, a run
 # resumed on another number of processes draws what the uninterrupted run drew. The per-epoch stream stays per
@@ -246,7 +239,6 @@ class BatchLayout:
 
     @classmethod
     def planned(cls, env, batch_size, accum_steps=None, global_batch=None):
-        """This rank's layout, from -b and --accum-steps or --global-batch, on the processes this start found."""
         return cls(env.world_size, env.rank, batch_size,
                    accumulation_steps(env.world_size, batch_size, accum_steps, global_batch))
 
@@ -348,7 +340,6 @@ def ignore_stop_signals(worker_id):
 
 
 def default_workers(most=8):
-    """DataLoader workers per process: `most`, or fewer on a machine with fewer cores available to it."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(most, cores)
 
@@ -477,7 +468,7 @@ class BadSamples:
         if not self.limit:
             return
         gathered = [self.new]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if in_process_group() and dist.get_world_size() > 1:
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, self.new)
         merged = {index: report for new in gathered for index, report in new.items()}

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from common.checkpoint import last_good_checkpoint
 from common.data import seed_epoch, seed_micro_batch
 from common.distributed import all_reduce_max
-from common.log import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, STALLED_EXIT_CODE, UserError, all_reduce_sum, print0
+from common.log import (INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, STALLED_EXIT_CODE, UserError, all_reduce_sum,
+                        in_process_group, print0)
 
 
 # ---- precision: "float32", "bfloat16" or "float16", decided once per run ---------------------------------------
@@ -236,7 +237,7 @@ class PreemptionSignal:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def agreed(self, sync_point):
-        if not (dist.is_available() and dist.is_initialized()):
+        if not in_process_group():
             return self.received is not None
         if not sync_point:
             return False
@@ -245,7 +246,7 @@ class PreemptionSignal:
     def exit(self):
         """Leave with PREEMPTED_EXIT_CODE (INTERRUPTED_EXIT_CODE after Ctrl-C) once every rank is here, so rank 0
         has finished saving: a launcher that sees one rank exit stops the others."""
-        if dist.is_available() and dist.is_initialized():
+        if in_process_group():
             dist.barrier()
         code = INTERRUPTED_EXIT_CODE if self.received == "SIGINT" else PREEMPTED_EXIT_CODE
         print0(f"stopped on {self.received or 'another rank'}'s request (exit status {code}); the same command with "

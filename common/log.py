@@ -20,8 +20,12 @@ class SampleError(UserError):
     """A UserError about one data file, met only by the rank that loads it: that rank reports it."""
 
 
+def in_process_group():
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_main_process():
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return not in_process_group() or dist.get_rank() == 0
 
 
 def print0(*args, **kwargs):
@@ -30,7 +34,7 @@ def print0(*args, **kwargs):
 
 
 def launch_rank():
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         return dist.get_rank()
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
 
@@ -75,7 +79,7 @@ def run_cli(main, args):
         sys.exit(INTERRUPTED_EXIT_CODE)
     finally:
         release_output_dirs()
-        if dist.is_available() and dist.is_initialized():
+        if in_process_group():
             dist.destroy_process_group()
         for signum, handler in replaced.items():  # for a caller in the same process (the tests)
             signal.signal(signum, handler)
@@ -240,7 +244,7 @@ def format_duration(seconds):
 
 
 def all_reduce_sum(tensor):
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         dist.all_reduce(tensor)
     return tensor
 
