@@ -1,5 +1,5 @@
-"""Checkpoints as plain dicts of tensors: written atomically, read with weights_only=True, checked key by key;
-the Checkpointer that saves a run (checkpoint.pth, best.pth) and resumes it, refusing what would not continue it."""
+"""Checkpoints as plain dicts of tensors, written atomically and read with weights_only=True; the Checkpointer
+that saves a run and resumes it, refusing what would not continue it."""
 import errno
 import os
 import pickle
@@ -11,16 +11,15 @@ from common.log import UserError, print0
 
 
 class CheckpointError(UserError):
-    """A checkpoint that cannot be used; like every UserError, the scripts report it in one line."""
+    """A checkpoint that cannot be used."""
 
 
 def unwrap(model):
-    """The plain module under DistributedDataParallel / AveragedModel, so state-dict keys carry no prefix."""
     return model.module if hasattr(model, "module") else model
 
 
 def save_atomic(state, path):
-    """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file or the new one."""
+    """A crash leaves the old file or the new one."""
     path = os.fspath(path)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -39,11 +38,14 @@ def save_atomic(state, path):
         os.close(dir_fd)
 
 
+def missing_checkpoint(path):
+    return CheckpointError(f"checkpoint {path} does not exist: check the path, or use --resume auto to resume only "
+                           "when <output-dir>/checkpoint.pth exists")
+
+
 def load_checkpoint(path):
-    """The dict a checkpoint file holds (a training checkpoint or a bare state dict), or a CheckpointError."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist: check the path, or use --resume auto "
-                              "to resume only when <output-dir>/checkpoint.pth exists")
+        raise missing_checkpoint(path)
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes), as a copy or save cut short leaves a file: use "
                               "an earlier checkpoint")
@@ -69,13 +71,12 @@ def load_checkpoint(path):
 
 
 def is_bare_state_dict(checkpoint):
-    """Model weights alone (as torch.save(model.state_dict()) writes them), not a training checkpoint."""
     return "model" not in checkpoint and bool(checkpoint) and all(
         isinstance(v, torch.Tensor) for v in checkpoint.values())
 
 
 def state_dict_from(checkpoint, path):
-    """A training checkpoint ({'model': ...}) or a bare state dict, with DDP/compile prefixes removed."""
+    """The model's weights of a training checkpoint or a bare state dict, with DDP/compile prefixes removed."""
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path} holds no model state dict (expected a dict of tensors or a 'model' "
@@ -90,10 +91,8 @@ def state_dict_from(checkpoint, path):
 
 
 def load_model_state(model, state, path, skip_mismatched=()):
-    """Load `state` strictly, except keys in `skip_mismatched` whose shapes differ (a replaced head).
-
-    Returns the skipped keys. Any other difference stops with the keys and shapes that differ.
-    """
+    """Load `state` strictly, except keys in `skip_mismatched` whose shapes differ (a replaced head); returns the
+    skipped keys."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -116,8 +115,7 @@ def load_model_state(model, state, path, skip_mismatched=()):
 
 
 def resume_path(resume, output_dir):
-    """The checkpoint --resume names, None for a fresh start; 'auto' is <output-dir>/checkpoint.pth if it exists.
-    Call it before any work, so that a wrong path is reported at once."""
+    """The checkpoint --resume names, None for a fresh start; 'auto' is <output-dir>/checkpoint.pth if it exists."""
     if resume is None:
         return None
     if resume == "auto":
@@ -126,28 +124,13 @@ def resume_path(resume, output_dir):
         path = os.path.join(output_dir, "checkpoint.pth")
         return path if os.path.isfile(path) else None
     if not os.path.isfile(resume):
-        raise CheckpointError(f"checkpoint {resume} does not exist: check the path, or use --resume auto "
-                              "to resume only when <output-dir>/checkpoint.pth exists")
+        raise missing_checkpoint(resume)
     return resume
 
 
-def training_flags(path):
-    """The flags a checkpoint of train.py was trained with, as a plain dict ({} for a bare state dict)."""
-    checkpoint = load_checkpoint(path)
-    return (checkpoint.get("args") or {}) if isinstance(checkpoint, dict) else {}
-
-
-def trained_settings(path, given, names):
-    """Of the flags `names`, those left unset (None) in `given` (a dict), as the checkpoint at `path` was
-    trained with them: what --test-only evaluates with unless told otherwise."""
-    trained = training_flags(path)
-    return {name: trained[name] for name in names if given.get(name) is None and name in trained}
-
-
 def read_training_checkpoint(path, model_name, class_names=None):
-    """The checkpoint at `path`, refused unless trained with --model `model_name` and, when `class_names` are
-    given (to evaluate it), on those classes: on data whose classes differ (cat, dog -> ant, cat) every image
-    would be scored against another class."""
+    """The checkpoint, refused unless trained with --model `model_name` and, when given, on `class_names`: on
+    other classes (cat, dog -> ant, cat) every image would be scored against another class."""
     checkpoint = load_checkpoint(path)
     trained_with = (checkpoint.get("args") or {}).get("model")
     if trained_with not in (None, model_name):
@@ -166,7 +149,6 @@ RESUME_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "epoch")
 
 
 def check_resumable(checkpoint, path):
-    """Refuse a file that cannot continue a run: model weights alone, or a checkpoint that lacks a part."""
     if is_bare_state_dict(checkpoint):
         raise CheckpointError(f"{path} holds model weights alone (a state dict), not a training checkpoint: start a "
                               f"new run from them with --weights {path} instead of --resume")
@@ -178,8 +160,8 @@ def check_resumable(checkpoint, path):
 
 
 def check_same_schedule(trained_flags, flags, names, path):
-    """The LR schedule was laid out step by step, and each epoch's data order drawn, for the values of `names`:
-    resuming with other values would silently follow the old curve or another order, so they must match."""
+    """The LR schedule and the data order were laid out for the values of `names`: other values would silently
+    follow the old curve or another order."""
     changed = [f"{name} {trained_flags.get(name)} -> {flags[name]}" for name in names
                if trained_flags.get(name) != flags[name]]
     if changed:
@@ -189,9 +171,8 @@ def check_same_schedule(trained_flags, flags, names, path):
 
 
 def check_same_global_batch(trained_flags, flags, path):
-    """The schedule counts optimizer steps and each step takes the next global batch of the epoch's order, so any
-    layout of processes x -b x --accum-steps with the checkpoint's product goes on where it stopped
-    (common/data.py's BatchLayout); another product would take other samples in other steps."""
+    """Any layout of processes x -b x --accum-steps with the checkpoint's product goes on where it stopped
+    (BatchLayout); another product would take other samples in other steps."""
     def factors(f):
         return f.get("world_size", 1), f["batch_size"], f.get("accum_steps") or 1
 
@@ -212,18 +193,16 @@ def check_same_global_batch(trained_flags, flags, path):
 
 
 def last_good_checkpoint(output_dir):
-    """What a run that stops on NaN or Inf says about where to go on from."""
     last = os.path.join(output_dir, "checkpoint.pth") if output_dir else None
+    advice = "(if the run diverges again, try a lower --lr, --clip-grad-norm or --amp-dtype bfloat16)"
     if last and os.path.isfile(last):
-        return (f"the last good checkpoint is {last}, untouched: resume from it with --resume {last} (if the run "
-                "diverges again, try a lower --lr, --clip-grad-norm or --amp-dtype bfloat16)")
-    return ("no checkpoint was saved yet: start again (if the run diverges again, try a lower --lr, "
-            "--clip-grad-norm or --amp-dtype bfloat16)")
+        return f"the last good checkpoint is {last}, untouched: resume from it with --resume {last} {advice}"
+    return f"no checkpoint was saved yet: start again {advice}"
 
 
 def check_finite_weights(models, where, output_dir):
-    """Refuse to save NaN or Inf weights or batch-norm statistics over a good checkpoint. Call it on every rank:
-    DDP keeps the weights the same on all, so all stop together instead of some waiting for the others."""
+    """Refuse to save NaN or Inf weights over a good checkpoint. Called on every rank: DDP keeps the weights the
+    same on all, so all stop together instead of some waiting for the others."""
     tensors = [t for model in models for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     if not torch.stack([t.isfinite().all() for t in tensors]).all():  # one sync; a norm could overflow
         raise CheckpointError(f"the model's weights or batch-norm statistics are NaN or Inf ({where}): nothing was "
@@ -231,8 +210,8 @@ def check_finite_weights(models, where, output_dir):
 
 
 def write_failure(error):
-    """(what went wrong, what to do) for a save that failed. torch.save reports a failed write as
-    "RuntimeError: [enforce fail at inline_container.cc:...]", with the OSError behind it as its context."""
+    """(what went wrong, what to do): torch.save reports a failed write as a RuntimeError "[enforce fail at
+    inline_container.cc:...]", with the OSError behind it as its context."""
     cause = error
     while cause is not None and not isinstance(cause, OSError):
         cause = cause.__cause__ or cause.__context__
@@ -249,8 +228,7 @@ def write_failure(error):
 
 
 def save_checkpoint_file(state, path, output_dir):
-    """save_atomic, with a failed write (a full disk, a file-size limit) in one line that says what is kept: the
-    temporary file is gone, and <output_dir>/checkpoint.pth is the last one saved whole, if any."""
+    """save_atomic, with a failed write (a full disk, a file-size limit) in one line that says what is kept."""
     try:
         save_atomic(state, path)
     except (OSError, RuntimeError) as e:
@@ -264,8 +242,7 @@ def save_checkpoint_file(state, path, output_dir):
 
 
 def save_training(state, output_dir, is_best=False, keep=0):
-    """checkpoint.pth; at the end of an epoch also best.pth when its score is the best so far, and
-    checkpoint_epoch<N>.pth of the last `keep` epochs."""
+    """checkpoint.pth; best.pth when `is_best`; at an epoch's end checkpoint_epoch<N>.pth of the last `keep`."""
     save_checkpoint_file(state, os.path.join(output_dir, "checkpoint.pth"), output_dir)
     where = f"epoch {state['epoch']}" + (f" step {state['step']}" if state["step"] is not None else "")
     if state["step"] is None and keep > 0:
@@ -281,21 +258,21 @@ def save_training(state, output_dir, is_best=False, keep=0):
 
 
 class ResumePoint:
-    """--resume, resolved before any work: `path` is the checkpoint the run starts from (None: a fresh start), and a
-    path that does not exist is refused at once; what --test-only takes from it, and its weights for evaluation."""
+    """--resume, resolved before any work, so that a wrong path is refused at once: `path` is the checkpoint the
+    run starts from (None: a fresh start)."""
 
     def __init__(self, resume, output_dir):
         self.resume, self.output_dir = resume, output_dir
         self.path = resume_path(resume, output_dir)
 
     def trained_settings(self, given, names):
-        """Of the flags `names`, those left unset (None) in `given` (a dict), as the checkpoint was trained with
-        them."""
-        return trained_settings(self.path, given, names) if self.path else {}
+        """Of the flags `names`, those left unset (None) in `given`, as the checkpoint was trained with them: what
+        --test-only evaluates with unless told otherwise."""
+        trained = (load_checkpoint(self.path).get("args") or {}) if self.path else {}
+        return {name: trained[name] for name in names if given.get(name) is None and name in trained}
 
     def load_for_evaluation(self, model, model_name, class_names):
-        """Load the checkpoint's weights into `model`, refused unless trained with --model `model_name` on
-        `class_names`; returns its EMA weights (a state dict), or None."""
+        """Returns the checkpoint's EMA weights (a state dict), or None."""
         if not self.path:
             raise UserError(f"--resume auto found no checkpoint in {self.output_dir}: nothing to evaluate")
         checkpoint = read_training_checkpoint(self.path, model_name, class_names)
@@ -304,16 +281,10 @@ class ResumePoint:
 
 
 class Checkpointer:
-    """Saves and restores everything a run needs to continue, as plain dicts and tensors (what weights_only
-    loading accepts): of the step's `parts` (common.engine.StepParts) the model, optimizer, LR schedule, scaler,
-    precision and EMA; the position, whether the validation due there has run, the best `score` so far (its key
-    in the checkpoint, and its name in the log: "best_acc1", "top-1"), the run's flags, the bad samples met so far
-    (--max-bad-samples, with `bad_samples`, a common.data.BadSamples), and `must_match` entries that a resumed run
-    must have too (class names, palette, the epoch's length in steps).
-
-    save() runs on every rank (each checks the weights are finite, and the ranks agree on the bad samples) and
-    writes on the main one only; with no output_dir it only checks.
-    """
+    """Saves and restores everything a run needs to continue, as plain dicts and tensors: the step's `parts`
+    (StepParts), the position, the best `score` so far (its key in the checkpoint and its name in the log:
+    "best_acc1", "top-1"), the flags, the bad samples, and `must_match` entries a resumed run must have too
+    (class names, the epoch's length in steps). save() runs on every rank and writes on the main one only."""
 
     def __init__(self, parts, output_dir, is_main, *, flags, score, keep=0, bad_samples=None, **must_match):
         self.parts, self.output_dir, self.is_main, self.keep = parts, output_dir, is_main, keep
@@ -324,7 +295,7 @@ class Checkpointer:
         self.validated = False  # of a resumed checkpoint: whether the validation due where it was saved has run
 
     def state(self, epoch, step, validated=False):
-        """`step` is the number of optimizer steps done in `epoch` for a checkpoint saved inside it, None at its end."""
+        """`step`: the optimizer steps done in `epoch` for a checkpoint saved inside it, None at its end."""
         parts, ema = self.parts, self.parts.ema
         return {"model": self.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
                 "lr_scheduler": parts.lr_scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
@@ -344,16 +315,14 @@ class Checkpointer:
             save_training(self.state(epoch, step, validated), self.output_dir, is_best, self.keep)
 
     def save_validated(self, epoch, score, step=None):
-        """Save after a validation, at the end of `epoch` or, with --eval-interval, `step` steps into it; as
-        best.pth too when `score` is the best so far. Returns whether it was."""
+        """Save after a validation, as best.pth too when `score` is the best so far; returns whether it was."""
         is_best = self.best is None or score > self.best
         self.best = score if is_best else self.best
         self.save(epoch, step, is_best=is_best, validated=True)
         return is_best
 
     def resume(self, path, model_name, schedule_names):
-        """Load the training checkpoint at `path` (None: a fresh start); returns where to go on:
-        (epoch, optimizer steps already done in it)."""
+        """Returns where to go on: (epoch, optimizer steps already done in it); (0, 0) for no `path`."""
         if path is None:
             return 0, 0
         checkpoint = read_training_checkpoint(path, model_name)

@@ -1,12 +1,6 @@
-"""Data pieces both tasks share: image files read into RGB or refused in one clear line; the seeding scheme, where
-every random number of a run comes from; which sample each rank sees, in which order, with which augmentation;
-and what stands in for a sample whose file fails to load (--max-bad-samples).
-
-The training sampler cuts one order of each epoch into global batches of a fixed size, whatever the number of
-processes, and can begin an epoch part-way, so a run resumed in the middle of an epoch, also on another number
-of processes, replays what an uninterrupted run does; the evaluation sampler counts every sample once under any
-number of processes.
-"""
+"""Data pieces both tasks share: image files read into RGB or refused in one clear line; the seeding scheme;
+which sample each rank sees, in which order, with which augmentation; and what stands in for a sample whose file
+fails to load (--max-bad-samples)."""
 import io
 import os
 import signal
@@ -20,23 +14,21 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from common.log import SampleError, UserError, is_main_process, launch_rank, print0
+from common.log import SampleError, UserError, in_process_group, is_main_process, launch_rank, print0
 
-# ---- image files: any mode Pillow knows, read into RGB, with one clear error for a broken file. Only regular files
-# are read (a FIFO would block, /dev/zero never end), and a name in an error is quoted when it holds a character
-# that would cut or hide in the one-line message.
+# ---- image files: only regular files are read (a FIFO would block, /dev/zero never end).
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torchvision's weights expect
 REPLACE_IMAGE = "delete the file or replace it with a valid image"
 
 
 def replace_hint(what):
-    return REPLACE_IMAGE if what == "image" else f"delete the file or replace it with a valid {what}"
+    return f"delete the file or replace it with a valid {what}"
 
 
 def shown(text):
-    """A path or name as an error shows it: as it is, or repr-quoted when it holds a character that would break
-    or hide in the one-line message (a newline, a tab, a byte-order mark, an undecodable byte)."""
+    """A path as an error shows it: repr-quoted when it holds a character that would break or hide in the one-line
+    message (a newline, a byte-order mark, an undecodable byte)."""
     text = os.fsdecode(text) if isinstance(text, bytes) else str(text)
     return text if text.isprintable() else repr(text)
 
@@ -51,8 +43,7 @@ def _kind(mode):
 
 
 def not_a_file_error(path, what="image", mode=None):
-    """The error for a listed file that is no regular file: a dangling symlink, a FIFO, a device, ... (a
-    SampleError: when it is met in loading, only the rank that loads it knows)."""
+    """A SampleError (met in loading, only the rank that loads it knows) for a dangling symlink, a FIFO, ..."""
     link = os.readlink(path) if os.path.islink(path) else None
     if link is not None and not os.path.exists(path):
         return SampleError(f"{what} {shown(path)} is a symlink to {shown(link)}, which does not exist: "
@@ -68,7 +59,7 @@ def not_a_file_error(path, what="image", mode=None):
 
 
 def reason(e):
-    """An exception as `Type: message` on one line (a message may hold a newline of its own)."""
+    """An exception as `Type: message` on one line."""
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
@@ -78,7 +69,6 @@ def _open_nonblocking(path, flags):
 
 
 def open_regular(path, what="image"):
-    """(binary file object, size in bytes) of `path`, refused unless it is a regular file."""
     try:
         f = open(path, "rb", opener=_open_nonblocking)
     except OSError as e:
@@ -93,8 +83,7 @@ def open_regular(path, what="image"):
 
 
 def read_file_bytes(path):
-    """The bytes of an image file, refused unless it is a regular file, and never more than its size (a symlink
-    to /dev/zero would otherwise read until memory runs out)."""
+    """Never more than the file's size: a symlink to /dev/zero would otherwise read until memory runs out."""
     f, size = open_regular(path)
     with f:
         try:
@@ -107,9 +96,8 @@ def read_file_bytes(path):
 
 
 def read_image(path, name=None, resize_shorter_side=None):
-    """Any Pillow-readable file as RGB: grayscale, RGBA, palette, CMYK, 16-bit, PNG named .jpg. `path` may
-    also be a file object, called `name` in errors. With `resize_shorter_side`, the size the preset will resize
-    the image to is checked (check_resized_size) before the image is decoded."""
+    """Any Pillow-readable file (or file object, called `name` in errors) as RGB; with `resize_shorter_side`, the
+    resized size is checked before the image is decoded."""
     source = path
     if isinstance(path, (str, bytes, os.PathLike)):
         source, _ = open_regular(path)
@@ -129,8 +117,8 @@ MAX_RESIZED_PIXELS = 64_000_000  # 768 MB as float32 RGB; a photo of any usual s
 
 
 def check_resized_size(path, size, shorter_side):
-    """Refuse an image (width, height) = `size` that resizing its shorter side to `shorter_side` would make
-    larger than MAX_RESIZED_PIXELS: a 143-byte PNG of 20000x1 pixels becomes 256x5,120,000, gigabytes."""
+    """Refuse an image that resizing would make larger than MAX_RESIZED_PIXELS: a 143-byte PNG of 20000x1 pixels
+    becomes 256x5,120,000, gigabytes."""
     if shorter_side is None:
         return
     width, height = size
@@ -142,8 +130,7 @@ def check_resized_size(path, size, shorter_side):
 
 
 def check_encoded_size(path, data, shorter_side):
-    """check_resized_size of an image's encoded bytes, from the size in its header (Pillow decodes nothing to
-    open it); bytes Pillow cannot open are left to the decoder, which names the file."""
+    """check_resized_size from the header of encoded bytes; bytes Pillow cannot open are left to the decoder."""
     if shorter_side is None:
         return
     try:
@@ -155,8 +142,6 @@ def check_encoded_size(path, data, shorter_side):
 
 
 class NormalizeBytes:
-    """uint8 images [N, 3, H, W] to float32 normalised with MEAN and STD, on `device`."""
-
     def __init__(self, device):
         # Constants made once on the data's device: v2.Normalize builds them from Python lists on every call,
         # and on a GPU each such host-to-device copy waits for all queued work, a sync in every step.
@@ -167,41 +152,29 @@ class NormalizeBytes:
         return (images.float() - self.mean) * self.inv_std
 
 
-# ---- the seeding scheme ----------------------------------------------------------------------------------------
+# ---- the seeding scheme: where every random number of a training run comes from ----------------------------------
 #
-# Where every random number of a training run comes from: the whole seeding scheme, in one place.
+# Each stream is seeded from --seed and the position in the run at which it is used, never from what ran before:
+# a run resumed at any optimizer step, also on another number of processes with the same global and per-process
+# batch, replays what an uninterrupted run does, and a sample's augmentation does not depend on the DataLoader
+# worker that loads it.
 #
-# Each stream is seeded from --seed and the position in the run at which it is used, never from what ran
-# before. That is what makes a run resumed at any optimizer step replay exactly what an uninterrupted run
-# does, also on another number of processes with the same global and per-process batch, and what makes a
-# sample's augmentation independent of the DataLoader worker that loads it.
+#   weight initialisation: from seed, in the train script before the model is built (torch.manual_seed)
+#   data order (also --ra-sampler's): from seed + epoch, in TrainingSampler (one order for all ranks, cut into
+#     global batches and those into slots)
+#   each sample's augmentation (CPU workers): from (seed, epoch, sample index), in SeededSamples
+#   the DataLoader workers' base seed (the per-epoch global stream): from (seed, epoch, rank), in train_one_epoch
+#     before the epoch's loader iterator is made
+#   dropout, stochastic depth, MixUp/CutMix, the synthetic set's flips (the per-micro-batch global stream): from
+#     (seed, epoch, step, slot), in train_one_epoch before each micro-batch is fetched
+#   device augmentation (--data-backend gpu): from (seed, epoch, step, slot), in DeviceLoader, a torch.Generator
+#     of the micro-batch's own (it is prepared on a side thread one batch ahead)
+#   the stand-in for a file that fails to load: from (seed, failed sample index), in SkipBadSamples and GpuPreset,
+#     the same on any rank and in any epoch
 #
-#     what                                   seeded from                        where
-#     weight initialisation                  seed                               torch.manual_seed in the train
-#                                                                               script, before the model is built
-#     data order (also --ra-sampler's)       seed + epoch                       TrainingSampler (common/data.py): one
-#                                                                               order for all ranks, cut into global
-#                                                                               batches and those into slots
-#     per-sample augmentation (CPU workers)  (seed, epoch, sample index)        SeededSamples
-#     per-epoch global stream: the base      (seed, epoch, rank)                train_one_epoch, before the epoch's
-#       seed of the DataLoader's workers                                        loader iterator is made
-#     per-micro-batch global stream:         (seed, epoch, step, slot)          train_one_epoch, before each
-#       dropout, stochastic depth,                                              micro-batch is fetched
-#       MixUp/CutMix, the synthetic set's
-#       flips
-#     per-micro-batch device augmentation    (seed, epoch, step, slot)          DeviceLoader: a torch.Generator of the
-#       (--data-backend gpu)                                                    micro-batch's own, as it is prepared on
-#                                                                               a side thread one batch ahead
-#     the stand-in for a file that fails     (seed, failed sample index)        SkipBadSamples (--max-bad-samples),
-#       to load                                                                 GpuPreset: the same on any rank and
-#                                                                               in any epoch
-#
-# A slot is a micro-batch's place in its step's global batch (BatchLayout in common/data.py): micro-batch m of
-# rank r is slot m * world_size + r, and it holds the same samples under any layout of the same global batch and
-# per-process batch. Keying per-step randomness by slot, not by rank, is what lets a run resumed on another number
-# of processes (2 x -b 16 x 1 -> 1 x -b 16 x 2) draw what the uninterrupted run drew. With --accum-steps 1 the slot
-# is the rank, so those numbers are the ones of the scheme before slots. The per-epoch stream stays per rank: the
-# workers' base seed it gives reaches no sample (SeededSamples seeds each one).
+# A slot is a micro-batch's place in its step's global batch (BatchLayout): keyed by slot, not by rank, a run
+# resumed on another number of processes draws what the uninterrupted run drew. The per-epoch stream stays per
+# rank: the workers' base seed it gives reaches no sample (SeededSamples seeds each one).
 #
 # A DataLoader worker's own stream is not covered (it depends on which worker gets which batch): nothing draws
 # from it, which is why MixUp and CutMix run in the main process, not in the workers' collate function.
@@ -212,7 +185,6 @@ _TAGS = {"epoch": 1, "step": 2, "sample": 3, "batch": 4, "stand-in": 5}
 
 
 def derive_seed(stream, seed, *position):
-    """The seed of stream `stream` at `position` (non-negative ints) of a run seeded with `seed`, in 63 bits."""
     entropy = [_TAGS[stream], seed % 2**64, *position]
     high, low = np.random.SeedSequence(entropy).generate_state(2, np.uint32).tolist()
     return ((high << 32) | low) >> 1
@@ -235,7 +207,6 @@ def batch_generator(seed, epoch, step, slot):
 
 
 def stand_in_index(seed, index, size):
-    """The sample that replaces sample `index` of a dataset of `size` when its file fails to load: another one."""
     other = derive_seed("stand-in", seed, index) % (size - 1)
     return other + (other >= index)  # every index but `index` itself, equally likely
 
@@ -244,17 +215,11 @@ def stand_in_index(seed, index, size):
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """How each optimizer step's global batch of world_size x batch_size x accum_steps samples is split, and
-    which part of it this rank computes.
-
-    The step's global batch is the next global_batch entries of the epoch's order. It is cut into
-    world_size x accum_steps slots of batch_size samples, slot j taking entries j, j + slots, j + 2 x slots, ...;
-    micro-batch m of rank r is slot m x world_size + r. A slot's samples depend on the global batch and
-    batch_size only, so 2 processes x -b 16 x 1 and 1 process x -b 16 x 2 compute the same micro-batches, one
-    per rank or one after the other, and a run resumed from one layout on the other goes on with the samples
-    (and, seeded by slot, the random draws) the uninterrupted run had. With accum_steps 1, rank r takes every
-    world_size-th entry, as DistributedSampler does.
-    """
+    """How each optimizer step's global batch is cut into world_size x accum_steps slots of batch_size samples
+    (slot j: entries j, j + slots, ...), and which this rank computes: micro-batch m of rank r is slot
+    m x world_size + r. A slot's samples depend on the global batch and batch_size only, so a run resumed on
+    another layout of the same global batch goes on with the uninterrupted run's samples (README: resume on
+    another number of processes)."""
 
     world_size: int = 1
     rank: int = 0
@@ -270,19 +235,17 @@ class BatchLayout:
         return self.world_size * self.accum_steps
 
     def slot(self, micro):
-        """The place in the global batch of this rank's micro-batch `micro` (0 .. accum_steps - 1)."""
         return micro * self.world_size + self.rank
 
     @classmethod
     def planned(cls, env, batch_size, accum_steps=None, global_batch=None):
-        """This rank's layout, from -b and --accum-steps or --global-batch, on the processes this start found."""
         return cls(env.world_size, env.rank, batch_size,
                    accumulation_steps(env.world_size, batch_size, accum_steps, global_batch))
 
 
 def accumulation_steps(world_size, batch_size, accum_steps=None, global_batch=None):
-    """--accum-steps for this start: with --global-batch N, N / (processes x -b), so that an elastic launch that
-    comes back with another number of processes keeps the global batch (and the run's schedule and order)."""
+    """With --global-batch N, N / (processes x -b): an elastic launch on another number of processes keeps the
+    global batch (and the run's schedule and order)."""
     if global_batch is None:
         return accum_steps or 1
     per_step = world_size * batch_size
@@ -298,16 +261,10 @@ def accumulation_steps(world_size, batch_size, accum_steps=None, global_batch=No
 
 
 class TrainingSampler(Sampler):
-    """This rank's samples of each epoch, micro-batch after micro-batch, as BatchLayout cuts the epoch's order.
-
-    The order is one permutation of the data set for all ranks, drawn from seed + epoch (as DistributedSampler
-    draws it). With `reps` (repeated augmentation, --ra-sampler: torchvision's RASampler) each sample comes
-    `reps` times in a row, as virtual indices index + copy * len(dataset), from which SeededSamples seeds each
-    copy apart (the datasets read index % len(dataset)); consecutive copies fall in consecutive slots, so on
-    consecutive ranks, each augmented its own way. An epoch is len(dataset) // global_batch steps in either
-    case (with reps it sees about 1/reps of the distinct samples); the entries after the last whole global
-    batch are left out, on every layout alike. set_epoch(epoch, start_step) begins an epoch part-way.
-    """
+    """This rank's samples of each epoch, micro-batch after micro-batch, as BatchLayout cuts one order of the data
+    set for all ranks, drawn from seed + epoch. With `reps` (--ra-sampler: torchvision's RASampler) each sample
+    comes `reps` times in a row, as virtual indices index + copy * len(dataset), so that SeededSamples augments
+    each copy its own way. The entries after the last whole global batch are left out, on every layout alike."""
 
     def __init__(self, dataset, layout, seed, reps=0):
         self.dataset, self.layout, self.seed, self.reps = dataset, layout, seed, reps
@@ -319,13 +276,11 @@ class TrainingSampler(Sampler):
                             "--accum-steps")
 
     def set_epoch(self, epoch, start_step=0):
-        """Begin `epoch` after its first `start_step` optimizer steps; the samples' augmentation follows the epoch."""
         self.epoch, self.start_step = epoch, start_step
         if isinstance(self.dataset, SeededSamples):
             self.dataset.epoch = epoch
 
     def order(self):
-        """The epoch's order of (virtual) sample indices, the same on every rank."""
         n = len(self.dataset)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         return (order[:, None] + n * torch.arange(self.reps)).flatten() if self.reps else order
@@ -347,9 +302,8 @@ class TrainingSampler(Sampler):
 
 
 class SeededSamples(Dataset):
-    """Seeds each sample's random transforms from (seed, epoch, index) instead of from the worker's stream, so
-    a sample is augmented the same way whichever worker or rank loads it and wherever a resumed epoch starts. A
-    virtual index of TrainingSampler's repeated augmentation gives each copy of a sample a seed of its own."""
+    """Seeds each sample's random transforms from (seed, epoch, index), not from the worker's stream: a sample is
+    augmented alike whichever worker or rank loads it and wherever a resumed epoch starts."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
@@ -363,20 +317,12 @@ class SeededSamples(Dataset):
             return self.dataset[index % len(self.dataset)]
 
 
-
-
-
-
 def ignore_stop_signals(worker_id):
-    """DataLoader worker_init_fn: SIGTERM, SIGUSR1 and Ctrl-C sent to the whole process group (a terminal, `kill
-    -- -PGID`, tini -g, many schedulers) must not kill the workers before the main process has saved: the main
-    process handles them, and ends its workers itself.
-
-    A SIGTERM from the main process itself still ends the worker: Python terminates its daemon children so at
-    exit, and an ignored one would leave it waiting for them forever.
-
-    SIGBUS (shared memory full) gets its default action back: the worker dies without torch's own message, one
-    line per worker, and the main process reports it in one line (common/log.py, dataloader_worker_failure)."""
+    """DataLoader worker_init_fn: stop signals sent to the whole process group (a terminal, tini -g, many
+    schedulers) must not kill the workers before the main process has saved. A SIGTERM from the main process
+    itself still ends the worker: Python terminates its daemon children so at exit, and would wait forever.
+    SIGBUS (shared memory full) gets its default action back, so that the main process reports it in one line
+    (dataloader_worker_failure), not torch's message per worker."""
     signal.signal(signal.SIGBUS, signal.SIG_DFL)
     for signum in (signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
@@ -394,18 +340,12 @@ def ignore_stop_signals(worker_id):
 
 
 def default_workers(most=8):
-    """DataLoader workers per process: `most`, or fewer on a machine with fewer cores available to it."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(most, cores)
 
 
-
-
 class ShardedEvalSampler(torch.utils.data.Sampler):
-    """Rank r takes samples r, r + world, r + 2*world, ...: every sample once, no padding.
-
-    DistributedSampler pads the last batch with repeated samples, which counts some of them twice.
-    """
+    """Every sample once, no padding: DistributedSampler's padding would count some samples twice."""
 
     def __init__(self, dataset, rank=0, world_size=1):
         self.indices = range(rank, len(dataset), world_size)
@@ -418,11 +358,7 @@ class ShardedEvalSampler(torch.utils.data.Sampler):
 
 
 class TensorLoader:
-    """Batches of in-memory (or GPU-resident) tensors in the order of `sampler`, without DataLoader workers.
-
-    With the samplers a DataLoader would use (TrainingSampler for training, ShardedEvalSampler for
-    evaluation), it splits the data across ranks exactly as a DataLoader does, at no per-sample cost.
-    """
+    """Batches of in-memory (or GPU-resident) tensors in the order of `sampler`, at no per-sample cost."""
 
     def __init__(self, images, labels, sampler, batch_size, transform, drop_last):
         self.images, self.labels, self.sampler = images, labels, sampler
@@ -442,9 +378,8 @@ class TensorLoader:
 
 
 class SyntheticBatches:
-    """--data-backend synthetic: batches of random images and labels of `shapes` (images', targets') already on the
-    device, a few distinct ones reused, as many as the sampler's epoch holds: the input path costs nothing, so a
-    run measures the model step alone."""
+    """--data-backend synthetic: a few random batches already on the device, reused, so that a run measures the
+    model step alone."""
 
     def __init__(self, shapes, num_classes, device, sampler, distinct=4):
         (image_shape, target_shape), self.batch_size = shapes, shapes[0][0]
@@ -462,12 +397,9 @@ class SyntheticBatches:
 
 
 class SkipBadSamples(Dataset):
-    """--max-bad-samples: dataset[index] and what went wrong, (*sample, reports). A sample whose file fails to load
-    (a SampleError) is replaced by a stand-in chosen from the seed and its index alone (the seeding scheme above), so
-    every rank, worker and resumed run replaces it alike. `reports` holds (index, path, error) of each failure:
-    it travels with the batch to the main process, since DataLoader workers share no memory with it.
-
-    Past `limit` failures for one sample (stand-ins can fail too) the last error is raised."""
+    """--max-bad-samples: (*sample, reports), a failing sample replaced by a stand-in chosen from the seed and its
+    index alone, so every rank, worker and resumed run replaces it alike. The reports of (index, path, error)
+    travel with the batch: DataLoader workers share no memory with the main process."""
 
     def __init__(self, dataset, seed, limit):
         self.dataset, self.seed, self.limit = dataset, seed, limit
@@ -492,18 +424,14 @@ class SkipBadSamples(Dataset):
 
 
 def collate_reported(batch):
-    """default_collate of SkipBadSamples' samples, with their reports beside them as a list."""
     *samples, reports = zip(*batch)
     return (*default_collate(list(zip(*samples))), list(reports))
 
 
 class BadSamples:
-    """The training samples of a run whose files failed to load and were replaced (--max-bad-samples N): each
-    counted once, however often it is met, on every rank together and across resumes (the checkpoint keeps
-    them). They are printed as they are met, and written to <output-dir>/bad_samples.txt at each agreement.
-
-    A rank stops at once when it alone sees more than N; the ranks agree on the whole count in agree(), which
-    the Checkpointer calls at every save, on every rank, before it writes the count down."""
+    """The training samples whose files failed to load (--max-bad-samples N), each counted once on all ranks and
+    across resumes. A rank stops at once when it alone sees more than N; the ranks agree on the whole count in
+    agree(), which the Checkpointer calls at every save."""
 
     FILE = "bad_samples.txt"
 
@@ -513,20 +441,16 @@ class BadSamples:
         self.new = {}  # met by this rank since the last agreement
 
     def stand_ins(self, dataset, seed):
-        """`dataset` with its failing samples replaced (SkipBadSamples), or as it is when none may be skipped."""
         return SkipBadSamples(dataset, seed, self.limit) if self.limit else dataset
 
     @property
     def collate(self):
-        """The DataLoader's collate_fn for stand_ins(dataset): default_collate with the reports beside."""
         return collate_reported if self.limit else None
 
     def reported(self, loader):
-        """`loader`, whose batches' reports reach this object as each batch is trained on."""
         return ReportedBatches(loader, self) if self.limit else loader
 
     def record(self, reports):
-        """Note the failures a batch reports (one tuple of (index, path, error) per sample)."""
         for index, path, error in (report for sample in reports for report in sample):
             if index in self.known or index in self.new:
                 continue  # met before, in an earlier epoch or by another copy of --ra-sampler
@@ -540,12 +464,11 @@ class BadSamples:
                 raise SampleError(self.too_many(error, len(self.known) + len(self.new)))
 
     def agree(self):
-        """Gather every rank's new failures (a collective: call it on every rank at the same points), write them
-        down, and stop every rank together past the limit."""
+        """A collective: call it on every rank at the same points."""
         if not self.limit:
             return
         gathered = [self.new]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if in_process_group() and dist.get_world_size() > 1:
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, self.new)
         merged = {index: report for new in gathered for index, report in new.items()}
@@ -585,8 +508,7 @@ class BadSamples:
 
 
 class ReportedBatches:
-    """A loader whose batches end with SkipBadSamples' reports: yields them without, after handing the reports to
-    the run's BadSamples in the training thread as each batch is trained on, not as the workers prefetch it, so
+    """Hands each batch's reports to BadSamples as the batch is trained on, not as the workers prefetch it, so
     that a checkpoint counts exactly the batches it has trained."""
 
     def __init__(self, loader, bad_samples):

@@ -1,6 +1,4 @@
-"""Process-group setup for torchrun and SLURM, and the model wrappers that depend on it (DDP, SyncBatchNorm).
-
-The samplers that split data across ranks live in common/data.py."""
+"""Process-group setup for torchrun and SLURM, and the model wrappers that depend on it (DDP, SyncBatchNorm)."""
 import datetime
 import os
 import pickle
@@ -10,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from common.log import UserError, launch_rank, print0
+from common.log import UserError, in_process_group, launch_rank, print0
 
 
 @dataclass
@@ -50,10 +48,8 @@ def cuda_device_of(local_rank):
 
 
 def init_distributed(device_name=None, timeout_minutes=30, backend=None, sync_bn=False):
-    """Start the process group and return (DistEnv, torch.device) for this rank. `backend` defaults to NCCL on
-    GPUs and gloo on CPU; gloo on GPUs is slower (it copies through host memory) but takes several ranks on one
-    GPU, as ranks beyond the visible GPUs share them (cuda_device_of). `sync_bn` is checked now, before any work:
-    SyncBatchNorm has CUDA kernels only."""
+    """(DistEnv, torch.device) of this rank. gloo on GPUs is slower (it copies through host memory) but takes
+    several ranks on one GPU. `sync_bn` is checked before any work: SyncBatchNorm has CUDA kernels only."""
     env = read_dist_env()
     if device_name is None:
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,26 +97,17 @@ def check_gpu(device, device_name):
                         "use a lower index, or start at most one process per GPU")
 
 
-def all_reduce_sum(tensor):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
-
-
 def all_reduce_max(tensor):
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 
 def from_rank0(compute):
-    """compute() on rank 0 alone, its result sent to every rank (on gloo and NCCL alike): what one process can work
-    out for all, such as the listing of a data tree, is not repeated by each. A UserError on rank 0 is raised on
-    every rank, so that none waits for a result that never comes.
-
-    The result is pickled with its arrays out of band (pickle protocol 5), which are sent as tensors: the
-    listing of ImageNet's tree, some 50 MB of arrays, is not copied through pickle's bytes several times over."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    """compute() on rank 0 alone (the listing of a data tree), its result sent to every rank; an error on rank 0
+    is raised on every rank, so that none waits for a result that never comes. Arrays are sent as tensors, out of
+    band (pickle protocol 5): ImageNet's listing, some 50 MB, is not copied through pickle's bytes."""
+    if not in_process_group() or dist.get_world_size() == 1:
         return compute()
     box, buffers = [None], []
     if dist.get_rank() == 0:
@@ -150,9 +137,8 @@ def from_rank0(compute):
 
 
 def data_parallel(model, env, device, sync_bn=False):
-    """DistributedDataParallel when there are several processes (with `sync_bn`, batch-norm statistics over all
-    ranks' batches), the model itself otherwise. The parameters stay the same objects, so an optimizer or an EMA
-    made before still holds them."""
+    """DistributedDataParallel when there are several processes, the model itself otherwise. The parameters stay
+    the same objects, so an optimizer or an EMA made before still holds them."""
     if not env.distributed:
         return model
     if sync_bn:

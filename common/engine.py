@@ -1,10 +1,5 @@
-"""The training loop and what it is made of: the numeric precision, decided once (autocast and GradScaler); the
-training and evaluation loops; and the ways a run stops early (a preemption signal, divergence, a stalled rank).
-Nothing task-specific and no flags are read here: the scripts pass values and the objects they made from them.
-
-The optimizer step is the block marked "the step" in train_one_epoch; everything after it is bookkeeping that
-one object does in one call each (ProgressLog in common/log.py, the guards at the end of this file, the
-Checkpointer of common/checkpoint.py).
+"""The training loop and what it is made of: the numeric precision, decided once; the training and evaluation
+loops; and the ways a run stops early (a preemption signal, divergence, a stalled rank). No flags are read here.
 """
 import faulthandler
 import multiprocessing
@@ -23,21 +18,13 @@ import torch.distributed as dist
 
 from common.checkpoint import last_good_checkpoint
 from common.data import seed_epoch, seed_micro_batch
-from common.distributed import all_reduce_max, all_reduce_sum
-from common.log import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, STALLED_EXIT_CODE, UserError, print0
+from common.distributed import all_reduce_max
+from common.log import (INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, STALLED_EXIT_CODE, UserError, all_reduce_sum,
+                        in_process_group, print0)
 
 
 # ---- precision: "float32", "bfloat16" or "float16", decided once per run ---------------------------------------
-#
-#     precision = Precision(device, args.amp, args.amp_dtype, args.channels_last, args.use_deterministic_algorithms)
-#     with precision.autocast: ...                      # around forward and loss
-#     scaler = precision.grad_scaler(optimizer)         # scale, unscale_, step, update, as torch documents
-#
-# Only float16 needs loss scaling: its range is too narrow for small gradients. A checkpoint records the name, so a
-# resumed run knows whether the scaler state it saved still applies.
-
-PRECISIONS = ("float32", "bfloat16", "float16")
-
+# Only float16 needs loss scaling: its range is too narrow for small gradients.
 
 def precision_from_flags(amp, amp_dtype):
     """--amp alone means float16, as in torchvision's references; --amp-dtype implies --amp."""
@@ -51,16 +38,14 @@ def uses_loss_scaling(precision):
 
 
 def autocast_context(device, precision):
-    """One reusable context manager: mixed precision on `device`, or a no-op for float32."""
     if precision == "float32":
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=getattr(torch, precision))
 
 
 class UnitScaler(torch.amp.GradScaler):
-    """A GradScaler held at scale 1, for float32 and bfloat16: it changes no number, but its step() still skips
-    an optimizer step whose gradients are not finite. On the CPU and with fused optimizers on a GPU it does so
-    without a host sync, which a Python `if torch.isfinite(...)` would cost every step."""
+    """A GradScaler held at scale 1, for float32 and bfloat16: its step() still skips a step whose gradients are
+    not finite, on the CPU and with fused optimizers without the host sync a Python `if` would cost."""
 
     def __init__(self, device_type):
         super().__init__(device_type, init_scale=1.0)
@@ -70,8 +55,7 @@ class UnitScaler(torch.amp.GradScaler):
 
 
 def grad_scaler(device, precision, optimizer):
-    """The GradScaler for `precision`: loss scaling for float16, otherwise a UnitScaler where it is sync-free
-    and a disabled one (no skipping of non-finite steps) where it would sync every step."""
+    """Otherwise than for float16, a UnitScaler where it is sync-free, a disabled one where it would sync."""
     if uses_loss_scaling(precision):
         return torch.amp.GradScaler(device.type)
     if device.type == "cpu" or getattr(optimizer, "_step_supports_amp_scaling", False):
@@ -80,8 +64,8 @@ def grad_scaler(device, precision, optimizer):
 
 
 class Precision:
-    """How a run computes, decided once from its flags: the precision's `name` and `autocast` context, the
-    `memory_format` of image batches, and torch's kernel choices (fast or deterministic, TF32)."""
+    """How a run computes, decided once from its flags (a checkpoint records `name`, so a resumed run knows whether
+    the scaler state it saved still applies)."""
 
     def __init__(self, device, amp=False, amp_dtype=None, channels_last=False, deterministic=False):
         self.device, self.name = device, precision_from_flags(amp, amp_dtype)
@@ -105,7 +89,6 @@ warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step
 
 
 def configure_kernels(device, deterministic=False):
-    """Kernel choices: fast (cuDNN's benchmark) or deterministic, and TF32 matrix products."""
     torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it
@@ -122,19 +105,19 @@ def to_device(batch, device, memory_format=torch.contiguous_format):
 
 
 def gradient_sync(model, last_micro_batch):
-    """DDP all-reduces gradients in backward; with accumulation, only the last micro-batch needs it."""
+    """With accumulation, only the last micro-batch needs DDP's all-reduce."""
     return nullcontext() if last_micro_batch or not hasattr(model, "no_sync") else model.no_sync()
 
 
 class RunSteps(NamedTuple):
-    """Where a run of `total` optimizer steps, `per_epoch` to an epoch, pauses to validate: every `eval_interval`
-    steps counted from its start (--eval-interval), or at each epoch's end when that is 0; and at its end."""
+    """Where a run of `total` optimizer steps pauses to validate: every `eval_interval` steps (0: each epoch's
+    end), and at its end."""
     per_epoch: int
     total: int
     eval_interval: int = 0
 
     def epoch_end(self, epoch):
-        """The steps done in `epoch` when it ends: all of them, or fewer where the run ends inside it (--iters)."""
+        """Fewer than per_epoch where the run ends inside `epoch` (--iters)."""
         return min(self.per_epoch, self.total - epoch * self.per_epoch)
 
     def validates_after(self, epoch, step):
@@ -144,9 +127,8 @@ class RunSteps(NamedTuple):
         return done % self.eval_interval == 0 if self.eval_interval else step == self.per_epoch
 
     def pauses(self, epoch, start, resumed_validated=True):
-        """The steps of `epoch` after which training pauses, from step `start` on: each validation, and the
-        epoch's end. A run resumed at a step where a validation was due but had not run (a checkpoint saved when
-        a stop signal came) or at an epoch's end not yet closed pauses at once, at `start` itself."""
+        """The steps of `epoch` from `start` on after which training pauses. A run resumed where a validation was
+        due but had not run (saved on a stop signal) or at an epoch's end not yet closed pauses at `start` itself."""
         end = self.epoch_end(epoch)
         due = start > 0 and (start == end or (self.validates_after(epoch, start) and not resumed_validated))
         return [start] * due + [step for step in range(start + 1, end + 1)
@@ -154,7 +136,6 @@ class RunSteps(NamedTuple):
 
 
 class StepParts(NamedTuple):
-    """What an optimizer step is made of, as the script built it."""
     model: torch.nn.Module  # DDP-wrapped and compiled as the run trains it
     criterion: Callable
     optimizer: torch.optim.Optimizer
@@ -167,10 +148,8 @@ class StepParts(NamedTuple):
 
 def train_one_epoch(parts, loader, epoch, layout, seed, progress, guards, checkpointer=None, checkpoint_interval=0,
                     start_step=0, end_step=None):
-    """Optimizer steps `start_step`..`end_step` (default: the epoch's end) of one epoch, each of
-    `layout.accum_steps` micro-batches from `loader`, already positioned at `start_step`. `progress` (ProgressLog)
-    and `guards` (RunGuards) hear of every step; the checkpointer saves every `checkpoint_interval` steps and on a
-    stop signal, which ends the epoch early ("stopped" in the summary)."""
+    """Optimizer steps `start_step`..`end_step` (default: the epoch's end) of one epoch, `loader` already
+    positioned at `start_step`; a stop signal ends the epoch early ("stopped" in the summary)."""
     model, criterion, optimizer, scaler = parts.model, parts.criterion, parts.optimizer, parts.scaler
     model.train()
     seed_epoch(seed, epoch, layout.rank)  # before the loader's iterator draws its workers' seeds
@@ -220,9 +199,8 @@ def train_one_epoch(parts, loader, epoch, layout, seed, progress, guards, checkp
 
 @torch.inference_mode()
 def evaluate(model, loader, meter, precision, guards=None):
-    """Feed every batch of `loader` to meter.update(output, target), then sum the meter over ranks. Returns
-    None instead when a stop signal came (`guards`, RunGuards): at once in one process, at the end across ranks
-    (which may hold different numbers of batches, so the end is the one point all of them reach)."""
+    """The meter, summed over ranks; None when a stop signal came: across ranks that is noticed at the end, the
+    one point ranks holding different numbers of batches all reach."""
     model.eval()
     for batch in loader:
         if guards is not None and guards.preemption.agreed(sync_point=False):
@@ -244,9 +222,8 @@ def evaluate(model, loader, meter, precision, guards=None):
 # so every rank stops together; a stalled rank cannot reach one, so each rank's watchdog stops it alone. ----------
 
 class PreemptionSignal:
-    """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before preempting a job) and a first Ctrl-C (SIGINT)
-    ask the loop to stop at the next step boundary, save and exit; a second Ctrl-C stops at once. Ranks agree
-    at sync points (progress lines, checkpoint steps), so all stop together."""
+    """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before preempting a job) and a first Ctrl-C ask the loop
+    to stop at the next step boundary, save and exit; a second Ctrl-C stops at once."""
 
     def __init__(self, device):
         self.device, self.received = device, None
@@ -260,8 +237,7 @@ class PreemptionSignal:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def agreed(self, sync_point):
-        """Whether to stop after this step: at once in one process, at the next sync point across ranks."""
-        if not (dist.is_available() and dist.is_initialized()):
+        if not in_process_group():
             return self.received is not None
         if not sync_point:
             return False
@@ -270,7 +246,7 @@ class PreemptionSignal:
     def exit(self):
         """Leave with PREEMPTED_EXIT_CODE (INTERRUPTED_EXIT_CODE after Ctrl-C) once every rank is here, so rank 0
         has finished saving: a launcher that sees one rank exit stops the others."""
-        if dist.is_available() and dist.is_initialized():
+        if in_process_group():
             dist.barrier()
         code = INTERRUPTED_EXIT_CODE if self.received == "SIGINT" else PREEMPTED_EXIT_CODE
         print0(f"stopped on {self.received or 'another rank'}'s request (exit status {code}); the same command with "
@@ -279,16 +255,10 @@ class PreemptionSignal:
 
 
 class NonFiniteGuard:
-    """Stops a run that diverged, at the first sync point after it is seen, without saving over the last good
-    checkpoint.
-
-    Without float16, a step whose gradient norm is NaN or Inf (a NaN loss makes it so) is skipped by the scaler
-    (not by the disabled one of SGD and RMSprop on a GPU, see grad_scaler above), and `max_steps` such steps
-    in a row stop the run. Under float16 a non-finite gradient is usually an overflow of the loss scale, which
-    GradScaler handles by skipping the step and halving the scale; what it cannot handle is counted instead: a
-    loss that is NaN or Inf before any scaling, and a scale halved below MIN_LOSS_SCALE, which only a run whose
-    every step overflows reaches. The counts stay on the device between sync points; ranks agree at each one.
-    """
+    """Stops a run whose loss or gradients are NaN or Inf in `max_steps` steps in a row, at the next sync point,
+    without saving. Under float16 a non-finite gradient is usually an overflow that GradScaler handles, so the
+    loss is watched instead, and a scale halved below MIN_LOSS_SCALE, which only a run whose every step
+    overflows reaches."""
 
     # DeepSpeed's min_loss_scale, the same floor: below 1 even the unscaled gradients overflow float16.
     MIN_LOSS_SCALE = 1.0
@@ -299,7 +269,6 @@ class NonFiniteGuard:
         self.run = self.worst_run = None
 
     def update(self, loss, grad_norm, epoch, step, sync_point):
-        """Count this step on the device; at a sync point, stop the run if it diverged."""
         bad = ~torch.isfinite(loss) if self.loss_scaling else ~torch.isfinite(grad_norm)
         if self.run is None:
             self.run = self.worst_run = torch.zeros((), dtype=torch.int64, device=bad.device)
@@ -323,7 +292,7 @@ class NonFiniteGuard:
 # once and the rank waits at the next sync instead: the loss of a progress line, the stop or non-finite check.
 STALL_STAGES = (
     (("torch/distributed/", None), ("torch/nn/parallel/", None), ("common/distributed.py", None),
-     ("common/log.py", ("log", "stop")), ("common/engine.py", ("agreed", "update", "exit")),
+     ("common/log.py", ("all_reduce_sum", "read_back")), ("common/engine.py", ("agreed", "update", "exit")),
      "in a collective (waiting for the other ranks)"),
     (("torch/utils/data/", None), ("common/device_loader.py", None), "waiting for data"),
     (("torch/serialization.py", None), ("common/checkpoint.py", None), "saving a checkpoint"),
@@ -332,7 +301,6 @@ STALL_STAGES = (
 
 
 def stalled_stage(frame):
-    """STALL_STAGES' name for the innermost frame of `frame`'s stack that one of its places matches."""
     while frame is not None:
         path = frame.f_code.co_filename.replace(os.sep, "/")
         for *places, stage in STALL_STAGES:
@@ -344,20 +312,13 @@ def stalled_stage(frame):
 
 
 class StallWatchdog:
-    """--stall-timeout: a thread that ends this rank when no optimizer step or evaluation batch has finished
-    for `timeout_s` seconds (0: no watchdog), instead of letting a stuck file, DataLoader worker or collective
-    hang the job until the process group's timeout, or forever.
+    """--stall-timeout: a thread that ends this rank when no optimizer step or evaluation batch has finished for
+    `timeout_s` seconds (0: none), instead of letting a stuck file, worker or collective hang the job. The clock
+    starts at the first beat(), so start-up and compilation do not count; a beat only reads the clock, no sync.
 
-    The clock starts at the first beat(), after the run's first optimizer step (so start-up, data listing and
-    compilation do not count), and restarts at every beat. A beat only reads the clock: no host sync. On a
-    stall the rank prints the stacks of all its threads (faulthandler) and one line naming its rank and what
-    it was doing, ends its DataLoader workers, and exits with STALLED_EXIT_CODE, which a launcher answers by
-    starting the run again with --resume auto: checkpoints are written atomically, so the last one is whole.
-
-    It watches only while the function that made it runs (its code is on the stack of the thread that made
-    it) and no later watchdog was made: a run called in-process, as the tests do, ends its watchdog when it
-    returns or raises. It keeps no reference to that function's frame, which would keep the model alive.
-    """
+    It watches only while the function that made it runs and no later watchdog was made, so a run called
+    in-process, as the tests do, ends its watchdog when it returns. It keeps no reference to that function's
+    frame, which would keep the model alive."""
 
     latest = None  # the watchdog of the run in progress
 
@@ -400,8 +361,7 @@ class StallWatchdog:
 
 
 class RunGuards:
-    """The three ways a training run stops early, made once by the script and told of every step: on a stop
-    signal (`preemption`), on divergence (`nonfinite`), and when this rank stalls (`watchdog`)."""
+    """The three ways a training run stops early: on a stop signal, on divergence, and when this rank stalls."""
 
     def __init__(self, device, rank, scaler, output_dir=None, max_nonfinite_steps=3, stall_timeout=0):
         self.preemption = PreemptionSignal(device)

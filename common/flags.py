@@ -1,6 +1,4 @@
-"""The flags both train scripts take, in the --help sections they share; each script adds its own task's flags to
-the same sections. Only definitions live here: the scripts read the values and pass them on as plain arguments.
-"""
+"""The flags both train scripts take, in the --help sections they share; the scripts read the values."""
 import argparse
 import re
 
@@ -8,9 +6,8 @@ DEVICE_NAMES = "cpu, cuda or cuda:N"
 
 
 def number(kind, at_least=None, above=None, at_most=None):
-    """An argparse type for `kind` (int or float) within the bounds given: a flag such as -b 0 or --clip-grad-norm
-    -1 is refused with the flag's name at once, instead of failing later or running with a meaning nobody asked
-    for."""
+    """An argparse type for `kind` within the bounds given: -b 0 is refused with the flag's name at once, instead
+    of failing later or running with a meaning nobody asked for."""
     noun = "integer" if kind is int else "number"
     if at_most is not None:
         rule = f"between {at_least} and {at_most}"
@@ -38,9 +35,8 @@ def device_name(text):
 
 
 def add_shared_flags(parser, recipe, sections):
-    """Add the --help `sections` (names, in order) to `parser`, with the flags both train scripts share already in
-    "data", "optimisation", "precision and speed", "checkpoints and preemption" and "logging"; returns the
-    sections by name, for the script's own flags. `recipe(name)` is the help text of a data-dependent default."""
+    """Add the --help `sections` to `parser` with the shared flags; returns the sections by name, for the script's
+    own flags. `recipe(name)` is the help text of a data-dependent default."""
     groups = {name: parser.add_argument_group(name) for name in sections}
     add = groups["data"].add_argument
     add("-j", "--workers", type=number(int, at_least=0), help="DataLoader worker processes per rank (default: 8, or "

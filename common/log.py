@@ -1,5 +1,4 @@
-"""What a run tells the user and where: console lines from rank 0, one-line errors, the output folder (claimed by
-one run at a time, with its args.json and log.jsonl), TensorBoard."""
+"""What a run tells the user and where: console lines from rank 0, one-line errors, the output folder, TensorBoard."""
 import fcntl
 import json
 import os
@@ -21,8 +20,12 @@ class SampleError(UserError):
     """A UserError about one data file, met only by the rank that loads it: that rank reports it."""
 
 
+def in_process_group():
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_main_process():
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return not in_process_group() or dist.get_rank() == 0
 
 
 def print0(*args, **kwargs):
@@ -31,8 +34,7 @@ def print0(*args, **kwargs):
 
 
 def launch_rank():
-    """This process's rank, from the process group or else the launcher's variables (0 for a plain run)."""
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         return dist.get_rank()
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
 
@@ -45,10 +47,9 @@ STALLED_EXIT_CODE = 124  # as coreutils' timeout reports one: a rank made no pro
 
 
 def stop_at_once_until_training():
-    """Until the training loop's PreemptionSignal takes over, a stop signal has nothing to save: SIGTERM or SIGUSR1
-    during start-up (scanning data, building the model, loading a checkpoint) ends the run at once with
-    PREEMPTED_EXIT_CODE and a line, so a script that requeues on it runs the same command again. A first Ctrl-C
-    stops at once too (KeyboardInterrupt, exit status 130). Returns the handlers it replaced."""
+    """Until the training loop's PreemptionSignal takes over, a stop signal has nothing to save: it ends the run at
+    once with PREEMPTED_EXIT_CODE, so a script that requeues on it runs the same command again. Returns the
+    handlers it replaced."""
     def stop(signum, frame):
         print0(f"stopped on {signal.Signals(signum).name} before training began (exit status {PREEMPTED_EXIT_CODE}): "
                "nothing was saved; the same command starts again")
@@ -58,8 +59,8 @@ def stop_at_once_until_training():
 
 
 def run_cli(main, args):
-    """Run main(args) as a command: stop signals end it at once until training begins; a UserError (also one
-    raised in a DataLoader worker) or the death of a DataLoader worker becomes one line and exit status 2."""
+    """Run main(args) as a command: a UserError or the death of a DataLoader worker becomes one line and exit
+    status 2."""
     replaced = stop_at_once_until_training()
     try:
         main(args)
@@ -78,15 +79,14 @@ def run_cli(main, args):
         sys.exit(INTERRUPTED_EXIT_CODE)
     finally:
         release_output_dirs()
-        if dist.is_available() and dist.is_initialized():
+        if in_process_group():
             dist.destroy_process_group()
         for signum, handler in replaced.items():  # for a caller in the same process (the tests)
             signal.signal(signum, handler)
 
 
 def report(message, only_this_rank):
-    """Print the one error line and exit 2. An error every rank meets is printed by rank 0; one met by this
-    rank alone (a data file, a DataLoader worker) by this rank, with its number."""
+    """An error every rank meets is printed by rank 0; one met by this rank alone by this rank, with its number."""
     rank = launch_rank()
     if rank == 0 or only_this_rank:
         print(f"error: {message}{'' if rank == 0 else f' (rank {rank})'}", file=sys.stderr, flush=True)
@@ -101,12 +101,7 @@ SHARED_MEMORY_FIX = ("in a container, give it more with docker run --shm-size=8g
 
 def dataloader_worker_failure(error):
     """The one-line message for a RuntimeError that says a DataLoader worker died or ran out of shared memory
-    (/dev/shm, where workers hand their batches over); None for any other error.
-
-    PyTorch reports a worker killed by a signal as "DataLoader worker (pid N) is killed by signal: Killed."
-    (often as the cause of "... exited unexpectedly"), and a full /dev/shm as the worker's own RuntimeError
-    "unable to allocate shared memory(shm) ..." or "unable to write to file </torch_...>: No space left on device".
-    """
+    (/dev/shm, where workers hand their batches over); None for any other error."""
     chain, cause = [], error
     while cause is not None and cause not in chain:
         chain.append(cause)
@@ -133,9 +128,8 @@ def dataloader_worker_failure(error):
 
 
 def wait_for_launcher_to_stop_this_rank(timeout_s=30):
-    """Rank 0 prints an error that every rank meets. Were the other ranks to exit first, torchrun would kill
-    rank 0 before its line is out; so under torchrun they wait for the SIGTERM it sends once rank 0 has exited.
-    Other launchers (srun) do not stop the remaining ranks, and there they exit at once."""
+    """Were the other ranks to exit first, torchrun would kill rank 0 before its error line is out; so they wait
+    for the SIGTERM it sends once rank 0 has exited. Other launchers (srun) would not send it."""
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1
     if not under_torchrun or not hasattr(signal, "sigtimedwait"):  # macOS has no sigtimedwait
         return
@@ -154,12 +148,9 @@ _held_locks = {}  # output folder -> the open lock file that holds it, for as lo
 
 
 def start_output_dir(output_dir, flags):
-    """Create the output folder, claim it for this run and record the run's flags in args.json (rank 0 only).
-
-    A second live run on the same folder is refused: their checkpoints and log lines would interleave. The
-    claim is a POSIX lock on DIR/.lock, which the OS drops when the process ends, a crash included; unlike an
-    flock, forked DataLoader workers do not hold it too, so a killed run's folder is free at once.
-    """
+    """Create the output folder, claim it for this run and write args.json (rank 0 only). A second live run on the
+    same folder would interleave checkpoints and log lines. The claim is a POSIX lock, which the OS drops when the
+    process ends; unlike an flock, forked DataLoader workers do not hold it too."""
     if not output_dir or not is_main_process():
         return
     try:
@@ -185,8 +176,7 @@ def start_output_dir(output_dir, flags):
 
 
 def check_destination(flag, path, folder=False):
-    """Refuse, before any work, a destination that cannot be written: a file where a folder goes or the
-    reverse, a missing folder for a file, a read-only file system. A folder destination is created."""
+    """Refuse, before any work, a destination that cannot be written. A folder destination is created."""
     if folder:
         if os.path.exists(path) and not os.path.isdir(path):
             raise UserError(f"{flag} {path} is a file, not a folder: give a folder (it is created if missing)")
@@ -209,15 +199,13 @@ def check_destination(flag, path, folder=False):
 
 
 def release_output_dirs():
-    """Drop this process's claims on output folders (the end of the process does it too)."""
     while _held_locks:
         _held_locks.popitem()[1].close()
 
 
 class RunLog:
-    """What a training run tells the user and leaves behind: the opening and closing lines, and, once the output
-    folder is claimed (claim), args.json, log.jsonl and TensorBoard (`writer`, on rank 0 only; None elsewhere or
-    without an output folder)."""
+    """What a training run tells the user and leaves behind: the opening and closing lines, log.jsonl and
+    TensorBoard (`writer`, on rank 0 only)."""
 
     def __init__(self, env, device):
         print0(f"{' '.join(sys.argv)}\nworld size {env.world_size}, device {device}, torch {torch.__version__}")
@@ -225,7 +213,6 @@ class RunLog:
         self.output_dir, self.writer = None, None
 
     def claim(self, output_dir, flags):
-        """Claim the output folder for this run (before anything is read from it or written) and open TensorBoard."""
         start_output_dir(output_dir, flags)
         self.output_dir, self.writer = output_dir, tensorboard_writer(output_dir)
 
@@ -233,9 +220,7 @@ class RunLog:
         return ProgressLog(print_freq, self.world_size, self.writer)
 
     def record(self, record, by="epoch"):
-        """One line of log.jsonl (an epoch's numbers; with --eval-interval, those since the last line: at an epoch's
-        end or a validation) and each number as a <by>/<name> scalar in TensorBoard at the record's `by` (its epoch,
-        or its step: the run's optimizer steps done)."""
+        """One line of log.jsonl, and each number as a <by>/<name> scalar in TensorBoard at the record's `by`."""
         if self.output_dir and is_main_process():
             append_jsonl(os.path.join(self.output_dir, "log.jsonl"), record)
         if self.writer is not None:
@@ -244,7 +229,6 @@ class RunLog:
                     self.writer.add_scalar(f"{by}/{key}", value, record[by])
 
     def end(self, result):
-        """The closing line: how long the run took, its result, where its files are."""
         if self.writer is not None:
             self.writer.close()
         where = (f"checkpoints, log.jsonl and TensorBoard files in {self.output_dir}" if self.output_dir else
@@ -253,16 +237,20 @@ class RunLog:
 
 
 def format_duration(seconds):
-    """h:mm:ss, or m:ss under an hour (rounded to whole seconds first, so never "42:60")."""
+    """h:mm:ss, or m:ss under an hour (rounded first, so never "42:60")."""
     minutes, seconds = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
-def summed_over_ranks(tensor):
-    if dist.is_available() and dist.is_initialized():
+def all_reduce_sum(tensor):
+    if in_process_group():
         dist.all_reduce(tensor)
     return tensor
+
+
+def peak_memory_mib():
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else 0
 
 
 def append_jsonl(path, record):
@@ -271,7 +259,6 @@ def append_jsonl(path, record):
 
 
 def tensorboard_writer(output_dir):
-    """A SummaryWriter under <output_dir>/tb on rank 0, None elsewhere (or when nothing is to be written)."""
     if not output_dir or not is_main_process():
         return None
     from torch.utils.tensorboard import SummaryWriter  # imported late: it pulls in tensorboard
@@ -279,19 +266,15 @@ def tensorboard_writer(output_dir):
     return SummaryWriter(os.path.join(output_dir, "tb"))
 
 
-# ---- progress lines of training, in the manner of torchvision's MetricLogger.log_every: one object that owns the
-# per-step values, the one host sync per printed line, the ETA, and the TensorBoard scalars.
-
 class ProgressLog:
-    """Collects each step's loss and gradient norm as device tensors and reads them back only every
-    `print_freq` steps (and at the epoch's last), so the training loop never waits for the GPU in between."""
+    """Progress lines, as torchvision's MetricLogger.log_every prints them: each step's loss and gradient norm
+    stay device tensors, read back only every `print_freq` steps, so the loop never waits for the GPU between."""
 
     def __init__(self, print_freq, world_size=1, writer=None):
         self.print_freq, self.world_size, self.writer = print_freq, world_size, writer
 
     def start_epoch(self, epoch, start_step, steps, steps_per_epoch=None):
-        """Steps `start_step`..`steps` of `epoch`; `steps_per_epoch` numbers the global steps when the run
-        ends before the epoch does (default: `steps`)."""
+        """`steps_per_epoch` numbers the global steps when the run ends before the epoch does."""
         self.epoch, self.start_step, self.steps = epoch, start_step, steps
         self.steps_per_epoch = steps_per_epoch or steps
         self.losses, self.grad_norms, self.loss_total, self.done = [], [], 0.0, 0
@@ -301,7 +284,6 @@ class ProgressLog:
             torch.cuda.reset_peak_memory_stats()  # max_memory_mib is the epoch's peak
 
     def timed(self, batches):
-        """The batches of an iterator, counting images and the time spent waiting for them."""
         while True:
             t0 = time.perf_counter()
             try:
@@ -314,26 +296,33 @@ class ProgressLog:
             yield batch
 
     def log(self, step, loss, grad_norm, lr):
-        """Record one optimizer step; on a print step, print and log it. Returns whether it printed (a sync point)."""
+        """Returns whether it printed (a sync point)."""
         self.losses.append(loss)
         self.grad_norms.append(grad_norm)
         self.done += 1
         if (step + 1) % self.print_freq and step != self.steps - 1:
             return False
-        losses = summed_over_ranks(torch.stack(self.losses)).div_(self.world_size).tolist()  # the one sync
-        norms = torch.stack(self.grad_norms).tolist()
-        self.loss_total += sum(losses)
+        images = self.images_since_print
+        losses, norms = self.read_back()
         now, done = time.perf_counter(), step + 1 - self.start_step
-        img_per_s = self.images_since_print * self.world_size / (now - self.last_print)
+        img_per_s = images * self.world_size / (now - self.last_print)
         eta = (now - self.start) / done * (self.steps - step - 1)
-        memory = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else 0
         print0(f"Epoch: [{self.epoch}] [{step + 1:>{len(str(self.steps))}}/{self.steps}]  eta: {format_duration(eta)}  "
                f"lr: {lr:.6f}  loss: {losses[-1]:.4f} ({self.loss_total / done:.4f})  grad_norm: {norms[-1]:.3f}  "
-               f"img/s: {img_per_s:.1f}  data: {self.data_time / self.batches:.4f}s  max mem: {memory:.0f}MB")
+               f"img/s: {img_per_s:.1f}  data: {self.data_time / self.batches:.4f}s  "
+               f"max mem: {peak_memory_mib():.0f}MB")
         self.log_scalars(step, losses, norms, lr, img_per_s)
-        self.images += self.images_since_print
-        self.losses, self.grad_norms, self.images_since_print, self.last_print = [], [], 0, now
+        self.last_print = now
         return True
+
+    def read_back(self):
+        """(losses averaged over ranks, gradient norms) of the steps since the last read: the one sync."""
+        losses = all_reduce_sum(torch.stack(self.losses)).div_(self.world_size).tolist()
+        norms = torch.stack(self.grad_norms).tolist()
+        self.loss_total += sum(losses)
+        self.images += self.images_since_print
+        self.losses, self.grad_norms, self.images_since_print = [], [], 0
+        return losses, norms
 
     def log_scalars(self, step, losses, norms, lr, img_per_s):
         if self.writer is None:
@@ -348,23 +337,15 @@ class ProgressLog:
             self.writer.add_scalar("train/img_per_s", img_per_s, global_step)
 
     def stop(self, step, reason):
-        """A stop signal ends the epoch at `step`: log the steps since the last progress line, which the
-        checkpoint saved next already counts as done, and say why the run stops."""
+        """Log the steps since the last progress line: the checkpoint saved next counts them as done."""
         if self.losses:
-            losses = summed_over_ranks(torch.stack(self.losses)).div_(self.world_size).tolist()
-            self.loss_total += sum(losses)
-            self.log_scalars(step, losses, torch.stack(self.grad_norms).tolist(), None, None)
-            self.images += self.images_since_print
-            self.losses, self.grad_norms, self.images_since_print = [], [], 0
+            self.log_scalars(step, *self.read_back(), None, None)
         print0(f"stopping at step {step + 1} of epoch {self.epoch} on {reason}'s request")
 
     def summary(self, lr):
-        """The epoch's numbers for log.jsonl: mean loss, last LR, time, throughput over all ranks, peak memory."""
         epoch_time = time.perf_counter() - self.start
-        memory = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else 0
         images = self.images + self.images_since_print
-        if self.done == 0:  # an epoch resumed after its last step (a stop during validation): nothing to report
-            return {"train_loss": None, "lr": lr, "epoch_time_s": epoch_time, "img_per_s": None,
-                    "max_memory_mib": memory}
-        return {"train_loss": self.loss_total / self.done, "lr": lr, "epoch_time_s": epoch_time,
-                "img_per_s": images * self.world_size / epoch_time, "max_memory_mib": memory}
+        trained = self.done > 0  # not in an epoch resumed after its last step (a stop during validation)
+        return {"train_loss": self.loss_total / self.done if trained else None, "lr": lr, "epoch_time_s": epoch_time,
+                "img_per_s": images * self.world_size / epoch_time if trained else None,
+                "max_memory_mib": peak_memory_mib()}

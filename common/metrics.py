@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from common.distributed import all_reduce_sum
+from common.log import all_reduce_sum
 
 
 class ConfusionMatrix:
@@ -67,11 +67,8 @@ class ClassificationMeter:
 
 
 class SegmentationMeter:
-    """Pixel accuracy, mean class accuracy and IoU, each label scored at its own resolution.
-
-    Logits predicted on a resized input are upsampled to the label's size before the argmax, so the
-    score is that of the original annotation, not of a resized one.
-    """
+    """Pixel accuracy, mean class accuracy and IoU, each label scored at its own resolution: logits are upsampled
+    to the label's size before the argmax, so the score is that of the original annotation."""
 
     VOID = 255  # what every segmentation loader writes for unlabelled pixels
 

@@ -11,7 +11,7 @@ NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
 
 
 def param_groups(model, lr, weight_decay, norm_weight_decay=None, head=None, head_lr=None):
-    """Split parameters by (is normalisation layer, is in the `head` module) so each can get its own wd / lr."""
+    """Groups by (is normalisation layer, is in the `head` module), each with its own weight decay and lr."""
     groups = {}
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
@@ -29,15 +29,12 @@ def param_groups(model, lr, weight_decay, norm_weight_decay=None, head=None, hea
 
 def create_optimizer(name, model, lr, momentum, weight_decay, device_type, norm_weight_decay=None, head=None,
                      head_lr=None):
-    """The optimizer --opt names, over param_groups of `model` (or over the parameter groups given instead)."""
+    """Over param_groups of `model`, or over the parameter groups given instead."""
     groups = model if isinstance(model, list) else param_groups(model, lr, weight_decay, norm_weight_decay, head,
                                                                 head_lr)
-    # AdamW's fused kernel updates all parameters in a few launches on CUDA and in one pass over memory on the CPU
-    # (both since torch 2.4), and honours a step the GradScaler skips.
-    # SGD is never fused: its fused kernel takes over the skip of a non-finite step from the GradScaler but leaves
-    # the momentum buffers of a skipped first step unfilled (torch.empty_like), or advances them with the
-    # non-finite gradient, and every later step is NaN. float16 runs skip their first steps routinely: the scale
-    # starts at 65,536 and overflows. The plain and foreach SGD are skipped whole by the GradScaler instead.
+    # AdamW's fused kernel honours a step the GradScaler skips. SGD is never fused: its fused kernel leaves the
+    # momentum buffers of a skipped first step unfilled, or advances them with the non-finite gradient, and every
+    # later step is NaN; float16 runs skip their first steps routinely (the scale starts at 65,536 and overflows).
     if name in ("sgd", "sgd_nesterov"):
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                nesterov=name == "sgd_nesterov")
@@ -53,10 +50,7 @@ def create_optimizer(name, model, lr, momentum, weight_decay, device_type, norm_
 
 def create_lr_scheduler(optimizer, name, epochs, steps_per_epoch, *, warmup_epochs=0, warmup_method="linear",
                         warmup_decay=0.01, step_size=30, gamma=0.1, lr_min=0.0, power=0.9):
-    """torch's schedulers stepped once per optimizer step, with epoch-based values converted to steps:
-    `warmup_epochs` of warmup from `warmup_decay` x lr, then `name` (steplr decays by `gamma` every
-    `step_size` epochs; cosineannealinglr ends at `lr_min`; polylr decays with `power`; exponentiallr by
-    `gamma` per epoch)."""
+    """torch's schedulers stepped once per optimizer step, with epoch-based values converted to steps."""
     warmup_steps = warmup_epochs * steps_per_epoch
     main_steps = max(epochs * steps_per_epoch - warmup_steps, 1)
     if name == "steplr":
@@ -81,12 +75,9 @@ def create_lr_scheduler(optimizer, name, epochs, steps_per_epoch, *, warmup_epoc
 
 
 class EMA(AveragedModel):
-    """Exponential moving average of weights and buffers, updated every `every` optimizer steps; during the
-    LR warmup it copies the model instead of averaging it (the early weights are not worth keeping).
-
-    The decay is rescaled by images per step, `every` and epochs exactly as torchvision's reference does,
-    so the --model-ema-decay of its published recipes means the same here.
-    """
+    """Exponential moving average of weights and buffers; during the LR warmup it copies the model (the early
+    weights are not worth keeping). The decay is rescaled as torchvision's reference does, so the
+    --model-ema-decay of its published recipes means the same here."""
 
     def __init__(self, model, decay, every, images_per_step, epochs, warmup_epochs):
         alpha = min(1.0, (1 - decay) * images_per_step * every / epochs)
@@ -94,7 +85,7 @@ class EMA(AveragedModel):
         self.every, self.warmup_epochs = every, warmup_epochs
 
     def update(self, model, epoch, step):
-        """After optimizer step `step` of `epoch`: every `every` steps of an epoch, as torchvision counts them."""
+        """Every `every` steps of an epoch, as torchvision counts them."""
         if step % self.every:
             return
         self.update_parameters(unwrap(model))
