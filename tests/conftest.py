@@ -32,6 +32,14 @@ def own_signal_handlers():
             signal.signal(signum, handler)
 
 
+@pytest.fixture(autouse=True)
+def restored_signal_handlers():
+    """A test that builds a run's pieces itself (RunGuards) installs their stop handlers in pytest's process;
+    processes forked later (tools/check_data.py's pool) would inherit them and ignore the pool's SIGTERM."""
+    with own_signal_handlers():
+        yield
+
+
 def train(*argv):
     """classification/train.py in this process (no interpreter start-up); UserError propagates."""
     from classification import train as script

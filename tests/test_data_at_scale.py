@@ -320,3 +320,14 @@ def test_a_list_cache_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "cache").write_text("")
     with pytest.raises(UserError, match=r"--list-cache .*cache is a file: give a folder for the listing of the tree"):
         train("--list-cache", tmp_path / "cache", "--epochs", "1")
+
+
+def test_check_data_workers_take_sigterm_as_it_comes_even_under_a_stop_handler():
+    """A pool ends busy workers with SIGTERM; forked from a process whose handler only notes the signal (a run's
+    preemption handler, or a test's RunGuards), they would go on, and the pool would wait for them forever."""
+    import signal
+
+    from tools import check_data as tool
+    signal.signal(signal.SIGTERM, lambda *args: None)  # restored after the test (conftest)
+    tool._start_pool_worker(checker=None)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -13,6 +13,7 @@ import bisect
 import itertools
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -130,6 +131,12 @@ def _start_worker(checker):
     _checker = checker
 
 
+def _start_pool_worker(checker):
+    # The pool ends its workers with SIGTERM: a stop handler forked from the parent (a run's) must not catch it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _start_worker(checker)
+
+
 def _check_items(items):
     return [(item, error) for item in items for error in _checker.check(item)]
 
@@ -142,7 +149,7 @@ def check_all(checker, workers):
         return [bad for chunk in chunks for bad in _check_items(chunk)]
     # fork where there is one: the workers get the listing without copying it.
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with context.Pool(workers, initializer=_start_worker, initargs=(checker,)) as pool:
+    with context.Pool(workers, initializer=_start_pool_worker, initargs=(checker,)) as pool:
         found = [bad for part in pool.imap_unordered(_check_items, chunks) for bad in part]
     return sorted(found)
 
