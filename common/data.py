@@ -264,7 +264,8 @@ class TrainingSampler(Sampler):
     """This rank's samples of each epoch, micro-batch after micro-batch, as BatchLayout cuts one order of the data
     set for all ranks, drawn from seed + epoch. With `reps` (--ra-sampler: torchvision's RASampler) each sample
     comes `reps` times in a row, as virtual indices index + copy * len(dataset), so that SeededSamples augments
-    each copy its own way. The entries after the last whole global batch are left out, on every layout alike."""
+    each copy its own way, and an epoch sees about 1/reps of the distinct samples. The entries after the last
+    whole global batch are left out, on every layout alike."""
 
     def __init__(self, dataset, layout, seed, reps=0):
         self.dataset, self.layout, self.seed, self.reps = dataset, layout, seed, reps
@@ -320,7 +321,8 @@ class SeededSamples(Dataset):
 def ignore_stop_signals(worker_id):
     """DataLoader worker_init_fn: stop signals sent to the whole process group (a terminal, tini -g, many
     schedulers) must not kill the workers before the main process has saved. A SIGTERM from the main process
-    itself still ends the worker: Python terminates its daemon children so at exit, and would wait forever.
+    itself still ends the worker: Python terminates its daemon children so at exit, and an ignored one would
+    leave it waiting for them forever.
     SIGBUS (shared memory full) gets its default action back, so that the main process reports it in one line
     (dataloader_worker_failure), not torch's message per worker."""
     signal.signal(signal.SIGBUS, signal.SIG_DFL)
@@ -399,7 +401,8 @@ class SyntheticBatches:
 class SkipBadSamples(Dataset):
     """--max-bad-samples: (*sample, reports), a failing sample replaced by a stand-in chosen from the seed and its
     index alone, so every rank, worker and resumed run replaces it alike. The reports of (index, path, error)
-    travel with the batch: DataLoader workers share no memory with the main process."""
+    travel with the batch: DataLoader workers share no memory with the main process. Past `limit` failures for
+    one sample (stand-ins can fail too) the last error is raised."""
 
     def __init__(self, dataset, seed, limit):
         self.dataset, self.seed, self.limit = dataset, seed, limit

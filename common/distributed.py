@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from common.log import UserError, in_process_group, launch_rank, print0
+from common.log import UserError, in_process_group, launch_rank
 
 
 @dataclass
@@ -65,10 +65,11 @@ def init_distributed(device_name=None, timeout_minutes=30, backend=None, sync_bn
     if sync_bn and env.distributed and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA devices: drop it on CPU")
     if env.distributed:
-        if restarts_may_reuse_stale_addresses():
-            print0("warning: torchrun --max-restarts shares its rendezvous store with the workers, where a restart "
-                   "at the same size can read the last attempt's addresses and fail to connect (pytorch issue "
-                   "135712): launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+        if env.is_main and restarts_may_reuse_stale_addresses():
+            print("warning: under torchrun --max-restarts the workers share torchrun's store, where a restart at the "
+                  "same size can find the killed attempt's addresses and fail to connect or hang (pytorch issue "
+                  "135712): launch with --rdzv-backend=c10d (or --standalone) and "
+                  "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", flush=True)
         os.environ.setdefault("MASTER_PORT", "29500")
         # A rank that dies makes the others fail after this timeout instead of hanging forever.
         dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"), init_method="env://",
@@ -78,12 +79,11 @@ def init_distributed(device_name=None, timeout_minutes=30, backend=None, sync_bn
 
 
 def restarts_may_reuse_stale_addresses(environ=os.environ):
-    """Whether torchrun may restart these workers and lets them use its own store (torch's default): a restart
-    that finds the previous attempt's keys there connects to ranks that are gone. torchrun passes its
-    environment on to the workers, so its TORCH_DISABLE_SHARE_RDZV_TCP_STORE is seen here."""
+    """Whether torchrun may restart these workers while they use its own store, where a restart that finds the
+    previous attempt's keys connects to ranks that are gone. Static rendezvous always shares it; c10d does
+    unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1."""
     return (int(environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
-            and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            and environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1")
+            and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
 
 def check_gpu(device, device_name):

@@ -55,7 +55,8 @@ class UnitScaler(torch.amp.GradScaler):
 
 
 def grad_scaler(device, precision, optimizer):
-    """Otherwise than for float16, a UnitScaler where it is sync-free, a disabled one where it would sync."""
+    """Loss scaling for float16. Otherwise a UnitScaler where it is sync-free, and where it would sync every step
+    (SGD and RMSprop on a GPU) a disabled one, which does not skip non-finite steps: NonFiniteGuard stops those."""
     if uses_loss_scaling(precision):
         return torch.amp.GradScaler(device.type)
     if device.type == "cpu" or getattr(optimizer, "_step_supports_amp_scaling", False):
@@ -175,7 +176,7 @@ def train_one_epoch(parts, loader, epoch, layout, seed, progress, guards, checkp
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         if parts.clip_grad_norm:
             torch.nn.utils.clip_grads_with_norm_(params, parts.clip_grad_norm, grad_norm)
-        scaler.step(optimizer)  # skipped when a gradient is not finite
+        scaler.step(optimizer)  # skipped when a gradient is not finite, unless the scaler is a disabled one
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         parts.lr_scheduler.step()

@@ -28,7 +28,8 @@ from segmentation.model import MODELS, create_model
 
 # Real data gets the Cityscapes DeepLabV3+ recipe: a batch of 8 (-b 8 on one GPU, -b 2 on four), SGD 0.01, poly
 # decay, 80 epochs (the README has mmsegmentation's published flags). The synthetic set gets a small UNet that
-# reaches a useful mIoU in a minute or two on a laptop CPU (README).
+# reaches a useful mIoU in a minute or two on a laptop CPU: width 12 on 48 px scenes steps several times faster
+# than width 16 on 64 px and still learns the scenes in 4 epochs.
 REAL_DATA_DEFAULTS = dict(model="deeplabv3plus_resnet50", batch_size=8, epochs=80, lr=0.01, lr_warmup_epochs=1,
                           workers=default_workers(8), print_freq=50, unet_width=64)
 SYNTHETIC_DEFAULTS = dict(model="unet", batch_size=16, epochs=4, lr=0.1, lr_warmup_epochs=1, workers=0,

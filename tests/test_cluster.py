@@ -235,7 +235,7 @@ def test_restarts_that_share_torchruns_store_are_warned_about():
     from common.distributed import restarts_may_reuse_stale_addresses
     launched = {"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"}
     assert restarts_may_reuse_stale_addresses(launched)
-    assert not restarts_may_reuse_stale_addresses(launched | {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    assert not restarts_may_reuse_stale_addresses(launched | {"TORCHELASTIC_USE_AGENT_STORE": "False"})
     assert not restarts_may_reuse_stale_addresses(launched | {"TORCHELASTIC_MAX_RESTARTS": "0"})
     assert not restarts_may_reuse_stale_addresses({})
 
