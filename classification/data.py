@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from common.data import (MEAN, STD, NormalizeBytes, SeededSamples, ShardedEvalSampler, SyntheticBatches, TensorLoader,
-                         TrainingSampler, ignore_stop_signals, not_a_file_error, read_image, reason, shown)
+from common.data import (MEAN, STD, BatchesThrough, NormalizeBytes, SeededSamples, ShardedEvalSampler, SyntheticBatches,
+                         TensorLoader, TrainingSampler, ignore_stop_signals, not_a_file_error, read_image, reason,
+                         shown)
 from common.distributed import from_rank0
 from common.log import UserError, print0
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
@@ -376,23 +377,6 @@ def batch_mixer(mixup_alpha, cutmix_alpha, num_classes):
     return v2.RandomChoice(mixers) if mixers else None
 
 
-class MixedBatches:
-    """A DataLoader's batches through MixUp/CutMix in the main process, which the training loop seeds every step:
-    in the workers they would draw from the stream of whichever worker got the batch, and a resumed run would
-    mix differently."""
-
-    def __init__(self, loader, mixer):
-        self.loader, self.mixer = loader, mixer
-        self.sampler, self.dataset, self.batch_size = loader.sampler, loader.dataset, loader.batch_size
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        batches = iter(self.loader)  # made now, in the training thread, from the stream the loop just seeded
-        return (self.mixer(*batch) for batch in batches)
-
-
 def make_shapes(num_samples, image_size=32, num_classes=10, seed=0, split="train", chunk=1024):
     """Return (uint8 images [N, 3, H, W], int64 labels [N]) with one shape per image; label = shape."""
     if not 2 <= num_classes <= len(SHAPES):
@@ -474,7 +458,9 @@ def load_train(args, layout, device, class_names, bad_samples):
                         sampler=TrainingSampler(train_set, layout, seed, reps), drop_last=True,
                         worker_init_fn=ignore_stop_signals, collate_fn=bad_samples.collate)
     loader = bad_samples.reported(loader)
-    return MixedBatches(loader, mixer) if mixer else loader
+    # MixUp/CutMix in the main process, which the loop seeds every step: in a worker they would draw from the
+    # stream of whichever worker got the batch, and a resumed run would mix differently.
+    return BatchesThrough(loader, mixer) if mixer else loader
 
 
 def load_val(args, env, device, class_names):

@@ -451,7 +451,14 @@ class BadSamples:
         return collate_reported if self.limit else None
 
     def reported(self, loader):
-        return ReportedBatches(loader, self) if self.limit else loader
+        """`loader` whose batches hand their reports over as each is trained on, so that a checkpoint counts
+        exactly the batches it has trained."""
+        return BatchesThrough(loader, self.take_reports) if self.limit else loader
+
+    def take_reports(self, *batch_and_reports):
+        *batch, reports = batch_and_reports
+        self.record(reports)
+        return tuple(batch)
 
     def record(self, reports):
         for index, path, error in (report for sample in reports for report in sample):
@@ -510,12 +517,12 @@ class BadSamples:
                    f"{self.limit}")
 
 
-class ReportedBatches:
-    """Hands each batch's reports to BadSamples as the batch is trained on, not as the workers prefetch it, so
-    that a checkpoint counts exactly the batches it has trained."""
+class BatchesThrough:
+    """A DataLoader's batches, each passed through `function(*batch)` in the training thread as it is trained
+    on: not as the workers prefetch it, and not in a worker, whose random stream and memory are its own."""
 
-    def __init__(self, loader, bad_samples):
-        self.loader, self.bad_samples = loader, bad_samples
+    def __init__(self, loader, function):
+        self.loader, self.function = loader, function
         self.sampler, self.dataset, self.batch_size = loader.sampler, loader.dataset, loader.batch_size
 
     def __len__(self):
@@ -523,9 +530,4 @@ class ReportedBatches:
 
     def __iter__(self):
         batches = iter(self.loader)  # made now, in the training thread, from the stream the loop just seeded
-        return self.reported(batches)
-
-    def reported(self, batches):
-        for *batch, reports in batches:
-            self.bad_samples.record(reports)
-            yield tuple(batch)
+        return (self.function(*batch) for batch in batches)

@@ -72,7 +72,15 @@ def add_shared_flags(parser, recipe, sections):
     add("--compile", action="store_true", help="torch.compile the model")
     add("--use-deterministic-algorithms", action="store_true", help="deterministic kernels only (slower)")
 
-    add = groups["checkpoints and preemption"].add_argument
+    add_checkpoint_flags(groups["checkpoints and preemption"])
+    groups["logging"].add_argument("--print-freq", type=number(int, at_least=1),
+                                   help=f"optimizer steps between progress lines {recipe('print_freq')}")
+    return groups
+
+
+def add_checkpoint_flags(group):
+    """Where a run writes, when it saves and validates, and when it stops on its own (the stop guards)."""
+    add = group.add_argument
     add("--output-dir", help="where checkpoints, logs and TensorBoard files go (default: nothing is written)")
     add("--resume", help="checkpoint to continue from, or 'auto' for <output-dir>/checkpoint.pth if it exists")
     add("--start-epoch", type=number(int, at_least=0), default=0, help="first epoch (default: 0; set by --resume)")
@@ -91,7 +99,3 @@ def add_shared_flags(parser, recipe, sections):
         "0: off)")
     add("--dist-timeout", type=number(float, above=0), default=30, metavar="MINUTES",
         help="timeout of the process group's collectives and rendezvous (default: 30)")
-
-    groups["logging"].add_argument("--print-freq", type=number(int, at_least=1),
-                                   help=f"optimizer steps between progress lines {recipe('print_freq')}")
-    return groups

@@ -17,7 +17,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from importlib import metadata
 from pathlib import Path
 
@@ -662,8 +661,9 @@ def test_a_jupyter_that_exits_before_it_answers_is_told_apart():
         services.check_jupyter_authentication(port, "the-token", lambda: False, 0.5)
 
 
-# A child that writes the signals it gets into a file and exits with 75 on SIGTERM, as train.py does.
-CHILD = """import signal, sys, time
+# A child that writes the signals it gets into a file and exits with 75 on SIGTERM, as train.py does. It tells
+# the test it is ready with a real-time signal, which queues (two SIGUSR2 at once would arrive as one).
+CHILD = """import os, signal, sys
 def got(signum, frame):
     open(sys.argv[1], "a").write(signal.Signals(signum).name + "\\n")
     if signum == signal.SIGTERM:
@@ -671,21 +671,24 @@ def got(signum, frame):
 for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
     signal.signal(signum, got)
 open(sys.argv[1], "a").write("ready\\n")
+signal.pthread_sigmask(signal.SIG_UNBLOCK, signal.valid_signals())  # the test's mask is inherited
+os.kill(os.getppid(), signal.SIGRTMIN)
 while True:
-    time.sleep(0.05)
+    signal.pause()
 """
 
 
 def test_sigterm_reaches_every_child_other_signals_the_command_and_the_command_s_status_is_kept(tmp_path):
     children = services.Children()
     records = {name: tmp_path / name for name in ("service", "command")}
-    children.start("service", [sys.executable, "-c", CHILD, records["service"], "0"], service=True)
-    command = children.start("command", [sys.executable, "-c", CHILD, records["command"], "75"], service=False)
-    for record in records.values():
-        deadline = time.monotonic() + 60
-        while not (record.exists() and "ready" in record.read_text()):
-            assert time.monotonic() < deadline, "the children did not start"
-            time.sleep(0.05)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGRTMIN})  # kept pending for sigtimedwait
+    try:
+        children.start("service", [sys.executable, "-c", CHILD, records["service"], "0"], service=True)
+        command = children.start("command", [sys.executable, "-c", CHILD, records["command"], "75"], service=False)
+        for _ in records:
+            assert signal.sigtimedwait({signal.SIGRTMIN}, 60) is not None, "the children did not start"
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGRTMIN})
     children.forward(signal.SIGUSR1)
     children.forward(signal.SIGHUP)
     children.forward(signal.SIGTERM)  # docker stop
@@ -701,7 +704,10 @@ def test_sigterm_reaches_every_child_other_signals_the_command_and_the_command_s
 def test_a_service_that_dies_is_reaped_and_the_command_goes_on(tmp_path, capsys):
     children = services.Children()
     service = children.start("sshd", [sys.executable, "-c", "import sys; sys.exit(3)"], service=True)
-    children.start("command", [sys.executable, "-c", "import time; time.sleep(1)"], service=False)
+    # The command outlives the service: it ends once the service has exited, or has been reaped already.
+    outlive = ("import os, select, sys\ntry:\n    select.select([os.pidfd_open(int(sys.argv[1]))], [], [])\n"
+               "except ProcessLookupError:\n    pass")
+    children.start("command", [sys.executable, "-c", outlive, str(service)], service=False)
     assert children.wait_for_foreground() == 0
     assert service not in children.running and children.running == {}
     assert "entrypoint: sshd exited (3); the HEALTHCHECK reports it" in capsys.readouterr().err
