@@ -420,11 +420,34 @@ def synthetic_loader(images, labels, sampler, batch_size, train, mixer=None):
     return TensorLoader(images, labels, sampler, batch_size, transform, drop_last=train)
 
 
-def dataset_classes(args):
-    """Class names in label order: the sorted class folders of train/ (found by rank 0), or the synthetic shapes."""
+def dataset_classes(args, evaluated=None, trained_on=None):
+    """Class names in label order, for training, --test-only and eval.py: of --train-list (list_file.py), the sorted
+    class folders of train/ (found by rank 0), or the synthetic shapes. eval.py names the checkpoint or weights
+    `evaluated` and the checkpoint's class names `trained_on`, which then label the data, whose val/ must hold no
+    other class; without them, a tree without train/ gives val/'s."""
+    if any(getattr(args, name, None) for name in ("train_list", "val_list", "classes_file")):
+        from classification.list_file import list_class_names  # only with list files
+        return from_rank0(lambda: list_class_names(args, trained_on))
     if args.data_path is None:
-        return list(SHAPES[:args.synthetic_classes])
-    return from_rank0(lambda: list_classes(os.path.join(args.data_path, "train")))
+        return list(trained_on or SHAPES[:args.synthetic_classes])
+    train, val = os.path.join(args.data_path, "train"), os.path.join(args.data_path, "val")
+    if trained_on is None:
+        return from_rank0(lambda: list_classes(val if evaluated and not os.path.isdir(train) else train))
+    unknown = sorted(set(from_rank0(lambda: list_classes(val))) - set(trained_on))
+    if unknown:
+        raise UserError(f"cannot evaluate {evaluated} on {args.data_path}: its val/ has classes the checkpoint was not "
+                        f"trained on ({', '.join(unknown[:5])}; it knows {trained_on[:5]}"
+                        f"{' ...' if len(trained_on) > 5 else ''}). Evaluate it on the data it was trained on")
+    return list(trained_on)
+
+
+def split_files(args, split, class_names, transform=None, resize_shorter_side=None):
+    """The ImageFiles of --train-list or --val-list, else of the split's class folders."""
+    if getattr(args, f"{split}_list", None):
+        from classification.list_file import image_list  # only with list files
+        return image_list(args, split, class_names, transform, resize_shorter_side)
+    cache_dir = getattr(args, "list_cache", None) or getattr(args, "output_dir", None)
+    return image_folder(os.path.join(args.data_path, split), class_names, transform, cache_dir, resize_shorter_side)
 
 
 def load_train(args, layout, device, class_names, bad_samples):
@@ -442,8 +465,7 @@ def load_train(args, layout, device, class_names, bad_samples):
     if backend != "pil" and (args.auto_augment or args.random_erase):
         raise UserError(f"--auto-augment and --random-erase run in the pil backend only: drop them or use "
                         f"--data-backend pil instead of {backend}")
-    folder = image_folder(os.path.join(args.data_path, "train"), class_names, cache_dir=args.list_cache or
-                          args.output_dir)
+    folder = split_files(args, "train", class_names)
     if backend == "synthetic":  # the model step alone: random batches of the real data's shape on the device
         shape = ((batch_size, 3, crop.size, crop.size), (batch_size,))
         return SyntheticBatches(shape, len(class_names), device, TrainingSampler(folder, layout, seed, reps))
@@ -472,8 +494,7 @@ def load_val(args, env, device, class_names):
                                      split="val")
         sampler = ShardedEvalSampler(labels, env.rank, env.world_size)
         return synthetic_loader(images.to(device), labels.to(device), sampler, batch_size, False)
-    val_set = image_folder(os.path.join(args.data_path, "val"), class_names, val_preset(crop),
-                           getattr(args, "list_cache", None) or getattr(args, "output_dir", None), crop.resize)
+    val_set = split_files(args, "val", class_names, val_preset(crop), crop.resize)
     sampler = ShardedEvalSampler(val_set, env.rank, env.world_size)
     if args.data_backend == "gpu":
         from classification.gpu_preset import device_loader  # only with --data-backend gpu

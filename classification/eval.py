@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torchvision
 
-from classification.data import SHAPES, list_classes, load_val
+from classification.data import dataset_classes, load_val
 from classification.model import create_model
 from classification.pictures import confusion_matrix_image
 from common.checkpoint import load_checkpoint, load_model_state, state_dict_from
@@ -28,7 +28,8 @@ from common.metrics import ClassificationMeter
 # checkpoint's training arguments, else these defaults. The synthetic_* entries and train_crop_size (the
 # synthetic image size) have no flag here: they only select the same synthetic validation set.
 FROM_TRAINING = dict(model=None, data_path=None, val_resize_size=256, val_crop_size=224, interpolation="bilinear",
-                     train_crop_size=32, synthetic_val_size=1_000, synthetic_classes=10)
+                     train_crop_size=32, synthetic_val_size=1_000, synthetic_classes=10, val_list=None, train_list=None,
+                     classes_file=None)
 
 
 def get_args_parser():
@@ -37,7 +38,9 @@ def get_args_parser():
     add("--checkpoint", help="a checkpoint written by train.py (checkpoint.pth, best.pth) or a bare state dict")
     add("--use-ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     add("--weights", help="instead of --checkpoint: a torchvision weights name such as IMAGENET1K_V2")
-    add("--data-path", help="ImageFolder root whose val/ is evaluated (default: the checkpoint's training data)")
+    add("--data-path", help="ImageFolder root whose val/ is evaluated, or where --val-list's relative paths start "
+        "(default: the checkpoint's training data)")
+    add("--val-list", help="a CSV of path,label rows to evaluate instead (default: the checkpoint's, if it has one)")
     add("--model", help="torchvision model name (default: the checkpoint's)")
     add("--device", type=device_name, help=f"{DEVICE_NAMES} (default: cuda when available)")
     add("-b", "--batch-size", type=number(int, at_least=1), default=64,
@@ -108,19 +111,10 @@ def main(args):
     # TF32 and cuDNN's choice of kernels as in training
     precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
 
-    class_names = checkpoint.get("class_names")
-    if class_names is None and args.data_path is None:
-        class_names = list(SHAPES[:args.synthetic_classes])
-    elif class_names is None:  # as in training, the sorted folders of train/ (else val/) give the label indices
-        train_dir = os.path.join(args.data_path, "train")
-        class_names = list_classes(train_dir if os.path.isdir(train_dir) else os.path.join(args.data_path, "val"))
-    elif args.data_path is not None:  # labels follow the checkpoint's classes, by name: val/ must hold no others
-        unknown = sorted(set(list_classes(os.path.join(args.data_path, "val"))) - set(class_names))
-        if unknown:
-            known = f"{class_names[:5]}{' ...' if len(class_names) > 5 else ''}"
-            raise UserError(f"cannot evaluate {args.checkpoint} on {args.data_path}: its val/ has classes the "
-                            f"checkpoint was not trained on ({', '.join(unknown[:5])}; it knows {known}). Evaluate it "
-                            "on the data it was trained on")
+    if args.data_path is None and args.val_list:
+        args.data_path = ""  # list files of absolute paths: real data, not the synthetic set
+    # Labels by the checkpoint's class names when it has them, else as in training.
+    class_names = dataset_classes(args, args.checkpoint or args.weights, checkpoint.get("class_names"))
     if args.weights:
         categories = weights_enum(args.model, args.weights).meta["categories"]
         if len(categories) != len(class_names):

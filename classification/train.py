@@ -44,7 +44,11 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = add_shared_flags(p, recipe, SECTIONS)
     add = groups["data"].add_argument
-    add("--data-path", help="ImageFolder root with train/ and val/ (default: the built-in synthetic set)")
+    add("--data-path", help="ImageFolder root with train/ and val/, or the folder list files' relative paths start "
+        "from (default: the built-in synthetic set)")
+    add("--train-list", help="instead of class folders, a CSV of path,label rows (with --val-list)")
+    add("--val-list", help="the validation images' CSV of path,label rows (with --train-list)")
+    add("--classes-file", help="class names one a line, in label order (default: the train list's labels, sorted)")
     add("-b", "--batch-size", type=number(int, at_least=1), help=f"images per process per step {recipe('batch_size')}")
     add("--train-crop-size", type=number(int, at_least=1), help=f"RandomResizedCrop size {recipe('train_crop_size')}")
     add("--train-crop-scale", type=number(float, above=0), nargs=2, default=[0.08, 1.0], metavar=("MIN", "MAX"),
@@ -123,13 +127,15 @@ SCHEDULE_ARGS = ("opt", "epochs", "lr", "head_lr", "lr_scheduler", "lr_step_size
                  "lr_warmup_epochs", "lr_warmup_method", "lr_warmup_decay", "seed", "ra_sampler", "ra_reps")
 # What --test-only --resume takes from the checkpoint unless given: the model and the validation images.
 TRAINED_SETTINGS = ("model", "data_path", "train_crop_size", "val_resize_size", "val_crop_size", "interpolation",
-                    "synthetic_val_size", "synthetic_classes")
+                    "synthetic_val_size", "synthetic_classes", "train_list", "val_list", "classes_file")
 
 
 def finish_args(args):
     resume = ResumePoint(args.resume, args.output_dir)  # a wrong path is reported before any work
     if args.test_only:
         vars(args).update(resume.trained_settings(vars(args), TRAINED_SETTINGS))
+    if args.data_path is None and (args.train_list or args.val_list or args.classes_file):
+        args.data_path = ""  # list files of absolute paths: real data, not the synthetic set
     for name, value in {**DEFAULTS, **(SYNTHETIC_DEFAULTS if args.data_path is None else REAL_DATA_DEFAULTS)}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -3,8 +3,10 @@ the checks training makes), on all cores, and report them all in one run with th
 
     python tools/check_data.py --data-path /data/imagenet                        # an ImageFolder tree: train/, val/
     python tools/check_data.py --dataset cityscapes --data-path /data/cityscapes  # a segmentation layout
+    python tools/check_data.py --data-path /data/parts --train-list train.csv --val-list val.csv  # list files
 
-It takes the train scripts' data flags (--data-path, --dataset, --voc-aug, -j, --list-cache, --output-dir; any other
+It takes the train scripts' data flags (--data-path, --dataset, --voc-aug, --train-list, --val-list, --classes-file,
+-j, --list-cache, --output-dir; any other
 flag of a training command is ignored, so that command's flags can be pasted as they are). Exit status 0: every
 file is good; 1: bad files, each on a line `bad: ...` naming it; 2: the layout itself is wrong (one `error:` line).
 """
@@ -21,22 +23,27 @@ from collections import Counter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
 from classification.data import list_split
+from classification.list_file import check_labels, list_class_names, read_list
 from common.flags import number
 from common.data import read_image, shown
-from common.log import SampleError, run_cli
+from common.log import SampleError, UserError, run_cli
 from segmentation.datasets import DATASETS, check_same_size, read_mask_values
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--data-path", required=True, help="the tree training reads: an ImageFolder root, or with --dataset its layout")
+    add("--data-path", help="the tree training reads: an ImageFolder root, or with --dataset its layout; with list "
+        "files, where their relative paths start")
     add("--dataset", choices=sorted(DATASETS), help="segmentation: the layout of --data-path (default: an ImageFolder "
         "tree for classification)")
     add("--voc-aug", action="store_true", default=None, help="VOC: check the SBD augmented training set too")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     add("-j", "--workers", type=number(int, at_least=0), default=cores,
         help=f"processes that decode (default: {cores}, every core; 0: this process alone)")
+    add("--train-list", help="classification: a CSV of path,label rows, with --val-list, instead of class folders")
+    add("--val-list", help="classification: the validation images' CSV of path,label rows")
+    add("--classes-file", help="classification: class names one a line, in label order")
     add("--list-cache", metavar="DIR", help="classification: read and refresh the train scripts' listing cache here")
     add("--output-dir", help="classification: the cache's default place, as in the train scripts")
     return p
@@ -62,16 +69,33 @@ class Samples:
 
 
 class ImageFolderCheck(Samples):
-    """Each image of the train/ and val/ splits of an ImageFolder tree, decoded; grouped by class folder."""
+    """Each image of the train/ and val/ splits of an ImageFolder tree, or of --train-list and --val-list, decoded;
+    grouped by class. `splits`: (split, FileList, each row's line in its list file or None, the list file)."""
 
-    def __init__(self, data_path, cache_dir):
-        splits, self.problems = [], []
+    def __init__(self, splits, problems=()):
+        self.problems = list(problems)
+        super().__init__(splits, [len(files.paths) for _, files, *_ in splits])
+
+    @classmethod
+    def of_tree(cls, data_path, cache_dir):
+        splits, problems = [], []
         for split in ("train", "val"):
             files, listed = list_split(os.path.join(data_path, split), cache_dir, strict=False)
-            splits.append((split, files))
+            splits.append((split, files, None, None))
             for name, found in zip(files.classes, listed):  # names that are no regular file: reported, not read
-                self.problems += [(split, name, str(error)) for error in found.not_files]
-        super().__init__(splits, [len(files.paths) for _, files in splits])
+                problems += [(split, name, str(error)) for error in found.not_files]
+        return cls(splits, problems)
+
+    @classmethod
+    def of_lists(cls, args):
+        """Every row checked as training checks it; its file, missing or not, is then decoded with the others."""
+        class_names, splits = list_class_names(args), []
+        for split in ("train", "val"):
+            csv_path = getattr(args, f"{split}_list")
+            rows, *_ = read_list(csv_path, args.data_path or "")
+            check_labels(rows, csv_path, class_names)
+            splits.append((split, rows.files, rows.lines, csv_path))
+        return cls(splits)
 
     def group(self, item):
         split, index = self.locate(item)
@@ -80,12 +104,12 @@ class ImageFolderCheck(Samples):
 
     def check(self, item):
         split, index = self.locate(item)
-        files = self.splits[split][1]
+        _, files, lines, csv_path = self.splits[split]
         try:
             read_image(os.path.join(files.root, os.fsdecode(files.paths[index])))
             return []
         except SampleError as e:
-            return [str(e)]
+            return [str(e) if lines is None else f"list file {shown(csv_path)} line {lines[index]}: {e}"]
 
 
 class SegmentationCheck(Samples):
@@ -156,18 +180,23 @@ def check_all(checker, workers):
 
 def main(args):
     started = time.perf_counter()
+    lists = args.train_list or args.val_list or args.classes_file
+    if not args.data_path and (args.dataset or not lists):
+        raise UserError("give --data-path: an ImageFolder tree, with --dataset a segmentation layout, or with "
+                        "--train-list and --val-list where their relative paths start")
     if args.dataset:
         checker = SegmentationCheck(args.dataset, args.data_path, args.voc_aug)
         what = "images and masks"
+    elif lists:
+        checker, what = ImageFolderCheck.of_lists(args), "images"
     else:
-        checker = ImageFolderCheck(args.data_path, args.list_cache or args.output_dir)
-        what = "images"
+        checker, what = ImageFolderCheck.of_tree(args.data_path, args.list_cache or args.output_dir), "images"
     print(f"checking {len(checker):,} samples ({what}) with {args.workers or 1} processes", flush=True)
     bad = check_all(checker, args.workers)
     problems = checker.problems + [(checker.split_of(item), checker.group(item), error) for item, error in bad]
     for _, _, error in problems:
         print(f"bad: {error}")
-    for s, (split, _) in enumerate(checker.splits):
+    for s, (split, *_) in enumerate(checker.splits):
         total = checker.starts[s + 1] - checker.starts[s]
         counts = Counter(group for where, group, _ in problems if where == split)
         listed = ", ".join(f"{shown(group)} {count}" for group, count in sorted(counts.items()))
