@@ -117,7 +117,7 @@ def parse_rows(csv_path, root, key):
     where = f"list file {shown(csv_path)}"
     reader = csv.reader(io.StringIO(text, newline=""))  # quoted fields may hold commas and line ends
     header = next(reader, None)
-    if [field.strip() for field in header or []] != HEADER:
+    if [field.strip().lower() for field in header or []] != HEADER:  # Path,Label as some tools write it
         shown_header = "empty" if header is None else f"{shown(','.join(header))}"
         raise UserError(f"{where} line 1 is {shown_header}, not the header path,label: make the first line "
                         "path,label, then one row per image")

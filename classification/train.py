@@ -75,8 +75,9 @@ def get_args_parser():
         help="pil: decode and augment in DataLoader workers; gpu: workers read bytes, the device decodes (nvJPEG) "
         "and augments whole batches; synthetic: random batches on the device, to time the model step alone "
         "(default: pil)")
-    add("--list-cache", metavar="DIR", help="folder keeping the listing of train/ and val/ (file_list_*.npz): a "
-        "restart lists again only the class folders that changed (default: --output-dir; none without it)")
+    add("--list-cache", metavar="DIR", help="folder keeping the listing of train/ and val/ or the lists read "
+        "(file_list_*.npz): a restart lists again only the class folders that changed (default: --output-dir; none "
+        "without it)")
     add("--synthetic-train-size", type=number(int, at_least=1), default=3_500,
         help="synthetic set: training images (default: 3500)")
     add("--synthetic-val-size", type=number(int, at_least=1), help="synthetic set: validation images (default: 1000)")

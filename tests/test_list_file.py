@@ -228,6 +228,8 @@ def test_a_bad_list_is_refused_with_its_line(tmp_path, case):
       "{d}/classes.txt"], r"^classes file .*classes.txt names good twice \(lines 1 and 3\): each class once; delete "
                           r"line 3$"),
     (["--data-path", "{d}", "--train-list", "{d}/train.csv", "--val-list", "{d}/val.csv", "--classes-file",
+      "{d}/gap.txt"], r"^classes file .*gap.txt line 2 is empty: one class name a line; delete the line$"),
+    (["--data-path", "{d}", "--train-list", "{d}/train.csv", "--val-list", "{d}/val.csv", "--classes-file",
       "{d}/two.txt"], r"^list file .*val.csv line 4: label scratch is not one of the 2 classes the model is trained on "
                       r"\(dent, good\)"),
 ])
@@ -235,6 +237,7 @@ def test_list_flags_that_do_not_fit_are_refused(tmp_path, flags, message):
     data = list_set(tmp_path / "data")
     (data / "classes.txt").write_text("good\ndent\ngood\n")
     (data / "two.txt").write_text("dent\ngood\n")
+    (data / "gap.txt").write_text("dent\n\ngood\n")
     with pytest.raises(UserError, match=message):
         train(*[flag.format(d=data) for flag in flags], *FLAGS)
 
@@ -292,3 +295,16 @@ def test_check_data_reports_every_bad_file_of_the_lists_with_its_line(tmp_path, 
     assert bad[0].startswith(f"bad: list file {data}/train.csv line 5: cannot read image {data}/images/train_good_1")
     assert bad[1].startswith(f"bad: list file {data}/val.csv line 2: cannot read image {data}/images/val_dent_0.jpg")
     assert "train: 6 samples, 1 bad files (good 1)" in out and "val: 3 samples, 1 bad files (dent 1)" in out
+
+
+
+def test_training_reads_each_list_once(tmp_path, monkeypatch):
+    from classification import list_file
+    from classification.data import dataset_classes, split_files
+    data, read = list_set(tmp_path / "data"), []
+    real = list_file.read_text
+    monkeypatch.setattr(list_file, "read_text", lambda path, *rest: (read.append(path), real(path, *rest))[1])
+    args = parsed(*lists(data), *FLAGS)
+    names = dataset_classes(args)  # the train list's labels; then its images, from the same reading
+    assert [len(split_files(args, split, names)) for split in ("val", "train")] == [3, 6]
+    assert sorted(map(os.path.basename, read)) == ["train.csv", "val.csv"]
