@@ -222,8 +222,8 @@ def test_a_bad_list_is_refused_with_its_line(tmp_path, case):
     (["--data-path", "{d}", "--train-list", "{d}/train.csv", "--val-list", "{d}/nowhere.csv"],
      r"^cannot read list file .*nowhere.csv \(FileNotFoundError: .*\): check the path$"),
     (["--train-list", "{d}/train.csv", "--val-list", "{d}/val.csv"],
-     r"^list file .*train.csv line 2: images/train_dent_0.jpg is a relative path, and there is no --data-path for it to "
-     r"start from: give --data-path, or absolute paths$"),
+     r"^list file .*train.csv line 2: images/train_dent_0.jpg is a relative path, and there is no --data-path for it "
+     r"to start from: give --data-path, or absolute paths$"),
     (["--data-path", "{d}", "--train-list", "{d}/train.csv", "--val-list", "{d}/val.csv", "--classes-file",
       "{d}/classes.txt"], r"^classes file .*classes.txt names good twice \(lines 1 and 3\): each class once; delete "
                           r"line 3$"),
