@@ -208,7 +208,7 @@ def test_a_cut_short_last_line_is_left_out_and_a_bad_one_refused(tmp_path):
     (tmp_path / "log.jsonl").write_text('{"epoch": 0, "step": 4}\n{"epoch": 1, "step": 8}\n{"epoch": 2, "st')
     assert [r["epoch"] for r in report.read_records(tmp_path / "log.jsonl")] == [0, 1]
     (tmp_path / "log.jsonl").write_text('{"epoch": 0, "step": 4}\nnot json\n{"epoch": 1, "step": 8}\n')
-    with pytest.raises(UserError, match=r"log.jsonl, line 2, is not JSON"):
+    with pytest.raises(UserError, match=r"log.jsonl, line 2, is not a line of train.py's log"):
         report.read_records(tmp_path / "log.jsonl")
 
 

@@ -87,8 +87,10 @@ def read_records(path):
             if number == len(lines):
                 print(f"note: {path}: its last line is cut short (the run stopped while writing it); left out")
                 continue
-            raise UserError(f"{path}, line {number}, is not JSON: train.py writes one JSON object a line; remove the "
-                            "line or restore the file") from None
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step", record.get("epoch")), int):
+            raise UserError(f"{path}, line {number}, is not a line of train.py's log (a JSON object with its epoch "
+                            "and step): remove the line or restore the file")
         records[record.get("step", record.get("epoch"))] = record
     return [records[key] for key in sorted(records)]
 
@@ -133,7 +135,7 @@ def most_confused_pairs(matrix, count):
 def most_confused_classes(matrix, count):
     """Up to `count` classes, those of the largest confusions first, in class order."""
     chosen = []
-    for i, j, _ in most_confused_pairs(matrix, len(matrix) ** 2):
+    for i, j, _ in most_confused_pairs(matrix, count * count):  # enough pairs to meet `count` classes
         chosen += [c for c in (i, j) if c not in chosen]
         if len(chosen) >= count:
             break
@@ -239,12 +241,14 @@ def thinned(steps, values, most=4000):
     return steps[:cut].reshape(-1, group).mean(1), values[:cut].reshape(-1, group).mean(1)
 
 
-def confusion_png(matrix, class_names):
-    """Rows normalised (each true class sums to 1): every class name on the axes up to LABELLED_CLASSES classes,
-    the counts in the cells up to COUNTED_CLASSES; beyond, a heat map of the whole matrix without labels."""
+def confusion_png(matrix, class_names, row_totals=None):
+    """Each row coloured by its share of the true class (`row_totals`: the class's count, when `matrix` is a close-up
+    of some classes): every class name on the axes up to LABELLED_CLASSES classes, the counts in the cells up to
+    COUNTED_CLASSES; beyond, a heat map of the whole matrix without labels."""
     matrix = np.asarray(matrix)
     n = len(matrix)
-    rows = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    totals = matrix.sum(1) if row_totals is None else np.asarray(row_totals)
+    rows = matrix / np.maximum(totals, 1)[:, None]
     labelled = n <= LABELLED_CLASSES
     side = max(5.0, 0.32 * n + 2.5) if labelled else 8.0
     fig = figure(side + 1.2, side)
@@ -410,8 +414,8 @@ def confusion_section(confusion, class_names):
     return (text + f"true class. All {n:,} classes, too many to name:</p>"
             + image(confusion_png(confusion, class_names), "confusion matrix of every class", "confusion")
             + f"<p>The {len(chosen)} classes of the largest confusions, every other class left out:</p>"
-            + image(confusion_png(close_up, [class_names[i] for i in chosen]), "confusion matrix of the most "
-                    "confused classes", "confusion-close-up")
+            + image(confusion_png(close_up, [class_names[i] for i in chosen], confusion[chosen].sum(1)),
+                    "confusion matrix of the most confused classes", "confusion-close-up")
             + "<p>The largest confusions:</p>"
             + table(("true class", "predicted as", "count", "% of the true class"), pairs, "most-confused"))
 
