@@ -136,12 +136,18 @@ def test_a_segmentation_checkpoint_keeps_the_pixel_counts(segmentation_run):
 
 # ---- the page -----------------------------------------------------------------------------------------------------
 
-def test_the_report_of_a_run_validated_every_few_steps(interval_run, tmp_path):
+def written_report(run, tmp_path):
+    """(path, text) of the report of `run`, which fetches nothing."""
     matplotlib_or_skip()
     page = tmp_path / "report.html"
-    report.write_report(interval_run, page)
+    report.write_report(run, page)
     text = page.read_text()
     assert only_data_uris(text)
+    return page, text
+
+
+def test_the_report_of_a_run_validated_every_few_steps(interval_run, tmp_path):
+    page, text = written_report(interval_run, tmp_path)
     assert "python classification/train.py" in text and "--eval-interval 3" in text and "--epochs 2" in text
     best = torch.load(interval_run / "best.pth", weights_only=True)
     where = f"epoch {best['epoch']}" + (f", step {best['step']}" if best["step"] else "")
@@ -155,11 +161,7 @@ def test_the_report_of_a_run_validated_every_few_steps(interval_run, tmp_path):
 
 
 def test_the_report_of_a_segmentation_run(segmentation_run, tmp_path):
-    matplotlib_or_skip()
-    page = tmp_path / "report.html"
-    report.write_report(segmentation_run, page)
-    text = page.read_text()
-    assert only_data_uris(text)
+    page, text = written_report(segmentation_run, tmp_path)
     assert "python segmentation/train.py" in text and ">IoU<" in text and ">Dice<" in text
     assert all(f"val_examples/{i} at epoch" in text for i in range(4))
     check_in_browser(page, tmp_path, {"curves", "confusion", "val_examples/0"})
