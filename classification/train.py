@@ -272,7 +272,7 @@ def main(args):
                 guards.preemption.exit()
             record.update(val)
             checkpointer.save_validated(epoch, record.get("val_ema_acc1", val["val_acc1"]),  # with EMA, its weights
-                                        None if stop == run.epoch_end(epoch) else stop)
+                                        None if stop == run.epoch_end(epoch) else stop, meter.confusion.matrix)
             log.record(record, by)
             if log.writer is not None:
                 log_pictures(log.writer, model, val_loader, meter, class_names, precision, record[by])

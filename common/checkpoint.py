@@ -51,23 +51,20 @@ def load_checkpoint(path):
                               "an earlier checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):  # e.g. torchvision's references store an argparse.Namespace
+    except Exception as e:
+        # e.g. torchvision's references store an argparse.Namespace
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
             raise CheckpointError(
                 f"checkpoint {path} holds Python objects besides tensors, which weights_only loading refuses: "
                 "if you trust the file, load it once with weights_only=False and torch.save its 'model' entry "
                 "to a new file, then use that file") from None
-        cause = e
-    except Exception as e:
-        cause = e
-    else:
-        if not isinstance(checkpoint, dict):
-            raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict: give a "
-                                  "checkpoint written by train.py, or a model's state dict")
-        return checkpoint
-    first_line = (re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip().splitlines() or ["no message"])[0]
-    raise CheckpointError(f"cannot read checkpoint {path} ({type(cause).__name__}: {first_line}): the file is "
-                          "truncated, corrupt or not a PyTorch checkpoint; use an earlier checkpoint")
+        first_line = (re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines() or ["no message"])[0]
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {first_line}): the file is "
+                              "truncated, corrupt or not a PyTorch checkpoint; use an earlier checkpoint") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict: give a "
+                              "checkpoint written by train.py, or a model's state dict")
+    return checkpoint
 
 
 def is_bare_state_dict(checkpoint):
@@ -215,16 +212,16 @@ def write_failure(error):
     cause = error
     while cause is not None and not isinstance(cause, OSError):
         cause = cause.__cause__ or cause.__context__
-    if cause is not None and cause.errno == errno.ENOSPC:
+    if cause is None:
+        lines = str(error).strip().splitlines() or ["no message"]
+        return f"{type(error).__name__}: {lines[0]}", "fix that"
+    if cause.errno == errno.ENOSPC:
         return f"{cause.strerror}: the disk is full", "free space there"
-    if cause is not None and cause.errno == errno.EDQUOT:
+    if cause.errno == errno.EDQUOT:
         return cause.strerror, "free space there or raise the quota"
-    if cause is not None and cause.errno == errno.EFBIG:
+    if cause.errno == errno.EFBIG:
         return "File too large: a file-size limit (ulimit -f) is below the checkpoint's size", "raise the limit"
-    if cause is not None:
-        return f"{type(cause).__name__}: {cause.strerror or cause}", "fix that"
-    lines = str(error).strip().splitlines() or ["no message"]
-    return f"{type(error).__name__}: {lines[0]}", "fix that"
+    return f"{type(cause).__name__}: {cause.strerror or cause}", "fix that"
 
 
 def save_checkpoint_file(state, path, output_dir):
@@ -241,10 +238,13 @@ def save_checkpoint_file(state, path, output_dir):
         raise CheckpointError(f"cannot save {path} ({problem}): {kept}") from None
 
 
+def position(epoch, step):
+    return f"epoch {epoch}" + ("" if step is None else f" step {step}")
+
+
 def save_training(state, output_dir, is_best=False, keep=0):
     """checkpoint.pth; best.pth when `is_best`; at an epoch's end checkpoint_epoch<N>.pth of the last `keep`."""
     save_checkpoint_file(state, os.path.join(output_dir, "checkpoint.pth"), output_dir)
-    where = f"epoch {state['epoch']}" + (f" step {state['step']}" if state["step"] is not None else "")
     if state["step"] is None and keep > 0:
         save_checkpoint_file(state, os.path.join(output_dir, f"checkpoint_epoch{state['epoch']}.pth"), output_dir)
         for old in range(state["epoch"] - keep, -1, -1):
@@ -254,7 +254,8 @@ def save_training(state, output_dir, is_best=False, keep=0):
             os.remove(stale)
     if is_best:
         save_checkpoint_file(state, os.path.join(output_dir, "best.pth"), output_dir)
-    print0(f"saved {output_dir}/checkpoint.pth ({where}){' and best.pth' if is_best else ''}")
+    print0(f"saved {output_dir}/checkpoint.pth ({position(state['epoch'], state['step'])})"
+           f"{' and best.pth' if is_best else ''}")
 
 
 class ResumePoint:
@@ -294,31 +295,32 @@ class Checkpointer:
         self.best = None  # the first evaluated epoch is the best so far, whatever its score
         self.validated = False  # of a resumed checkpoint: whether the validation due where it was saved has run
 
-    def state(self, epoch, step, validated=False):
+    def state(self, epoch, step, validated=False, confusion=None):
         """`step`: the optimizer steps done in `epoch` for a checkpoint saved inside it, None at its end."""
         parts, ema = self.parts, self.parts.ema
         return {"model": self.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
                 "lr_scheduler": parts.lr_scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
                 "precision": parts.precision.name, "epoch": epoch, "step": step, "validated": validated,
-                "args": dict(self.flags), self.best_key: self.best,
+                "confusion": confusion, "args": dict(self.flags), self.best_key: self.best,
                 "model_ema": ema.module.state_dict() if ema is not None else None,
                 "model_ema_n_averaged": ema.n_averaged if ema is not None else None,
                 "bad_samples": self.bad_samples.state() if self.bad_samples is not None else [], **self.must_match}
 
-    def save(self, epoch, step=None, is_best=False, validated=False):
+    def save(self, epoch, step=None, is_best=False, validated=False, confusion=None):
         """Without an output folder nothing is written, but a run whose weights went NaN still stops here."""
         models = [self.model] if self.parts.ema is None else [self.model, self.parts.ema]
-        check_finite_weights(models, f"epoch {epoch}" + ("" if step is None else f" step {step}"), self.output_dir)
+        check_finite_weights(models, position(epoch, step), self.output_dir)
         if self.bad_samples is not None:
             self.bad_samples.agree()
         if self.output_dir and self.is_main:
-            save_training(self.state(epoch, step, validated), self.output_dir, is_best, self.keep)
+            save_training(self.state(epoch, step, validated, confusion), self.output_dir, is_best, self.keep)
 
-    def save_validated(self, epoch, score, step=None):
-        """Save after a validation, as best.pth too when `score` is the best so far; returns whether it was."""
+    def save_validated(self, epoch, score, step=None, confusion=None):
+        """Save after a validation, with its confusion matrix (for tools/report.py), as best.pth too when `score`
+        is the best so far; returns whether it was."""
         is_best = self.best is None or score > self.best
         self.best = score if is_best else self.best
-        self.save(epoch, step, is_best=is_best, validated=True)
+        self.save(epoch, step, is_best, True, confusion)
         return is_best
 
     def resume(self, path, model_name, schedule_names):
@@ -338,8 +340,9 @@ class Checkpointer:
         # or version may have chosen; the scaler steps the optimizer this run built, with its choice.
         for group in optimizer.param_groups:
             group.update({key: optimizer.defaults.get(key) for key in ("fused", "foreach")})
-        check_same_schedule(checkpoint.get("args") or {}, self.flags, schedule_names, path)
-        check_same_global_batch(checkpoint.get("args") or {}, self.flags, path)
+        trained_flags = checkpoint.get("args") or {}
+        check_same_schedule(trained_flags, self.flags, schedule_names, path)
+        check_same_global_batch(trained_flags, self.flags, path)
         for name, value in self.must_match.items():  # other classes of the same count; another epoch length
             if name in checkpoint and checkpoint[name] != value:
                 raise CheckpointError(f"cannot resume from {path}: it was trained with {name} {checkpoint[name]}, "

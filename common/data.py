@@ -346,7 +346,7 @@ def default_workers(most=8):
     return min(most, cores)
 
 
-class ShardedEvalSampler(torch.utils.data.Sampler):
+class ShardedEvalSampler(Sampler):
     """Every sample once, no padding: DistributedSampler's padding would count some samples twice."""
 
     def __init__(self, dataset, rank=0, world_size=1):
@@ -386,9 +386,8 @@ class SyntheticBatches:
     def __init__(self, shapes, num_classes, device, sampler, distinct=4):
         (image_shape, target_shape), self.batch_size = shapes, shapes[0][0]
         self.sampler, self.dataset = sampler, sampler.dataset
-        self.batches = [(torch.randn(image_shape, device=device), torch.randint(num_classes, target_shape,
-                                                                                 device=device))
-                        for _ in range(distinct)]
+        self.batches = [(torch.randn(image_shape, device=device),
+                         torch.randint(num_classes, target_shape, device=device)) for _ in range(distinct)]
 
     def __len__(self):
         return len(self.sampler) // self.batch_size
@@ -465,13 +464,13 @@ class BadSamples:
             if index in self.known or index in self.new:
                 continue  # met before, in an earlier epoch or by another copy of --ra-sampler
             self.new[index] = (path, error)
-            rank = launch_rank()
+            rank, count = launch_rank(), len(self.known) + len(self.new)
             print(f"note{'' if rank == 0 else f' (rank {rank})'}: {error}; skipped, a stand-in sample is trained on "
-                  f"instead (bad sample {len(self.known) + len(self.new)} of at most {self.limit})", flush=True)
-            if len(self.known) + len(self.new) > self.limit:
+                  f"instead (bad sample {count} of at most {self.limit})", flush=True)
+            if count > self.limit:
                 if is_main_process():
                     self.write({**self.known, **self.new})
-                raise SampleError(self.too_many(error, len(self.known) + len(self.new)))
+                raise SampleError(self.too_many(error, count))
 
     def agree(self):
         """A collective: call it on every rank at the same points."""

@@ -98,4 +98,5 @@ class SegmentationMeter:
         iou = self.confusion.iou()
         return {"miou": 100 * self.confusion.mean_iou(), "pixel_acc": 100 * self.confusion.accuracy(),
                 "mean_acc": 100 * torch.tensor(self.confusion.per_class_accuracy()).nanmean().item(),
-                "per_class_iou": [None if x != x else 100 * x for x in iou], "num_images": int(self.num_images)}
+                "per_class_iou": [None if x != x else 100 * x for x in iou], "num_images": int(self.num_images),
+                "confusion": self.confusion.matrix}

@@ -265,7 +265,8 @@ def main(args):
             if val is None:  # a signal during validation: the training is saved now; the validation reruns on resume
                 checkpointer.save(epoch, stop)
                 guards.preemption.exit()
-            checkpointer.save_validated(epoch, val["miou"], None if stop == run.epoch_end(epoch) else stop)
+            checkpointer.save_validated(epoch, val["miou"], None if stop == run.epoch_end(epoch) else stop,
+                                        val["confusion"])
             record.update(val_miou=val["miou"], val_pixel_acc=val["pixel_acc"], val_mean_acc=val["mean_acc"])
             log.record(record, by)
             if log.writer is not None:

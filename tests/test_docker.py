@@ -226,15 +226,17 @@ def test_the_image_installs_the_repository_requirement_files(dockerfile):
     base, dev = dockerfile["stages"]["torch"], dockerfile["stages"]["dev"]
     assert ("COPY", "docker/constraints.txt docker/locked.py /opt/requirements/") in base["instructions"]
     assert ("COPY", "requirements.txt /opt/requirements/") in base["instructions"]
-    assert ("COPY", "requirements-dev.txt requirements-export.txt /opt/requirements/") in dev["instructions"]
+    assert ("COPY", "requirements-dev.txt requirements-export.txt requirements-report.txt /opt/requirements/") in \
+        dev["instructions"]
     install = next(run for run in runs(base) if "-r /opt/requirements/requirements.txt" in run)
     assert "-c /opt/requirements/constraints.txt" in install
     assert '--extra-index-url "$TORCH_INDEX_URL"' in install
     dev_install = next(run for run in runs(dev) if "pip install" in run)
     assert "-r /opt/requirements/requirements-dev.txt -c /opt/requirements/constraints.txt" in dev_install
-    # requirements-dev.txt names the other two relatively, so all three must sit side by side in the image.
+    # requirements-dev.txt names the other three relatively, so all four must sit side by side in the image.
     dev_lines = (ROOT / "requirements-dev.txt").read_text().splitlines()
     assert "-r requirements.txt" in dev_lines and "-r requirements-export.txt" in dev_lines
+    assert "-r requirements-report.txt" in dev_lines
 
 
 def test_every_pip_install_is_constrained_locked_and_takes_the_index_argument(dockerfile):
@@ -291,7 +293,8 @@ def test_every_requirement_is_pinned_to_a_version_that_satisfies_it():
         (specifier,) = requirement.specifier
         assert specifier.operator == "==", f"{requirement} is not an exact pin"
         pins[canonicalize_name(requirement.name)] = Version(specifier.version)
-    for path in (ROOT / "requirements.txt", ROOT / "requirements-dev.txt", ROOT / "requirements-export.txt"):
+    for path in (ROOT / "requirements.txt", ROOT / "requirements-dev.txt", ROOT / "requirements-export.txt",
+                 ROOT / "requirements-report.txt"):
         for requirement in requirement_lines(path):
             name = canonicalize_name(requirement.name)
             assert name in pins, f"{path.name}: {requirement} has no pin in docker/constraints.txt"
