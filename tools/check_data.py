@@ -4,9 +4,10 @@ the checks training makes), on all cores, and report them all in one run with th
     python tools/check_data.py --data-path /data/imagenet                        # an ImageFolder tree: train/, val/
     python tools/check_data.py --dataset cityscapes --data-path /data/cityscapes  # a segmentation layout
 
-It takes the train scripts' data flags (--data-path, --dataset, --voc-aug, -j, --list-cache, --output-dir; any other
-flag of a training command is ignored, so that command's flags can be pasted as they are). Exit status 0: every
-file is good; 1: bad files, each on a line `bad: ...` naming it; 2: the layout itself is wrong (one `error:` line).
+It takes the train scripts' data flags (--data-path, --dataset, --voc-aug, --classes-file, --binary-masks, -j,
+--list-cache, --output-dir; any other flag of a training command is ignored, so that command's flags can be pasted
+as they are). Exit status 0: every file is good; 1: bad files, each on a line `bad: ...` naming it; 2: the layout
+itself is wrong (one `error:` line).
 """
 import argparse
 import bisect
@@ -24,7 +25,7 @@ from classification.data import list_split
 from common.flags import number
 from common.data import read_image, shown
 from common.log import SampleError, run_cli
-from segmentation.datasets import DATASETS, check_same_size, read_mask_values
+from segmentation.datasets import DATASETS, check_same_size, open_split
 
 
 def get_args_parser():
@@ -34,6 +35,9 @@ def get_args_parser():
     add("--dataset", choices=sorted(DATASETS), help="segmentation: the layout of --data-path (default: an ImageFolder "
         "tree for classification)")
     add("--voc-aug", action="store_true", default=None, help="VOC: check the SBD augmented training set too")
+    add("--classes-file", metavar="PATH", help="folder layout: its classes file (default: ROOT/classes.txt, else the "
+        "masks' values)")
+    add("--binary-masks", action="store_true", help="folder layout: masks of 0 and 255 are background and foreground")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     add("-j", "--workers", type=number(int, at_least=0), default=cores,
         help=f"processes that decode (default: {cores}, every core; 0: this process alone)")
@@ -92,8 +96,9 @@ class SegmentationCheck(Samples):
     """Each image and mask of a segmentation layout's splits, read with training's checks (mask mode, values, the
     image's size); grouped by city for Cityscapes, else by split."""
 
-    def __init__(self, name, data_path, voc_aug):
-        splits = [(split, DATASETS[name](data_path, split)) for split in ("train_aug" if voc_aug else "train", "val")]
+    def __init__(self, name, data_path, flags):
+        splits = [(split, open_split(name, data_path, split, flags))
+                  for split in ("train_aug" if flags.get("voc_aug") else "train", "val")]
         super().__init__(splits, [len(dataset) for _, dataset in splits])
         self.by_city, self.problems = name == "cityscapes", []
 
@@ -105,19 +110,18 @@ class SegmentationCheck(Samples):
     def check(self, item):
         split, index = self.locate(item)
         dataset = self.splits[split][1]
-        (image_path, mask_path), errors, image, values = dataset.files[index], [], None, None
+        (image_path, mask_path), errors, image, mask = dataset.files[index], [], None, None
         try:
             image = read_image(image_path)
         except SampleError as e:
             errors.append(str(e))
         try:
-            values = read_mask_values(mask_path)
-            dataset.label_maps[index](values, mask_path)
+            mask = dataset.read_mask(index)
         except SampleError as e:
             errors.append(str(e))
-        if image is not None and values is not None:
+        if image is not None and mask is not None:
             try:
-                check_same_size(image, image_path, values, mask_path)
+                check_same_size(image, image_path, mask, mask_path)
             except SampleError as e:
                 errors.append(str(e))
         return errors
@@ -157,7 +161,7 @@ def check_all(checker, workers):
 def main(args):
     started = time.perf_counter()
     if args.dataset:
-        checker = SegmentationCheck(args.dataset, args.data_path, args.voc_aug)
+        checker = SegmentationCheck(args.dataset, args.data_path, vars(args))
         what = "images and masks"
     else:
         checker = ImageFolderCheck(args.data_path, args.list_cache or args.output_dir)
