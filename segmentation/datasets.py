@@ -435,11 +435,12 @@ def colour_code(rgb):
 
 class FolderLabels:
     """The folder layout's masks to train ids: index masks (L, P, 16-bit) through `index_map`, a LabelMap; colour
-    masks (RGB) through `colours`, colour -> train id, which are `described` in errors (e.g. "a class colour of
-    ROOT/classes.txt"; None when there are no colours, and then `no_colours` says why)."""
+    masks (RGB) through `colours`, colour -> train id. An unknown colour's error says it is not `described` ("a
+    class colour of ROOT/classes.txt") and how to `fix` it ({colour} is filled in); with no colours, a colour
+    mask's error says why (`no_colours`)."""
 
-    def __init__(self, index_map, colours, described, no_colours=None):
-        self.index_map, self.described, self.no_colours = index_map, described, no_colours
+    def __init__(self, index_map, colours, described=None, fix=None, no_colours=None):
+        self.index_map, self.described, self.fix, self.no_colours = index_map, described, fix, no_colours
         table = sorted((int(colour_code(colour)), train_id) for colour, train_id in colours.items())
         self.codes = np.array([code for code, _ in table], dtype=np.int64)
         self.train_ids = np.array([train_id for _, train_id in table], dtype=np.uint8)
@@ -461,15 +462,15 @@ class FolderLabels:
             others = len(np.unique(codes[~known])) - 1
             more = f" (and {others} more unknown colour{'s' * (others > 1)})" if others else ""
             raise SampleError(f"mask {shown(path)} holds the colour {colour} at pixel x={x}, y={y}{more}, which is not "
-                              f"{self.described}: add a line 'name {colour}' for its class there, or repaint those "
-                              "pixels in a class's colour")
+                              f"{self.described}: {self.fix.format(colour=colour)}")
         return torch.from_numpy(self.train_ids[slots])
 
 
 BINARY_LABELS = FolderLabels(
     LabelMap({0: 0, 255: 1}, "0 = background and 255 = foreground of --binary-masks; masks of 0 and 1 are class "
              "indices already: drop the flag"),
-    {(0, 0, 0): 0, (255, 255, 255): 1}, "black (background) or white (foreground), as --binary-masks reads them")
+    {(0, 0, 0): 0, (255, 255, 255): 1}, "black (background) or white (foreground), as --binary-masks reads them",
+    "repaint those pixels black or white")
 BINARY_COLOURS = [(0, 0, 0), (255, 255, 255)]
 
 
@@ -478,9 +479,10 @@ def index_labels(count, source, colours):
     index_map = LabelMap({**{i: i for i in range(count)}, IGNORE_INDEX: IGNORE_INDEX},
                          f"class indices 0..{count - 1}, as in {source}, or 255 for void")
     if colours is None:
-        return FolderLabels(index_map, {}, None, f"{source} gives the classes no colours: add R G B after each class "
-                            "name ('scratch 255 0 0'), or save the masks as class indices (8-bit grayscale PNGs)")
-    return FolderLabels(index_map, {colour: i for i, colour in enumerate(colours)}, f"a class colour of {source}")
+        return FolderLabels(index_map, {}, no_colours=f"{source} gives the classes no colours: add R G B after each "
+                            "class name ('scratch 255 0 0'), or save the masks as class indices (8-bit grayscale PNGs)")
+    return FolderLabels(index_map, {colour: i for i, colour in enumerate(colours)}, f"a class colour of {source}",
+                        "add a line 'name {colour}' for its class there, or repaint those pixels in a class's colour")
 
 
 def class_line(text, number, path):
@@ -488,7 +490,7 @@ def class_line(text, number, path):
     words, numbers = text.split(), 0
     while numbers < len(words) and words[-1 - numbers].isdigit():
         numbers += 1
-    where = f"line {number} of {shown(path)}, {shown(repr(text.strip()))},"
+    where = f"line {number} of {shown(path)}, {text.strip()!r},"
     if numbers in (1, 2):
         raise UserError(f"{where} ends in {numbers} number{'s' * (numbers > 1)}: a colour takes three, R G B from 0 "
                         "to 255 (e.g. 'scratch 255 0 0'), and a class name cannot end in a number")

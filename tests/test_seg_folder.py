@@ -221,6 +221,11 @@ def test_masks_of_0_and_255_ask_for_binary_masks(tmp_path):
     assert Image.open(root / "train" / "masks" / "t2.png").mode == "1"
     for i in (1, 2):
         np.testing.assert_array_equal(train.read_mask(i).numpy(), grid([0, 1]))
+    Image.fromarray(coloured(grid([0, 1]), [(0, 0, 0), (250, 250, 250)])).save(root / "train" / "masks" / "t1.png")
+    with pytest.raises(SampleError, match=r"t1\.png holds the colour 250 250 250 at pixel x=1, y=0, which is not "
+                                          r"black \(background\) or white \(foreground\), as --binary-masks reads "
+                                          r"them: repaint those pixels black or white$"):
+        train.read_mask(1)
     Image.fromarray(grid([0, 1])).save(root / "train" / "masks" / "t1.png")
     with pytest.raises(SampleError, match=r"t1\.png holds values that are not allowed: 1 \(allowed: 0 = background "
                                           r"and 255 = foreground of --binary-masks; masks of 0 and 1 are class "
@@ -267,6 +272,8 @@ def test_a_folder_set_trains_on_both_backends_resumes_and_evaluates_in_its_colou
     flags = [*FOLDER_RUN, "--data-path", root, "--use-deterministic-algorithms", "--max-bad-samples", "1"]
     train_segmentation(*flags, "--epochs", "2", "--data-backend", "gpu", "--output-dir", tmp_path / "gpu")
     assert "u5.png holds values that are not allowed: 9" in (tmp_path / "gpu" / "bad_samples.txt").read_text()
+    out = capsys.readouterr().out
+    assert out.count(f"classes of {root}/classes.txt: 0 background (0 0 0), 1 scratch (255 0 0)") == 1  # read once
     train_segmentation(*flags, "--epochs", "2", "--output-dir", tmp_path / "straight")
     capsys.readouterr()
     train_segmentation(*flags, "--epochs", "2", "--output-dir", tmp_path / "resumed", "--resume", "auto")
@@ -287,8 +294,6 @@ def test_a_folder_set_trains_on_both_backends_resumes_and_evaluates_in_its_colou
     picture = Image.open(tmp_path / "predictions" / "color" / "v3.png")
     assert picture.mode == "P" and picture.size == (WIDTH, HEIGHT)
     assert picture.getpalette()[:9] == [c for colour in COLOURS.values() for c in colour]
-    out = capsys.readouterr().out
-    assert out.count(f"classes of {root}/classes.txt: 0 background (0 0 0), 1 scratch (255 0 0)") == 1  # read once
     train_segmentation("--test-only", "--resume", tmp_path / "straight" / "checkpoint.pth", "--device", "cpu",
                        "-j", "0", "--output-dir", tmp_path / "test")  # the data settings from the checkpoint
     tested = capsys.readouterr().out
@@ -305,18 +310,21 @@ def write_scenes(root, split, images, masks):
 def test_a_folder_set_learns_as_well_as_the_built_in_scenes_it_holds(tmp_path, monkeypatch):
     from segmentation import data
     from test_segmentation import log_of
-    size, train_size, val_size = 32, 1200, 101
+    size, train_size, val_size = 32, 1000, 101
     write_scenes(tmp_path / "scenes", "train", *data.make_scenes(train_size, size, 3))
     write_scenes(tmp_path / "scenes", "val", *data.make_scenes(val_size, size, 3, split="val"))
     run = ["--model", "unet", "--unet-width", "16", "--device", "cpu", "-b", "16", "--lr", "0.1", "--epochs", "2",
            "--print-freq", "25"]
     train_segmentation(*run, "--synthetic-image-size", size, "--synthetic-classes", 3, "--synthetic-train-size",
                        train_size, "--synthetic-val-size", val_size, "--output-dir", tmp_path / "built-in")
-    # The same images, model, order and epochs; the built-in set's loader flips and nothing more, so the files get
-    # flips alone too: no rescale (scale 1, crops of the whole image) and no colour jitter.
+    # The same images in the same order, the same model and epochs. The built-in set's loader flips and does
+    # nothing more, so the files get flips alone too: scale 1, crops of the whole image, no colour jitter.
     monkeypatch.setattr(data, "COLOUR_JITTER", 0.0)
     train_segmentation(*run, "--dataset", "folder", "--data-path", tmp_path / "scenes", "--base-size", size,
-                       "--crop-size", size, "--scale-range", 1, 1, "-j", "0", "--output-dir", tmp_path / "files")
+                       "--crop-size", size, "--scale-range", 1, 1, "-j", "1", "--output-dir", tmp_path / "files")
     built_in, files = (log_of(tmp_path / name)[-1]["val_miou"] for name in ("built-in", "files"))
-    assert built_in > 60  # background alone scores about 30
-    assert files >= built_in - 2.5, (files, built_in)
+    assert built_in > 60  # background everywhere scores about 30
+    # "At least", within the noise of 2 epochs: two such runs that differ only in which samples are flipped, or
+    # only in float rounding (bytes normalised at once, or after scaling to 0..1), ended 0 to 5.3 points apart
+    # (measured over 4 seeds on 800 to 1200 images; 0 here). Files read wrongly cost tens of points.
+    assert files >= built_in - 6, (files, built_in)
