@@ -580,7 +580,7 @@ def mask_values_found(listing):
                                 "(--classes-file names another file), or save the masks as class indices (black and "
                                 "white masks: --binary-masks)")
             present = values_present(values)
-            found[present[present < 256]] = True  # larger values are refused when the mask is read
+            found[present[(present >= 0) & (present < 256)]] = True  # others are refused when the mask is read
             read += 1
     return [int(v) for v in np.flatnonzero(found)], read
 
