@@ -12,7 +12,7 @@ from common.data import (MEAN, STD, NormalizeBytes, SeededSamples, ShardedEvalSa
                          TrainingSampler, ignore_stop_signals)
 from common.distributed import from_rank0
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
-from segmentation.datasets import DATASETS, IGNORE_INDEX
+from segmentation.datasets import IGNORE_INDEX, open_split
 
 COLOUR_JITTER = 0.25  # brightness, contrast and saturation factors in 1 +- this, of training crops
 SYNTHETIC_PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -38,10 +38,10 @@ def val_transform(image, mask, base_size):
     return image, mask.to(torch.int64)
 
 
-def load_dataset(dataset, data_path, split, resize_shorter_side):
-    """The split of a dataset layout, listed by rank 0 alone and sent to the others; not cached, as even ADE20K's
-    lists in well under a second."""
-    loaded = from_rank0(lambda: DATASETS[dataset](data_path, split))
+def load_dataset(args, split, resize_shorter_side):
+    """The split of the layout of --dataset, listed by rank 0 alone and sent to the others; not cached, as even
+    ADE20K's lists in well under a second (a folder's classes read from its masks are kept for the process)."""
+    loaded = from_rank0(lambda: open_split(args.dataset, args.data_path, split, vars(args)))
     loaded.resize_shorter_side = resize_shorter_side
     return loaded
 
@@ -53,7 +53,7 @@ def dataset_info(args):
         return names, SYNTHETIC_PALETTE[:len(names)]
 
     def of_val():
-        dataset = DATASETS[args.dataset](args.data_path, "val")
+        dataset = open_split(args.dataset, args.data_path, "val", vars(args))
         return dataset.class_names, dataset.palette
     return from_rank0(of_val)
 
@@ -67,8 +67,7 @@ def load_train(args, layout, device, bad_samples):
         images, masks = make_scenes(args.synthetic_train_size, args.synthetic_image_size, args.synthetic_classes)
         return synthetic_loader(images.to(device), masks.to(device), TrainingSampler(masks, layout, seed), batch_size,
                                 train=True)
-    dataset = load_dataset(args.dataset, args.data_path, "train_aug" if args.voc_aug else "train",
-                           int(args.scale_range[1] * args.base_size))
+    dataset = load_dataset(args, "train_aug" if args.voc_aug else "train", int(args.scale_range[1] * args.base_size))
     if backend == "synthetic":  # the model step alone: random batches of the real data's shape on the device
         shapes = ((batch_size, 3, *args.crop_size), (batch_size, *args.crop_size))
         return SyntheticBatches(shapes, len(dataset.class_names), device, TrainingSampler(dataset, layout, seed))
@@ -92,7 +91,7 @@ def load_val(args, env, device):
                                     split="val")
         sampler = ShardedEvalSampler(masks, env.rank, env.world_size)
         return synthetic_loader(images.to(device), masks.to(device), sampler, args.batch_size, train=False)
-    val_set = load_dataset(args.dataset, args.data_path, "val", args.base_size)
+    val_set = load_dataset(args, "val", args.base_size)
     val_set.transforms = partial(val_transform, base_size=args.base_size)
     return DataLoader(val_set, batch_size=1, num_workers=args.workers, pin_memory=device.type == "cuda",
                       sampler=ShardedEvalSampler(val_set, env.rank, env.world_size), worker_init_fn=ignore_stop_signals)

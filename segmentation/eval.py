@@ -30,9 +30,9 @@ from segmentation.model import create_model
 # Settings of the training run that evaluation repeats: this script's flags when given, else the
 # checkpoint's training arguments, else these defaults. Those without a flag here only select the model
 # or the same synthetic validation set.
-FROM_TRAINING = dict(model=None, dataset=None, data_path=None, base_size=None, crop_size=None, output_stride=8,
-                     aux_loss=False, unet_width=64, synthetic_val_size=500, synthetic_image_size=48,
-                     synthetic_classes=6)
+FROM_TRAINING = dict(model=None, dataset=None, data_path=None, classes_file=None, binary_masks=False, base_size=None,
+                     crop_size=None, output_stride=8, aux_loss=False, unet_width=64, synthetic_val_size=500,
+                     synthetic_image_size=48, synthetic_classes=6)
 
 
 def get_args_parser():
@@ -41,6 +41,9 @@ def get_args_parser():
     add("--checkpoint", required=True, help="a checkpoint written by segmentation/train.py (best.pth, checkpoint.pth)")
     add("--data-path", help="dataset root (default: the checkpoint's training data)")
     add("--dataset", choices=sorted(DATASETS), help="layout of --data-path (default: the checkpoint's)")
+    add("--classes-file", metavar="PATH", help="folder layout: its classes file (default: the checkpoint's)")
+    add("--binary-masks", action="store_true", default=None,
+        help="folder layout: masks of 0 and 255 are background and foreground (default: the checkpoint's)")
     add("--device", type=device_name, help=f"{DEVICE_NAMES} (default: cuda when available)")
     add("-b", "--batch-size", type=number(int, at_least=1), default=16,
         help="synthetic set: images per step (default: 16; real data: one)")
@@ -53,7 +56,8 @@ def get_args_parser():
     add("--ignore-index", type=int, default=IGNORE_INDEX, help="a label left out of the metrics, besides 255 (void)")
     add_eval_args(p)
     add("--output-json", help="write miou, pixel_acc, mean_acc, per_class_iou and num_images here")
-    add("--save-predictions", metavar="DIR", help="write DIR/color/<name>.png (the dataset's palette) and, for "
+    add("--save-predictions", metavar="DIR", help="write DIR/color/<name>.png (the dataset's palette, the colours "
+        "of a folder's classes.txt) and, for "
         "Cityscapes, DIR/labelIds/<name>.png for the official evaluator (CITYSCAPES_RESULTS=DIR/labelIds; the "
         "README has the command)")
     add_export_args(p)
@@ -106,6 +110,9 @@ def main(args):
                         "segmentation/train.py")
     if args.data_path is not None and args.dataset is None:
         raise UserError(f"--data-path needs --dataset to say its layout: one of {', '.join(sorted(DATASETS))}")
+    if args.data_path is not None:  # sizes a checkpoint without them (another trainer's) is evaluated at
+        layout = DATASETS[args.dataset]
+        args.base_size, args.crop_size = args.base_size or layout.base_size, args.crop_size or layout.crop_size
     env, device = init_distributed(args.device)
     # TF32 and cuDNN's choice of kernels as in training
     precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)

@@ -1,7 +1,9 @@
-"""Train a semantic segmenter (DeepLabV3+, UNet, torchvision's) on Cityscapes, PASCAL VOC, ADE20K or the synthetic set.
+"""Train a semantic segmenter (DeepLabV3+, UNet, torchvision's) on Cityscapes, PASCAL VOC, ADE20K, a folder of images
+and masks, or the synthetic set.
 
     python segmentation/train.py                                      # built-in synthetic scenes, CPU or GPU
     torchrun --nproc_per_node=4 segmentation/train.py --dataset cityscapes --data-path /data/cityscapes -b 2 --amp
+    python segmentation/train.py --dataset folder --data-path /data/defects  # train/images, train/masks, val/...
 """
 import argparse
 import math
@@ -35,10 +37,8 @@ REAL_DATA_DEFAULTS = dict(model="deeplabv3plus_resnet50", batch_size=8, epochs=8
 SYNTHETIC_DEFAULTS = dict(model="unet", batch_size=16, epochs=4, lr=0.1, lr_warmup_epochs=1, workers=0,
                           print_freq=25, unet_width=12)
 # Defaults of the flags that --test-only --resume may take from the checkpoint instead (None: not given).
-DEFAULTS = dict(output_stride=8, aux_loss=False, synthetic_val_size=500, synthetic_image_size=48, synthetic_classes=6)
-# Sizes by dataset, mmsegmentation's: the shorter side is rescaled around the base size, then cropped.
-SIZE_DEFAULTS = {"cityscapes": dict(base_size=1024, crop_size=[512, 1024]),
-                 "voc": dict(base_size=512, crop_size=[512, 512]), "ade20k": dict(base_size=512, crop_size=[512, 512])}
+DEFAULTS = dict(output_stride=8, aux_loss=False, synthetic_val_size=500, synthetic_image_size=48, synthetic_classes=6,
+                binary_masks=False)
 SECTIONS = ("data", "model", "optimisation", "evaluation (each epoch, or every --eval-interval steps)",
             "precision and speed", "checkpoints and preemption", "logging")
 # As in classification/train.py: these must match on resume, and the global batch as a product.
@@ -58,12 +58,16 @@ def get_args_parser():
     add("--voc-aug", action="store_true", help="VOC: train on the SBD augmented set "
         "(SegmentationClassAug/, ImageSets/Segmentation/train_aug.txt; 10,582 images), validate on VOC's val "
         "(default: off, VOC's 1,464 train images)")
+    add("--classes-file", metavar="PATH", help="folder: the classes, one a line in index order, optionally with the "
+        "RGB colour of colour masks ('scratch 255 0 0') (default: ROOT/classes.txt, else the masks' values 0..K-1)")
+    add("--binary-masks", action="store_true", default=None, help="folder: masks of 0 and 255 (or black and white) "
+        "are background and foreground (default: off, 255 is void)")
     add("-b", "--batch-size", type=number(int, at_least=1), help=f"crops per process per step {recipe('batch_size')}")
     add("--crop-size", type=number(int, at_least=1), nargs="+", metavar="PX", help="training crop H [W] "
-        "(default: 512 1024 on Cityscapes, 512 on VOC and ADE20K)")
+        "(default: 512 1024 on Cityscapes, 512 on VOC, ADE20K and folder)")
     add("--base-size", type=number(int, at_least=1),
         help="shorter side before random rescaling, and of validation images (default: 1024 on Cityscapes, 512 on "
-        "VOC and ADE20K)")
+        "VOC, ADE20K and folder)")
     add("--scale-range", type=number(float, above=0), nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"),
         help="random rescale of the base size (default: 0.5 2.0)")
     add("--ignore-index", type=int, default=IGNORE_INDEX, help="a label left out of loss and metrics besides 255 "
@@ -124,7 +128,8 @@ def get_args_parser():
 
 # What --test-only --resume takes from the checkpoint unless given: the model and the validation images.
 TRAINED_SETTINGS = ("model", "output_stride", "aux_loss", "unet_width", "base_size", "crop_size", "dataset",
-                    "data_path", "synthetic_val_size", "synthetic_image_size", "synthetic_classes")
+                    "data_path", "classes_file", "binary_masks", "synthetic_val_size", "synthetic_image_size",
+                    "synthetic_classes")
 
 
 def finish_args(args):
@@ -142,8 +147,8 @@ def finish_args(args):
     elif args.dataset is None:
         raise UserError(f"--data-path needs --dataset to say its layout: one of {', '.join(sorted(DATASETS))}")
     else:
-        args.base_size = args.base_size or SIZE_DEFAULTS[args.dataset]["base_size"]
-        args.crop_size = args.crop_size or SIZE_DEFAULTS[args.dataset]["crop_size"]
+        args.base_size = args.base_size or DATASETS[args.dataset].base_size
+        args.crop_size = args.crop_size or DATASETS[args.dataset].crop_size
     args.crop_size = (args.crop_size * 2)[:2]  # one number means a square
     low, high = args.scale_range
     if low > high:  # RandomResize would fail at the first sample, in a DataLoader worker

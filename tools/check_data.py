@@ -5,10 +5,10 @@ the checks training makes), on all cores, and report them all in one run with th
     python tools/check_data.py --dataset cityscapes --data-path /data/cityscapes  # a segmentation layout
     python tools/check_data.py --data-path /data/parts --train-list train.csv --val-list val.csv  # list files
 
-It takes the train scripts' data flags (--data-path, --dataset, --voc-aug, --train-list, --val-list, --classes-file,
--j, --list-cache, --output-dir; any other
-flag of a training command is ignored, so that command's flags can be pasted as they are). Exit status 0: every
-file is good; 1: bad files, each on a line `bad: ...` naming it; 2: the layout itself is wrong (one `error:` line).
+It takes the train scripts' data flags (--data-path, --dataset, --voc-aug, --classes-file, --binary-masks,
+--train-list, --val-list, -j, --list-cache, --output-dir; any other flag of a training command is ignored, so that
+command's flags can be pasted as they are). Exit status 0: every file is good; 1: bad files, each on a line
+`bad: ...` naming it; 2: the layout itself is wrong (one `error:` line).
 """
 import argparse
 import bisect
@@ -27,7 +27,7 @@ from classification.list_file import check_labels, list_class_names, read_list
 from common.flags import number
 from common.data import read_image, shown
 from common.log import SampleError, UserError, run_cli
-from segmentation.datasets import DATASETS, check_same_size, read_mask_values
+from segmentation.datasets import DATASETS, check_same_size, open_split
 
 
 def get_args_parser():
@@ -38,12 +38,14 @@ def get_args_parser():
     add("--dataset", choices=sorted(DATASETS), help="segmentation: the layout of --data-path (default: an ImageFolder "
         "tree for classification)")
     add("--voc-aug", action="store_true", default=None, help="VOC: check the SBD augmented training set too")
+    add("--classes-file", metavar="PATH", help="the classes, one a line in label order: a segmentation folder "
+        "layout's (default: ROOT/classes.txt, else the masks' values), or the class names of --train-list")
+    add("--binary-masks", action="store_true", help="folder layout: masks of 0 and 255 are background and foreground")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     add("-j", "--workers", type=number(int, at_least=0), default=cores,
         help=f"processes that decode (default: {cores}, every core; 0: this process alone)")
     add("--train-list", help="classification: a CSV of path,label rows, with --val-list, instead of class folders")
     add("--val-list", help="classification: the validation images' CSV of path,label rows")
-    add("--classes-file", help="classification: class names one a line, in label order")
     add("--list-cache", metavar="DIR", help="classification: read and refresh the train scripts' listing cache here")
     add("--output-dir", help="classification: the cache's default place, as in the train scripts")
     return p
@@ -116,8 +118,9 @@ class SegmentationCheck(Samples):
     """Each image and mask of a segmentation layout's splits, read with training's checks (mask mode, values, the
     image's size); grouped by city for Cityscapes, else by split."""
 
-    def __init__(self, name, data_path, voc_aug):
-        splits = [(split, DATASETS[name](data_path, split)) for split in ("train_aug" if voc_aug else "train", "val")]
+    def __init__(self, name, data_path, flags):
+        splits = [(split, open_split(name, data_path, split, flags))
+                  for split in ("train_aug" if flags.get("voc_aug") else "train", "val")]
         super().__init__(splits, [len(dataset) for _, dataset in splits])
         self.by_city, self.problems = name == "cityscapes", []
 
@@ -129,19 +132,18 @@ class SegmentationCheck(Samples):
     def check(self, item):
         split, index = self.locate(item)
         dataset = self.splits[split][1]
-        (image_path, mask_path), errors, image, values = dataset.files[index], [], None, None
+        (image_path, mask_path), errors, image, mask = dataset.files[index], [], None, None
         try:
             image = read_image(image_path)
         except SampleError as e:
             errors.append(str(e))
         try:
-            values = read_mask_values(mask_path)
-            dataset.label_maps[index](values, mask_path)
+            mask = dataset.read_mask(index)
         except SampleError as e:
             errors.append(str(e))
-        if image is not None and values is not None:
+        if image is not None and mask is not None:
             try:
-                check_same_size(image, image_path, values, mask_path)
+                check_same_size(image, image_path, mask, mask_path)
             except SampleError as e:
                 errors.append(str(e))
         return errors
@@ -185,7 +187,7 @@ def main(args):
         raise UserError("give --data-path: an ImageFolder tree, with --dataset a segmentation layout, or with "
                         "--train-list and --val-list where their relative paths start")
     if args.dataset:
-        checker = SegmentationCheck(args.dataset, args.data_path, args.voc_aug)
+        checker = SegmentationCheck(args.dataset, args.data_path, vars(args))
         what = "images and masks"
     elif lists:
         checker, what = ImageFolderCheck.of_lists(args), "images"
