@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset, Sampler, default_collate
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from common.log import SampleError, UserError, in_process_group, is_main_process, launch_rank, print0
 
@@ -20,6 +21,8 @@ from common.log import SampleError, UserError, in_process_group, is_main_process
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torchvision's weights expect
 REPLACE_IMAGE = "delete the file or replace it with a valid image"
+# torchvision's list and the other photo formats Pillow reads (of a GIF, the first frame).
+IMAGE_EXTENSIONS = IMG_EXTENSIONS + (".jfif", ".jpe", ".gif", ".apng", ".avif", ".pbm", ".pnm")
 
 
 def replace_hint(what):

@@ -55,8 +55,7 @@ class Predictor(nn.Module):
         height, width = images.shape[-2:]
         images = F.pad(images, (0, max(crop_w - width, 0), 0, max(crop_h - height, 0)))  # small images: one window
         full_h, full_w = images.shape[-2:]
-        tops = sorted({*range(0, full_h - crop_h, stride_h), full_h - crop_h})  # the last window ends at the edge
-        lefts = sorted({*range(0, full_w - crop_w, stride_w), full_w - crop_w})
+        tops, lefts = window_starts(full_h, crop_h, stride_h), window_starts(full_w, crop_w, stride_w)
         total, count = None, torch.zeros(1, 1, full_h, full_w, device=images.device)
         for top in tops:
             for left in lefts:
@@ -66,6 +65,11 @@ class Predictor(nn.Module):
                 total[..., top:top + crop_h, left:left + crop_w] += logits
                 count[..., top:top + crop_h, left:left + crop_w] += 1
         return (total / count)[..., :height, :width]
+
+
+def window_starts(length, window, stride):
+    """Where windows start along `length` pixels (at least a window): every `stride`, the last ending at the edge."""
+    return sorted({*range(0, length - window, stride), length - window})
 
 
 def add_eval_args(parser):
