@@ -14,6 +14,9 @@ from common.log import UserError, print0
 from common.metrics import SegmentationMeter
 
 
+EXAMPLE_HEIGHT = 192
+
+
 class Predictor(nn.Module):
     """Class scores of a segmentation model at the images' size: its logits, or with test-time augmentation the
     probabilities averaged over every scale and flip (logits of different scales are not on one scale)."""
@@ -122,7 +125,8 @@ def validate(model, val_loader, class_names, precision, args, name, guards=None)
 
 @torch.inference_mode()
 def log_validation(writer, summary, class_names, model, val_loader, palette, precision, args, step):
-    """TensorBoard: each class's IoU, and input | label | prediction of the first four validation images."""
+    """TensorBoard: each class's IoU, and input | label | prediction of the first four validation images, at least
+    EXAMPLE_HEIGHT pixels tall."""
     for name, iou in zip(class_names, summary["per_class_iou"]):
         if iou is not None:
             writer.add_scalar(f"val_iou/{name}", iou, step)
@@ -138,6 +142,8 @@ def log_validation(writer, summary, class_names, model, val_loader, palette, pre
             scores = predictor(image)
         predicted = F.interpolate(scores.float(), target.shape[-2:], mode="bilinear").argmax(1)
         picture = F.interpolate(image.float().cpu() * std + mean, target.shape[-2:])
-        picture = (picture[0].clamp(0, 1) * 255).to(torch.uint8)
-        row = [picture, colours[target[0]].permute(2, 0, 1).cpu(), colours[predicted[0]].permute(2, 0, 1).cpu()]
-        writer.add_image(f"val_examples/{i}", torch.cat(row, dim=2), step)
+        picture, gap = (picture[0].clamp(0, 1) * 255).to(torch.uint8), torch.full((3, len(target[0]), 2), 255)
+        row = torch.cat([picture, gap, colours[target[0]].permute(2, 0, 1).cpu(), gap,
+                         colours[predicted[0]].permute(2, 0, 1).cpu()], dim=2).to(torch.uint8)
+        zoom = -(-EXAMPLE_HEIGHT // row.shape[1])  # small images in blocks of zoom x zoom pixels
+        writer.add_image(f"val_examples/{i}", row.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2), step)
