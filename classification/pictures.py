@@ -1,5 +1,7 @@
 """Pictures of a classifier's validation, for TensorBoard and eval.py --confusion-png: the confusion matrix, and a
 grid of predictions."""
+import itertools
+
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms.v2.functional import pil_to_tensor
@@ -7,53 +9,42 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from common.checkpoint import unwrap
 from common.data import MEAN, STD
 
-TITLE = 14  # pixels of the axis titles' band
-LONGEST = 160  # pixels of a class name at most: longer ones are cut
+TITLE, LONGEST = 14, 28  # pixels of the axis titles' band; characters of a class name at most
 
 
 def confusion_matrix_image(matrix, class_names=None, cell=None):
     """Row-normalised confusion matrix as a Pillow image, white = 0, dark blue = all of the row; the counts when
-    the cells are large enough to read, and the class names, whole up to LONGEST pixels."""
+    the cells are large enough to read, and the class names, whole up to LONGEST characters."""
     n, font = matrix.shape[0], ImageFont.load_default()
     cell = cell or max(1, min(40, 960 // n))
-    names = [fitted(str(name), font) for name in class_names] if class_names is not None and cell >= 12 else []
-    margin = TITLE + 6 + int(max(map(font.getlength, names))) if names else 0
+    names = [name if len(name) <= LONGEST else name[:LONGEST - 2] + ".." for name in map(str, class_names or [])]
+    margin = TITLE + 6 + int(max(map(font.getlength, names))) if cell >= 12 and names else 0
     rows = matrix.double() / matrix.sum(1, keepdim=True).clamp(min=1)
-    image = Image.new("RGB", (margin + n * cell, margin + n * cell), "white")
+    colours = torch.stack([255 * (1 - rows), 255 * (1 - 0.8 * rows), 255 - 100 * rows], -1).to(torch.uint8).numpy()
+    image = Image.new("RGB", (margin + n * cell,) * 2, "white")
+    image.paste(Image.fromarray(colours).resize((n * cell,) * 2, Image.Resampling.NEAREST), (margin, margin))
     draw = ImageDraw.Draw(image)
-    for i in range(n):
-        for j in range(n):
-            v, x, y = float(rows[i, j]), margin + j * cell, margin + i * cell
-            if v > 0:
-                colour = (int(255 * (1 - v)), int(255 * (1 - 0.8 * v)), 255 - int(100 * v))
-                draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour)
-            count = str(int(matrix[i, j]))
-            if names and font.getlength(count) + 4 <= cell:
-                draw.text((x + 2, y + cell // 2 - 5), count, fill="white" if v > 0.5 else "black", font=font)
-    if names:
+    for i, j in itertools.product(range(n), repeat=2) if margin else ():
+        count = str(int(matrix[i, j]))
+        if font.getlength(count) + 4 <= cell:
+            colour = "white" if rows[i, j] > 0.5 else "black"
+            draw.text((margin + j * cell + 2, margin + i * cell + cell // 2 - 5), count, fill=colour, font=font)
+    if margin:
         draw_axes(image, draw, names, cell, margin, font)
     return image
 
 
-def fitted(name, font):
-    while font.getlength(name) > LONGEST:
-        name = name[:-4] + "..."
-    return name
-
-
 def draw_axes(image, draw, names, cell, margin, font):
-    """Each class name beside its row and above its column, there written across a band that is turned to read
-    upwards (as is the title of the rows)."""
-    top, bottom = font.getbbox("Ag")[1::2]
-    draw.text((margin, 1), "predicted class", fill="black", font=font)
-    title, columns = Image.new("RGB", (len(names) * cell, TITLE), "white"), Image.new(
-        "RGB", (margin - TITLE, len(names) * cell), "white")
-    ImageDraw.Draw(title).text(((title.width - font.getlength("true class")) // 2, 1), "true class", fill="black",
-                               font=font)
+    """Each class name beside its row, and above its column written across a band turned to read upwards, as the
+    rows' title is."""
+    middle = (cell - sum(font.getbbox("Ag")[1::2])) // 2
+    columns = Image.new("RGB", (margin - TITLE, len(names) * cell), "white")
     for i, name in enumerate(names):
-        y = i * cell + (cell - top - bottom) // 2
-        draw.text((margin - 3 - int(font.getlength(name)), margin + y), name, fill="black", font=font)
-        ImageDraw.Draw(columns).text((3, y), name, fill="black", font=font)
+        draw.text((margin - 3 - int(font.getlength(name)), margin + i * cell + middle), name, fill="black", font=font)
+        ImageDraw.Draw(columns).text((3, i * cell + middle), name, fill="black", font=font)
+    title = Image.new("RGB", (columns.height, TITLE), "white")
+    ImageDraw.Draw(title).text((title.width // 2 - 25, 1), "true class", fill="black", font=font)
+    draw.text((margin, 1), "predicted class", fill="black", font=font)
     image.paste(title.rotate(90, expand=True), (0, margin))
     image.paste(columns.rotate(90, expand=True), (margin, TITLE))
 
