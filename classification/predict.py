@@ -25,8 +25,9 @@ from common.checkpoint import load_checkpoint
 from common.distributed import init_distributed
 from common.engine import Precision
 from common.flags import number
-from common.inputs import ImageInputs, Progress, add_input_args, find_images, gathered, input_loader, report_unreadable
-from common.log import UserError, check_destination, run_cli
+from common.log import check_destination, run_cli
+from common.prediction import (ImageInputs, Progress, add_input_args, find_images, gathered, input_loader,
+                               report_unreadable, settings_from_training)
 
 
 def get_args_parser():
@@ -100,12 +101,7 @@ def main(args):
     if trained and trained.get("data_path") is None:  # the synthetic set's images are neither resized nor cropped
         size = trained["train_crop_size"]
         trained = {**trained, "val_resize_size": size, "val_crop_size": size}
-    for name, default in FROM_TRAINING.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, trained.get(name, default))
-    if not args.model:
-        raise UserError(f"{args.checkpoint} does not say which model it holds: predict with a checkpoint written by "
-                        "classification/train.py")
+    settings_from_training(args, trained, FROM_TRAINING, "classification/train.py")
     env, device = init_distributed(args.device)
     precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
     class_names = checkpoint.get("class_names") or dataset_classes(args)

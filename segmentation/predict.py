@@ -30,8 +30,9 @@ from common.checkpoint import load_checkpoint
 from common.distributed import init_distributed
 from common.engine import Precision
 from common.flags import number
-from common.inputs import ImageInputs, Progress, add_input_args, find_images, gathered, input_loader, report_unreadable
 from common.log import UserError, check_destination, run_cli
+from common.prediction import (ImageInputs, Progress, add_input_args, find_images, gathered, input_loader,
+                               report_unreadable, settings_from_training)
 from segmentation.data import dataset_info, val_transform
 from segmentation.datasets import voc_colour
 from segmentation.eval import FROM_TRAINING, model_from_checkpoint
@@ -78,7 +79,8 @@ def score_bands(predictor, image):
         return
     (crop_h, crop_w), (stride_h, stride_w) = predictor.crop, predictor.stride
     height, width = image.shape[-2:]
-    image = F.pad(image, (0, max(crop_w - width, 0), 0, max(crop_h - height, 0)))  # small images: one window
+    if height < crop_h or width < crop_w:  # small images: one window (a copy, which a large one need not take)
+        image = F.pad(image, (0, max(crop_w - width, 0), 0, max(crop_h - height, 0)))
     full_h, full_w = image.shape[-2:]
     tops, lefts = window_starts(full_h, crop_h, stride_h), window_starts(full_w, crop_w, stride_w)
     rows, columns = torch.zeros(full_h), torch.zeros(full_w)  # windows over each row, each column
@@ -124,7 +126,7 @@ def predict_labels(predictor, image, base_size):
     size = image.shape[-2:]
     resized = val_transform(image, NO_MASK, base_size or min(size))[0][None]
     if resized.shape[-2:] == size:
-        return torch.cat([scores.argmax(1) for scores in score_bands(predictor, resized)], dim=1)[0].to(torch.uint8)
+        return torch.cat([scores.argmax(1).to(torch.uint8) for scores in score_bands(predictor, resized)], dim=1)[0]
     return upsampled_argmax(torch.cat(list(score_bands(predictor, resized)), dim=-2), size)
 
 
@@ -150,12 +152,7 @@ def main(args):
     images = find_images(args.inputs, args.lists)
     checkpoint = load_checkpoint(args.checkpoint)
     trained = checkpoint.get("args") or {}
-    for name, default in FROM_TRAINING.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, trained.get(name, default))
-    if not args.model:
-        raise UserError(f"{args.checkpoint} does not say which model it holds: predict with a checkpoint written by "
-                        "segmentation/train.py")
+    settings_from_training(args, trained, FROM_TRAINING, "segmentation/train.py")
     env, device = init_distributed(args.device)
     precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
     class_names = checkpoint.get("class_names") or dataset_info(args)[0]

@@ -2,6 +2,7 @@
 scores; unreadable images are listed and skipped; every image is predicted once, also under torchrun."""
 import csv
 import json
+import os
 import shutil
 
 import numpy as np
@@ -124,6 +125,8 @@ def test_unreadable_images_are_listed_and_skipped_and_hidden_ones_left_out(class
     for name in ("a.jpg", "day2/a.jpg", ".hidden.jpg", ".thumbnails/b.jpg"):
         write_image(photos / name, size=(48, 40))
     (photos / "broken.jpg").write_bytes(b"not a JPEG")
+    os.mkfifo(photos / "pipe.jpg")  # would block a plain open
+    os.symlink("/dev/zero", photos / "zero.jpg")  # would be read until memory runs out
     (photos / "notes.txt").write_text("not an image")
     (tmp_path / "todo.txt").write_text("photos/day2/a.jpg\n\nphotos/missing.png\n")
     predict_classes("--checkpoint", checkpoint, photos, "--list", tmp_path / "todo.txt", "--device", "cpu",
@@ -132,16 +135,19 @@ def test_unreadable_images_are_listed_and_skipped_and_hidden_ones_left_out(class
     assert [row[0] for row in rows[1:]] == [str(photos / "a.jpg"), str(photos / "day2" / "a.jpg")]
     assert rows[0] == ["path", "class_1", "probability_1"]
     unreadable = (tmp_path / "out" / "unreadable.txt").read_text().splitlines()
-    assert [line.split("\t")[0] for line in unreadable] == [str(photos / "broken.jpg"), str(tmp_path / "photos" /
-                                                                                            "missing.png")]
-    assert all(line.split("\t")[1].startswith("cannot read image ") for line in unreadable)
+    assert [line.split("\t")[0] for line in unreadable] == [str(photos / name) for name in
+                                                            ("broken.jpg", "missing.png", "pipe.jpg", "zero.jpg")]
+    assert [line.split("\t")[1].split(" (")[0] for line in unreadable[:2]] == [
+        f"cannot read image {photos / name}" for name in ("broken.jpg", "missing.png")]
+    assert " is a FIFO (named pipe), not a regular file" in unreadable[2]
+    assert " is a symlink to /dev/zero, a character device, not a regular file" in unreadable[3]
     printed = capsys.readouterr().out
-    assert "wrote the predictions of 2 images" in printed and "skipped 2 that could not be read" in printed
+    assert "wrote the predictions of 2 images" in printed and "skipped 4 that could not be read" in printed
     assert "note: 1 files under" in printed  # notes.txt
 
 
 def test_names_keep_the_path_under_the_inputs_common_folder(tmp_path):
-    from common.inputs import find_images
+    from common.prediction import find_images
     from segmentation.predict import output_names
     for name in ("day1/a.png", "day1/a.jpg", "day2/a.png", "day2/sub/b.png"):
         write_image(tmp_path / "tiles" / name)

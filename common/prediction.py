@@ -1,7 +1,7 @@
-"""The images classification/predict.py and segmentation/predict.py read: folders searched recursively, list
-files and single files, each named by its path under the inputs' common folder (so that two a.png in different
-folders keep apart in the outputs); the readable ones loaded in this rank's share, the others listed with the
-reason, never fatal; and what the ranks found, gathered on rank 0."""
+"""What classification/predict.py and segmentation/predict.py share: the images they read (folders searched
+recursively, list files, single files), each named by its path under the inputs' common folder, so that two a.png
+in different folders keep apart in the outputs; the readable ones loaded in this rank's share, the others listed
+with the reason, never fatal; the settings a checkpoint gives; and what the ranks found, gathered on rank 0."""
 import os
 import time
 
@@ -95,6 +95,17 @@ def listed(list_file):
                         "path a line") from None
     folder = os.path.dirname(list_file)
     return [os.path.join(folder, line.strip()) for line in lines if line.strip()]
+
+
+def settings_from_training(args, trained, defaults, script):
+    """Each of `defaults` that no flag gave: the training run's (`trained`, the checkpoint's args), else the
+    default."""
+    for name, default in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, trained.get(name, default))
+    if not args.model:
+        raise UserError(f"{args.checkpoint} does not say which model it holds: predict with a checkpoint written by "
+                        f"{script}")
 
 
 class ImageInputs(Dataset):
