@@ -22,7 +22,7 @@ import torch
 from classification.data import Crop, dataset_classes, val_preset
 from classification.eval import FROM_TRAINING, model_from_checkpoint
 from common.checkpoint import load_checkpoint
-from common.distributed import init_distributed
+from common.distributed import from_rank0, init_distributed
 from common.engine import Precision
 from common.flags import number
 from common.log import check_destination, run_cli
@@ -95,7 +95,6 @@ def sort_into(output_dir, rows, names, how):
 
 def main(args):
     check_destination("--output-dir", args.output_dir, folder=True)
-    images = find_images(args.inputs, args.lists)
     checkpoint = load_checkpoint(args.checkpoint)
     trained = checkpoint.get("args") or {}
     if trained and trained.get("data_path") is None:  # the synthetic set's images are neither resized nor cropped
@@ -103,6 +102,7 @@ def main(args):
         trained = {**trained, "val_resize_size": size, "val_crop_size": size}
     settings_from_training(args, trained, FROM_TRAINING, "classification/train.py")
     env, device = init_distributed(args.device)
+    images = from_rank0(lambda: find_images(args.inputs, args.lists))  # one listing: the same images on all ranks
     precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
     class_names = checkpoint.get("class_names") or dataset_classes(args)
     model = model_from_checkpoint(checkpoint, args, len(class_names)).to(device, memory_format=precision.memory_format)

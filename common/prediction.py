@@ -57,24 +57,31 @@ def find_images(inputs, lists):
         else:
             raise UserError(f"{shown(given)} does not exist: give image files, folders of images, or --list FILE")
         for path in paths:
-            found.setdefault(os.path.abspath(path), path)
+            found.setdefault(os.path.realpath(path), path)  # a file reached twice, through a link: the first path
     for list_file in lists:
         for path in listed(list_file):
-            found.setdefault(os.path.abspath(path), path)
+            found.setdefault(os.path.realpath(path), path)
             roots.append(os.path.dirname(path))
+    if not found:
+        raise UserError(f"--list {' '.join(map(shown, lists))} names no images: give one image path a line")
     root = os.path.commonpath([os.path.abspath(folder) for folder in roots])
-    return sorted((path, os.path.relpath(absolute, root)) for absolute, path in found.items())
+    return sorted((path, os.path.relpath(os.path.abspath(path), root)) for path in found.values())
 
 
 def images_under(folder):
-    """The image files under `folder` and its subfolders, hidden ones left out; a note counts the other files."""
+    """The image files under `folder` and its subfolders (also those linked to), hidden ones left out; a note
+    counts the other files."""
     def refuse(error):
         raise UserError(f"cannot list folder {shown(error.filename)} ({reason(error)}): fix its permissions or "
                         "remove it")
 
-    images, others = [], 0
-    for parent, folders, files in os.walk(folder, onerror=refuse):
-        folders[:] = [name for name in folders if not name.startswith(".")]
+    images, others, seen = [], 0, set()
+    for parent, folders, files in os.walk(folder, onerror=refuse, followlinks=True):
+        if os.path.realpath(parent) in seen:  # a link to a folder already searched, or a loop
+            folders[:] = []
+            continue
+        seen.add(os.path.realpath(parent))
+        folders[:] = sorted(name for name in folders if not name.startswith("."))  # links: the first path found
         for name in files:
             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
                 images.append(os.path.join(parent, name))

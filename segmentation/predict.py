@@ -27,7 +27,7 @@ from torch import nn
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from common.checkpoint import load_checkpoint
-from common.distributed import init_distributed
+from common.distributed import from_rank0, init_distributed
 from common.engine import Precision
 from common.flags import number
 from common.log import UserError, check_destination, run_cli
@@ -149,11 +149,11 @@ def write_prediction(output_dir, name, image, labels, palette):
 
 def main(args):
     check_destination("--output-dir", args.output_dir, folder=True)
-    images = find_images(args.inputs, args.lists)
     checkpoint = load_checkpoint(args.checkpoint)
     trained = checkpoint.get("args") or {}
     settings_from_training(args, trained, FROM_TRAINING, "segmentation/train.py")
     env, device = init_distributed(args.device)
+    images = from_rank0(lambda: find_images(args.inputs, args.lists))  # one listing: the same images on all ranks
     precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
     class_names = checkpoint.get("class_names") or dataset_info(args)[0]
     if len(class_names) > 255:

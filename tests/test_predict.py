@@ -155,6 +155,14 @@ def test_names_keep_the_path_under_the_inputs_common_folder(tmp_path):
                          "a.png"], [])
     assert [name for _, name in found] == ["day1/a.jpg", "day1/a.png", "day2/a.png", "day2/sub/b.png"]
     assert output_names([name for _, name in found]) == ["day1/a.jpg", "day1/a.png", "day2/a", "day2/sub/b"]
+    os.symlink(tmp_path / "tiles" / "day2", tmp_path / "tiles" / "day2" / "sub" / "loop")
+    os.symlink(tmp_path / "tiles" / "day1", tmp_path / "more")
+    found = find_images([tmp_path / "tiles", tmp_path / "more"], [])  # linked folders searched, each once
+    assert [name for _, name in found] == ["tiles/day1/a.jpg", "tiles/day1/a.png", "tiles/day2/a.png",
+                                           "tiles/day2/sub/b.png"]
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(UserError, match=r"^--list .*empty.txt names no images: give one image path a line"):
+        find_images([], [tmp_path / "empty.txt"])
 
 
 def test_two_processes_write_the_csv_once_as_one_does(classifier, tmp_path):
