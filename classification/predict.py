@@ -83,7 +83,8 @@ def write_csv(path, rows, k):
 def sort_into(output_dir, rows, names, how):
     """OUTPUT_DIR/<top class>/<name>: a copy of each image, or a symlink to it."""
     for image, classes, _ in rows:
-        destination = os.path.join(output_dir, classes[0], names[image])
+        folder = classes[0].replace("/", "_").replace(os.sep, "_")  # a class name is no path out of OUTPUT_DIR
+        destination = os.path.join(output_dir, folder if folder.strip(".") else f"_{folder}", names[image])
         os.makedirs(os.path.dirname(destination), exist_ok=True)
         if os.path.lexists(destination):  # from an earlier run, maybe in another class's folder now
             os.remove(destination)

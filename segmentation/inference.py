@@ -13,8 +13,7 @@ from common.flags import number
 from common.log import UserError, print0
 from common.metrics import SegmentationMeter
 
-
-EXAMPLE_HEIGHT = 192
+EXAMPLE_HEIGHT = 192  # pixels of a TensorBoard example at least: the synthetic set's 48 are too few
 
 
 class Predictor(nn.Module):
@@ -125,8 +124,7 @@ def validate(model, val_loader, class_names, precision, args, name, guards=None)
 
 @torch.inference_mode()
 def log_validation(writer, summary, class_names, model, val_loader, palette, precision, args, step):
-    """TensorBoard: each class's IoU, and input | label | prediction of the first four validation images, at least
-    EXAMPLE_HEIGHT pixels tall."""
+    """TensorBoard: each class's IoU, and input | label | prediction of the first four validation images."""
     for name, iou in zip(class_names, summary["per_class_iou"]):
         if iou is not None:
             writer.add_scalar(f"val_iou/{name}", iou, step)
