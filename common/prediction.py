@@ -159,9 +159,9 @@ class Progress:
         self.done, self.batches = self.done + images, self.batches + 1
         if self.batches % self.print_freq == 0 or self.done == self.total:
             rate = self.done / (time.perf_counter() - self.start)
-            ranks = f" (rank 0 of {self.world_size}: about {rate * self.world_size:.1f} in all)" \
+            ranks = f" (rank 0 of {self.world_size}: about {rate * self.world_size:.3g} in all)" \
                 if self.world_size > 1 else ""
-            print0(f"[{self.done:>{len(str(self.total))}}/{self.total}]  img/s: {rate:.1f}{ranks}")
+            print0(f"[{self.done:>{len(str(self.total))}}/{self.total}]  img/s: {rate:.3g}{ranks}")
 
 
 def gathered(items):
