@@ -13,6 +13,7 @@ import copy
 import io
 import json
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -232,6 +233,49 @@ def deeplab_eval_sizes(device, smoke):
         if benchmark:
             facts["seconds_second_pass_benchmark_on"] = round(seconds_of(forward_all, device, repeats=1), 3)
     return "info", facts
+
+
+@check
+def predict_on_files(device, smoke):
+    """classification/predict.py and segmentation/predict.py on image files with bfloat16 and channels_last: each
+    image predicted once, the masks at the images' sizes; a 4000x3000 photo in 512-pixel sliding windows (DeepLabV3+
+    R50 OS8, 19 classes) holds on the device what one window does, not full-size class scores (912 MB)."""
+    from classification import predict as classify
+    from classification.model import create_model as create_classifier
+    from segmentation import predict as segment
+    work = tempfile.mkdtemp(prefix="predict-check-")
+    size, window, segmenter = ((96, 64), 32, "unet") if smoke else ((4000, 3000), 512, "deeplabv3plus_resnet50")
+    pictures = {f"photos/{i}.jpg": (64, 48) for i in range(4)} | {"window/x.jpg": (window, window), "scan/x.jpg": size}
+    for i, (name, (width, height)) in enumerate(pictures.items()):
+        os.makedirs(os.path.dirname(os.path.join(work, name)), exist_ok=True)
+        Image.fromarray(textured(height, width, i).permute(1, 2, 0).numpy()).save(os.path.join(work, name))
+    torch.save({"model": create_classifier("resnet18", None, 10)[0].state_dict(), "class_names": list("abcdefghij"),
+                "args": {"model": "resnet18", "data_path": None, "train_crop_size": 32}}, os.path.join(work, "c.pth"))
+    torch.save({"model": create_segmenter(segmenter, 19, 8, unet_width=8).state_dict(),
+                "class_names": [f"class {i}" for i in range(19)],
+                "args": {"model": segmenter, "output_stride": 8, "unet_width": 8, "crop_size": [window, window]}},
+               os.path.join(work, "s.pth"))
+    flags = ["--device", str(device), "-j", "0", "--amp-dtype", "bfloat16", "--channels-last"]
+    classify.main(classify.get_args_parser().parse_args(["--checkpoint", os.path.join(work, "c.pth"), *flags,
+                                                         os.path.join(work, "photos"), "-o", os.path.join(work, "c")]))
+    with open(os.path.join(work, "c", "predictions.csv")) as f:
+        facts = {"csv_rows": len(f.read().splitlines()) - 1}
+    for name in ("window", "scan"):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        segment.main(segment.get_args_parser().parse_args([
+            "--checkpoint", os.path.join(work, "s.pth"), os.path.join(work, name), *flags, "--eval-mode", "slide",
+            "--base-size", "0", "-o", os.path.join(work, f"s_{name}")]))
+        facts[f"seconds_{name}"] = round(time.perf_counter() - started, 2)
+        if device.type == "cuda":
+            facts[f"peak_device_mib_{name}"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    facts["mask_size"] = list(Image.open(os.path.join(work, "s_scan", "masks", "x.png")).size)
+    right = facts["csv_rows"] == 4 and facts["mask_size"] == list(size)
+    if device.type == "cuda":  # the scan's windows on the device cost what one window alone does
+        right = right and facts["peak_device_mib_scan"] <= 1.1 * facts["peak_device_mib_window"] + 64
+    shutil.rmtree(work)
+    return "pass" if right else "fail", facts
 
 
 def run_check(name, device, smoke):

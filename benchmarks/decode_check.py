@@ -36,10 +36,10 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from benchmarks import trees
 from benchmarks.report import environment, write_json
-from classification.gpu_preset import EncodedSamples, GpuPreset, collate_encoded, decode_batch, nvjpeg
+from classification.gpu_preset import EncodedSamples, GpuPreset, collate_encoded, decode_batch, nvjpeg, read_file_bytes
 from common.data import BatchLayout, TrainingSampler
 from common.device_loader import DeviceLoader
-from common.data import MEAN, STD, read_file_bytes, read_image
+from common.data import MEAN, STD, read_image
 from common.optim import create_optimizer
 
 BAR = {"mean_abs_levels": 1.0, "p99_9_levels": 8}

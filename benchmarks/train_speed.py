@@ -65,7 +65,7 @@ def script_img_per_s(flags, data_flags, epochs, timeout):
             epochs_log = [json.loads(line) for line in f][1:]
         rates = sorted(epoch["img_per_s"] for epoch in epochs_log)
         return {"img_per_s": rates[len(rates) // 2] if rates else None, "epochs_img_per_s": rates,
-                "peak_memory_gib": max((e["max_memory_mib"] for e in epochs_log), default=0) / 1024}
+                "peak_memory_gib": max((e["max_memory_mib"] or 0 for e in epochs_log), default=0) / 1024}
 
 
 def write_jpeg(path, seed, size=(500, 375)):

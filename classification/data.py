@@ -10,18 +10,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision import datasets
 from torchvision.transforms import v2
 
-from common.data import (MEAN, STD, BatchesThrough, NormalizeBytes, SeededSamples, ShardedEvalSampler, SyntheticBatches,
-                         TensorLoader, TrainingSampler, ignore_stop_signals, not_a_file_error, read_image, reason,
-                         shown)
+from common.data import (IMAGE_EXTENSIONS, MEAN, STD, BatchesThrough, NormalizeBytes, SeededSamples, ShardedEvalSampler,
+                         SyntheticBatches, TensorLoader, TrainingSampler, ignore_stop_signals, not_a_file_error,
+                         read_image, reason, shown)
 from common.distributed import from_rank0
 from common.log import UserError, print0
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
 
-# torchvision's list and the other photo formats Pillow reads (of a GIF, the first frame).
-IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS + (".jfif", ".jpe", ".gif", ".apng", ".avif", ".pbm", ".pnm")
 LAYOUT_HINT = "--data-path must hold train/ and val/, each with one folder of images per class (ImageNet layout)"
 SORT_VAL_COMMAND = "python tools/sort_imagenet_val.py {folder} LOC_val_solution.csv"
 # A folder changed less than this before it was listed may change again within its timestamp's granularity (FAT

@@ -12,15 +12,41 @@ import math
 from typing import NamedTuple
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from common.data import (MEAN, STD, check_encoded_size, ignore_stop_signals, read_file_bytes, read_image, shown,
-                         stand_in_index)
+from common.data import (MEAN, REPLACE_IMAGE, STD, check_resized_size, ignore_stop_signals, open_regular, read_image,
+                         reason, shown, stand_in_index)
 from common.device_loader import DeviceLoader
 from common.log import SampleError
+
+
+def read_file_bytes(path):
+    """Never more than the file's size: a symlink to /dev/zero would otherwise read until memory runs out."""
+    f, size = open_regular(path)
+    with f:
+        try:
+            data = f.read(size)
+        except OSError as e:
+            raise SampleError(f"cannot read image {shown(path)} ({reason(e)}): {REPLACE_IMAGE}") from None
+    if not data:
+        raise SampleError(f"cannot read image {shown(path)} (the file is empty): {REPLACE_IMAGE}")
+    return data
+
+
+def check_encoded_size(path, data, shorter_side):
+    """check_resized_size from the header of encoded bytes; bytes Pillow cannot open are left to the decoder."""
+    if shorter_side is None:
+        return
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            size = image.size
+    except Exception:
+        return
+    check_resized_size(path, size, shorter_side)
 
 
 class EncodedSamples(Dataset):

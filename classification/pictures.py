@@ -1,48 +1,52 @@
 """Pictures of a classifier's validation, for TensorBoard and eval.py --confusion-png: the confusion matrix, and a
 grid of predictions."""
+import itertools
+
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from common.checkpoint import unwrap
 from common.data import MEAN, STD
 
-TITLE = 14  # pixels of the axis titles' band
+TITLE, LONGEST = 14, 28  # pixels of the axis titles' band; characters of a class name at most
 
 
 def confusion_matrix_image(matrix, class_names=None, cell=None):
     """Row-normalised confusion matrix as a Pillow image, white = 0, dark blue = all of the row; the counts when
-    the cells are large enough to read."""
-    n = matrix.shape[0]
+    the cells are large enough to read, and the class names, whole up to LONGEST characters."""
+    n, font = matrix.shape[0], ImageFont.load_default()
     cell = cell or max(1, min(40, 960 // n))
-    labelled = class_names is not None and cell >= 12
-    margin = TITLE + 90 if labelled else 0
+    names = [name if len(name) <= LONGEST else name[:LONGEST - 2] + ".." for name in map(str, class_names or [])]
+    margin = TITLE + 6 + int(max(map(font.getlength, names))) if cell >= 12 and names else 0
     rows = matrix.double() / matrix.sum(1, keepdim=True).clamp(min=1)
-    image = Image.new("RGB", (margin + n * cell, margin + n * cell), "white")
+    colours = torch.stack([255 * (1 - rows), 255 * (1 - 0.8 * rows), 255 - 100 * rows], -1).to(torch.uint8).numpy()
+    image = Image.new("RGB", (margin + n * cell,) * 2, "white")
+    image.paste(Image.fromarray(colours).resize((n * cell,) * 2, Image.Resampling.NEAREST), (margin, margin))
     draw = ImageDraw.Draw(image)
-    for i in range(n):
-        for j in range(n):
-            v, x, y = float(rows[i, j]), margin + j * cell, margin + i * cell
-            if v > 0:
-                colour = (int(255 * (1 - v)), int(255 * (1 - 0.8 * v)), 255 - int(100 * v))
-                draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour)
-            count = str(int(matrix[i, j]))
-            if labelled and cell >= 6 * len(count) + 4:  # the default font is about 6 pixels a character
-                draw.text((x + 2, y + cell // 2 - 5), count, fill="white" if v > 0.5 else "black")
-    if labelled:
-        draw_axes(image, draw, class_names, cell, margin)
+    for i, j in itertools.product(range(n), repeat=2) if margin else ():
+        count = str(int(matrix[i, j]))
+        if font.getlength(count) + 4 <= cell:
+            colour = "white" if rows[i, j] > 0.5 else "black"
+            draw.text((margin + j * cell + 2, margin + i * cell + cell // 2 - 5), count, fill=colour, font=font)
+    if margin:
+        draw_axes(image, draw, names, cell, margin, font)
     return image
 
 
-def draw_axes(image, draw, class_names, cell, margin):
-    draw.text((margin, 1), "predicted class", fill="black")
-    title = Image.new("RGB", (len(class_names) * cell, TITLE), "white")
-    pen = ImageDraw.Draw(title)
-    pen.text(((title.width - pen.textlength("true class")) // 2, 1), "true class", fill="black")
-    image.paste(title.rotate(90, expand=True), (0, margin))  # written bottom to top, down the left edge
-    for i, name in enumerate(class_names):
-        draw.text((TITLE + 2, margin + i * cell + cell // 2 - 5), str(name)[:14], fill="black")
-        draw.text((margin + i * cell + 1, TITLE + 2 + (i % 5) * 14), str(name)[:3], fill="black")
+def draw_axes(image, draw, names, cell, margin, font):
+    """Each class name beside its row, and above its column written across a band turned to read upwards, as the
+    rows' title is."""
+    middle = (cell - sum(font.getbbox("Ag")[1::2])) // 2
+    columns = Image.new("RGB", (margin - TITLE, len(names) * cell), "white")
+    for i, name in enumerate(names):
+        draw.text((margin - 3 - int(font.getlength(name)), margin + i * cell + middle), name, fill="black", font=font)
+        ImageDraw.Draw(columns).text((3, i * cell + middle), name, fill="black", font=font)
+    title = Image.new("RGB", (columns.height, TITLE), "white")
+    ImageDraw.Draw(title).text((title.width // 2 - 25, 1), "true class", fill="black", font=font)
+    draw.text((margin, 1), "predicted class", fill="black", font=font)
+    image.paste(title.rotate(90, expand=True), (0, margin))
+    image.paste(columns.rotate(90, expand=True), (margin, TITLE))
 
 
 def prediction_grid(images, targets, predicted, confidence, class_names, tile=128, columns=4):

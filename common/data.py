@@ -1,7 +1,6 @@
 """Data pieces both tasks share: image files read into RGB or refused in one clear line; the seeding scheme;
 which sample each rank sees, in which order, with which augmentation; and what stands in for a sample whose file
 fails to load (--max-bad-samples)."""
-import io
 import os
 import signal
 import stat
@@ -13,6 +12,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset, Sampler, default_collate
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from common.log import SampleError, UserError, in_process_group, is_main_process, launch_rank, print0
 
@@ -20,6 +20,8 @@ from common.log import SampleError, UserError, in_process_group, is_main_process
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torchvision's weights expect
 REPLACE_IMAGE = "delete the file or replace it with a valid image"
+# torchvision's list and the other photo formats Pillow reads (of a GIF, the first frame).
+IMAGE_EXTENSIONS = IMG_EXTENSIONS + (".jfif", ".jpe", ".gif", ".apng", ".avif", ".pbm", ".pnm")
 
 
 def replace_hint(what):
@@ -82,19 +84,6 @@ def open_regular(path, what="image"):
     return f, info.st_size
 
 
-def read_file_bytes(path):
-    """Never more than the file's size: a symlink to /dev/zero would otherwise read until memory runs out."""
-    f, size = open_regular(path)
-    with f:
-        try:
-            data = f.read(size)
-        except OSError as e:
-            raise SampleError(f"cannot read image {shown(path)} ({reason(e)}): {REPLACE_IMAGE}") from None
-    if not data:
-        raise SampleError(f"cannot read image {shown(path)} (the file is empty): {REPLACE_IMAGE}")
-    return data
-
-
 def read_image(path, name=None, resize_shorter_side=None):
     """Any Pillow-readable file (or file object, called `name` in errors) as RGB; with `resize_shorter_side`, the
     resized size is checked before the image is decoded."""
@@ -127,18 +116,6 @@ def check_resized_size(path, size, shorter_side):
         raise SampleError(f"image {shown(path)} is {width}x{height} pixels: resized to a shorter side of "
                           f"{shorter_side} it would take {resized / 1e6:,.0f} megapixels, more than the "
                           f"{MAX_RESIZED_PIXELS / 1e6:.0f} allowed: crop it to a usual shape, or remove it")
-
-
-def check_encoded_size(path, data, shorter_side):
-    """check_resized_size from the header of encoded bytes; bytes Pillow cannot open are left to the decoder."""
-    if shorter_side is None:
-        return
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            size = image.size
-    except Exception:
-        return
-    check_resized_size(path, size, shorter_side)
 
 
 class NormalizeBytes:

@@ -250,7 +250,8 @@ def all_reduce_sum(tensor):
 
 
 def peak_memory_mib():
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else 0
+    """The GPU's peak since the epoch began; None on the CPU, which has no such count."""
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
 
 
 def append_jsonl(path, record):
@@ -307,10 +308,11 @@ class ProgressLog:
         now, done = time.perf_counter(), step + 1 - self.start_step
         img_per_s = images * self.world_size / (now - self.last_print)
         eta = (now - self.start) / done * (self.steps - step - 1)
+        memory = peak_memory_mib()
         print0(f"Epoch: [{self.epoch}] [{step + 1:>{len(str(self.steps))}}/{self.steps}]  eta: {format_duration(eta)}  "
                f"lr: {lr:.6f}  loss: {losses[-1]:.4f} ({self.loss_total / done:.4f})  grad_norm: {norms[-1]:.3f}  "
-               f"img/s: {img_per_s:.1f}  data: {self.data_time / self.batches:.4f}s  "
-               f"max mem: {peak_memory_mib():.0f}MB")
+               f"img/s: {img_per_s:.1f}  data: {self.data_time / self.batches:.4f}s"
+               + (f"  max mem: {memory:.0f}MB" if memory is not None else ""))
         self.log_scalars(step, losses, norms, lr, img_per_s)
         self.last_print = now
         return True

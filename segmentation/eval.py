@@ -94,6 +94,12 @@ class PredictionWriter:
         return self.meter.summary()
 
 
+def model_from_checkpoint(checkpoint, args, num_classes):
+    model = create_model(args.model, num_classes, args.output_stride, args.aux_loss, None, args.unet_width)
+    load_model_state(model, state_dict_from(checkpoint, args.checkpoint), args.checkpoint)
+    return model
+
+
 def main(args):
     export = export_requested(args.export, args.export_path, args.export_triton)
     if args.output_json:  # before the work, not after it
@@ -122,8 +128,7 @@ def main(args):
     if len(trained_classes) != len(class_names):
         raise UserError(f"{args.checkpoint} predicts {len(trained_classes)} classes, but the data has "
                         f"{len(class_names)}: evaluate it on the dataset it was trained on")
-    model = create_model(args.model, len(class_names), args.output_stride, args.aux_loss, None, args.unet_width)
-    load_model_state(model, state_dict_from(checkpoint, args.checkpoint), args.checkpoint)
+    model = model_from_checkpoint(checkpoint, args, len(class_names))
     model.to(device, memory_format=precision.memory_format)
 
     val_loader = load_val(args, env, device)

@@ -13,6 +13,8 @@ from common.flags import number
 from common.log import UserError, print0
 from common.metrics import SegmentationMeter
 
+EXAMPLE_HEIGHT = 192  # pixels of a TensorBoard example at least: the synthetic set's 48 are too few
+
 
 class Predictor(nn.Module):
     """Class scores of a segmentation model at the images' size: its logits, or with test-time augmentation the
@@ -55,8 +57,7 @@ class Predictor(nn.Module):
         height, width = images.shape[-2:]
         images = F.pad(images, (0, max(crop_w - width, 0), 0, max(crop_h - height, 0)))  # small images: one window
         full_h, full_w = images.shape[-2:]
-        tops = sorted({*range(0, full_h - crop_h, stride_h), full_h - crop_h})  # the last window ends at the edge
-        lefts = sorted({*range(0, full_w - crop_w, stride_w), full_w - crop_w})
+        tops, lefts = window_starts(full_h, crop_h, stride_h), window_starts(full_w, crop_w, stride_w)
         total, count = None, torch.zeros(1, 1, full_h, full_w, device=images.device)
         for top in tops:
             for left in lefts:
@@ -66,6 +67,11 @@ class Predictor(nn.Module):
                 total[..., top:top + crop_h, left:left + crop_w] += logits
                 count[..., top:top + crop_h, left:left + crop_w] += 1
         return (total / count)[..., :height, :width]
+
+
+def window_starts(length, window, stride):
+    """Where windows start along `length` pixels (at least a window): every `stride`, the last ending at the edge."""
+    return sorted({*range(0, length - window, stride), length - window})
 
 
 def add_eval_args(parser):
@@ -134,6 +140,8 @@ def log_validation(writer, summary, class_names, model, val_loader, palette, pre
             scores = predictor(image)
         predicted = F.interpolate(scores.float(), target.shape[-2:], mode="bilinear").argmax(1)
         picture = F.interpolate(image.float().cpu() * std + mean, target.shape[-2:])
-        picture = (picture[0].clamp(0, 1) * 255).to(torch.uint8)
-        row = [picture, colours[target[0]].permute(2, 0, 1).cpu(), colours[predicted[0]].permute(2, 0, 1).cpu()]
-        writer.add_image(f"val_examples/{i}", torch.cat(row, dim=2), step)
+        picture, gap = (picture[0].clamp(0, 1) * 255).to(torch.uint8), torch.full((3, len(target[0]), 2), 255)
+        row = torch.cat([picture, gap, colours[target[0]].permute(2, 0, 1).cpu(), gap,
+                         colours[predicted[0]].permute(2, 0, 1).cpu()], dim=2).to(torch.uint8)
+        zoom = -(-EXAMPLE_HEIGHT // row.shape[1])  # small images in blocks of zoom x zoom pixels
+        writer.add_image(f"val_examples/{i}", row.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2), step)

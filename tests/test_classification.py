@@ -1,6 +1,7 @@
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -219,3 +220,28 @@ def test_the_prediction_grid_shows_the_most_confidently_wrong_first():
     predicted = torch.tensor([0, 1, 2, 1, 0])
     confidence = torch.tensor([0.9, 0.6, 0.95, 0.5, 0.7])
     assert wrong_first(targets, predicted, confidence).tolist() == [2, 4, 1, 0, 3]  # wrong 0.95, 0.7, 0.6; right 0.9, 0.5
+
+
+def ink(picture):
+    """(rows, columns) of a picture's dark pixels, as index arrays."""
+    return np.nonzero(np.asarray(picture.convert("L")) < 128)
+
+
+def test_the_confusion_matrix_writes_every_class_name_whole_and_makes_room_for_the_longest():
+    from PIL import Image, ImageDraw, ImageFont
+    from classification.pictures import LONGEST, TITLE, confusion_matrix_image
+    font, matrix, cell = ImageFont.load_default(), torch.eye(3, dtype=torch.long) * 7, 40
+    names = ["cat", "golden retriever", "water ouzel, dipper"]
+    picture = confusion_matrix_image(matrix, names, cell)
+    margin = picture.width - 3 * cell
+    assert margin - TITLE > font.getlength("water ouzel, dipper") > confusion_matrix_image(matrix, list("abc"),
+                                                                                         cell).width - 3 * cell
+    for i, name in enumerate(names):
+        alone = Image.new("RGB", (300, 20), "white")
+        ImageDraw.Draw(alone).text((0, 0), name, fill="black", font=font)
+        length = np.ptp(ink(alone)[1]) + 1  # of the name's ink, as wide as drawn by itself
+        rows, _ = ink(picture.crop((margin + i * cell, TITLE, margin + (i + 1) * cell, margin)))  # above its column
+        _, columns = ink(picture.crop((TITLE, margin + i * cell, margin, margin + (i + 1) * cell)))  # beside its row
+        assert np.ptp(rows) + 1 == length == np.ptp(columns) + 1 and rows.min() > 0, name
+    long = confusion_matrix_image(matrix, ["x" * 200, "b", "c"], cell)
+    assert long.width - 3 * cell == TITLE + 6 + int(font.getlength("x" * (LONGEST - 2) + ".."))  # cut, not huge

@@ -92,3 +92,14 @@ def test_the_first_epoch_is_best_even_at_zero_score(tmp_path):
     assert not checkpointer.save_validated(1, 0.0)
     assert load_checkpoint(tmp_path / "best.pth")["epoch"] == 0
     assert load_checkpoint(tmp_path / "checkpoint.pth")["precision"] == "float32"
+
+
+def test_the_progress_line_gives_the_peak_memory_of_a_gpu_only(capsys):
+    from common.log import ProgressLog
+    progress = ProgressLog(print_freq=1)
+    progress.start_epoch(0, 0, 1)
+    for _ in progress.timed(iter([(torch.zeros(2),)])):
+        progress.log(0, torch.tensor(1.0), torch.tensor(2.0), 0.1)
+    line = capsys.readouterr().out
+    assert line.startswith("Epoch: [0] [1/1]") and "img/s:" in line and "mem" not in line  # on the CPU
+    assert progress.summary(0.1)["max_memory_mib"] is None

@@ -400,3 +400,26 @@ def test_iters_end_the_schedule_and_the_run_at_step_n_and_resume_exactly(tmp_pat
         train_segmentation(*seg_tiny_without_epochs(), "--iters", "48", "--resume", tmp_path / "mid.pth")
     with pytest.raises(UserError, match=r"\(epochs None -> 3; iters 40 -> None\)"):
         train_segmentation(*SEG_TINY, "--epochs", "3", "--resume", tmp_path / "mid.pth")
+
+
+def test_validation_examples_are_image_label_prediction_at_a_readable_size():
+    import argparse
+    from common.data import ShardedEvalSampler
+    from common.engine import Precision
+    from segmentation.data import SYNTHETIC_PALETTE, synthetic_loader
+    from segmentation.inference import EXAMPLE_HEIGHT, log_validation
+    images, masks = make_scenes(4, 48, 3, split="val")
+    shown = {}
+    writer = type("Writer", (), {"add_scalar": lambda *a: None,
+                                 "add_image": lambda self, tag, image, step: shown.update({tag: image})})()
+    args = argparse.Namespace(eval_mode="whole", eval_crop=None, eval_stride=None, crop_size=[48], eval_scales="1.0",
+                              eval_flip=False)
+    log_validation(writer, {"per_class_iou": [None] * 3}, ["background", "disk", "ring"], UNet(3, 8),
+                   synthetic_loader(images, masks, ShardedEvalSampler(masks), 4, False), SYNTHETIC_PALETTE[:3],
+                   Precision(torch.device("cpu")), args, step=0)
+    assert sorted(shown) == [f"val_examples/{i}" for i in range(4)]
+    picture = shown["val_examples/0"]
+    zoom = EXAMPLE_HEIGHT // 48
+    assert picture.dtype == torch.uint8 and picture.shape == (3, 48 * zoom, (3 * 48 + 2 * 2) * zoom)
+    label = picture[:, ::zoom, (48 + 2) * zoom::zoom][:, :, :48]  # the middle panel, one pixel a block
+    assert torch.equal(label, torch.tensor(SYNTHETIC_PALETTE[:3], dtype=torch.uint8)[masks[0].long()].permute(2, 0, 1))
