@@ -83,15 +83,15 @@ def test_classes_in_the_csv_score_what_eval_scores(classifier, tmp_path, capsys)
 @pytest.mark.parametrize("flags", [[], ["--base-size", "32", "--eval-mode", "slide", "--eval-crop", "16",
                                         "--eval-stride", "8"]], ids=["whole-resized", "slide-native"])
 def test_written_masks_score_what_eval_scores(segmenter, tmp_path, flags):
-    from segmentation.datasets import DATASETS
+    from segmentation.datasets import open_split
     data, checkpoint = segmenter
     evaluate_segmentation("--checkpoint", checkpoint, "--device", "cpu", "-j", "0", *flags,
                           "--output-json", tmp_path / "eval.json")
     predict_segmentation("--checkpoint", checkpoint, data / "leftImg8bit" / "val", "--device", "cpu", "-j", "0",
                          *flags, "-o", tmp_path / "out")
     confusion = ConfusionMatrix(19, ignore_index=255)
-    for (image_path, _), (image, target) in zip(DATASETS["cityscapes"](data, "val").files,
-                                                DATASETS["cityscapes"](data, "val")):
+    val_set = open_split("cityscapes", data, "val", {})
+    for (image_path, _), (image, target) in zip(val_set.files, val_set):
         name = image_path.split("/")[-1].removesuffix(".png")
         mask = Image.open(tmp_path / "out" / "masks" / "aachen" / f"{name}.png")
         assert mask.mode == "P" and mask.size == (64, 32) and mask.getpalette()[3:6] == [244, 35, 232]  # sidewalk
