@@ -320,7 +320,7 @@ class Checkpointer:
         is the best so far; returns whether it was."""
         is_best = self.best is None or score > self.best
         self.best = score if is_best else self.best
-        self.save(epoch, step, is_best, True, confusion)
+        self.save(epoch, step, is_best=is_best, validated=True, confusion=confusion)
         return is_best
 
     def resume(self, path, model_name, schedule_names):
