@@ -327,6 +327,9 @@ class Checkpointer:
             return 0, 0
         checkpoint = read_training_checkpoint(path, model_name)
         check_resumable(checkpoint, path)
+        # Before the optimizer's state, which fails less clearly for another --head-lr or --freeze-backbone.
+        check_same_schedule(checkpoint.get("args") or {}, self.flags, schedule_names, path)
+        check_same_global_batch(checkpoint.get("args") or {}, self.flags, path)
         load_model_state(self.model, state_dict_from(checkpoint, path), path)
         optimizer, ema = self.parts.optimizer, self.parts.ema
         try:
@@ -338,8 +341,6 @@ class Checkpointer:
         # or version may have chosen; the scaler steps the optimizer this run built, with its choice.
         for group in optimizer.param_groups:
             group.update({key: optimizer.defaults.get(key) for key in ("fused", "foreach")})
-        check_same_schedule(checkpoint.get("args") or {}, self.flags, schedule_names, path)
-        check_same_global_batch(checkpoint.get("args") or {}, self.flags, path)
         for name, value in self.must_match.items():  # other classes of the same count; another epoch length
             if name in checkpoint and checkpoint[name] != value:
                 raise CheckpointError(f"cannot resume from {path}: it was trained with {name} {checkpoint[name]}, "

@@ -176,13 +176,18 @@ class SegmentationFiles(torch.utils.data.Dataset):
         """The image of sample i, which names it (in bad_samples.txt)."""
         return self.files[i][0]
 
+    def read_mask(self, i):
+        """The train-id mask of sample i (uint8 tensor [H, W], IGNORE_INDEX where void), checked."""
+        image_path, mask_path = self.files[i]
+        return self.label_maps[i](read_mask_values(mask_path), mask_path)
+
     def __getitem__(self, i):
         image_path, mask_path = self.files[i]
         image = read_image(image_path, resize_shorter_side=self.resize_shorter_side)
-        mask_values = read_mask_values(mask_path)
-        check_same_size(image, image_path, mask_values, mask_path)
+        mask = self.read_mask(i)
+        check_same_size(image, image_path, mask, mask_path)
         image = tv_tensors.Image(image)
-        mask = tv_tensors.Mask(self.label_maps[i](mask_values, mask_path))
+        mask = tv_tensors.Mask(mask)
         return self.transforms(image, mask) if self.transforms is not None else (image, mask)
 
 
