@@ -28,7 +28,7 @@ def class_weights(choice, class_names, dataset=None, counts=None, unit="images")
     entries = [f"{name} {w:.3g} ({int(n):,})" for name, w, n in zip(class_names, weights.tolist(), counts.tolist())]
     more = f" and {len(entries) - PRINTED_CLASSES} more" if len(entries) > PRINTED_CLASSES else ""
     print0(f"class weights ({'balanced' if choice == 'balanced' else shown(choice)}, scaled to a mean of 1 over the "
-           f"training {unit}; its {unit} in brackets): {', '.join(entries[:PRINTED_CLASSES])}{more}")
+           f"training {unit}; {unit} of each class in brackets): {', '.join(entries[:PRINTED_CLASSES])}{more}")
     return weights.float()
 
 

@@ -133,7 +133,7 @@ def main(args):
                                  args.dataset if args.data_path else None)
     summary = evaluate(predictor_from_args(model, args), val_loader, meter, precision).summary()
     width = max(len(name) for name in class_names)
-    print0(f"{'class':<{width}}  IoU     Dice")
+    print0(f"{'class':<{width}}  {'IoU':>6}  {'Dice':>6}")
     for name, iou, dice in zip(class_names, summary["per_class_iou"], summary["per_class_dice"]):
         print0(f"{name:<{width}}  {'-' if iou is None else f'{iou:.2f}':>6}  {'-' if dice is None else f'{dice:.2f}':>6}")
     print0(f"mIoU {summary['miou']:.2f}  mean Dice {summary['mean_dice']:.2f}  pixel acc {summary['pixel_acc']:.2f}  "
