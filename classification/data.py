@@ -444,7 +444,7 @@ def load_train(args, layout, device, class_names, bad_samples):
                         f"--data-backend pil instead of {backend}")
     folder = image_folder(os.path.join(args.data_path, "train"), class_names, cache_dir=args.list_cache or
                           args.output_dir)
-    classes = torch.from_numpy(folder.targets) if args.balanced_sampler else None  # what it balances
+    classes = torch.from_numpy(folder.targets) if args.balanced_sampler else None  # what --balanced-sampler balances
     if backend == "synthetic":  # the model step alone: random batches of the real data's shape on the device
         shape = ((batch_size, 3, crop.size, crop.size), (batch_size,))
         return SyntheticBatches(shape, len(class_names), device, TrainingSampler(folder, layout, seed, reps, classes))

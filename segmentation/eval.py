@@ -134,8 +134,8 @@ def main(args):
     summary = evaluate(predictor_from_args(model, args), val_loader, meter, precision).summary()
     width = max(len(name) for name in class_names)
     print0(f"{'class':<{width}}  {'IoU':>6}  {'Dice':>6}")
-    for name, iou, dice in zip(class_names, summary["per_class_iou"], summary["per_class_dice"]):
-        print0(f"{name:<{width}}  {'-' if iou is None else f'{iou:.2f}':>6}  {'-' if dice is None else f'{dice:.2f}':>6}")
+    for name, *scores in zip(class_names, summary["per_class_iou"], summary["per_class_dice"]):
+        print0(f"{name:<{width}}" + "".join(f"  {'-' if score is None else f'{score:.2f}':>6}" for score in scores))
     print0(f"mIoU {summary['miou']:.2f}  mean Dice {summary['mean_dice']:.2f}  pixel acc {summary['pixel_acc']:.2f}  "
            f"mean acc {summary['mean_acc']:.2f}  on {summary['num_images']} images "
            f"({args.eval_mode}, scales {args.eval_scales}{', flip' if args.eval_flip else ''})")

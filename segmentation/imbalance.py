@@ -45,33 +45,54 @@ class MaskValues(Dataset):
 
 def value_counts(dataset, workers, cache_dir=None):
     """Pixels of each mask value (256 bins) over a SegmentationFiles, or over a tensor of masks (the synthetic
-    set). Read from the cache when it names the same masks with the same sizes and modification times."""
+    set). With `cache_dir`, kept there for the next start, which reads it back while the masks keep their paths,
+    sizes and modification times."""
     if isinstance(dataset, torch.Tensor):
         return torch.bincount(dataset.flatten().long(), minlength=256).tolist()
-    masks, key = [mask for _, mask in dataset.files], None
-    path = os.path.join(cache_dir, CACHE_FILE) if cache_dir else None
-    try:
-        key = hashlib.sha256(json.dumps([(m, s.st_size, s.st_mtime_ns) for m in masks for s in [os.stat(m)]]).encode())
-        with open(path) as f:
-            cached = json.load(f)
-        if cached["key"] == key.hexdigest():
-            print0(f"pixels per class of the {len(masks):,} training masks: from {shown(path)}")
-            return cached["pixels"]
-    except (TypeError, OSError, ValueError, KeyError):  # no cache folder or file, not one of ours, a mask gone
-        pass
+    masks = [mask for _, mask in dataset.files]
+    path, key = (os.path.join(cache_dir, CACHE_FILE), masks_key(masks)) if cache_dir else (None, None)
+    cached = read_cache(path, key)
+    if cached is not None:
+        print0(f"pixels per class of the {len(masks):,} training masks: from {shown(path)}")
+        return cached
     started = time.perf_counter()
     loader = DataLoader(MaskValues(dataset), batch_size=8, num_workers=workers, worker_init_fn=ignore_stop_signals)
     pixels = sum(batch.sum(0) for batch in loader).tolist()
     print0(f"counted the pixels per class of the {len(masks):,} training masks in {time.perf_counter() - started:.1f}"
            f" s (-j {workers})")
-    if path and key:
-        try:
-            with open(f"{path}.tmp.{os.getpid()}", "w") as f:
-                json.dump({"key": key.hexdigest(), "pixels": pixels}, f)
-            os.replace(f"{path}.tmp.{os.getpid()}", path)
-        except OSError as e:
-            print0(f"note: cannot write {shown(path)} ({reason(e)}): the next start counts the pixels again")
+    if key is not None:
+        write_cache(path, key, pixels)
     return pixels
+
+
+def masks_key(masks):
+    """What the count depends on: each mask's path, size and modification time; None if one cannot be read."""
+    try:
+        listed = [(mask, info.st_size, info.st_mtime_ns) for mask in masks for info in [os.stat(mask)]]
+    except OSError:  # the count meets it and says so
+        return None
+    return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
+
+
+def read_cache(path, key):
+    if key is None:
+        return None
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+        return cached["pixels"] if cached["key"] == key else None
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or not one of ours: counted again
+        return None
+
+
+def write_cache(path, key, pixels):
+    try:  # written whole, then renamed: never read half-written
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.tmp.{os.getpid()}", "w") as f:
+            json.dump({"key": key, "pixels": pixels}, f)
+        os.replace(f"{path}.tmp.{os.getpid()}", path)
+    except OSError as e:
+        print0(f"note: cannot write {shown(path)} ({reason(e)}): the next start counts the pixels again")
 
 
 def dice_loss(logits, target, weight=None):

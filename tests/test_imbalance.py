@@ -241,6 +241,21 @@ def test_fine_tuning_a_frozen_backbone_moves_the_head_alone(tmp_path):
               "4", "--head-lr", "0.05", "--resume", out / "checkpoint.pth")
 
 
+def test_a_segmentation_head_trains_alone_on_a_frozen_backbone_with_its_own_lr(tmp_path):
+    source = create_segmentation_model("lraspp_mobilenet_v3_large", 3)
+    torch.save(source.state_dict(), tmp_path / "pretrained.pth")
+    out = tmp_path / "out"
+    train_segmentation(*SEG_TINY, "--model", "lraspp_mobilenet_v3_large", "--weights", tmp_path / "pretrained.pth",
+                       "--freeze-backbone", "--head-lr", "0.05", "--synthetic-train-size", "64",
+                       "--synthetic-val-size", "16", "--output-dir", out)
+    checkpoint, state = torch.load(out / "checkpoint.pth", weights_only=True), source.state_dict()
+    assert all(torch.equal(tensor, state[name]) for name, tensor in checkpoint["model"].items()
+               if name.startswith("backbone."))  # weights and batch-norm statistics
+    assert not torch.equal(checkpoint["model"]["classifier.high_classifier.weight"],
+                           state["classifier.high_classifier.weight"])
+    assert [group["initial_lr"] for group in checkpoint["optimizer"]["param_groups"]] == [0.05]
+
+
 # ---- flags that do not go together, and resumes that would change the objective or the order
 
 @pytest.mark.parametrize("flags, message", [
