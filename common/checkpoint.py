@@ -327,10 +327,10 @@ class Checkpointer:
             return 0, 0
         checkpoint = read_training_checkpoint(path, model_name)
         check_resumable(checkpoint, path)
+        load_model_state(self.model, state_dict_from(checkpoint, path), path)
         # Before the optimizer's state, which fails less clearly for another --head-lr or --freeze-backbone.
         check_same_schedule(checkpoint.get("args") or {}, self.flags, schedule_names, path)
         check_same_global_batch(checkpoint.get("args") or {}, self.flags, path)
-        load_model_state(self.model, state_dict_from(checkpoint, path), path)
         optimizer, ema = self.parts.optimizer, self.parts.ema
         try:
             optimizer.load_state_dict(checkpoint["optimizer"])
