@@ -16,7 +16,7 @@ from common.freeze import freeze_all_but
 from common.log import UserError
 from common.optim import param_groups
 from common.synthetic import SHAPES
-from conftest import SEG_TINY, TINY, evaluate, evaluate_segmentation, train, train_segmentation
+from conftest import SEG_TINY, TINY, evaluate, torchrun, train, train_segmentation
 from segmentation.datasets import ade20k
 from segmentation.imbalance import class_weights as segmentation_class_weights
 from segmentation.imbalance import dice_loss, value_counts
@@ -239,6 +239,19 @@ def test_fine_tuning_a_frozen_backbone_moves_the_head_alone(tmp_path):
     with pytest.raises(UserError, match=r"laid out for other values \(freeze_backbone True -> False\)"):
         train(*TINY, "--synthetic-train-size", "128", "--weights", tmp_path / "pretrained.pth", "--synthetic-classes",
               "4", "--head-lr", "0.05", "--resume", out / "checkpoint.pth")
+
+
+def test_ddp_trains_a_frozen_backbone_with_class_weights_and_no_unused_parameter_search(tmp_path):
+    source = torchvision.models.resnet18(num_classes=4)
+    torch.save(source.state_dict(), tmp_path / "pretrained.pth")
+    result = torchrun(2, "classification/train.py", *TINY, "--synthetic-train-size", "128", "--synthetic-classes", "4",
+                      "--weights", tmp_path / "pretrained.pth", "--freeze-backbone", "--class-weights", "balanced",
+                      "--output-dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("class weights (balanced") == 1  # rank 0 prints what every rank computed
+    model = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)["model"]
+    assert torch.equal(model["layer1.0.bn1.running_mean"], source.layer1[0].bn1.running_mean)
+    assert not torch.equal(model["fc.weight"], source.fc.weight)
 
 
 def test_a_segmentation_head_trains_alone_on_a_frozen_backbone_with_its_own_lr(tmp_path):
