@@ -457,24 +457,25 @@ def load_train(args, layout, device, class_names, bad_samples):
     mixer = batch_mixer(args.mixup_alpha, args.cutmix_alpha, len(class_names))
     if args.data_path is None:
         images, labels = make_shapes(args.synthetic_train_size, crop.size, args.synthetic_classes, split="train")
-        sampler = TrainingSampler(labels, layout, seed, reps)
+        sampler = TrainingSampler(labels, layout, seed, reps, labels if args.balanced_sampler else None)
         return synthetic_loader(images.to(device), labels.to(device), sampler, batch_size, True, mixer)
     if backend != "pil" and (args.auto_augment or args.random_erase):
         raise UserError(f"--auto-augment and --random-erase run in the pil backend only: drop them or use "
                         f"--data-backend pil instead of {backend}")
     folder = split_files(args, "train", class_names)
+    classes = torch.from_numpy(folder.targets) if args.balanced_sampler else None  # what --balanced-sampler balances
     if backend == "synthetic":  # the model step alone: random batches of the real data's shape on the device
         shape = ((batch_size, 3, crop.size, crop.size), (batch_size,))
-        return SyntheticBatches(shape, len(class_names), device, TrainingSampler(folder, layout, seed, reps))
+        return SyntheticBatches(shape, len(class_names), device, TrainingSampler(folder, layout, seed, reps, classes))
     if backend == "gpu":
         from classification.gpu_preset import device_loader  # only with --data-backend gpu
-        sampler = TrainingSampler(folder, layout, seed, reps)
+        sampler = TrainingSampler(folder, layout, seed, reps, classes)
         return device_loader(folder, sampler, batch_size, workers, crop, device, seed, mixer, bad_samples)
     folder.transform = train_preset(crop, args.auto_augment, args.random_erase)
     train_set = SeededSamples(bad_samples.stand_ins(folder, seed), seed)
     # Not persistent: fresh workers each epoch take their seeds from the per-epoch RNG (exact resume).
     loader = DataLoader(train_set, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                        sampler=TrainingSampler(train_set, layout, seed, reps), drop_last=True,
+                        sampler=TrainingSampler(train_set, layout, seed, reps, classes), drop_last=True,
                         worker_init_fn=ignore_stop_signals, collate_fn=bad_samples.collate)
     loader = bad_samples.reported(loader)
     # MixUp/CutMix in the main process, which the loop seeds every step: in a worker they would draw from the

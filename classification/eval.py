@@ -1,4 +1,5 @@
-"""Evaluate a classifier: top-1, top-5, per-class accuracy and a confusion matrix, exact under torchrun.
+"""Evaluate a classifier: top-1, top-5, macro F1, balanced accuracy, per-class accuracy, precision, recall and F1,
+and a confusion matrix, exact under torchrun.
 
     python classification/eval.py --checkpoint runs/r50/best.pth --data-path /data/imagenet --output-json r50.json
     python classification/eval.py --model resnet50 --weights IMAGENET1K_V2 --data-path /data/imagenet
@@ -22,7 +23,7 @@ from common.engine import Precision, evaluate
 from common.export import add_export_args, export_model, export_requested
 from common.flags import DEVICE_NAMES, device_name, number
 from common.log import UserError, check_destination, print0, run_cli
-from common.metrics import ClassificationMeter
+from common.metrics import ClassificationMeter, percent
 
 # Settings of the training run that evaluation must repeat: flags of this script when given, else the
 # checkpoint's training arguments, else these defaults. The synthetic_* entries and train_crop_size (the
@@ -57,7 +58,8 @@ def get_args_parser():
     add("--data-backend", default="pil", choices=["pil", "gpu"],
         help="pil: decode and resize in DataLoader workers; gpu: the device decodes and resizes whole batches "
         "(default: pil)")
-    add("--output-json", help="write acc1, acc5, per_class_acc and num_samples here")
+    add("--output-json", help="write every number of the summary (acc1, acc5, macro_f1, balanced_acc, num_samples) "
+        "and the per-class ones by class name (per_class_acc, per_class_precision, per_class_recall, per_class_f1)")
     add("--confusion-png", help="draw the confusion matrix into this PNG file")
     add_export_args(p)
     return p
@@ -133,20 +135,24 @@ def main(args):
         return
     meter = ClassificationMeter(len(class_names), device)
     evaluate(model, val_loader, meter, precision)
-    summary = meter.summary()
-    per_class = meter.confusion.per_class_accuracy()
-    counts = meter.confusion.matrix.sum(1).tolist()
+    summary, confusion = meter.summary(), meter.confusion
+    matrix = confusion.matrix.cpu().double()
+    per_class = {"per_class_recall": percent(confusion.per_class_accuracy()),  # None: no images
+                 "per_class_precision": percent((matrix.diag() / matrix.sum(0)).tolist()),  # None: never predicted
+                 "per_class_f1": percent(confusion.f1())}
+    counts = matrix.sum(1).long().tolist()
     width = max(len(name) for name in class_names)
-    print0(f"{'class':<{width}}  {'images':>6}  accuracy")
-    for name, count, accuracy in zip(class_names, counts, per_class):
+    print0(f"{'class':<{width}}  {'images':>6}  recall (accuracy)  precision  {'F1':>7}")
+    for name, count, *scores in zip(class_names, counts, *per_class.values()):
         if count:
-            print0(f"{name:<{width}}  {count:>6}  {100 * accuracy:8.2f}")
-    print0(f"top-1 {summary['acc1']:.3f}  top-5 {summary['acc5']:.3f}  on {summary['num_samples']} images")
+            print0(f"{name:<{width}}  {count:>6}  " + "  ".join(
+                f"{'-' if score is None else f'{score:.2f}':>{column}}" for score, column in zip(scores, (17, 9, 7))))
+    print0(f"top-1 {summary['acc1']:.3f}  top-5 {summary['acc5']:.3f}  macro F1 {summary['macro_f1']:.3f}  "
+           f"balanced acc {summary['balanced_acc']:.3f}  on {summary['num_samples']} images")
     if env.is_main and args.output_json:
-        per_class_acc = {name: (None if count == 0 else 100 * accuracy)
-                         for name, count, accuracy in zip(class_names, counts, per_class)}
-        with open(args.output_json, "w") as f:
-            json.dump({**summary, "per_class_acc": per_class_acc}, f, indent=1)
+        by_name = {key: dict(zip(class_names, values)) for key, values in per_class.items()}
+        with open(args.output_json, "w") as f:  # every number of the summary by itself, and the per-class ones
+            json.dump({**summary, "per_class_acc": by_name["per_class_recall"], **by_name}, f, indent=1)
     if env.is_main and args.confusion_png:
         confusion_matrix_image(meter.confusion.matrix.cpu(), class_names).save(args.confusion_png)
 

@@ -32,8 +32,17 @@ def replace_head(model, head, num_classes):
 AUX_HEAD_MODELS = ("googlenet", "inception_v3")
 
 
-def create_model(name, weights, num_classes):
-    """Returns (model, head name). `weights`: None, a torchvision enum name such as IMAGENET1K_V2, or a file."""
+def create_model(name, weights, num_classes, freeze_backbone=False):
+    """Returns (model, head name), all but the head frozen with `freeze_backbone`."""
+    model, head = build_model(name, weights, num_classes)
+    if freeze_backbone:
+        from common.freeze import freeze_all_but  # only with --freeze-backbone
+        freeze_all_but(model, [head])
+    return model, head
+
+
+def build_model(name, weights, num_classes):
+    """(model, head name). `weights`: None, a torchvision enum name such as IMAGENET1K_V2, or a file."""
     if name not in classifier_models():
         raise UserError(f"unknown --model {name!r}: use a torchvision classifier such as resnet50, resnet18, "
                         "convnext_tiny, vit_b_16 (all: torchvision.models.list_models(module=torchvision.models))")

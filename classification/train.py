@@ -71,6 +71,8 @@ def get_args_parser():
         "differently augmented, on consecutive ranks (torchvision's RASampler; its ResNet-50 V2 recipe uses it)")
     add("--ra-reps", type=number(int, at_least=1), default=3,
         help="copies of each image with --ra-sampler (default: 3)")
+    add("--balanced-sampler", action="store_true", help="draw each class equally often (with replacement; with "
+        "--ra-sampler, each drawn image repeated)")
     add("--data-backend", default="pil", choices=["pil", "gpu", "synthetic"],
         help="pil: decode and augment in DataLoader workers; gpu: workers read bytes, the device decodes (nvJPEG) "
         "and augments whole batches; synthetic: random batches on the device, to time the model step alone "
@@ -125,7 +127,8 @@ def get_args_parser():
 # A resume must keep these: the checkpoint's LR schedule and data order were laid out for them, and its optimizer
 # state belongs to --opt. The global batch must match as a product; processes x -b x --accum-steps may change.
 SCHEDULE_ARGS = ("opt", "epochs", "lr", "head_lr", "lr_scheduler", "lr_step_size", "lr_gamma", "lr_min",
-                 "lr_warmup_epochs", "lr_warmup_method", "lr_warmup_decay", "seed", "ra_sampler", "ra_reps")
+                 "lr_warmup_epochs", "lr_warmup_method", "lr_warmup_decay", "seed", "ra_sampler", "ra_reps",
+                 "balanced_sampler", "class_weights", "freeze_backbone")
 # What --test-only --resume takes from the checkpoint unless given: the model and the validation images.
 TRAINED_SETTINGS = ("model", "data_path", "train_crop_size", "val_resize_size", "val_crop_size", "interpolation",
                     "synthetic_val_size", "synthetic_classes", "train_list", "val_list", "classes_file")
@@ -149,6 +152,10 @@ def finish_args(args):
                         "most the resized size")
     if args.test_only and not (args.resume or args.weights):
         raise UserError("--test-only evaluates a trained model: give --resume PATH or --weights NAME")
+    if args.freeze_backbone and not args.weights:
+        raise UserError("--freeze-backbone trains the head alone on pretrained layers: give --weights")
+    if args.balanced_sampler and args.class_weights == "balanced":
+        raise UserError("--balanced-sampler and --class-weights balanced together favour rare classes twice: use one")
     if args.compile and args.grad_checkpointing:
         raise UserError("--grad-checkpointing and --compile together fail in the compiled backward on CUDA: use one "
                         "of them")
@@ -172,7 +179,8 @@ def validate(model, val_loader, class_names, precision, name, guards=None):
     if evaluate(model, val_loader, meter, precision, guards) is None:
         return None, None
     summary = meter.summary()
-    print0(f"{name}: top-1 {summary['acc1']:.3f}  top-5 {summary['acc5']:.3f}  on {summary['num_samples']} images")
+    print0(f"{name}: top-1 {summary['acc1']:.3f}  top-5 {summary['acc5']:.3f}  macro F1 {summary['macro_f1']:.3f}  "
+           f"balanced acc {summary['balanced_acc']:.3f}  on {summary['num_samples']} images")
     return summary, meter
 
 
@@ -181,12 +189,12 @@ def validate_both(parts, val_loader, class_names, name, guards):
     val, meter = validate(parts.model, val_loader, class_names, parts.precision, f"{name} val", guards)
     if val is None:
         return None, None
-    record = {"val_acc1": val["acc1"], "val_acc5": val["acc5"]}
+    record = {f"val_{key}": value for key, value in val.items()}
     if parts.ema is not None:
         ema, _ = validate(parts.ema, val_loader, class_names, parts.precision, f"{name} EMA val", guards)
         if ema is None:
             return None, None
-        record.update(val_ema_acc1=ema["acc1"], val_ema_acc5=ema["acc5"])
+        record.update({f"val_ema_{key}": value for key, value in ema.items()})
     return record, meter
 
 
@@ -213,7 +221,7 @@ def main(args):
 
     class_names = dataset_classes(args)
     val_loader = load_val(args, env, device, class_names)  # before the long work: val/ problems show now
-    model, head = create_model(args.model, args.weights, len(class_names))
+    model, head = create_model(args.model, args.weights, len(class_names), args.freeze_backbone)
     model.to(device, memory_format=precision.memory_format)
     if args.test_only:
         test_only(model, val_loader, class_names, precision, args)
@@ -239,7 +247,11 @@ def main(args):
     model = data_parallel(model, env, device, args.sync_bn)
     if args.compile:
         model.compile()  # in place: the state dict keeps its keys
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    weight = None
+    if args.class_weights != "none":
+        from common.class_weights import class_weights  # only with the flag
+        weight = class_weights(args.class_weights, class_names, train_loader.sampler.dataset).to(device)
+    criterion = nn.CrossEntropyLoss(weight, label_smoothing=args.label_smoothing)
     parts = StepParts(model, criterion, optimizer, lr_scheduler, precision.grad_scaler(optimizer), precision,
                       args.clip_grad_norm, model_ema)
     checkpointer = Checkpointer(parts, args.output_dir, env.is_main, flags=vars(args), score=("best_acc1", "top-1"),

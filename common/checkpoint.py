@@ -330,6 +330,9 @@ class Checkpointer:
         checkpoint = read_training_checkpoint(path, model_name)
         check_resumable(checkpoint, path)
         load_model_state(self.model, state_dict_from(checkpoint, path), path)
+        # Before the optimizer's state, which fails less clearly for another --head-lr or --freeze-backbone.
+        check_same_schedule(checkpoint.get("args") or {}, self.flags, schedule_names, path)
+        check_same_global_batch(checkpoint.get("args") or {}, self.flags, path)
         optimizer, ema = self.parts.optimizer, self.parts.ema
         try:
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -340,9 +343,6 @@ class Checkpointer:
         # or version may have chosen; the scaler steps the optimizer this run built, with its choice.
         for group in optimizer.param_groups:
             group.update({key: optimizer.defaults.get(key) for key in ("fused", "foreach")})
-        trained_flags = checkpoint.get("args") or {}
-        check_same_schedule(trained_flags, self.flags, schedule_names, path)
-        check_same_global_batch(trained_flags, self.flags, path)
         for name, value in self.must_match.items():  # other classes of the same count; another epoch length
             if name in checkpoint and checkpoint[name] != value:
                 raise CheckpointError(f"cannot resume from {path}: it was trained with {name} {checkpoint[name]}, "

@@ -137,8 +137,8 @@ class NormalizeBytes:
 # worker that loads it.
 #
 #   weight initialisation: from seed, in the train script before the model is built (torch.manual_seed)
-#   data order (also --ra-sampler's): from seed + epoch, in TrainingSampler (one order for all ranks, cut into
-#     global batches and those into slots)
+#   data order (also --ra-sampler's and --balanced-sampler's): from seed + epoch, in TrainingSampler (one order
+#     for all ranks, cut into global batches and those into slots)
 #   each sample's augmentation (CPU workers): from (seed, epoch, sample index), in SeededSamples
 #   the DataLoader workers' base seed (the per-epoch global stream): from (seed, epoch, rank), in train_one_epoch
 #     before the epoch's loader iterator is made
@@ -241,11 +241,13 @@ class TrainingSampler(Sampler):
     """This rank's samples of each epoch, micro-batch after micro-batch, as BatchLayout cuts one order of the data
     set for all ranks, drawn from seed + epoch. With `reps` (--ra-sampler: torchvision's RASampler) each sample
     comes `reps` times in a row, as virtual indices index + copy * len(dataset), so that SeededSamples augments
-    each copy its own way, and an epoch sees about 1/reps of the distinct samples. The entries after the last
-    whole global batch are left out, on every layout alike."""
+    each copy its own way, and an epoch sees about 1/reps of the distinct samples. With `classes` (--balanced-sampler)
+    it draws len(dataset) samples with replacement, each with the inverse of its class's count: every class equally
+    often in expectation. The entries after the last whole global batch are left out, on every layout alike."""
 
-    def __init__(self, dataset, layout, seed, reps=0):
+    def __init__(self, dataset, layout, seed, reps=0, classes=None):
         self.dataset, self.layout, self.seed, self.reps = dataset, layout, seed, reps
+        self.weights = None if classes is None else 1 / torch.bincount(classes)[classes].double()
         self.steps_per_epoch = len(dataset) // layout.global_batch
         self.epoch = self.start_step = 0
         if self.steps_per_epoch == 0:
@@ -259,8 +261,9 @@ class TrainingSampler(Sampler):
             self.dataset.epoch = epoch
 
     def order(self):
-        n = len(self.dataset)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        n, generator = len(self.dataset), torch.Generator().manual_seed(self.seed + self.epoch)
+        order = (torch.randperm(n, generator=generator) if self.weights is None else
+                 torch.multinomial(self.weights, n, replacement=True, generator=generator))
         return (order[:, None] + n * torch.arange(self.reps)).flatten() if self.reps else order
 
     def __iter__(self):

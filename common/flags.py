@@ -61,6 +61,11 @@ def add_shared_flags(parser, recipe, sections):
         "divide it is refused (default: processes x -b x --accum-steps)")
     add("--seed", type=number(int, at_least=0, at_most=2**32 - 1), default=0,
         help="seed of weights init, data order and augmentation (default: 0)")
+    add("--class-weights", default="none", metavar="{none,balanced,FILE}", help="loss weights: balanced (inverse to "
+        "each class's share of the training images/pixels) or a FILE of 'class weight' lines, scaled to a mean of 1 "
+        "over those, so the loss keeps its scale and the lr recipe holds (default: none)")
+    add("--freeze-backbone", action="store_true", help="train the head alone (a linear probe); the rest keeps its "
+        "weights and batch-norm statistics")
 
     add = groups["precision and speed"].add_argument
     add("--device", type=device_name, help=f"{DEVICE_NAMES} (default: cuda when available)")

@@ -1,4 +1,4 @@
-"""Counts on the device, summed over ranks once at the end: accuracy, top-k, confusion matrix, IoU."""
+"""Counts on the device, summed over ranks once at the end: accuracy, top-k, confusion matrix, IoU, F1 (Dice)."""
 import torch
 import torch.nn.functional as F
 
@@ -35,13 +35,28 @@ class ConfusionMatrix:
         m = self.matrix.double()
         return (m.diag() / m.sum(1)).tolist()
 
+    def f1(self):
+        """F1 (the Dice coefficient) per class, 2 TP / (samples + predictions); NaN for a class absent from both."""
+        m = self.matrix.double()
+        return (2 * m.diag() / (m.sum(0) + m.sum(1))).tolist()
+
     def iou(self):
         """Intersection over union per class; NaN for a class absent from both target and prediction."""
         m = self.matrix.double()
         return (m.diag() / (m.sum(0) + m.sum(1) - m.diag())).tolist()
 
     def mean_iou(self):
-        return torch.tensor(self.iou(), dtype=torch.float64).nanmean().item()
+        return nanmean(self.iou())
+
+
+def nanmean(values):
+    """The mean over the classes where it is defined (not NaN), as mIoU has always averaged."""
+    return torch.tensor(values, dtype=torch.float64).nanmean().item()
+
+
+def percent(values):
+    """Per-class fractions in percent, None where undefined (JSON has no NaN)."""
+    return [None if x != x else 100 * x for x in values]
 
 
 class ClassificationMeter:
@@ -61,8 +76,10 @@ class ClassificationMeter:
         all_reduce_sum(self.topk_correct)
 
     def summary(self):
-        total = self.confusion.total
-        return {"acc1": 100 * self.confusion.accuracy(), "acc5": 100 * self.topk_correct.item() / max(total, 1),
+        """In percent; macro F1 and balanced accuracy (the mean recall) average the classes where each is defined."""
+        c, total = self.confusion, self.confusion.total
+        return {"acc1": 100 * c.accuracy(), "acc5": 100 * self.topk_correct.item() / max(total, 1),
+                "macro_f1": 100 * nanmean(c.f1()), "balanced_acc": 100 * nanmean(c.per_class_accuracy()),
                 "num_samples": total}
 
 
@@ -93,10 +110,10 @@ class SegmentationMeter:
         all_reduce_sum(self.num_images)
 
     def summary(self):
-        """In percent, as classification's accuracies. mIoU and mean accuracy average the classes that occur in
-        labels or predictions; a class that occurs in neither has IoU None."""
-        iou = self.confusion.iou()
-        return {"miou": 100 * self.confusion.mean_iou(), "pixel_acc": 100 * self.confusion.accuracy(),
-                "mean_acc": 100 * torch.tensor(self.confusion.per_class_accuracy()).nanmean().item(),
-                "per_class_iou": [None if x != x else 100 * x for x in iou], "num_images": int(self.num_images),
-                "confusion": self.confusion.matrix}
+        """In percent, as classification's accuracies. mIoU and mean Dice average the classes that occur in labels
+        or predictions (a class that occurs in neither has IoU and Dice None), mean accuracy those in labels."""
+        c = self.confusion
+        return {"miou": 100 * c.mean_iou(), "mean_dice": 100 * nanmean(c.f1()), "pixel_acc": 100 * c.accuracy(),
+                "mean_acc": 100 * nanmean(c.per_class_accuracy()), "per_class_iou": percent(c.iou()),
+                "per_class_dice": percent(c.f1()), "num_images": int(self.num_images),
+                "confusion": c.matrix}

@@ -11,15 +11,16 @@ NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
 
 
 def param_groups(model, lr, weight_decay, norm_weight_decay=None, head=None, head_lr=None):
-    """Groups by (is normalisation layer, is in the `head` module), each with its own weight decay and lr."""
+    """Groups by (is normalisation layer, is in the `head` module or modules), each with its own weight decay and
+    lr; frozen parameters (requires_grad False) in none."""
+    heads = tuple(f"{name}." for name in ([head] if isinstance(head, str) else head or ()))
     groups = {}
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
             is_norm = norm_weight_decay is not None and isinstance(module, NORM_LAYERS)
-            in_head = head_lr is not None and head is not None and (module_name == head or
-                                                                   module_name.startswith(head + "."))
+            in_head = head_lr is not None and f"{module_name}.".startswith(heads)
             group = groups.setdefault((is_norm, in_head), {
                 "params": [], "lr": head_lr if in_head else lr,
                 "weight_decay": norm_weight_decay if is_norm else weight_decay})

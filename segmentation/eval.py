@@ -1,4 +1,4 @@
-"""Evaluate a segmenter: mIoU, pixel and mean class accuracy, per-class IoU, exact under torchrun.
+"""Evaluate a segmenter: mIoU, mean Dice, pixel and mean class accuracy, per-class IoU and Dice, exact under torchrun.
 
     python segmentation/eval.py --checkpoint runs/deeplab/best.pth --output-json scores.json
     python segmentation/eval.py --checkpoint best.pth --eval-scales 0.5,0.75,1.0,1.25,1.5,1.75 --eval-flip \\
@@ -55,7 +55,8 @@ def get_args_parser():
     add("--base-size", type=int, help="shorter side the input is resized to (default: the checkpoint's)")
     add("--ignore-index", type=int, default=IGNORE_INDEX, help="a label left out of the metrics, besides 255 (void)")
     add_eval_args(p)
-    add("--output-json", help="write miou, pixel_acc, mean_acc, per_class_iou and num_images here")
+    add("--output-json", help="write every number of the summary (miou, mean_dice, pixel_acc, mean_acc, num_images) "
+        "and the per-class ones by class name (per_class_iou, per_class_dice) here")
     add("--save-predictions", metavar="DIR", help="write DIR/color/<name>.png (the dataset's palette, the colours "
         "of a folder's classes.txt) and, for "
         "Cityscapes, DIR/labelIds/<name>.png for the official evaluator (CITYSCAPES_RESULTS=DIR/labelIds; the "
@@ -144,16 +145,17 @@ def main(args):
                                  args.dataset if args.data_path else None)
     summary = evaluate(predictor_from_args(model, args), val_loader, meter, precision).summary()
     width = max(len(name) for name in class_names)
-    print0(f"{'class':<{width}}  IoU")
-    for name, iou in zip(class_names, summary["per_class_iou"]):
-        print0(f"{name:<{width}}  {'-' if iou is None else f'{iou:6.2f}'}")
-    print0(f"mIoU {summary['miou']:.2f}  pixel acc {summary['pixel_acc']:.2f}  "
+    print0(f"{'class':<{width}}  {'IoU':>6}  {'Dice':>6}")
+    for name, *scores in zip(class_names, summary["per_class_iou"], summary["per_class_dice"]):
+        print0(f"{name:<{width}}" + "".join(f"  {'-' if score is None else f'{score:.2f}':>6}" for score in scores))
+    print0(f"mIoU {summary['miou']:.2f}  mean Dice {summary['mean_dice']:.2f}  pixel acc {summary['pixel_acc']:.2f}  "
            f"mean acc {summary['mean_acc']:.2f}  on {summary['num_images']} images "
            f"({args.eval_mode}, scales {args.eval_scales}{', flip' if args.eval_flip else ''})")
     if env.is_main and args.output_json:
         del summary["confusion"]  # the pixel counts: checkpoints keep them (tools/report.py), the JSON the scores
-        with open(args.output_json, "w") as f:
-            json.dump({**summary, "per_class_iou": dict(zip(class_names, summary["per_class_iou"]))}, f, indent=1)
+        with open(args.output_json, "w") as f:  # every number by itself; per-class lists by class name
+            json.dump({key: dict(zip(class_names, value)) if isinstance(value, list) else value
+                       for key, value in summary.items()}, f, indent=1)
 
 
 if __name__ == "__main__":

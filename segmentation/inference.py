@@ -117,17 +117,19 @@ def validate(model, val_loader, class_names, precision, args, name, guards=None)
     if evaluate(predictor_from_args(model, args), val_loader, meter, precision, guards) is None:
         return None
     summary = meter.summary()
-    print0(f"{name}: mIoU {summary['miou']:.2f}  pixel acc {summary['pixel_acc']:.2f}  "
-           f"mean acc {summary['mean_acc']:.2f}  on {summary['num_images']} images")
+    print0(f"{name}: mIoU {summary['miou']:.2f}  mean Dice {summary['mean_dice']:.2f}  pixel acc "
+           f"{summary['pixel_acc']:.2f}  mean acc {summary['mean_acc']:.2f}  on {summary['num_images']} images")
     return summary
 
 
 @torch.inference_mode()
 def log_validation(writer, summary, class_names, model, val_loader, palette, precision, args, step):
-    """TensorBoard: each class's IoU, and input | label | prediction of the first four validation images."""
-    for name, iou in zip(class_names, summary["per_class_iou"]):
-        if iou is not None:
-            writer.add_scalar(f"val_iou/{name}", iou, step)
+    """TensorBoard: each class's IoU and Dice (every per_class_* list of the summary), and input | label |
+    prediction of the first four validation images."""
+    for key, values in summary.items():
+        for name, value in zip(class_names, values if key.startswith("per_class_") else []):
+            if value is not None:
+                writer.add_scalar(f"val_{key.removeprefix('per_class_')}/{name}", value, step)
     predictor = predictor_from_args(getattr(model, "module", model), args).eval()
     colours = torch.tensor(palette + [(255, 255, 255)] * (256 - len(palette)), dtype=torch.uint8,
                            device=precision.device)

@@ -115,9 +115,10 @@ def torchvision_weights(flag, weights, arch):
 
 
 def create_model(name, num_classes, output_stride=16, aux_loss=False, weights_backbone=None, unet_width=64,
-                 weights=None, crop_size=None, grad_checkpointing=False):
+                 weights=None, crop_size=None, grad_checkpointing=False, freeze_backbone=False):
     """A model by name, then as the train script's flags ask: the whole model from --weights, a check that the
-    training crops fit it, and gradient checkpointing."""
+    training crops fit it, gradient checkpointing, and a frozen backbone: only the head, every module after it,
+    trains."""
     model = create_architecture(name, num_classes, output_stride, aux_loss, weights_backbone, unet_width)
     if crop_size is not None:
         check_input_size(model, *crop_size, "--crop-size")
@@ -125,6 +126,9 @@ def create_model(name, num_classes, output_stride=16, aux_loss=False, weights_ba
         load_weights(model, name, weights)
     if grad_checkpointing:
         enable_grad_checkpointing(model)
+    if freeze_backbone:
+        from common.freeze import freeze_all_but  # only with --freeze-backbone
+        freeze_all_but(model, [child for child, _ in model.named_children() if child != "backbone"])
     return model
 
 

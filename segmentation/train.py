@@ -42,8 +42,8 @@ DEFAULTS = dict(output_stride=8, aux_loss=False, synthetic_val_size=500, synthet
 SECTIONS = ("data", "model", "optimisation", "evaluation (each epoch, or every --eval-interval steps)",
             "precision and speed", "checkpoints and preemption", "logging")
 # As in classification/train.py: these must match on resume, and the global batch as a product.
-SCHEDULE_ARGS = ("opt", "epochs", "iters", "lr", "lr_scheduler", "lr_power", "lr_min", "lr_warmup_epochs",
-                 "lr_warmup_method", "lr_warmup_decay", "voc_aug", "seed")
+SCHEDULE_ARGS = ("opt", "epochs", "iters", "lr", "head_lr", "lr_scheduler", "lr_power", "lr_min", "lr_warmup_epochs",
+                 "lr_warmup_method", "lr_warmup_decay", "voc_aug", "seed", "class_weights", "loss", "freeze_backbone")
 
 
 def get_args_parser():
@@ -104,6 +104,11 @@ def get_args_parser():
         "mmsegmentation's 20k/40k/80k schedules count; the last epoch stops at step N (default: --epochs)")
     add("--opt", default="sgd", choices=["sgd", "sgd_nesterov", "adamw"], help="optimizer (default: sgd)")
     add("--lr", type=number(float, at_least=0), help=f"peak learning rate for the whole run's batch {recipe('lr')}")
+    add("--head-lr", type=number(float, at_least=0), help="learning rate of the head, every layer after the "
+        "backbone (DeepLabV3+'s ASPP and decoder; the classifier of torchvision's models) (default: --lr); for "
+        "fine-tuning")
+    add("--loss", default="ce", choices=["ce", "dice", "ce+dice"], help="cross-entropy, soft Dice over the classes "
+        "present in the batch, or their sum; --class-weights weight both (default: ce)")
     add("--momentum", type=number(float, at_least=0), default=0.9, help="SGD momentum (default: 0.9)")
     add("--wd", "--weight-decay", type=number(float, at_least=0), default=1e-4, dest="weight_decay",
         help="weight decay (default: 1e-4)")
@@ -163,15 +168,25 @@ def finish_args(args):
                         "trained")
     if args.test_only and not args.resume:
         raise UserError("--test-only evaluates a trained model: give --resume PATH")
+    if args.model == "unet" and (args.freeze_backbone or args.head_lr is not None):
+        raise UserError("unet has no backbone, so no head apart from it: drop --freeze-backbone and --head-lr")
+    if args.freeze_backbone and not (args.weights_backbone or args.weights):
+        raise UserError("--freeze-backbone trains the head alone on a pretrained backbone: give --weights-backbone "
+                        "or --weights")
     return args
 
 
 class SegmentationLoss(nn.Module):
-    """Cross-entropy over labelled pixels, plus the auxiliary head's when the model has one."""
+    """Cross-entropy over labelled pixels, soft Dice or their sum (`loss`), with `class_weights` in each; plus the
+    auxiliary head's alike when the model has one."""
 
-    def __init__(self, ignore_index, aux_weight):
+    def __init__(self, ignore_index, aux_weight, loss="ce", class_weights=None):
         super().__init__()
-        self.ignore_index, self.aux_weight = ignore_index, aux_weight
+        self.ignore_index, self.aux_weight, self.loss = ignore_index, aux_weight, loss
+        self.class_weights = class_weights
+        if loss != "ce":
+            from segmentation.imbalance import dice_loss  # only with --loss dice or ce+dice
+            self.dice_loss = dice_loss
 
     def forward(self, outputs, target):
         if self.ignore_index != IGNORE_INDEX:  # a label the user leaves out joins the void pixels
@@ -180,9 +195,12 @@ class SegmentationLoss(nn.Module):
         labelled = (target != IGNORE_INDEX).sum().clamp(min=1)
         loss = 0
         for name, weight in (("out", 1.0), ("aux", self.aux_weight)):
-            if name in outputs:
-                ce = F.cross_entropy(outputs[name], target, ignore_index=IGNORE_INDEX, reduction="sum")
+            if name in outputs and self.loss != "dice":
+                ce = F.cross_entropy(outputs[name], target, self.class_weights, ignore_index=IGNORE_INDEX,
+                                     reduction="sum")
                 loss = loss + weight * ce / labelled
+            if name in outputs and self.loss != "ce":
+                loss = loss + weight * self.dice_loss(outputs[name], target, self.class_weights)
         return loss
 
 
@@ -206,7 +224,7 @@ def main(args):
     class_names, palette = dataset_info(args)
     val_loader = load_val(args, env, device)  # before the long work: val/ problems show now
     model = create_model(args.model, len(class_names), args.output_stride, args.aux_loss, args.weights_backbone,
-                         args.unet_width, args.weights, args.crop_size, args.grad_checkpointing)
+                         args.unet_width, args.weights, args.crop_size, args.grad_checkpointing, args.freeze_backbone)
     if args.data_path is not None and args.model != "unet" and not (args.weights_backbone or args.weights):
         print0("note: the backbone starts from random weights; published results start from ImageNet ones: "
                "add --weights-backbone IMAGENET1K_V1")
@@ -230,8 +248,9 @@ def main(args):
            f"{args.crop_size[0]}x{args.crop_size[1]}, effective batch {args.batch_size} x {args.accum_steps} x "
            f"{env.world_size} processes; sync-bn {args.sync_bn}; {total_steps} optimizer steps: {epochs} epochs of "
            f"{steps_per_epoch}")
+    head = [name for name, _ in model.named_children() if name != "backbone"]  # what --head-lr is for
     optimizer = create_optimizer(args.opt, model, args.lr, args.momentum, args.weight_decay, device.type,
-                                 args.norm_weight_decay)
+                                 args.norm_weight_decay, head, args.head_lr)
     # Laid out in optimizer steps (one scheduler "epoch" = one step), so that --iters need not fill whole epochs.
     lr_scheduler = create_lr_scheduler(optimizer, args.lr_scheduler, total_steps, 1,
                                        warmup_epochs=args.lr_warmup_epochs * steps_per_epoch,
@@ -240,8 +259,13 @@ def main(args):
     model = data_parallel(model, env, device, args.sync_bn)
     if args.compile:
         model.compile()  # in place: the state dict keeps its keys
-    parts = StepParts(model, SegmentationLoss(args.ignore_index, args.aux_weight), optimizer, lr_scheduler,
-                      precision.grad_scaler(optimizer), precision, args.clip_grad_norm)
+    weights = None
+    if args.class_weights != "none":  # the module only this flag needs is imported with it
+        from segmentation.imbalance import class_weights
+        weights = class_weights(args, class_names, train_loader.sampler.dataset).to(device)
+    criterion = SegmentationLoss(args.ignore_index, args.aux_weight, args.loss, weights)
+    parts = StepParts(model, criterion, optimizer, lr_scheduler, precision.grad_scaler(optimizer), precision,
+                      args.clip_grad_norm)
     checkpointer = Checkpointer(parts, args.output_dir, env.is_main, flags=vars(args), score=("best_miou", "mIoU"),
                                 keep=args.keep_checkpoints, bad_samples=bad_samples, class_names=class_names,
                                 palette=palette, steps_per_epoch=steps_per_epoch)
@@ -271,8 +295,8 @@ def main(args):
                 checkpointer.save(epoch, stop)
                 guards.preemption.exit()
             checkpointer.save_validated(epoch, val["miou"], None if stop == run.epoch_end(epoch) else stop,
-                                        val["confusion"])
-            record.update(val_miou=val["miou"], val_pixel_acc=val["pixel_acc"], val_mean_acc=val["mean_acc"])
+                                        val.pop("confusion"))
+            record.update({f"val_{key}": value for key, value in val.items() if not isinstance(value, list)})
             log.record(record, by)
             if log.writer is not None:
                 log_validation(log.writer, val, class_names, model, val_loader, palette, precision, args, record[by])

@@ -10,14 +10,16 @@ from conftest import ENV, ROOT
 from tools.closure import LAZY_MODULES, closure, names_used
 
 SCRIPTS = ["classification/train.py", "segmentation/train.py"]
+# Segmentation's two more: the lazy imports of --class-weights' pixel count and of the Dice loss.
+MOST_NAMES = {"classification/train.py": 30, "segmentation/train.py": 32}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_a_train_script_needs_at_most_14_files_and_30_repository_names(script):
+def test_a_train_script_needs_at_most_14_files_and_few_repository_names(script):
     files = [str(path.relative_to(ROOT)) for path in closure(script)]
     assert len(files) <= 14, files
     assert not [f for f in files if f.removesuffix(".py").replace("/", ".") in LAZY_MODULES]
-    assert len(names_used(script)) <= 30, names_used(script)
+    assert len(names_used(script)) <= MOST_NAMES[script], names_used(script)
 
 
 def modules_loaded_by(*modules):

@@ -1,5 +1,6 @@
 """The training sampler: one order per epoch cut into global batches and slots (the same under every layout of a
-global batch), repeated augmentation (--ra-sampler), and that resume stays exact with it."""
+global batch), repeated augmentation (--ra-sampler), the balanced draw (--balanced-sampler), and that resume stays
+exact with them."""
 import sys
 from collections import Counter
 
@@ -16,27 +17,29 @@ def epoch_of(sampler, epoch, start_step=0):
     return list(sampler)
 
 
-def slots_of(dataset, layout, epoch=3, reps=0):
+def slots_of(dataset, layout, epoch=3, reps=0, classes=None):
     """{(step, slot): the samples of that micro-batch} over every rank of `layout`."""
     slots = {}
     for rank in range(layout.world_size):
         ranked = BatchLayout(layout.world_size, rank, layout.batch_size, layout.accum_steps)
-        sampler = TrainingSampler(dataset, ranked, seed=7, reps=reps)
+        sampler = TrainingSampler(dataset, ranked, seed=7, reps=reps, classes=classes)
         samples = epoch_of(sampler, epoch)
         for index in range(len(samples) // layout.batch_size):
             slots[sampler.position(index)] = samples[index * layout.batch_size:(index + 1) * layout.batch_size]
     return slots
 
 
-@pytest.mark.parametrize("reps", [0, 3])
-def test_every_layout_of_a_global_batch_fills_the_same_slots(reps):
+@pytest.mark.parametrize("reps, balanced", [(0, False), (3, False), (0, True), (3, True)])
+def test_every_layout_of_a_global_batch_fills_the_same_slots(reps, balanced):
     # 2 processes x 4 x 1, 1 x 4 x 2 and 4 x 2 x 1 ... of a global batch of 8 over 30 samples: 3 steps.
+    classes = (torch.arange(30) < 3).long() if balanced else None  # 27 of class 0, 3 of class 1
     same_b = [BatchLayout(2, 0, 4, 1), BatchLayout(1, 0, 4, 2)]
-    assert slots_of(range(30), same_b[0], reps=reps) == slots_of(range(30), same_b[1], reps=reps)
-    order = TrainingSampler(range(30), BatchLayout(1, 0, 8, 1), seed=7, reps=reps)
+    assert slots_of(range(30), same_b[0], reps=reps, classes=classes) == slots_of(range(30), same_b[1], reps=reps,
+                                                                                  classes=classes)
+    order = TrainingSampler(range(30), BatchLayout(1, 0, 8, 1), seed=7, reps=reps, classes=classes)
     order.set_epoch(3)
     for layout in same_b + [BatchLayout(4, 0, 2, 1), BatchLayout(2, 0, 1, 4)]:
-        slots = slots_of(range(30), layout, reps=reps)
+        slots = slots_of(range(30), layout, reps=reps, classes=classes)
         assert len(slots) == 3 * layout.slots
         for step in range(3):  # each step takes the next 8 entries of the one order, whatever the layout
             taken = [i for slot in range(layout.slots) for i in slots[step, slot]]
@@ -59,6 +62,26 @@ def test_each_sample_comes_reps_times_in_a_row_and_an_epoch_keeps_its_length():
     assert list(Counter(real).values()) == [3, 3, 3, 3]  # 4 distinct images, 3 copies each
     assert all(len(set(real[i:i + 3])) == 1 for i in range(0, 12, 3))  # the copies of one image in a row
     assert epoch_of(sampler, 1) != virtual  # another epoch, another order
+
+
+def test_the_balanced_sampler_draws_each_class_about_equally_often_from_the_seed_and_epoch_alone():
+    classes = (torch.arange(2000) >= 1900).long()  # 19:1
+    sampler = TrainingSampler(range(2000), BatchLayout(1, 0, 10, 1), seed=3, classes=classes)
+    first = epoch_of(sampler, 4)
+    assert len(first) == 2000 and 0.45 < classes[first].float().mean() < 0.55  # 1,000 expected of each class
+    rare_drawn = [i for i in first if i >= 1900]
+    assert len(set(rare_drawn)) < len(rare_drawn)  # with replacement: the 100 rare images come several times
+    again = TrainingSampler(range(2000), BatchLayout(1, 0, 10, 1), seed=3, classes=classes)
+    assert epoch_of(again, 4) == first and epoch_of(again, 5) != first
+    assert epoch_of(again, 4, start_step=150) == first[1500:]  # a resumed epoch goes on with the same draws
+
+
+def test_the_balanced_sampler_repeats_each_drawn_image_with_ra_sampler():
+    classes = (torch.arange(12) >= 10).long()
+    virtual = epoch_of(TrainingSampler(range(12), BatchLayout(1, 0, 1, 1), seed=0, reps=3, classes=classes), 0)
+    real = [v % 12 for v in virtual]
+    assert len(virtual) == 12 and all(len(set(real[i:i + 3])) == 1 for i in range(0, 12, 3))
+    assert all(v // 12 == i % 3 for i, v in enumerate(virtual))  # copies 0, 1, 2 of each drawn image
 
 
 def test_ranks_split_the_one_order_of_the_epoch():

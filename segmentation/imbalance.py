@@ -1,0 +1,116 @@
+"""What segmentation does about rare classes, imported only with its flags: loss weights from the pixels of each
+class over the training masks (--class-weights), and the soft Dice loss (--loss dice, ce+dice)."""
+import hashlib
+import json
+import os
+import time
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from common.class_weights import class_weights as scaled_weights
+from common.data import ignore_stop_signals, reason, shown
+from common.distributed import from_rank0
+from common.log import print0
+from segmentation.datasets import IGNORE_INDEX
+
+CACHE_FILE = "class_pixels_train.json"  # the 256 bins of the training masks' values, for the masks it names
+
+
+def class_weights(args, class_names, dataset):
+    """The loss weights of --class-weights over the pixels of the training set `dataset` (the training loader's, or
+    the synthetic set's masks), counted by rank 0 once (the count is cached in --list-cache or --output-dir) and
+    the same on every rank. Void pixels and those of --ignore-index are not counted."""
+    while hasattr(dataset, "dataset"):  # the training loader's wrappers: SeededSamples, SkipBadSamples
+        dataset = dataset.dataset
+    cache_dir = getattr(args, "list_cache", None) or args.output_dir
+    pixels = torch.as_tensor(from_rank0(lambda: value_counts(dataset, args.workers, cache_dir)))[:len(class_names)]
+    if 0 <= args.ignore_index < len(class_names):
+        pixels[args.ignore_index] = 0
+    return scaled_weights(args.class_weights, class_names, counts=pixels, unit="pixels")
+
+
+class MaskValues(Dataset):
+    """The pixels of each value 0..255 of each mask, counted in DataLoader workers."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return torch.bincount(self.files.read_mask(i).flatten().long(), minlength=256)
+
+
+def value_counts(dataset, workers, cache_dir=None):
+    """Pixels of each mask value (256 bins) over a SegmentationFiles, or over a tensor of masks (the synthetic
+    set). With `cache_dir`, kept there for the next start, which reads it back while the masks keep their paths,
+    sizes and modification times."""
+    if isinstance(dataset, torch.Tensor):
+        return torch.bincount(dataset.flatten().long(), minlength=256).tolist()
+    masks = [mask for _, mask in dataset.files]
+    path, key = (os.path.join(cache_dir, CACHE_FILE), masks_key(masks)) if cache_dir else (None, None)
+    cached = read_cache(path, key)
+    if cached is not None:
+        print0(f"pixels per class of the {len(masks):,} training masks: from {shown(path)}")
+        return cached
+    started = time.perf_counter()
+    loader = DataLoader(MaskValues(dataset), batch_size=8, num_workers=workers, worker_init_fn=ignore_stop_signals)
+    pixels = sum(batch.sum(0) for batch in loader).tolist()
+    print0(f"counted the pixels per class of the {len(masks):,} training masks in {time.perf_counter() - started:.1f}"
+           f" s (-j {workers})")
+    if key is not None:
+        write_cache(path, key, pixels)
+    return pixels
+
+
+def masks_key(masks):
+    """What the count depends on: each mask's path, size and modification time; None if one cannot be read."""
+    try:
+        listed = [(mask, info.st_size, info.st_mtime_ns) for mask in masks for info in [os.stat(mask)]]
+    except OSError:  # the count meets it and says so
+        return None
+    return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
+
+
+def read_cache(path, key):
+    if key is None:
+        return None
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+        return cached["pixels"] if cached["key"] == key else None
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or not one of ours: counted again
+        return None
+
+
+def write_cache(path, key, pixels):
+    try:  # written whole, then renamed: never read half-written
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.tmp.{os.getpid()}", "w") as f:
+            json.dump({"key": key, "pixels": pixels}, f)
+        os.replace(f"{path}.tmp.{os.getpid()}", path)
+    except OSError as e:
+        print0(f"note: cannot write {shown(path)} ({reason(e)}): the next start counts the pixels again")
+
+
+def dice_loss(logits, target, weight=None):
+    """1 - the soft Dice coefficient of each class present in `target`, averaged over those classes (weighted by
+    `weight` when given), the batch's pixels counted as one image; IGNORE_INDEX pixels are left out. In float32
+    whatever the autocast dtype: sums over millions of pixels lose too much in 16 bits."""
+    with torch.autocast(logits.device.type, enabled=False):
+        probabilities = logits.float().softmax(1)
+        labelled = target != IGNORE_INDEX
+        classes = target.masked_fill(~labelled, 0).unsqueeze(1)
+        labelled = labelled.unsqueeze(1).float()
+        num_classes = probabilities.shape[1]
+
+        def per_class(values):  # sums by the pixel's class; index_put_ is deterministic on CUDA, scatter_add_ not
+            return values.new_zeros(num_classes).index_put_((classes.flatten(),), values.flatten(), accumulate=True)
+        intersection = per_class(probabilities.gather(1, classes) * labelled)
+        present = per_class(labelled)
+        predicted = (probabilities * labelled).sum((0, 2, 3))
+        dice = 2 * intersection / (present + predicted).clamp(min=1e-6)
+        share = (present > 0).float() * (1 if weight is None else weight)
+        return (share * (1 - dice)).sum() / share.sum().clamp(min=1e-6)
