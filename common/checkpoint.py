@@ -156,9 +156,14 @@ def check_resumable(checkpoint, path):
                               f"weights with --weights {path}")
 
 
+# Flags younger than some checkpoints: one that does not record them was trained as their default.
+UNRECORDED = {"class_weights": "none", "balanced_sampler": False, "freeze_backbone": False, "loss": "ce"}
+
+
 def check_same_schedule(trained_flags, flags, names, path):
     """The LR schedule and the data order were laid out for the values of `names`: other values would silently
     follow the old curve or another order."""
+    trained_flags = {**UNRECORDED, **trained_flags}
     changed = [f"{name} {trained_flags.get(name)} -> {flags[name]}" for name in names
                if trained_flags.get(name) != flags[name]]
     if changed:

@@ -303,3 +303,13 @@ def test_segmentation_refuses_an_unknown_loss(capsys):
 def test_a_resume_with_other_weights_or_sampling_is_refused(trained_run, flags, change):
     with pytest.raises(UserError, match=rf"laid out for other values \({change}\)"):
         train(*TINY, "--epochs", "2", *flags, "--resume", trained_run / "checkpoint.pth")
+
+
+def test_a_checkpoint_older_than_these_flags_resumes_with_their_defaults(trained_run, tmp_path):
+    checkpoint = torch.load(trained_run / "checkpoint.pth", weights_only=True)
+    for name in ("class_weights", "balanced_sampler", "freeze_backbone"):
+        del checkpoint["args"][name]
+    torch.save(checkpoint, tmp_path / "old.pth")
+    train(*TINY, "--epochs", "2", "--resume", tmp_path / "old.pth")
+    with pytest.raises(UserError, match=r"laid out for other values \(class_weights none -> balanced\)"):
+        train(*TINY, "--epochs", "2", "--class-weights", "balanced", "--resume", tmp_path / "old.pth")
