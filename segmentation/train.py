@@ -269,7 +269,8 @@ def main(args):
             record.update(val_miou=val["miou"], val_pixel_acc=val["pixel_acc"], val_mean_acc=val["mean_acc"])
             log.record(record, by)
             if log.writer is not None:
-                log_validation(log.writer, val, class_names, model, val_loader, palette, precision, args, record[by])
+                log_validation(log.writer, val, class_names, model, guards.watchdog.beating(val_loader), palette,
+                               precision, args, record[by])
     best = "none (no epoch evaluated)" if checkpointer.best is None else f"{checkpointer.best:.2f}"
     log.end(f"best mIoU {best}")
 
