@@ -8,7 +8,6 @@ import signal
 import sys
 import threading
 import time
-import weakref
 
 import torch
 import torch.distributed as dist
@@ -221,17 +220,15 @@ def remove_stale_temporary_files(output_dir):
 
 
 def process_alive(pid):
-    """Whether a process `pid` other than this one lives (this one, new, has not begun writing: a container's
-    process ids repeat from start to start)."""
-    if pid == os.getpid():
-        return False
+    """Whether a process `pid` other than this one lives (this one has not begun writing yet: in a container the
+    same pid comes back at every start)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's
-        return True
-    return True
+        pass
+    return pid != os.getpid()
 
 
 def write_failure(error):
@@ -250,7 +247,6 @@ def write_failure(error):
         return f"{type(cause).__name__}: {cause.strerror or cause}", "fix that"
     lines = str(error).strip().splitlines() or ["no message"]
     return f"{type(error).__name__}: {lines[0]}", "fix that"
-
 
 
 def unwritable_output(path, error, output_dir):
@@ -333,14 +329,11 @@ def tensorboard_writer(output_dir):
     return TensorBoard(output_dir)
 
 
-_writing_threads = weakref.WeakSet()
-
-
-def _quiet_writing_threads(args):
-    """threading.excepthook: a TensorBoard writing thread's failed write is not printed with its traceback, since the
-    training thread meets the error again at its next call and reports it in one line."""
-    if not (args.thread in _writing_threads and issubclass(args.exc_type, OSError)):
-        _quiet_writing_threads.previous(args)
+def _quiet_tensorboard_threads(args):
+    """threading.excepthook: a failed write of TensorBoard's writing thread is not printed with its traceback; the
+    training thread meets the error again at its next call, and reports it in one line."""
+    if not (type(args.thread).__module__.startswith("tensorboard.") and issubclass(args.exc_type, OSError)):
+        _quiet_tensorboard_threads.previous(args)
 
 
 class TensorBoard:
@@ -350,11 +343,9 @@ class TensorBoard:
     def __init__(self, output_dir):
         from torch.utils.tensorboard import SummaryWriter  # imported late: it pulls in tensorboard
 
-        running = set(threading.enumerate())
         self.output_dir, self.writer = output_dir, SummaryWriter(os.path.join(output_dir, "tb"))
-        _writing_threads.update(set(threading.enumerate()) - running)
-        if threading.excepthook is not _quiet_writing_threads:
-            _quiet_writing_threads.previous, threading.excepthook = threading.excepthook, _quiet_writing_threads
+        if threading.excepthook is not _quiet_tensorboard_threads:
+            _quiet_tensorboard_threads.previous, threading.excepthook = threading.excepthook, _quiet_tensorboard_threads
 
     def add_scalar(self, *args):
         self.written(self.writer.add_scalar, *args)
