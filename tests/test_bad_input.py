@@ -812,16 +812,16 @@ def test_an_output_dir_deleted_under_the_run_is_one_line(tmp_path, monkeypatch, 
         (data / "train" / "dog" / "1.jpg").write_bytes(b"")
     real = engine.seed_micro_batch
 
-    def deleting_at_step_3(seed, epoch, step, slot):
-        if (epoch, step) == (1, 3) and out.exists():
+    def deleting_at_step_2(seed, epoch, step, slot):
+        if step == 2 and out.exists():
             shutil.rmtree(out)
         real(seed, epoch, step, slot)
-    monkeypatch.setattr(engine, "seed_micro_batch", deleting_at_step_3)
+    monkeypatch.setattr(engine, "seed_micro_batch", deleting_at_step_2)
     # TensorBoard's writer, log.jsonl, bad_samples.txt or the checkpoint: whichever meets it first says so.
     with pytest.raises(UserError, match=rf"^cannot save .*{out}/.*: --output-dir {out} is gone \(deleted, moved or "
                                         r"unmounted while the run wrote to it\), and no checkpoint of the run with it: "
                                         r"start the run again, on a folder that stays$"):
-        train("--data-path", data, *IMAGE_FLAGS, "--epochs", "2", *flags, "--output-dir", out)
+        train("--data-path", data, *IMAGE_FLAGS, "--print-freq", "1", *flags, "--output-dir", out)
 
 
 @pytest.mark.parametrize("task", ["classification", "segmentation"])
