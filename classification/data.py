@@ -24,7 +24,7 @@ SORT_VAL_COMMAND = "python tools/sort_imagenet_val.py {folder} LOC_val_solution.
 # A folder changed less than this before it was listed may change again within its timestamp's granularity (FAT
 # and some network file systems: 1-2 s) with its modification time unmoved: the cache lists it again next time.
 MTIME_SLACK_NS = 2 * 10**9
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: folders keyed by inode number and change time too
 LISTING_THREADS = 16
 
 
@@ -46,11 +46,15 @@ def list_classes(split_dir):
     if hidden:
         print0(f"note: hidden folders are not classes, skipped in {shown(split_dir)}: {', '.join(map(shown, hidden))}")
     if loose:  # never read as one class, nor left out unsaid
-        sort_hint = (f"sort them into class folders with: {SORT_VAL_COMMAND.format(folder=shown(split_dir))} (the "
-                     "README shows it with the devkit's labels too)" if os.path.basename(os.path.normpath(split_dir))
-                     == "val" else "move each image into the folder of its class")
-        where = "and no class folders" if not classes else f"beside its class folders (e.g. {shown(loose[0])})"
-        raise UserError(f"{shown(split_dir)} holds {len(loose)} image{'s' * (len(loose) > 1)} {where}: {sort_hint}")
+        images = f"{shown(split_dir)} holds {len(loose)} image{'s' * (len(loose) > 1)}"
+        if not classes and os.path.basename(os.path.normpath(split_dir)) == "val":  # ImageNet's val/ as distributed
+            raise UserError(f"{images} and no class folders: sort them into class folders with: "
+                            f"{SORT_VAL_COMMAND.format(folder=shown(split_dir))} (the README shows it with the "
+                            "devkit's labels too)")
+        named = ", ".join(map(shown, loose[:5])) + (f" and {len(loose) - 5} more" if len(loose) > 5 else "")
+        where = "and no class folders" if not classes else "beside its class folders"
+        raise UserError(f"{images} {where} ({named}), which no class would read: move each image into the folder of "
+                        "its class, or delete it")
     if not classes:
         raise UserError(f"{shown(split_dir)} has no class folders: {LAYOUT_HINT}")
     return classes
@@ -97,12 +101,19 @@ class PathArray:
 
 class ClassFiles(NamedTuple):
     """One class folder listed: its images (paths from the split folder, in torchvision's order), and every
-    folder walked with the modification time the cache compares."""
+    folder walked with the stamp the cache compares."""
     files: PathArray
-    folders: list  # (path from the split folder, bytes; st_mtime_ns)
+    folders: list  # (path from the split folder, bytes; folder_stamp)
     hidden: int = 0  # files and folders whose names start with '.'
     skipped: dict = {}  # extension -> files not named as images
     not_files: list = []  # a SampleError for each image name that is no regular file (a FIFO, a dangling link)
+
+
+def folder_stamp(info):
+    """What the cache compares of a folder's os.stat: the modification time, which adding or removing a file
+    moves, and the inode number and change time, which a folder replaced by one with the same modification time
+    (an archive unpacked with fixed times, rsync -t, a restored snapshot) does not keep: no unpacker sets them."""
+    return info.st_mtime_ns, info.st_ino, info.st_ctime_ns
 
 
 def list_class(split_dir, name):
@@ -135,10 +146,10 @@ def list_class(split_dir, name):
                     not_files.append(not_a_file_error(entry.path))
             else:
                 skipped[os.path.splitext(entry.name)[1].lower() or "(no extension)"] += 1
-        folders.append((relative, info.st_mtime_ns, files))
+        folders.append((relative, folder_stamp(info), files))
     folders.sort()
     return ClassFiles(PathArray.of([path for *_, files in folders for path in files]),
-                      [(os.fsencode(relative), mtime) for relative, mtime, _ in folders], hidden, dict(skipped),
+                      [(os.fsencode(relative), stamp) for relative, stamp, _ in folders], hidden, dict(skipped),
                       not_files)
 
 
@@ -168,12 +179,13 @@ def read_cache(path, split_dir):
         folders = PathArray(arrays["folder_paths"], arrays["folder_offsets"])
         file_starts = np.concatenate([[0], np.cumsum(arrays["files_per_class"])])
         folder_starts = np.concatenate([[0], np.cumsum(arrays["folders_per_class"])])
+        stamps = list(zip(*(arrays[key].tolist() for key in ("folder_mtimes", "folder_inodes", "folder_ctimes"))))
         cached = {}
         for i, name in enumerate(header["classes"]):
             walked = range(folder_starts[i], folder_starts[i + 1])
             cached[name] = ClassFiles(files.part(file_starts[i], file_starts[i + 1]),
-                                      [(folders[k], int(arrays["folder_mtimes"][k])) for k in walked],
-                                      header["hidden"][i], header["skipped"][i])
+                                      [(folders[k], stamps[k]) for k in walked], header["hidden"][i],
+                                      header["skipped"][i])
         return cached, header["listed_at_ns"]
     except Exception as e:
         print0(f"note: the file list cache {shown(path)} cannot be read ({reason(e)}): listing the tree again")
@@ -185,11 +197,13 @@ def write_cache(path, split_dir, listed_at_ns, classes, listed):
               "classes": classes, "hidden": [c.hidden for c in listed], "skipped": [c.skipped for c in listed]}
     folders = [folder for c in listed for folder, _ in c.folders]
     folder_paths = PathArray.of(folders)
+    mtimes, inodes, ctimes = zip(*(stamp for c in listed for _, stamp in c.folders)) if folders else ((), (), ())
     files = PathArray.joined([c.files for c in listed])
     arrays = dict(header=np.frombuffer(json.dumps(header).encode(), np.uint8), file_paths=files.data,
                   file_offsets=files.offsets, files_per_class=np.array([len(c.files) for c in listed], np.int64),
                   folder_paths=folder_paths.data, folder_offsets=folder_paths.offsets,
-                  folder_mtimes=np.array([mtime for c in listed for _, mtime in c.folders], np.int64),
+                  folder_mtimes=np.array(mtimes, np.int64), folder_inodes=np.array(inodes, np.uint64),
+                  folder_ctimes=np.array(ctimes, np.int64),
                   folders_per_class=np.array([len(c.folders) for c in listed], np.int64))
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -202,13 +216,14 @@ def write_cache(path, split_dir, listed_at_ns, classes, listed):
 
 
 def unchanged(split_dir, cached, listed_at_ns):
-    """Whether a cached class's folders keep the modification times they had well before the listing."""
-    for relative, mtime in cached.folders:
+    """Whether a cached class's folders are the ones listed, with the modification times they had well before the
+    listing."""
+    for relative, stamp in cached.folders:
         try:
-            now = os.stat(os.path.join(split_dir, os.fsdecode(relative))).st_mtime_ns
+            now = folder_stamp(os.stat(os.path.join(split_dir, os.fsdecode(relative))))
         except OSError:
             return False
-        if now != mtime or mtime >= listed_at_ns - MTIME_SLACK_NS:
+        if now != stamp or stamp[0] >= listed_at_ns - MTIME_SLACK_NS:
             return False
     return True
 
@@ -259,8 +274,8 @@ def list_split(split_dir, cache_dir=None, strict=True):
         write_cache(path, split_dir, listed_at_ns, classes, listed)
     files = FileList(split_dir, classes, PathArray.joined([c.files for c in listed]),
                      np.repeat(np.arange(len(classes), dtype=np.int32), [len(c.files) for c in listed]))
-    source = (f"{relisted} of {len(classes)} class folders listed, the others from {shown(path)}" if sum(kept)
-              else f"{len(classes)} class folders listed")
+    source = (f"{relisted} of {len(classes)} class folders listed, the others from the cache {shown(path)}: delete it "
+              "to list them all again" if sum(kept) else f"{len(classes)} class folders listed")
     print0(f"{shown(split_dir)}: {len(files.paths):,} images ({source}) in {time.perf_counter() - started:.2f} s")
     return files, listed
 

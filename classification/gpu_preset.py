@@ -7,7 +7,6 @@ the same fallback), for all images at once; a few roi_align calls over canvases 
 and resize the whole batch.
 """
 import io
-import itertools
 import math
 from typing import NamedTuple
 
@@ -19,7 +18,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from common.data import (MEAN, REPLACE_IMAGE, STD, check_resized_size, ignore_stop_signals, open_regular, read_image,
-                         reason, shown, stand_in_index)
+                         reason, shown)
 from common.device_loader import DeviceLoader
 from common.log import SampleError
 
@@ -268,25 +267,24 @@ class GpuPreset:
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
 
-    def decode_or_stand_in(self, encoded, targets, indices):
-        """decode_batch; where a file does not decode, the stand-in SkipBadSamples' rule picks, and its report."""
+    def decode_or_stand_in(self, encoded, targets, indices, unread):
+        """decode_batch; where a file does not decode, the stand-in SkipBadSamples' rule picks, and its report.
+        `unread`: each sample's reports of the files that its worker could not read before it."""
         try:
             return decode_batch(encoded, [self.paths[i] for i in indices.tolist()], self.device), targets, ()
         except SampleError:
             pass  # once more, one image at a time, to find which
         images, targets, reports = [], targets.clone(), []
         for slot, (data, index) in enumerate(zip(encoded, indices.tolist())):
-            for failures in itertools.count(1):
+            chain = unread[slot]  # the slot's samples that failed, each the stand-in of the one before
+            while True:
                 try:
                     images.append(decode_batch([data], [self.paths[index]], self.device)[0])
                     break
                 except SampleError as e:
-                    reports.append((index, shown(self.paths[index]), str(e)))
-                    if failures > self.stand_ins.limit:
-                        raise
-                    data, targets[slot], index, unread = self.stand_ins[stand_in_index(self.stand_ins.seed, index,
-                                                                                       len(self.stand_ins))]
-                    reports += unread
+                    data, targets[slot], index, chain = self.stand_ins.stand_in(
+                        [*chain, (index, shown(self.paths[index]), str(e))])
+            reports += chain[len(unread[slot]):]
         return images, targets, tuple(reports)
 
     def __call__(self, batch, generator):
@@ -294,7 +292,7 @@ class GpuPreset:
         if self.stand_ins is None:
             images = decode_batch(encoded, [self.paths[i] for i in indices.tolist()], self.device)
         else:
-            images, targets, undecoded = self.decode_or_stand_in(encoded, targets, indices)
+            images, targets, undecoded = self.decode_or_stand_in(encoded, targets, indices, reports[0])
             reports = [reports[0] + [undecoded]]
         heights = torch.tensor([image.shape[1] for image in images])
         widths = torch.tensor([image.shape[2] for image in images])

@@ -287,7 +287,8 @@ def main(args):
                                         None if stop == run.epoch_end(epoch) else stop, meter.confusion.matrix)
             log.record(record, by)
             if log.writer is not None:
-                log_pictures(log.writer, model, val_loader, meter, class_names, precision, record[by])
+                log_pictures(log.writer, model, guards.watchdog.beating(val_loader), meter, class_names, precision,
+                             record[by])
 
     best = "none (no epoch evaluated)" if checkpointer.best is None else f"{checkpointer.best:.3f}"
     log.end(f"best top-1 {best}{' (EMA)' if model_ema is not None else ''}")

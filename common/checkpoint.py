@@ -1,13 +1,12 @@
 """Checkpoints as plain dicts of tensors, written atomically and read with weights_only=True; the Checkpointer
 that saves a run and resumes it, refusing what would not continue it."""
-import errno
 import os
 import pickle
 import re
 
 import torch
 
-from common.log import UserError, print0
+from common.log import UserError, print0, unwritable_output
 
 
 class CheckpointError(UserError):
@@ -211,36 +210,12 @@ def check_finite_weights(models, where, output_dir):
                               f"saved; {last_good_checkpoint(output_dir)}")
 
 
-def write_failure(error):
-    """(what went wrong, what to do): torch.save reports a failed write as a RuntimeError "[enforce fail at
-    inline_container.cc:...]", with the OSError behind it as its context."""
-    cause = error
-    while cause is not None and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
-    if cause is None:
-        lines = str(error).strip().splitlines() or ["no message"]
-        return f"{type(error).__name__}: {lines[0]}", "fix that"
-    if cause.errno == errno.ENOSPC:
-        return f"{cause.strerror}: the disk is full", "free space there"
-    if cause.errno == errno.EDQUOT:
-        return cause.strerror, "free space there or raise the quota"
-    if cause.errno == errno.EFBIG:
-        return "File too large: a file-size limit (ulimit -f) is below the checkpoint's size", "raise the limit"
-    return f"{type(cause).__name__}: {cause.strerror or cause}", "fix that"
-
-
 def save_checkpoint_file(state, path, output_dir):
     """save_atomic, with a failed write (a full disk, a file-size limit) in one line that says what is kept."""
     try:
         save_atomic(state, path)
     except (OSError, RuntimeError) as e:
-        problem, fix = write_failure(e)
-        last = os.path.join(output_dir, "checkpoint.pth")
-        if os.path.isfile(last):
-            kept = f"the last good checkpoint, {last}, is intact; {fix}, then resume from it with --resume auto"
-        else:
-            kept = f"no checkpoint was saved yet; {fix}, then run the same command again"
-        raise CheckpointError(f"cannot save {path} ({problem}): {kept}") from None
+        raise CheckpointError(unwritable_output(path, e, output_dir)) from None
 
 
 def position(epoch, step):

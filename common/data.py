@@ -14,7 +14,8 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from common.log import SampleError, UserError, in_process_group, is_main_process, launch_rank, print0
+from common.log import (SampleError, UserError, in_process_group, is_main_process, launch_rank, print0,
+                        unwritable_output)
 
 # ---- image files: only regular files are read (a FIFO would block, /dev/zero never end).
 
@@ -76,6 +77,10 @@ def open_regular(path, what="image"):
     except OSError as e:
         if isinstance(e, FileNotFoundError) and os.path.islink(path):
             raise not_a_file_error(path, what) from None
+        if isinstance(e, FileNotFoundError):  # "delete the file" would name a file that is gone already
+            raise SampleError(f"{what} {shown(path)} was listed but no longer exists (moved or deleted since, or left "
+                              "in a cached listing): put it back, or start again, which lists the tree anew; if the "
+                              "start-up line named a cache file (file_list_*.npz), delete it first") from None
         raise SampleError(f"cannot read {what} {shown(path)} ({reason(e)}): {replace_hint(what)}") from None
     info = os.fstat(f.fileno())
     if not stat.S_ISREG(info.st_mode):
@@ -147,7 +152,8 @@ class NormalizeBytes:
 #   device augmentation (--data-backend gpu): from (seed, epoch, step, slot), in DeviceLoader, a torch.Generator
 #     of the micro-batch's own (it is prepared on a side thread one batch ahead)
 #   the stand-in for a file that fails to load: from (seed, failed sample index), in SkipBadSamples and GpuPreset,
-#     the same on any rank and in any epoch
+#     the same on any rank and in any epoch (a stand-in that fails too is replaced in turn, never by a sample
+#     its chain tried before)
 #
 # A slot is a micro-batch's place in its step's global batch (BatchLayout): keyed by slot, not by rank, a run
 # resumed on another number of processes draws what the uninterrupted run drew. The per-epoch stream stays per
@@ -183,9 +189,16 @@ def batch_generator(seed, epoch, step, slot):
     return torch.Generator().manual_seed(derive_seed("batch", seed, epoch, step, slot))
 
 
-def stand_in_index(seed, index, size):
+def stand_in_index(seed, index, size, tried=()):
+    """The sample that stands in for `index`, which failed to load: drawn from (seed, index) alone, every other
+    index equally likely. A chain of stand-ins that failed too never comes back to one it `tried`: the next
+    index after the drawn one that it has not tried is taken instead. None once it has tried them all."""
+    if size < 2:
+        return None
     other = derive_seed("stand-in", seed, index) % (size - 1)
-    return other + (other >= index)  # every index but `index` itself, equally likely
+    drawn = other + (other >= index)
+    return next((candidate % size for candidate in range(drawn, drawn + size)
+                 if candidate % size != index and candidate % size not in tried), None)
 
 
 # ---- samplers, loaders and stand-ins ---------------------------------------------------------------------------
@@ -377,11 +390,15 @@ class SyntheticBatches:
             yield self.batches[i % len(self.batches)]
 
 
+CHECK_DATA_HINT = "python tools/check_data.py with the same data flags finds every bad file at once"
+
+
 class SkipBadSamples(Dataset):
     """--max-bad-samples: (*sample, reports), a failing sample replaced by a stand-in chosen from the seed and its
     index alone, so every rank, worker and resumed run replaces it alike. The reports of (index, path, error)
-    travel with the batch: DataLoader workers share no memory with the main process. Past `limit` failures for
-    one sample (stand-ins can fail too) the last error is raised."""
+    travel with the batch: DataLoader workers share no memory with the main process. A stand-in can fail too,
+    and is replaced in turn; a chain of more than `limit` failures, or one that has tried every sample, stops the
+    run with a line that names its files."""
 
     def __init__(self, dataset, seed, limit):
         self.dataset, self.seed, self.limit = dataset, seed, limit
@@ -394,15 +411,34 @@ class SkipBadSamples(Dataset):
 
     def __getitem__(self, index):
         index %= len(self.dataset)  # repeated augmentation's copies (TrainingSampler): index + copy * len
-        reports = []
+        try:
+            return (*self.dataset[index], ())
+        except SampleError as e:
+            return self.stand_in([(index, shown(self.dataset.path(index)), str(e))])
+
+    def stand_in(self, chain):
+        """(*sample, chain) of the first readable stand-in for the last sample of `chain`, the reports of samples
+        that failed in turn, grown by the stand-ins that failed too."""
+        chain = list(chain)
         while True:
+            index = stand_in_index(self.seed, chain[-1][0], len(self.dataset), {index for index, *_ in chain})
+            if len(chain) > self.limit or index is None:
+                raise SampleError(self.chain_failure(chain))
             try:
-                return (*self.dataset[index], tuple(reports))
+                return (*self.dataset[index], tuple(chain))
             except SampleError as e:
-                reports.append((index, shown(self.dataset.path(index)), str(e)))
-                if len(reports) > self.limit or len(self.dataset) < 2:
-                    raise
-                index = stand_in_index(self.seed, index, len(self.dataset))
+                chain.append((index, shown(self.dataset.path(index)), str(e)))
+
+    def chain_failure(self, chain):
+        """The line of a chain of stand-ins that found no readable sample, its files named."""
+        tried = ", ".join(path for _, path, _ in chain[:5]) + (f" and {len(chain) - 5} more" if len(chain) > 5 else "")
+        if len(chain) > self.limit:
+            why = (f"{len(chain)} files failed in turn, each standing in for the one before ({tried}): more than "
+                   f"--max-bad-samples {self.limit} allows")
+        else:
+            why = (f"every one of the {len(self.dataset)} training samples failed to load ({tried}): --max-bad-samples "
+                   f"{self.limit} replaces a bad file by a readable one, and there is none")
+        return f"{chain[-1][2]} ({why}; {CHECK_DATA_HINT})"
 
 
 def collate_reported(batch):
@@ -471,16 +507,22 @@ class BadSamples:
 
     def too_many(self, error, count):
         listed = f"; those met so far are in {os.path.join(self.output_dir, self.FILE)}" if self.output_dir else ""
-        return (f"{error} (bad sample {count} of this run, more than --max-bad-samples {self.limit} allows{listed}; "
-                "python tools/check_data.py with the same data flags finds every bad file at once)")
+        return f"{error} (bad sample {count} of this run, more than --max-bad-samples {self.limit} allows{listed}; " \
+               f"{CHECK_DATA_HINT})"
 
     def write(self, known):
         if not (self.output_dir and known):
             return
         path = os.path.join(self.output_dir, self.FILE)
-        with open(f"{path}.tmp.{os.getpid()}", "w") as f:
-            f.writelines(f"{report_path}\t{error}\n" for report_path, error in known.values())
-        os.replace(f"{path}.tmp.{os.getpid()}", path)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                f.writelines(f"{report_path}\t{error}\n" for report_path, error in known.values())
+            os.replace(tmp, path)
+        except OSError as e:  # a full disk, the output folder deleted under the run
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise UserError(unwritable_output(path, e, self.output_dir)) from None
 
     def state(self):
         """For the checkpoint: plain lists, which weights_only loading reads."""

@@ -333,6 +333,13 @@ class StallWatchdog:
     def beat(self):
         self.last_beat = time.monotonic()
 
+    def beating(self, batches):
+        """`batches`, with a beat as each comes: the forward passes of a pass over them outside evaluate() (the
+        pictures of a validation, for TensorBoard) count as evaluation batches too."""
+        for batch in batches:
+            self.beat()
+            yield batch
+
     def watch(self):
         while StallWatchdog.latest is self and self.owner_runs():
             if self.last_beat is not None and time.monotonic() - self.last_beat > self.timeout_s:

@@ -3,6 +3,9 @@ import argparse
 import re
 
 DEVICE_NAMES = "cpu, cuda or cuda:N"
+# A year: longer is no timeout in practice, and far longer (inf, 1e13) overflows the timedelta the process group
+# is given, or torch's clock arithmetic behind it.
+MAX_DIST_TIMEOUT_MINUTES = 525_600
 
 
 def number(kind, at_least=None, above=None, at_most=None):
@@ -10,7 +13,7 @@ def number(kind, at_least=None, above=None, at_most=None):
     of failing later or running with a meaning nobody asked for."""
     noun = "integer" if kind is int else "number"
     if at_most is not None:
-        rule = f"between {at_least} and {at_most}"
+        rule = f"between {at_least} and {at_most}" if above is None else f"more than {above} and at most {at_most}"
     elif above is not None:
         rule = f"a positive {noun}" if above == 0 else f"more than {above}"
     else:
@@ -102,5 +105,6 @@ def add_checkpoint_flags(group):
         help="a rank on which no optimizer step or evaluation batch finishes in SECONDS (counted from the first "
         "step) prints its threads' stacks and what it was waiting for, and exits with status 124 (default: 600; "
         "0: off)")
-    add("--dist-timeout", type=number(float, above=0), default=30, metavar="MINUTES",
-        help="timeout of the process group's collectives and rendezvous (default: 30)")
+    add("--dist-timeout", type=number(float, above=0, at_most=MAX_DIST_TIMEOUT_MINUTES), default=30, metavar="MINUTES",
+        help=f"timeout of the process group's collectives and rendezvous (default: 30; at most "
+        f"{MAX_DIST_TIMEOUT_MINUTES}, a year)")

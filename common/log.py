@@ -1,10 +1,12 @@
 """What a run tells the user and where: console lines from rank 0, one-line errors, the output folder, TensorBoard."""
+import errno
 import fcntl
 import json
 import os
 import re
 import signal
 import sys
+import threading
 import time
 
 import torch
@@ -168,6 +170,7 @@ def start_output_dir(output_dir, flags):
             lock.write(f"{os.getpid()}\n")
             lock.flush()
             _held_locks[key] = lock
+            remove_stale_temporary_files(output_dir)
         with open(os.path.join(output_dir, "args.json"), "w") as f:
             json.dump(flags, f, indent=1)
     except OSError as e:  # a full disk, a quota
@@ -203,6 +206,64 @@ def release_output_dirs():
         _held_locks.popitem()[1].close()
 
 
+def remove_stale_temporary_files(output_dir):
+    """The <file>.tmp.<pid> that a save cut short leaves (the stall watchdog ends its rank at once, a SIGKILL does
+    too) are removed when a run claims the folder: with no live process of that pid, nothing will finish them."""
+    stale = []
+    for name in sorted(os.listdir(output_dir)):
+        match = re.fullmatch(r".+\.tmp\.(\d+)", name)
+        if match and not process_alive(int(match[1])):
+            os.remove(os.path.join(output_dir, name))
+            stale.append(name)
+    if stale:
+        print(f"note: removed {', '.join(stale)} from {output_dir}: left by a save that was cut short", flush=True)
+
+
+def process_alive(pid):
+    """Whether a process `pid` other than this one lives (this one has not begun writing yet: in a container the
+    same pid comes back at every start)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return pid != os.getpid()
+
+
+def write_failure(error):
+    """(what went wrong, what to do): torch.save reports a failed write as a RuntimeError "[enforce fail at
+    inline_container.cc:...]", with the OSError behind it as its context."""
+    cause = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        lines = str(error).strip().splitlines() or ["no message"]
+        return f"{type(error).__name__}: {lines[0]}", "fix that"
+    if cause.errno == errno.ENOSPC:
+        return f"{cause.strerror}: the disk is full", "free space there"
+    if cause.errno == errno.EDQUOT:
+        return cause.strerror, "free space there or raise the quota"
+    if cause.errno == errno.EFBIG:
+        return "File too large: a file-size limit (ulimit -f) is below the checkpoint's size", "raise the limit"
+    return f"{type(cause).__name__}: {cause.strerror or cause}", "fix that"
+
+
+def unwritable_output(path, error, output_dir):
+    """The one line of a file of the run that could not be written to `output_dir` (`error`): what went wrong, and
+    what is left to resume from."""
+    if not os.path.isdir(output_dir):
+        return (f"cannot save {path}: --output-dir {output_dir} is gone (deleted, moved or unmounted while the run "
+                "wrote to it), and no checkpoint of the run with it: start the run again, on a folder that stays")
+    problem, fix = write_failure(error)
+    last = os.path.join(output_dir, "checkpoint.pth")
+    if os.path.isfile(last):
+        kept = f"the last good checkpoint, {last}, is intact; {fix}, then resume from it with --resume auto"
+    else:
+        kept = f"no checkpoint was saved yet; {fix}, then run the same command again"
+    return f"cannot save {path} ({problem}): {kept}"
+
+
 class RunLog:
     """What a training run tells the user and leaves behind: the opening and closing lines, log.jsonl and
     TensorBoard (`writer`, on rank 0 only)."""
@@ -222,7 +283,11 @@ class RunLog:
     def record(self, record, by="epoch"):
         """One line of log.jsonl, and each number as a <by>/<name> scalar in TensorBoard at the record's `by`."""
         if self.output_dir and is_main_process():
-            append_jsonl(os.path.join(self.output_dir, "log.jsonl"), record)
+            path = os.path.join(self.output_dir, "log.jsonl")
+            try:
+                append_jsonl(path, record)
+            except OSError as e:
+                raise UserError(unwritable_output(path, e, self.output_dir)) from None
         if self.writer is not None:
             for key, value in record.items():
                 if key not in ("epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -262,9 +327,42 @@ def append_jsonl(path, record):
 def tensorboard_writer(output_dir):
     if not output_dir or not is_main_process():
         return None
-    from torch.utils.tensorboard import SummaryWriter  # imported late: it pulls in tensorboard
+    return TensorBoard(output_dir)
 
-    return SummaryWriter(os.path.join(output_dir, "tb"))
+
+def _quiet_tensorboard_threads(args):
+    """threading.excepthook: a failed write of TensorBoard's writing thread is not printed with its traceback; the
+    training thread meets the error again at its next call, and reports it in one line."""
+    if not (type(args.thread).__module__.startswith("tensorboard.") and issubclass(args.exc_type, OSError)):
+        _quiet_tensorboard_threads.previous(args)
+
+
+class TensorBoard:
+    """torch's SummaryWriter in <output_dir>/tb, whose failed writes (a full disk, the folder deleted under the run)
+    end the run in one line. It writes in a thread of its own, and a later call raises what that thread met."""
+
+    def __init__(self, output_dir):
+        from torch.utils.tensorboard import SummaryWriter  # imported late: it pulls in tensorboard
+
+        self.output_dir, self.writer = output_dir, SummaryWriter(os.path.join(output_dir, "tb"))
+        if threading.excepthook is not _quiet_tensorboard_threads:
+            _quiet_tensorboard_threads.previous, threading.excepthook = threading.excepthook, _quiet_tensorboard_threads
+
+    def add_scalar(self, *args):
+        self.written(self.writer.add_scalar, *args)
+
+    def add_image(self, *args):
+        self.written(self.writer.add_image, *args)
+
+    def close(self):
+        self.written(self.writer.close)
+
+    def written(self, write, *args):
+        try:
+            write(*args)
+        except OSError as e:
+            raise UserError(unwritable_output(f"the TensorBoard events in {self.writer.log_dir}", e,
+                                              self.output_dir)) from None
 
 
 class ProgressLog:

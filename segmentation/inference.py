@@ -134,8 +134,8 @@ def log_validation(writer, summary, class_names, model, val_loader, palette, pre
     colours = torch.tensor(palette + [(255, 255, 255)] * (256 - len(palette)), dtype=torch.uint8,
                            device=precision.device)
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
-    examples = [(image, target) for images, targets in itertools.islice(val_loader, 4)
-                for image, target in zip(images, targets)][:4]
+    examples = itertools.islice(((image, target) for images, targets in val_loader  # read as they are shown
+                                 for image, target in zip(images, targets)), 4)
     for i, (image, target) in enumerate(examples):
         image, target = precision.to_device((image[None], target[None]))
         with precision.autocast:

@@ -299,7 +299,8 @@ def main(args):
             record.update({f"val_{key}": value for key, value in val.items() if not isinstance(value, list)})
             log.record(record, by)
             if log.writer is not None:
-                log_validation(log.writer, val, class_names, model, val_loader, palette, precision, args, record[by])
+                log_validation(log.writer, val, class_names, model, guards.watchdog.beating(val_loader), palette,
+                               precision, args, record[by])
     best = "none (no epoch evaluated)" if checkpointer.best is None else f"{checkpointer.best:.2f}"
     log.end(f"best mIoU {best}")
 

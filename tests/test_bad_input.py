@@ -664,3 +664,223 @@ def test_segmentation_refuses_an_image_too_large_once_resized(tmp_path, split, b
     with pytest.raises(UserError, match=rf"^image {wide} is 1000x1 pixels: resized to a shorter side of {shorter} it "
                                         r"would take \d+ megapixels, more than the 64 allowed"):
         dataset[0]
+
+
+# --- round four: the process group's timeout, a tree replaced in place, chains of stand-ins, output folders that
+# fill up or vanish, the watchdog around the TensorBoard pictures
+
+
+@pytest.mark.parametrize("value", ["inf", "1e13"])
+@pytest.mark.parametrize("script", ["classification", "segmentation"])
+def test_a_dist_timeout_past_a_year_is_refused_by_the_parser(script, value, capsys):
+    # timedelta(minutes=inf) raised OverflowError on every rank of a distributed run.
+    assert parse_error(script, ["--dist-timeout", value], capsys).endswith(
+        f" error: argument --dist-timeout: must be more than 0 and at most 525600, got {value}")
+
+
+def test_the_longest_dist_timeout_is_one_the_process_group_takes():
+    # Far longer ones (timedelta.max) overflow torch's clock arithmetic: its store then times out at once.
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    from common.flags import MAX_DIST_TIMEOUT_MINUTES
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(minutes=MAX_DIST_TIMEOUT_MINUTES))
+    try:
+        total = torch.ones(1)
+        dist.all_reduce(total)
+        dist.barrier()
+        assert total.item() == 1
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_tree_replaced_by_one_with_the_same_folder_times_is_listed_anew(tmp_path, capsys):
+    # An archive unpacked with fixed times, rsync -t or a restored snapshot bring back the modification times: the
+    # cache trained on 8 of the 12 images, 4 never seen.
+    from test_data_at_scale import settled
+    old, new, cache = write_tree(tmp_path / "old", train_per_class=8), tmp_path / "new", tmp_path / "cache"
+    settled(old)
+    assert len(image_folder(old / "train", ["cat", "dog", "fox"], cache_dir=cache)) == 24
+    capsys.readouterr()
+    assert len(image_folder(old / "train", ["cat", "dog", "fox"], cache_dir=cache)) == 24
+    assert re.fullmatch(rf"{old}/train: 24 images \(0 of 3 class folders listed, the others from the cache "
+                        rf"{cache}/file_list_train\.npz: delete it to list them all again\) in \d+\.\d\d s\n",
+                        capsys.readouterr().out)
+    write_tree(new, train_per_class=12)
+    for folder, _, _ in os.walk(old / "train"):  # the replacement's folders carry the old modification times
+        times = os.stat(folder)
+        os.utime(new / os.path.relpath(folder, old), ns=(times.st_atime_ns, times.st_mtime_ns))
+    os.rename(old, tmp_path / "gone")
+    os.rename(new, old)
+    assert len(image_folder(old / "train", ["cat", "dog", "fox"], cache_dir=cache)) == 36
+
+
+class Files(torch.utils.data.Dataset):
+    """`size` samples, named <index>.jpg, of which those in `bad` fail to load."""
+
+    def __init__(self, size, bad):
+        self.size, self.bad = size, set(bad)
+
+    def __len__(self):
+        return self.size
+
+    def path(self, index):
+        return f"{index}.jpg"
+
+    def __getitem__(self, index):
+        if index in self.bad:
+            from common.log import SampleError
+            raise SampleError(f"cannot read image {index}.jpg")
+        return (index,)
+
+
+def test_a_chain_of_stand_ins_never_comes_back_to_a_sample():
+    from common.data import SkipBadSamples, stand_in_index
+    assert (stand_in_index(0, 0, 10), stand_in_index(0, 9, 10)) == (9, 0)  # each the other's stand-in
+    # It went 0, 9, 0, 9, ... and stopped after 6 tries, naming one file; now it goes on to 1 (after 0, tried).
+    index, reports = SkipBadSamples(Files(10, bad={0, 9}), seed=0, limit=5)[0]
+    assert index == 1 and reports == ((0, "0.jpg", "cannot read image 0.jpg"), (9, "9.jpg", "cannot read image 9.jpg"))
+    assert SkipBadSamples(Files(10, bad={0, 9}), seed=0, limit=5)[9][0] == 1  # 9, then 0, then the one after 9
+
+
+def test_a_chain_of_stand_ins_that_finds_no_readable_one_says_why_and_names_the_files():
+    from common.data import SkipBadSamples
+    from common.log import SampleError
+    with pytest.raises(SampleError, match=r"^cannot read image 9\.jpg \(2 files failed in turn, each standing in for "
+                                          r"the one before \(0\.jpg, 9\.jpg\): more than --max-bad-samples 1 allows; "
+                                          r"python tools/check_data\.py with the same data flags finds every bad file"):
+        SkipBadSamples(Files(10, bad={0, 9}), seed=0, limit=1)[0]
+    # Every file bad: --max-bad-samples 1000 cannot apply, and the line says why.
+    with pytest.raises(SampleError, match=r"^cannot read image \d\.jpg \(every one of the 4 training samples failed to "
+                                          r"load \(\d\.jpg, \d\.jpg, \d\.jpg, \d\.jpg\): --max-bad-samples 1000 replaces "
+                                          r"a bad file by a readable one, and there is none; python tools/check_data"):
+        SkipBadSamples(Files(4, bad=range(4)), seed=0, limit=1000)[2]
+
+
+@pytest.mark.parametrize("backend", ["pil", "gpu"])
+def test_two_bad_files_that_stand_in_for_each_other_are_both_replaced_and_listed(tmp_path, backend):
+    # Samples 3 (cat/3.jpg) and 8 (fox/0.jpg) of 12 are each other's stand-in at --seed 0. Truncated, they fail in
+    # the decoder: on the device with --data-backend gpu.
+    data = write_tree(tmp_path / "data", train_per_class=4)
+    bad = [data / "train" / "cat" / "3.jpg", data / "train" / "fox" / "0.jpg"]
+    for path in bad:
+        path.write_bytes(path.read_bytes()[:200])
+    train("--data-path", data, *IMAGE_FLAGS, "--max-bad-samples", "5", "--data-backend", backend,
+          "--output-dir", tmp_path / "out")
+    listed = (tmp_path / "out" / "bad_samples.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in listed) == sorted(map(str, bad))
+
+
+def test_a_full_disk_while_bad_samples_txt_is_written_is_one_line_naming_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import common.data
+    from common.checkpoint import load_checkpoint
+    data, out = write_tree(tmp_path / "data", train_per_class=4), tmp_path / "out"
+    (data / "train" / "dog" / "1.jpg").write_bytes(b"")
+    writes = []
+
+    def full_at_the_second(path, *args, **kwargs):  # the first save (epoch 0) goes through
+        if os.path.basename(str(path)).startswith("bad_samples.txt.tmp"):
+            writes.append(path)
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return open(path, *args, **kwargs)
+    monkeypatch.setattr(common.data, "open", full_at_the_second, raising=False)
+    with pytest.raises(UserError, match=rf"^cannot save {out}/bad_samples\.txt \(No space left on device: the disk is "
+                                        rf"full\): the last good checkpoint, {out}/checkpoint\.pth, is intact; free "
+                                        r"space there, then resume from it with --resume auto$"):
+        train("--data-path", data, *IMAGE_FLAGS, "--epochs", "2", "--max-bad-samples", "1", "--output-dir", out)
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 0 and len(writes) == 2
+    assert sorted(os.listdir(out)).count("bad_samples.txt") == 1 and not list(out.glob("*.tmp.*"))
+
+
+@pytest.mark.parametrize("bad_samples", [False, True], ids=["", "max-bad-samples"])
+def test_an_output_dir_deleted_under_the_run_is_one_line(tmp_path, monkeypatch, bad_samples):
+    import shutil
+
+    from common import engine
+    data, out = write_tree(tmp_path / "data", train_per_class=8), tmp_path / "out"
+    flags = ["--max-bad-samples", "1"] if bad_samples else []
+    if bad_samples:
+        (data / "train" / "dog" / "1.jpg").write_bytes(b"")
+    real = engine.seed_micro_batch
+
+    def deleting_at_step_2(seed, epoch, step, slot):
+        if step == 2 and out.exists():
+            shutil.rmtree(out)
+        real(seed, epoch, step, slot)
+    monkeypatch.setattr(engine, "seed_micro_batch", deleting_at_step_2)
+    # TensorBoard's writer, log.jsonl, bad_samples.txt or the checkpoint: whichever meets it first says so.
+    with pytest.raises(UserError, match=rf"^cannot save .*{out}/.*: --output-dir {out} is gone \(deleted, moved or "
+                                        r"unmounted while the run wrote to it\), and no checkpoint of the run with it: "
+                                        r"start the run again, on a folder that stays$"):
+        train("--data-path", data, *IMAGE_FLAGS, "--print-freq", "1", *flags, "--output-dir", out)
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_the_tensorboard_pictures_after_a_validation_beat_the_stall_watchdog(task, monkeypatch, tmp_path):
+    # Their forward passes came after the validation's last beat: a --stall-timeout shorter than the pass killed a
+    # healthy run as "stalled in forward/backward". Each batch they read is a beat now.
+    from importlib import import_module
+
+    from common.engine import StallWatchdog
+    from conftest import SEG_TINY, train_segmentation
+    script = import_module(f"{task}.train")
+    name = {"classification": "log_pictures", "segmentation": "log_validation"}[task]
+    real, beats = getattr(script, name), []
+
+    def spied(writer, *args):
+        model = next(arg for arg in args if isinstance(arg, torch.nn.Module))
+        hook = model.register_forward_pre_hook(lambda *_: beats.append(StallWatchdog.latest.last_beat))
+        try:
+            real(writer, *args)
+        finally:
+            hook.remove()
+    monkeypatch.setattr(script, name, spied)
+    if task == "classification":  # 2 batches of 32 give the 4 x 16 pictures it picks from
+        train(*TINY, "--synthetic-train-size", "64", "--synthetic-val-size", "64", "--output-dir", tmp_path)
+    else:  # 4 examples, from 2 batches of 2
+        train_segmentation(*SEG_TINY, "--synthetic-train-size", "32", "--synthetic-val-size", "4", "-b", "2",
+                           "--output-dir", tmp_path)
+    assert len(beats) >= 2 and beats[-1] > beats[0]
+
+
+def test_a_save_cut_short_leaves_no_temporary_file_to_the_next_start(tmp_path, capsys):
+    # The stall watchdog ends its rank with os._exit, in the middle of a save if that is where it hangs.
+    import subprocess
+
+    from common.log import release_output_dirs, start_output_dir
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in (f"checkpoint.pth.tmp.{dead.pid}", f"bad_samples.txt.tmp.{dead.pid}", f"best.pth.tmp.{os.getppid()}"):
+        (out / name).write_bytes(b"PK half")
+    try:
+        start_output_dir(out, {})  # as any start claims it: a resume, or the same command again
+    finally:
+        release_output_dirs()
+    assert sorted(os.listdir(out)) == [".lock", "args.json", f"best.pth.tmp.{os.getppid()}"]  # a live writer's stays
+    assert f"note: removed bad_samples.txt.tmp.{dead.pid}, checkpoint.pth.tmp.{dead.pid} from {out}: left by a save " \
+           "that was cut short" in capsys.readouterr().out
+
+
+def test_a_listed_image_that_is_gone_is_not_told_to_be_deleted(tmp_path):
+    from common.log import SampleError
+    data = write_tree(tmp_path / "data")
+    folder = image_folder(data / "train", ["cat", "dog", "fox"], cache_dir=tmp_path / "cache")
+    gone = data / "train" / "dog" / "3.jpg"
+    gone.unlink()  # after the listing, or missed by a cached one
+    with pytest.raises(SampleError) as error:
+        folder[[path for path, _ in folder.samples].index(str(gone))]
+    assert str(error.value) == (
+        f"image {gone} was listed but no longer exists (moved or deleted since, or left in a cached listing): put it "
+        "back, or start again, which lists the tree anew; if the start-up line named a cache file (file_list_*.npz), "
+        "delete it first")

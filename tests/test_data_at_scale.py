@@ -165,10 +165,12 @@ def test_a_flat_val_folder_names_the_command_that_sorts_it(tmp_path, capsys):
 
 
 def test_images_beside_class_folders_are_never_left_out_unsaid(tmp_path):
+    # Named, and not told to sort val/ with ImageNet's label file, which is for a val/ with no class folders.
     data = write_tree(tmp_path / "data")
     write_image(data / "val" / "stray.jpg")
-    with pytest.raises(UserError, match=r"data/val holds 1 image beside its class folders \(e.g. stray.jpg\): sort "
-                                        r"them into class folders with: python tools/sort_imagenet_val.py"):
+    with pytest.raises(UserError, match=r"data/val holds 1 image beside its class folders \(stray.jpg\), which no "
+                                        r"class would read: move each image into the folder of its class, or delete "
+                                        r"it$"):
         train("--data-path", data, *IMAGE_FLAGS, "-j", "0")
 
 

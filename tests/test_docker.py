@@ -664,20 +664,21 @@ def test_a_jupyter_that_exits_before_it_answers_is_told_apart():
         services.check_jupyter_authentication(port, "the-token", lambda: False, 0.5)
 
 
-# A child that writes the signals it gets into a file and exits with 75 on SIGTERM, as train.py does. It tells
-# the test it is ready with a real-time signal, which queues (two SIGUSR2 at once would arrive as one).
+# A child that writes the signals it gets into a file and exits with 75 on SIGTERM, as train.py does. It takes them
+# one at a time with sigwaitinfo: Python runs a signal's handler inside the one of a signal that came just before,
+# so a SIGTERM handler that exits could cut short the writing of a SIGUSR1 or SIGHUP (seen on a loaded machine).
+# It tells the test it is ready with a real-time signal, which queues (two SIGUSR2 at once would arrive as one).
 CHILD = """import os, signal, sys
-def got(signum, frame):
-    open(sys.argv[1], "a").write(signal.Signals(signum).name + "\\n")
-    if signum == signal.SIGTERM:
-        sys.exit(int(sys.argv[2]))
-for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
-    signal.signal(signum, got)
+taken = {signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP}
+signal.pthread_sigmask(signal.SIG_SETMASK, taken)  # kept pending for sigwaitinfo; the rest of the test's mask undone
 open(sys.argv[1], "a").write("ready\\n")
-signal.pthread_sigmask(signal.SIG_UNBLOCK, signal.valid_signals())  # the test's mask is inherited
 os.kill(os.getppid(), signal.SIGRTMIN)
 while True:
-    signal.pause()
+    signum = signal.sigwaitinfo(taken).si_signo
+    with open(sys.argv[1], "a") as record:
+        record.write(signal.Signals(signum).name + "\\n")
+    if signum == signal.SIGTERM:
+        sys.exit(int(sys.argv[2]))
 """
 
 
