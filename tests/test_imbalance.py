@@ -28,23 +28,31 @@ def log_of(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def write_two_class_tree(root, train_counts=(380, 20), val_counts=(100, 100), size=16, looks_like_other=0.2):
-    """An ImageFolder tree of two classes, good/ and defect/, with `train_counts` and `val_counts` images each. A
-    good part is bluish, a defect reddish (in noise), except that a share `looks_like_other` of each class looks
-    like the other, as good parts and defects overlap: a model learns the colour in a few steps, and with the
-    imbalance of `train_counts` the best answer for a reddish picture is still "good", so plain cross-entropy
-    never finds a defect, while class weights or balanced sampling that make up for 19:1 find the reddish ones."""
+def write_two_class_lists(root, train_counts=(380, 20), val_counts=(100, 100), size=16, looks_like_other=0.2):
+    """Two classes, good and defect, as a labelling tool exports them: images in one folder under names that say
+    nothing of their class, and train.csv and val.csv of path,label rows with `train_counts` and `val_counts`
+    images each. A good part is bluish, a defect reddish (in noise), except that a share `looks_like_other` of
+    each class looks like the other, as good parts and defects overlap: a model learns the colour in a few steps,
+    and with the imbalance of `train_counts` the best answer for a reddish picture is still "good", so plain
+    cross-entropy never finds a defect, while class weights or balanced sampling that make up for 19:1 find the
+    reddish ones. Returns (root, train.csv, val.csv)."""
     generator = torch.Generator().manual_seed(0)
+    (root / "images").mkdir(parents=True)
+    lists = []
     for split, counts in (("train", train_counts), ("val", val_counts)):
+        rows = ["path,label"]
         for label, (name, count) in enumerate(zip(("good", "defect"), counts)):
-            (root / split / name).mkdir(parents=True)
             reddish = (torch.rand(count, generator=generator) < looks_like_other).long() ^ label
             red = 0.25 + 0.5 * reddish + 0.3 * (torch.rand(count, generator=generator) - 0.5)
             colours = torch.stack([red, torch.full_like(red, 0.5), 1 - red], 1).view(count, 3, 1, 1)
             pictures = (colours + 0.1 * torch.randn(count, 3, size, size, generator=generator)).clamp(0, 1)
-            for i, picture in enumerate((pictures * 255).round().to(torch.uint8)):
-                Image.fromarray(picture.permute(1, 2, 0).numpy()).save(root / split / name / f"{i}.png")
-    return root
+            for picture in (pictures * 255).round().to(torch.uint8):
+                path = f"images/part_{len(rows) + 1000 * (split == 'val'):05d}.png"
+                Image.fromarray(picture.permute(1, 2, 0).numpy()).save(root / path)
+                rows.append(f"{path},{name}")
+        lists.append(root / f"{split}.csv")
+        lists[-1].write_text("\n".join(rows) + "\n")
+    return root, *lists
 
 
 # ---- the bar: on a 19:1 set, weights and the sampler each find the rare class that plain cross-entropy misses
@@ -58,14 +66,15 @@ TWO_CLASSES = ["--model", "resnet18", "--device", "cpu", "-j", "0", "-b", "32", 
 @pytest.fixture(scope="module")
 def rare_recall(tmp_path_factory):
     """The defect class's recall (eval.py --output-json) and the last log.jsonl line of a run with the given flags
-    on one 19:1 tree; each run once."""
+    on one 19:1 list-file set; each run once."""
     root = tmp_path_factory.mktemp("imbalanced")
-    data, runs = write_two_class_tree(root / "data"), {}
+    (data, train_list, val_list), runs = write_two_class_lists(root / "data"), {}
 
     def recall(*flags):
         if flags not in runs:
             out = root / f"run{len(runs)}"
-            train("--data-path", data, *TWO_CLASSES, "--output-dir", out, *flags)
+            train("--data-path", data, "--train-list", train_list, "--val-list", val_list, *TWO_CLASSES,
+                  "--output-dir", out, *flags)
             evaluate("--checkpoint", out / "checkpoint.pth", "--device", "cpu", "-j", "0", "--output-json",
                      out / "scores.json")
             scores = json.loads((out / "scores.json").read_text())

@@ -293,7 +293,8 @@ def test_check_data_reports_every_bad_file_of_the_lists_with_its_line(tmp_path, 
     bad = [line for line in out.splitlines() if line.startswith("bad: ")]
     assert len(bad) == 2
     assert bad[0].startswith(f"bad: list file {data}/train.csv line 5: cannot read image {data}/images/train_good_1")
-    assert bad[1].startswith(f"bad: list file {data}/val.csv line 2: cannot read image {data}/images/val_dent_0.jpg")
+    assert bad[1].startswith(f"bad: list file {data}/val.csv line 2: image {data}/images/val_dent_0.jpg was listed but "
+                             "no longer exists")
     assert "train: 6 samples, 1 bad files (good 1)" in out and "val: 3 samples, 1 bad files (dent 1)" in out
 
 
