@@ -8,9 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# One thread per test process: pytest-xdist runs as many tests at once as there are cores, and two threads each
+# would only fight over them (runs in a subprocess get OMP_NUM_THREADS=1 from ENV below).
+torch.set_num_threads(1)
 
 # Small enough for seconds on 2 CPU cores; resnet18 is the smallest torchvision model with a Linear head
 # and batch norm, which is what the recipe code paths care about.

@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# One pytest-xdist worker runs them all: the module's containers start once.
+pytestmark = pytest.mark.xdist_group("docker-image")
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = os.environ.get("VISION_REFS_IMAGE", "vision-refs")
 BASE, FULL, DEV = (f"{REPOSITORY}:{target}" for target in ("base", "full", "dev"))
