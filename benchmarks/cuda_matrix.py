@@ -50,9 +50,15 @@ CLS_SYNTHETIC = "--synthetic-train-size 128 --synthetic-val-size 64 -b 16"
 SEG_SYNTHETIC = "--synthetic-train-size 64 --synthetic-val-size 24 -b 8"
 # Small written trees (benchmarks/trees.py): {jpeg} holds every JPEG kind the decoders treat apart (grayscale,
 # CMYK, a PNG named .jpg; val/ is train/), {bad_jpeg} the same and a truncated file, {voc} a VOC layout whose
-# images all differ in size. 4 steps an epoch.
+# images all differ in size, {list} such JPEGs of 3 classes in CSV lists, one class rare, {folder} segmentation's
+# folder layout with RGB colour masks and a classes.txt of their colours. 4 steps an epoch.
 CLS_TREE = "--data-path {jpeg} -b 4 -j 2 --model resnet18 --train-crop-size 32 --val-resize-size 36 --val-crop-size 32"
+CLS_LIST = CLS_TREE.replace("{jpeg}", "{list}") + " --train-list {list}/train.csv --val-list {list}/val.csv"
 SEG_TREE = "--data-path {voc} --dataset voc -b 4 -j 2 --crop-size 64 --base-size 64"
+SEG_FOLDER = "--data-path {folder} --dataset folder -b 4 -j 2 --crop-size 64 --base-size 64"
+# Weights written for --freeze-backbone (benchmarks/trees.py): ResNet-18 as a bare state dict, ResNet-50 as a
+# classifier's checkpoint, which segmentation's --weights-backbone takes.
+R18_WEIGHTS, R50_WEIGHTS = "{resnet18_weights}/resnet18.pth", "{resnet50_weights}/resnet50.pth"
 UNET, DEEPLAB = "--model unet --unet-width 12", "--model deeplabv3plus_resnet50 --output-stride 8"
 BF16_CL = "--amp-dtype bfloat16 --channels-last"
 
@@ -83,19 +89,38 @@ ROWS = [
     ("seg-grad-ckpt", SEG, f"{SEG_SYNTHETIC} --grad-checkpointing"),
     ("seg-voc-unet-gpu", SEG, f"{SEG_TREE} {UNET} --data-backend gpu", {"smoke": True}),
     ("seg-voc-unet-gpu-bf16-cl", SEG, f"{SEG_TREE} {UNET} --data-backend gpu {BF16_CL}"),
-    # Flags other open issues add; skipped until the script has them. Check the values after merging.
+    # The watchdog, validation within epochs, and bad files (on a tree with a truncated JPEG) skipped or replaced.
     ("cls-stall-timeout", CLS, f"{CLS_SYNTHETIC} --stall-timeout 60"),
     ("cls-2-ranks-gloo-stall-timeout", CLS, f"{CLS_SYNTHETIC} --dist-backend gloo --stall-timeout 60", {"nproc": 2}),
     ("cls-eval-interval-compile", CLS, f"{CLS_SYNTHETIC} {BF16_CL} --compile --eval-interval 3"),
     ("seg-voc-eval-interval", SEG, f"{SEG_TREE} {UNET} --eval-interval 3"),
     ("cls-bad-samples-gpu", CLS, f"{CLS_TREE.replace('{jpeg}', '{bad_jpeg}')} --data-backend gpu --max-bad-samples 4"),
     ("cls-bad-samples-pil", CLS, f"{CLS_TREE.replace('{jpeg}', '{bad_jpeg}')} --data-backend pil --max-bad-samples 4"),
+    # Users' own data: the list-file and folder readers with both data backends; class weights in the losses of
+    # fused AdamW under float16's scaler, Dice under autocast, the balanced sampler's draws, a frozen backbone
+    # (batch norm in eval mode) under DDP and SyncBatchNorm, and segmentation's --head-lr beside it.
+    ("cls-list-adamw-amp-class-weights", CLS, f"{CLS_LIST} --classes-file {{list}}/classes.txt --opt adamw --lr 1e-3 "
+                                              "--class-weights balanced --amp"),
+    ("cls-list-gpu-balanced-sampler-freeze", CLS, f"{CLS_LIST} --data-backend gpu --balanced-sampler "
+                                                  f"--weights {R18_WEIGHTS} --freeze-backbone", {"smoke": True}),
+    ("cls-freeze-2-ranks-gloo-sync-bn-amp", CLS, f"{CLS_SYNTHETIC} --weights {R18_WEIGHTS} --freeze-backbone "
+                                                 "--dist-backend gloo --sync-bn --amp", {"nproc": 2}),
+    ("seg-folder-unet-ce-dice-class-weights-bf16-cl", SEG, f"{SEG_FOLDER} {UNET} --loss ce+dice "
+                                                           f"--class-weights balanced {BF16_CL}", {"smoke": True}),
+    ("seg-folder-unet-gpu-dice-class-weights-adamw-amp", SEG, f"{SEG_FOLDER} {UNET} --data-backend gpu --loss dice "
+                                                              "--class-weights balanced --opt adamw --lr 1e-3 --amp"),
+    ("seg-folder-deeplab-freeze-head-lr-amp", SEG, f"{SEG_FOLDER} {DEEPLAB} --weights-backbone {R50_WEIGHTS} "
+                                                   "--freeze-backbone --head-lr 0.02 --amp"),
     # DeepLabV3+ compiled, validated at VOC's varying sizes: the longest compilation, the first row to give up.
     ("seg-voc-deeplab-os8-compile", SEG, f"{SEG_TREE} {DEEPLAB} {BF16_CL} --compile", {"last": True}),
 ]
 TREES = {"jpeg": (trees.SMOKE_JPEG_SPEC, trees.write_jpeg_tree),
          "bad_jpeg": (dict(trees.SMOKE_JPEG_SPEC, truncated_every=16), trees.write_jpeg_tree),
-         "voc": (trees.VOC_SPEC, trees.write_voc_tree)}
+         "voc": (trees.VOC_SPEC, trees.write_voc_tree),
+         "list": (trees.LIST_SPEC, trees.write_list_tree),
+         "folder": (trees.FOLDER_SPEC, trees.write_folder_tree),
+         "resnet18_weights": (trees.WEIGHTS_SPEC, trees.write_weights),
+         "resnet50_weights": (dict(trees.WEIGHTS_SPEC, model="resnet50", as_checkpoint=True), trees.write_weights)}
 EPOCHS, RESUMED_FROM = 3, 1  # B resumes from the checkpoint of epoch 1 and trains epoch 2
 # How close B's losses must come to A's. Bit for bit is not promised on CUDA (cudnn.benchmark may choose other
 # kernels in another process); a wrong batch, LR or optimizer state moves a loss by far more than this.
@@ -139,8 +164,7 @@ def parsers():
 
 
 def check_flags(row, parser):
-    """None when the script takes the row's flags; else (status, reason): skipped for a flag another issue adds,
-    failed for any other the script refuses (a typo)."""
+    """None when the script takes the row's flags; else ("fail", the reason): a flag the script refuses (a typo)."""
     argv = row.flags.format(**{name: "TREE" for name in TREES}).split()
     with contextlib.redirect_stderr(io.StringIO()) as errors:
         try:

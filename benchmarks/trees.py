@@ -1,5 +1,8 @@
-"""The data trees benchmarks/throughput.py reads: an ImageFolder tree of long-tailed JPEGs and a Cityscapes-layout
-tree of PNGs, each written once in parallel and reused while its spec.json matches."""
+"""The data trees the benchmarks read, each written once in parallel and reused while its spec.json matches:
+benchmarks/throughput.py's ImageFolder tree of long-tailed JPEGs and Cityscapes-layout tree of PNGs, and the small
+trees of the CUDA smoke matrix (benchmarks/cuda_matrix.py): a VOC layout, a classification list-file set, a
+segmentation folder of colour masks, and ResNet weights files for --weights and --weights-backbone."""
+import csv
 import json
 import math
 import multiprocessing
@@ -30,6 +33,19 @@ SMOKE_CITYSCAPES_SPEC = dict(images=4, height=64, width=128, cities=2)
 # The CUDA smoke matrix's VOC layout: every image of its own size, so that validation (one image a batch, at its
 # size) meets a new shape at each image, as VOC and ADE20K do; train and val lists hold different images.
 VOC_SPEC = dict(train=16, val=6, sizes=[48, 112], quality=90, noise=16)
+# The matrix's list-file set (classification --train-list/--val-list): the smoke JPEG tree's files of 3 classes,
+# labelled by names that are not their folders'. train.csv lists 8, 5 and 3 of them (a rare class, for
+# --class-weights and --balanced-sampler; 16 rows), val.csv all 24; classes.txt names them in an order of its own.
+LIST_SPEC = dict(SMOKE_JPEG_SPEC, classes=3, labels=["good", "scratch", "dent"], train_per_class=[8, 5, 3])
+# The matrix's folder layout (segmentation --dataset folder): RGB masks in the colours of classes.txt, most pixels
+# background, each image of its own size as in VOC_SPEC.
+FOLDER_SPEC = dict(VOC_SPEC, classes=[["background", 0, 0, 0], ["scratch", 255, 0, 0], ["dent", 0, 0, 255]],
+                   shares=[0.8, 0.15, 0.05])
+# Weights to start from without a download: torchvision's ResNet at its random initialisation, with batch norm's
+# running statistics taken from a few random batches, so that a frozen backbone (eval mode) keeps activations at
+# their scale as trained weights do; at initialisation they grow block by block and can overflow float16. Saved
+# as a bare state dict, or (as_checkpoint) in a checkpoint's "model" key, the two forms the scripts read.
+WEIGHTS_SPEC = dict(model="resnet18", as_checkpoint=False, batches=2, batch_size=8, size=64, seed=0)
 
 
 def size_class(n, spec):
@@ -160,6 +176,66 @@ def write_voc_tree(root, spec):
         with open(os.path.join(base, "ImageSets", "Segmentation", f"{split}.txt"), "w") as f:
             f.write("".join(f"{image_id}\n" for image_id in chosen))
     return {"files": len(ids), "distinct_sizes": len(set(sizes))}
+
+
+def write_list_tree(root, spec):
+    """The JPEG tree of write_jpeg_tree with train.csv, val.csv and classes.txt of spec["labels"]."""
+    stats = write_jpeg_tree(root, spec)
+    rows = [(f"train/class{c:03d}/{i:04d}.jpg", label, i < spec["train_per_class"][c])
+            for c, label in enumerate(spec["labels"]) for i in range(spec["per_class"])]
+    for split, chosen in (("train", [row for row in rows if row[2]]), ("val", rows)):
+        with open(os.path.join(root, f"{split}.csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerows([("path", "label"), *((path, label) for path, label, _ in chosen)])
+    with open(os.path.join(root, "classes.txt"), "w") as f:
+        f.write("".join(f"{label}\n" for label in spec["labels"]))
+    return dict(stats, train_rows=sum(spec["train_per_class"]), val_rows=len(rows))
+
+
+def write_folder_pair(image_path, mask_path, seed, height, width, spec):
+    write_photo(image_path, seed, height, width, "rgb", spec["quality"], spec["noise"])
+    rng = np.random.default_rng(seed)
+    classes = rng.choice(len(spec["classes"]), (height // 16 + 1, width // 16 + 1), p=spec["shares"])
+    colours = np.array([colour for _, *colour in spec["classes"]], dtype=np.uint8)
+    Image.fromarray(colours[classes]).resize((width, height), Image.NEAREST).save(mask_path)
+    return height, width
+
+
+def write_folder_tree(root, spec):
+    """segmentation's folder layout: {train,val}/images/NAME.jpg, {train,val}/masks/NAME.png, classes.txt with the
+    classes' colours."""
+    jobs = []
+    for split in ("train", "val"):
+        for folder in ("images", "masks"):
+            os.makedirs(os.path.join(root, split, folder))
+        for i in range(spec[split]):
+            n = len(jobs)
+            height, width = (int(side) for side in np.random.default_rng(n).integers(*spec["sizes"], 2, endpoint=True))
+            jobs.append((os.path.join(root, split, "images", f"{n:04d}.jpg"),
+                         os.path.join(root, split, "masks", f"{n:04d}.png"), n, height, width, spec))
+    sizes = in_parallel(write_folder_pair, jobs)
+    with open(os.path.join(root, "classes.txt"), "w") as f:
+        f.write("".join(f"{name} {r} {g} {b}\n" for name, r, g, b in spec["classes"]))
+    return {"files": len(jobs), "distinct_sizes": len(set(sizes))}
+
+
+def write_weights(root, spec):
+    """ROOT/MODEL.pth of WEIGHTS_SPEC."""
+    import torch
+    import torchvision
+    torch.manual_seed(spec["seed"])
+    model = torchvision.models.get_model(spec["model"])
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # the plain average over the batches
+    with torch.no_grad():
+        for _ in range(spec["batches"]):
+            model(torch.randn(spec["batch_size"], 3, spec["size"], spec["size"]))
+    os.makedirs(root)
+    state = model.state_dict()
+    torch.save({"model": state} if spec["as_checkpoint"] else state, os.path.join(root, f"{spec['model']}.pth"))
+    return {"parameters": sum(p.numel() for p in model.parameters()), "batch_norms": len(norms)}
 
 
 def sized(spec, key, needed, per=1):
