@@ -42,9 +42,10 @@ LIST_SPEC = dict(SMOKE_JPEG_SPEC, classes=3, labels=["good", "scratch", "dent"],
 FOLDER_SPEC = dict(VOC_SPEC, classes=[["background", 0, 0, 0], ["scratch", 255, 0, 0], ["dent", 0, 0, 255]],
                    shares=[0.8, 0.15, 0.05])
 # Weights to start from without a download: torchvision's ResNet at its random initialisation, with batch norm's
-# running statistics taken from a few random batches, so that a frozen backbone (eval mode) keeps activations at
-# their scale as trained weights do; at initialisation they grow block by block and can overflow float16. Saved
-# as a bare state dict, or (as_checkpoint) in a checkpoint's "model" key, the two forms the scripts read.
+# running statistics taken from a few random batches, so that a frozen backbone (eval mode) normalises its
+# activations as trained weights do; with initialisation's statistics (mean 0, variance 1) they grow from block to
+# block. Saved as a bare state dict, or (as_checkpoint) in a checkpoint's "model" key: the two forms the scripts
+# read.
 WEIGHTS_SPEC = dict(model="resnet18", as_checkpoint=False, batches=2, batch_size=8, size=64, seed=0)
 
 
