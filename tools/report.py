@@ -216,7 +216,8 @@ def curves_png(run):
     loss_ax.plot([x(r) for r in trained], [r["train_loss"] for r in trained], "o-", color="tab:blue", ms=3,
                  label="mean of each epoch" if run.by == "epoch" else "mean since the line before")
     validations = [r for r in run.records if has_validation(r)]
-    for name in dict.fromkeys(k for r in validations for k in r if k.startswith("val_")):
+    # Counts (val_num_samples, val_num_images) are no percentages: they stay in the table of numbers.
+    for name in dict.fromkeys(k for r in validations for k in r if k.startswith("val_") and "_num_" not in k):
         points = [(x(r), r[name]) for r in validations if isinstance(r.get(name), (int, float))]
         axes = loss_ax if "loss" in name else val_ax
         axes.plot(*zip(*points), "o-", ms=3, label=name)
@@ -316,6 +317,8 @@ def command(run):
         value = run.args.get(action.dest)
         if not action.option_strings or value is None or value == action.default:
             continue
+        if action.dest.startswith("synthetic_") and run.args.get("data_path") is not None:
+            continue  # the built-in set's sizes, filled in but unused on real data
         if action.dest == "accum_steps" and run.args.get("global_batch"):
             continue  # worked out from --global-batch for the processes of that start
         flag = max(action.option_strings, key=len)
