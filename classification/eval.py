@@ -51,8 +51,9 @@ def get_args_parser():
     add("--amp", action="store_true", help="autocast (see --amp-dtype)")
     add("--amp-dtype", choices=["float16", "bfloat16"], help="autocast dtype (implies --amp; default float16)")
     add("--channels-last", action="store_true", help="NHWC memory format")
-    add("--val-resize-size", type=int, help="resize of the shorter side (default: the checkpoint's or weights')")
-    add("--val-crop-size", type=int, help="centre crop (default: the checkpoint's or the weights')")
+    add("--val-resize-size", type=number(int, at_least=1),
+        help="resize of the shorter side (default: the checkpoint's or weights')")
+    add("--val-crop-size", type=number(int, at_least=1), help="centre crop (default: the checkpoint's or the weights')")
     add("--interpolation", choices=["nearest", "bilinear", "bicubic"],
         help="resize filter (default: the checkpoint's or the weights')")
     add("--data-backend", default="pil", choices=["pil", "gpu"],
@@ -63,6 +64,19 @@ def get_args_parser():
     add("--confusion-png", help="draw the confusion matrix into this PNG file")
     add_export_args(p)
     return p
+
+
+def check_task(checkpoint_args, path, script):
+    """A segmentation checkpoint given to a classification script would fail as an 'unknown --model'."""
+    if "dataset" in checkpoint_args and "train_crop_size" not in checkpoint_args:
+        raise UserError(f"{path} was written by segmentation/train.py: use segmentation/{script} for it")
+
+
+def check_val_crop(args):
+    if args.val_crop_size > args.val_resize_size:
+        raise UserError(f"--val-crop-size {args.val_crop_size} is larger than --val-resize-size "
+                        f"{args.val_resize_size}: the centre crop would pad the images with black; crop at most the "
+                        "resized size")
 
 
 def model_from_checkpoint(checkpoint, args, num_classes):
@@ -102,6 +116,9 @@ def main(args):
     if args.checkpoint:
         checkpoint = load_checkpoint(args.checkpoint)
         trained = checkpoint.get("args") or {}
+        check_task(trained, args.checkpoint, "eval.py")
+        if args.data_path is not None and args.val_list is None:  # a tree of its own: its val/, not the run's lists
+            trained = {name: value for name, value in trained.items() if name not in ("train_list", "val_list")}
     else:
         trained = preprocessing_of(weights_enum(args.model, args.weights))
     for name, default in FROM_TRAINING.items():
@@ -109,6 +126,7 @@ def main(args):
             setattr(args, name, trained.get(name, default))
     if not args.model:
         raise UserError(f"{args.checkpoint} does not say which model it holds: give --model")
+    check_val_crop(args)
     env, device = init_distributed(args.device)
     # TF32 and cuDNN's choice of kernels as in training
     precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)

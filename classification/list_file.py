@@ -127,8 +127,9 @@ def parse_rows(csv_path, root, key):
         if not any(field.strip() for field in row):  # a blank line, or a spreadsheet's empty row
             continue
         if len(row) != 2:
-            raise UserError(f"{where} line {number} has {len(row)} fields, not 2 (path,label): quote a path that "
-                            'holds a comma, as in "a,b.png",dent')
+            fields = f"{len(row)} field{'s' * (len(row) != 1)}"
+            raise UserError(f"{where} line {number} has {fields}, not 2 (path,label): quote a path that holds a "
+                            'comma, as in "a,b.png",dent')
         path, label = row[0], row[1].strip()
         if not path.strip() or not label:
             raise UserError(f"{where} line {number} has an empty {'path' if label else 'label'}: give each image "

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 
 from classification.data import Crop, dataset_classes, val_preset
-from classification.eval import FROM_TRAINING, model_from_checkpoint
+from classification.eval import FROM_TRAINING, check_task, check_val_crop, model_from_checkpoint
 from common.checkpoint import load_checkpoint
 from common.distributed import from_rank0, init_distributed
 from common.engine import Precision
@@ -41,8 +41,8 @@ def get_args_parser():
         help="also copy each image (or symlink to it) into OUTPUT_DIR/<predicted class>/, for a quick look")
     add("-b", "--batch-size", type=number(int, at_least=1), default=64,
         help="images per process per step (default: 64)")
-    add("--val-resize-size", type=int, help="resize of the shorter side (default: the checkpoint's)")
-    add("--val-crop-size", type=int, help="centre crop (default: the checkpoint's)")
+    add("--val-resize-size", type=number(int, at_least=1), help="resize of the shorter side (default: the checkpoint's)")
+    add("--val-crop-size", type=number(int, at_least=1), help="centre crop (default: the checkpoint's)")
     add("--interpolation", choices=["nearest", "bilinear", "bicubic"], help="resize filter (default: the checkpoint's)")
     add_input_args(p, workers=8)
     return p
@@ -80,30 +80,45 @@ def write_csv(path, rows, k):
     os.replace(f"{path}.tmp", path)
 
 
+SORTED_FOLDERS = ".sorted_folders"  # the class folders the last --sort-into wrote, one a line
+
+
 def sort_into(output_dir, rows, names, how):
-    """OUTPUT_DIR/<top class>/<name>: a copy of each image, or a symlink to it."""
+    """OUTPUT_DIR/<top class>/<name>: a copy of each image, or a symlink to it. The class folders an earlier run
+    wrote are removed first: their images may belong to other classes now."""
+    record = os.path.join(output_dir, SORTED_FOLDERS)
+    if os.path.isfile(record):
+        with open(record) as f:
+            for folder in f.read().splitlines():
+                shutil.rmtree(os.path.join(output_dir, folder), ignore_errors=True)
+    folders = set()
     for image, classes, _ in rows:
         folder = classes[0].replace("/", "_").replace(os.sep, "_")  # a class name is no path out of OUTPUT_DIR
-        destination = os.path.join(output_dir, folder if folder.strip(".") else f"_{folder}", names[image])
+        folder = folder if folder.strip(".") else f"_{folder}"
+        destination = os.path.join(output_dir, folder, names[image])
         os.makedirs(os.path.dirname(destination), exist_ok=True)
-        if os.path.lexists(destination):  # from an earlier run, maybe in another class's folder now
-            os.remove(destination)
+        folders.add(folder)
         if how == "link":
             os.symlink(os.path.abspath(image), destination)
         else:
             shutil.copy2(image, destination)
+    with open(record, "w") as f:
+        f.writelines(f"{folder}\n" for folder in sorted(folders))
 
 
 def main(args):
     check_destination("--output-dir", args.output_dir, folder=True)
     checkpoint = load_checkpoint(args.checkpoint)
     trained = checkpoint.get("args") or {}
+    check_task(trained, args.checkpoint, "predict.py")
     if trained and trained.get("data_path") is None:  # the synthetic set's images are neither resized nor cropped
         size = trained["train_crop_size"]
         trained = {**trained, "val_resize_size": size, "val_crop_size": size}
     settings_from_training(args, trained, FROM_TRAINING, "classification/train.py")
+    check_val_crop(args)
     env, device = init_distributed(args.device)
-    images = from_rank0(lambda: find_images(args.inputs, args.lists))  # one listing: the same images on all ranks
+    # One listing: the same images on all ranks.
+    images = from_rank0(lambda: find_images(args.inputs, args.lists, args.output_dir))
     precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
     class_names = checkpoint.get("class_names") or dataset_classes(args)
     model = model_from_checkpoint(checkpoint, args, len(class_names)).to(device, memory_format=precision.memory_format)

@@ -247,11 +247,11 @@ def main(args):
     model = data_parallel(model, env, device, args.sync_bn)
     if args.compile:
         model.compile()  # in place: the state dict keeps its keys
-    weight = None
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     if args.class_weights != "none":
-        from common.class_weights import class_weights  # only with the flag
-        weight = class_weights(args.class_weights, class_names, train_loader.sampler.dataset).to(device)
-    criterion = nn.CrossEntropyLoss(weight, label_smoothing=args.label_smoothing)
+        from common.class_weights import weighted_cross_entropy  # only with the flag
+        criterion = weighted_cross_entropy(args.class_weights, class_names, train_loader.sampler.dataset,
+                                           args.label_smoothing).to(device)
     parts = StepParts(model, criterion, optimizer, lr_scheduler, precision.grad_scaler(optimizer), precision,
                       args.clip_grad_norm, model_ema)
     checkpointer = Checkpointer(parts, args.output_dir, env.is_main, flags=vars(args), score=("best_acc1", "top-1"),

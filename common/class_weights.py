@@ -4,12 +4,34 @@ tuned for. Imported only with the flag."""
 import math
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from common.data import reason, shown
 from common.log import UserError, print0
 
 FILE_FORMAT = "a text file of 'class weight' lines, one per class (e.g. 'defect 12.5'; # starts a comment line)"
 PRINTED_CLASSES = 20
+
+
+class WeightedCrossEntropy(nn.Module):
+    """Cross-entropy with a weight per class, averaged over the samples, not over their weights as
+    nn.CrossEntropyLoss averages: a sample's loss then does not depend on the others in its micro-batch, so the
+    weights mean the same on any layout of processes and accumulation and with mixed (MixUp/CutMix) targets too."""
+
+    def __init__(self, weight, label_smoothing=0.0):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits, target):
+        return F.cross_entropy(logits, target, self.weight, reduction="none",
+                               label_smoothing=self.label_smoothing).mean()
+
+
+def weighted_cross_entropy(choice, class_names, dataset, label_smoothing=0.0):
+    """The classification loss of --class-weights `choice`, its weights counted over the training set `dataset`."""
+    return WeightedCrossEntropy(class_weights(choice, class_names, dataset), label_smoothing)
 
 
 def class_weights(choice, class_names, dataset=None, counts=None, unit="images"):

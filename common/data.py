@@ -78,9 +78,9 @@ def open_regular(path, what="image"):
         if isinstance(e, FileNotFoundError) and os.path.islink(path):
             raise not_a_file_error(path, what) from None
         if isinstance(e, FileNotFoundError):  # "delete the file" would name a file that is gone already
-            raise SampleError(f"{what} {shown(path)} was listed but no longer exists (moved or deleted since, or left "
-                              "in a cached listing): put it back, or start again, which lists the tree anew; if the "
-                              "start-up line named a cache file (file_list_*.npz), delete it first") from None
+            raise SampleError(f"{what} {shown(path)} was listed but no longer exists (moved or deleted since): put "
+                              "it back, or take it out of the data; if a start-up line named a cache of the listing "
+                              "(file_list_*.npz), delete that file to list the data anew") from None
         raise SampleError(f"cannot read {what} {shown(path)} ({reason(e)}): {replace_hint(what)}") from None
     info = os.fstat(f.fileno())
     if not stat.S_ISREG(info.st_mode):
@@ -256,7 +256,8 @@ class TrainingSampler(Sampler):
     comes `reps` times in a row, as virtual indices index + copy * len(dataset), so that SeededSamples augments
     each copy its own way, and an epoch sees about 1/reps of the distinct samples. With `classes` (--balanced-sampler)
     it draws len(dataset) samples with replacement, each with the inverse of its class's count: every class equally
-    often in expectation. The entries after the last whole global batch are left out, on every layout alike."""
+    often in expectation; each draw is a virtual index of its own too, so that an image drawn again is augmented
+    anew. The entries after the last whole global batch are left out, on every layout alike."""
 
     def __init__(self, dataset, layout, seed, reps=0, classes=None):
         self.dataset, self.layout, self.seed, self.reps = dataset, layout, seed, reps
@@ -275,9 +276,13 @@ class TrainingSampler(Sampler):
 
     def order(self):
         n, generator = len(self.dataset), torch.Generator().manual_seed(self.seed + self.epoch)
-        order = (torch.randperm(n, generator=generator) if self.weights is None else
-                 torch.multinomial(self.weights, n, replacement=True, generator=generator))
-        return (order[:, None] + n * torch.arange(self.reps)).flatten() if self.reps else order
+        copies = torch.arange(max(self.reps, 1))
+        if self.weights is None:
+            order = torch.randperm(n, generator=generator)[:, None]
+        else:  # each draw a virtual index of its own, so that SeededSamples augments an image's repeats apart
+            order = torch.multinomial(self.weights, n, replacement=True, generator=generator)[:, None]
+            copies = torch.arange(n)[:, None] * len(copies) + copies
+        return (order + n * copies).flatten()
 
     def __iter__(self):
         order, layout = self.order(), self.layout

@@ -1,5 +1,6 @@
 """The flags both train scripts take, in the --help sections they share; the scripts read the values."""
 import argparse
+import os
 import re
 
 DEVICE_NAMES = "cpu, cuda or cuda:N"
@@ -37,6 +38,14 @@ def device_name(text):
     return text
 
 
+def class_weights_source(text):
+    """argparse type of --class-weights: a typo (balance) or a missing file is refused before any work."""
+    if text not in ("none", "balanced") and not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"must be none, balanced or a file of 'class weight' lines; {text} is no "
+                                         "file")
+    return text
+
+
 def add_shared_flags(parser, recipe, sections):
     """Add the --help `sections` to `parser` with the shared flags; returns the sections by name, for the script's
     own flags. `recipe(name)` is the help text of a data-dependent default."""
@@ -64,11 +73,13 @@ def add_shared_flags(parser, recipe, sections):
         "divide it is refused (default: processes x -b x --accum-steps)")
     add("--seed", type=number(int, at_least=0, at_most=2**32 - 1), default=0,
         help="seed of weights init, data order and augmentation (default: 0)")
-    add("--class-weights", default="none", metavar="{none,balanced,FILE}", help="loss weights: balanced (inverse to "
-        "each class's share of the training images/pixels) or a FILE of 'class weight' lines, scaled to a mean of 1 "
-        "over those, so the loss keeps its scale and the lr recipe holds (default: none)")
-    add("--freeze-backbone", action="store_true", help="train the head alone (a linear probe); the rest keeps its "
-        "weights and batch-norm statistics")
+    add("--class-weights", type=class_weights_source, default="none", metavar="{none,balanced,FILE}",
+        help="loss weights: balanced (inverse to each class's share of the training images/pixels) or a FILE of "
+        "'class weight' lines, scaled to a mean of 1 over those, so the loss keeps its scale and the lr recipe holds "
+        "(default: none)")
+    add("--freeze-backbone", action="store_true", help="train the head alone on pretrained layers: a classifier's "
+        "last layer (a linear probe), a segmenter's every layer after its backbone; the rest keeps its weights and "
+        "batch-norm statistics")
 
     add = groups["precision and speed"].add_argument
     add("--device", type=device_name, help=f"{DEVICE_NAMES} (default: cuda when available)")

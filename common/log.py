@@ -211,7 +211,8 @@ def remove_stale_temporary_files(output_dir):
     too) are removed when a run claims the folder: with no live process of that pid, nothing will finish them."""
     stale = []
     for name in sorted(os.listdir(output_dir)):
-        match = re.fullmatch(r".+\.tmp\.(\d+)", name)
+        match = re.fullmatch(r"(?:checkpoint.*\.pth|best\.pth|bad_samples\.txt|file_list_.+\.npz|class_pixels_.+\.json)"
+                             r"\.tmp\.(\d+)", name)  # only the files a run writes so: a user's own are left alone
         if match and not process_alive(int(match[1])):
             os.remove(os.path.join(output_dir, name))
             stale.append(name)

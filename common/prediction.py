@@ -39,16 +39,17 @@ def add_input_args(parser, workers):
     group.add_argument("--channels-last", action="store_true", help="NHWC memory format")
 
 
-def find_images(inputs, lists):
+def find_images(inputs, lists, output_dir=None):
     """[(path, name)] of the images to predict on, by path, each once; `name` is the path under the common folder
     of the inputs. Only what the user named is checked here: a list's entries that cannot be read are reported as
-    they are met."""
+    they are met. An `output_dir` inside a folder searched is left out: a second run would predict on the first
+    one's outputs."""
     if not inputs and not lists:
         raise UserError("give the images to predict on: image files, folders of images, or --list FILE")
     found, roots = {}, []
     for given in inputs:
         if os.path.isdir(given):
-            paths, roots = images_under(given), roots + [given]
+            paths, roots = images_under(given, output_dir), roots + [given]
             if not paths:
                 raise UserError(f"folder {shown(given)} holds no images ({', '.join(IMAGE_EXTENSIONS)}): give "
                                 "another folder, or name the files")
@@ -68,14 +69,14 @@ def find_images(inputs, lists):
     return sorted((path, os.path.relpath(os.path.abspath(path), root)) for path in found.values())
 
 
-def images_under(folder):
-    """The image files under `folder` and its subfolders (also those linked to), hidden ones left out; a note
-    counts the other files."""
+def images_under(folder, leave_out=None):
+    """The image files under `folder` and its subfolders (also those linked to), hidden ones and the folder
+    `leave_out` left out; a note counts the other files."""
     def refuse(error):
         raise UserError(f"cannot list folder {shown(error.filename)} ({reason(error)}): fix its permissions or "
                         "remove it")
 
-    images, others, seen = [], 0, set()
+    images, others, seen = [], 0, {os.path.realpath(leave_out)} if leave_out else set()
     for parent, folders, files in os.walk(folder, onerror=refuse, followlinks=True):
         if os.path.realpath(parent) in seen:  # a link to a folder already searched, or a loop
             folders[:] = []

@@ -151,9 +151,13 @@ def main(args):
     check_destination("--output-dir", args.output_dir, folder=True)
     checkpoint = load_checkpoint(args.checkpoint)
     trained = checkpoint.get("args") or {}
+    if "train_crop_size" in trained and "dataset" not in trained:  # else an 'unknown --model resnet50'
+        raise UserError(f"{args.checkpoint} was written by classification/train.py: use classification/predict.py for "
+                        "it")
     settings_from_training(args, trained, FROM_TRAINING, "segmentation/train.py")
     env, device = init_distributed(args.device)
-    images = from_rank0(lambda: find_images(args.inputs, args.lists))  # one listing: the same images on all ranks
+    # One listing: the same images on all ranks.
+    images = from_rank0(lambda: find_images(args.inputs, args.lists, args.output_dir))
     precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
     class_names = checkpoint.get("class_names") or dataset_info(args)[0]
     if len(class_names) > 255:

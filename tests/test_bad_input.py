@@ -861,13 +861,14 @@ def test_a_save_cut_short_leaves_no_temporary_file_to_the_next_start(tmp_path, c
     dead.wait()
     out = tmp_path / "run"
     out.mkdir()
-    for name in (f"checkpoint.pth.tmp.{dead.pid}", f"bad_samples.txt.tmp.{dead.pid}", f"best.pth.tmp.{os.getppid()}"):
+    for name in (f"checkpoint.pth.tmp.{dead.pid}", f"bad_samples.txt.tmp.{dead.pid}", f"best.pth.tmp.{os.getppid()}",
+                 f"notes.tmp.{dead.pid}"):  # the last one the user's own, not a file a run writes
         (out / name).write_bytes(b"PK half")
     try:
         start_output_dir(out, {})  # as any start claims it: a resume, or the same command again
     finally:
         release_output_dirs()
-    assert sorted(os.listdir(out)) == [".lock", "args.json", f"best.pth.tmp.{os.getppid()}"]  # a live writer's stays
+    assert sorted(os.listdir(out)) == [".lock", "args.json", f"best.pth.tmp.{os.getppid()}", f"notes.tmp.{dead.pid}"]
     assert f"note: removed bad_samples.txt.tmp.{dead.pid}, checkpoint.pth.tmp.{dead.pid} from {out}: left by a save " \
            "that was cut short" in capsys.readouterr().out
 
@@ -881,6 +882,6 @@ def test_a_listed_image_that_is_gone_is_not_told_to_be_deleted(tmp_path):
     with pytest.raises(SampleError) as error:
         folder[[path for path, _ in folder.samples].index(str(gone))]
     assert str(error.value) == (
-        f"image {gone} was listed but no longer exists (moved or deleted since, or left in a cached listing): put it "
-        "back, or start again, which lists the tree anew; if the start-up line named a cache file (file_list_*.npz), "
-        "delete it first")
+        f"image {gone} was listed but no longer exists (moved or deleted since): put it back, or take it out of the "
+        "data; if a start-up line named a cache of the listing (file_list_*.npz), delete that file to list the data "
+        "anew")

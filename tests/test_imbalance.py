@@ -11,7 +11,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from common.class_weights import class_weights, read_class_weights
+from common.class_weights import WeightedCrossEntropy, class_weights, read_class_weights
 from common.freeze import freeze_all_but
 from common.log import UserError
 from common.optim import param_groups
@@ -109,6 +109,16 @@ def test_balanced_weights_are_inverse_to_the_class_counts_with_a_mean_of_1_per_i
     assert "class weights (balanced, scaled to a mean of 1 over the training images" in capsys.readouterr().out
 
 
+def test_a_weighted_loss_means_the_same_on_any_layout_of_the_batch():
+    # 1 process x 16 images or 2 x 8 (DDP averages the ranks' gradients): the same loss, as without weights.
+    logits, targets = torch.randn(16, 2, generator=torch.Generator().manual_seed(0)), torch.tensor([0] * 13 + [1] * 3)
+    criterion = WeightedCrossEntropy(torch.tensor([0.6, 4.0]), label_smoothing=0.1)
+    halves = (criterion(logits[::2], targets[::2]) + criterion(logits[1::2], targets[1::2])) / 2
+    assert criterion(logits, targets).item() == pytest.approx(halves.item())
+    per_sample = nn.CrossEntropyLoss(criterion.weight, reduction="none", label_smoothing=0.1)(logits, targets)
+    assert criterion(logits, targets).item() == pytest.approx(per_sample.mean().item())  # over samples, not weights
+
+
 def test_balanced_weights_count_the_images_under_the_training_loaders_wrappers():
     wrapped = SimpleNamespace(dataset=SimpleNamespace(dataset=SimpleNamespace(targets=[0, 0, 0, 1])))
     assert class_weights("balanced", ["a", "b"], wrapped).tolist() == pytest.approx([4 / 6, 2.0])
@@ -138,10 +148,16 @@ def test_a_broken_weights_file_is_one_line_naming_the_file_and_line(tmp_path, te
         read_class_weights(tmp_path / "weights.txt", ["good", "defect"])
 
 
-def test_weights_file_problems_reach_the_user_from_the_train_script(tmp_path):
-    with pytest.raises(UserError, match=r"cannot read --class-weights .*missing\.txt \(FileNotFoundError: .*\): give "
-                                        r"none, balanced, or a text file of 'class weight' lines"):
-        train(*TINY, "--synthetic-train-size", "64", "--class-weights", tmp_path / "missing.txt")
+def test_weights_file_problems_reach_the_user_from_the_train_script(tmp_path, capsys):
+    for choice in (tmp_path / "missing.txt", "balance"):  # refused by the parser, before any work
+        with pytest.raises(SystemExit):
+            train(*TINY, "--synthetic-train-size", "64", "--class-weights", choice)
+        assert (f"argument --class-weights: must be none, balanced or a file of 'class weight' lines; {choice} is no "
+                "file") in capsys.readouterr().err
+    (tmp_path / "weights.txt").write_bytes("caf\xe9 1\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"cannot read --class-weights .*weights\.txt \(UnicodeDecodeError: .*\): "
+                                        r"give none, balanced, or a text file of 'class weight' lines"):
+        train(*TINY, "--synthetic-train-size", "64", "--class-weights", tmp_path / "weights.txt")
     (tmp_path / "zero.txt").write_text("".join(f"{shape} 0\n" for shape in SHAPES))
     with pytest.raises(UserError, match=r"gives weight 0 to every class of the training set: nothing would be learned"):
         train(*TINY, "--synthetic-train-size", "64", "--class-weights", tmp_path / "zero.txt")

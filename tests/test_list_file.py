@@ -4,6 +4,7 @@ bad files skipped, and tools/check_data.py."""
 import argparse
 import csv
 import json
+import shutil
 import os
 import time
 
@@ -115,6 +116,16 @@ def test_test_only_and_eval_take_the_lists_from_the_checkpoint(list_run, tmp_pat
     with pytest.raises(UserError, match=r"^list file .*yak.csv line 3: label yak is not one of the 2 classes the "
                                         r"model is trained on \(dent, good\): correct the label, or add images"):
         evaluate("--checkpoint", out / "checkpoint.pth", "--val-list", tmp_path / "yak.csv", "--device", "cpu")
+
+
+def test_eval_with_a_data_path_of_its_own_reads_its_val_folder_not_the_checkpoints_list(list_run, tmp_path):
+    data, out = list_run
+    for path, label in rows_of(data / "val.csv")[:6]:  # the same images, sorted into class folders
+        (tmp_path / "tree" / "val" / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(data / path, tmp_path / "tree" / "val" / label)
+    evaluate("--checkpoint", out / "checkpoint.pth", "--data-path", tmp_path / "tree", "--device", "cpu", "-j", "0",
+             "--output-json", tmp_path / "tree.json")
+    assert json.loads((tmp_path / "tree.json").read_text())["num_samples"] == 6
 
 
 def test_resuming_with_a_list_of_other_classes_is_refused(list_run, tmp_path):

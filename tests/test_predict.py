@@ -80,6 +80,19 @@ def test_classes_in_the_csv_score_what_eval_scores(classifier, tmp_path, capsys)
     assert "wrote the predictions of 9 images to" in capsys.readouterr().out
 
 
+def test_sorting_again_leaves_no_image_in_the_folder_of_its_old_class(classifier, tmp_path):
+    data, checkpoint = classifier
+    stale = tmp_path / "out" / "zebra" / "cat" / "0.jpg"  # an earlier model's class for this image
+    stale.parent.mkdir(parents=True)
+    stale.symlink_to(data / "val" / "cat" / "0.jpg")
+    (tmp_path / "out" / ".sorted_folders").write_text("zebra\n")
+    (tmp_path / "out" / "notes").mkdir()  # the user's own: not touched
+    predict_classes("--checkpoint", checkpoint, data / "val", "--device", "cpu", "-j", "0", "-o", tmp_path / "out",
+                    "--sort-into", "copy")
+    sorted_images = [path for path in (tmp_path / "out").rglob("*.jpg")]
+    assert len(sorted_images) == 9 and not stale.parent.exists() and (tmp_path / "out" / "notes").is_dir()
+
+
 @pytest.mark.parametrize("flags", [[], ["--base-size", "32", "--eval-mode", "slide", "--eval-crop", "16",
                                         "--eval-stride", "8"]], ids=["whole-resized", "slide-native"])
 def test_written_masks_score_what_eval_scores(segmenter, tmp_path, flags):
@@ -160,6 +173,8 @@ def test_names_keep_the_path_under_the_inputs_common_folder(tmp_path):
     found = find_images([tmp_path / "tiles", tmp_path / "more"], [])  # linked folders searched, each once
     assert [name for _, name in found] == ["tiles/day1/a.jpg", "tiles/day1/a.png", "tiles/day2/a.png",
                                            "tiles/day2/sub/b.png"]
+    write_image(tmp_path / "tiles" / "out" / "masks" / "day1" / "a.png")  # a first run's outputs, inside the inputs
+    assert len(find_images([tmp_path / "tiles"], [], output_dir=tmp_path / "tiles" / "out")) == 4
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(UserError, match=r"^--list .*empty.txt names no images: give one image path a line"):
         find_images([], [tmp_path / "empty.txt"])
@@ -190,3 +205,23 @@ def test_inputs_and_outputs_that_cannot_be_used_are_one_line(classifier, segment
     (tmp_path / "list.txt").write_bytes(b"\xff\xfe")
     with pytest.raises(UserError, match=r"^cannot read --list .*list.txt \(UnicodeDecodeError: .*\): it must be UTF-8"):
         predict_segmentation("--checkpoint", segmenter[1], "--list", tmp_path / "list.txt", "-o", tmp_path / "out")
+
+
+def test_a_checkpoint_of_the_other_task_or_a_crop_past_the_resize_is_one_line(classifier, segmenter, tmp_path):
+    (data, classifier_checkpoint), (_, segmenter_checkpoint) = classifier, segmenter
+    with pytest.raises(UserError, match=r"was written by segmentation/train.py: use segmentation/predict.py for it$"):
+        predict_classes("--checkpoint", segmenter_checkpoint, data / "val", "-o", tmp_path / "a")
+    with pytest.raises(UserError, match=r"was written by classification/train.py: use classification/predict.py"):
+        predict_segmentation("--checkpoint", classifier_checkpoint, data / "val", "-o", tmp_path / "b")
+    with pytest.raises(UserError, match=r"^--val-crop-size 64 is larger than --val-resize-size 32: the centre crop"):
+        predict_classes("--checkpoint", classifier_checkpoint, data / "val", "--val-crop-size", "64",
+                        "--val-resize-size", "32", "-o", tmp_path / "c")
+    with pytest.raises(UserError, match=r"^--val-crop-size 64 is larger than --val-resize-size 32"):
+        evaluate("--checkpoint", classifier_checkpoint, "--val-crop-size", "64", "--val-resize-size", "32")
+
+
+def test_a_crop_size_that_is_no_positive_integer_is_refused_by_the_parser(capsys):
+    from classification import predict as script
+    with pytest.raises(SystemExit):
+        script.get_args_parser().parse_args(["--checkpoint", "c.pth", "-o", "out", "--val-crop-size", "-5"])
+    assert "argument --val-crop-size: must be a positive integer, got -5" in capsys.readouterr().err

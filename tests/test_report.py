@@ -220,6 +220,16 @@ def test_a_folder_that_is_not_a_run_is_refused_in_one_line(tmp_path, capsys):
     assert stopped.value.code == 2 and capsys.readouterr().err.splitlines() == [
         f"error: {tmp_path / 'args.json'} does not exist: give the --output-dir of a training run (train.py writes "
         "args.json there when it starts)"]
+    with pytest.raises(SystemExit):  # not "-o ...: folder does not exist"
+        run_cli(report.main, report.get_args_parser().parse_args([str(tmp_path / "nowhere")]))
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'} is not a folder: give the --output-dir of a " \
+                                      "training run\n"
+
+
+def test_a_checkpoint_the_run_does_not_have_is_refused(interval_run, capsys):
+    with pytest.raises(UserError, match=r"checkpoint_epoch9\.pth does not exist: give --checkpoint a checkpoint of the "
+                                        r"run"):
+        report.read_run(interval_run, "checkpoint_epoch9.pth")
 
 
 def test_without_matplotlib_the_report_says_what_to_install(interval_run, tmp_path, monkeypatch):

@@ -68,8 +68,9 @@ def test_the_balanced_sampler_draws_each_class_about_equally_often_from_the_seed
     classes = (torch.arange(2000) >= 1900).long()  # 19:1
     sampler = TrainingSampler(range(2000), BatchLayout(1, 0, 10, 1), seed=3, classes=classes)
     first = epoch_of(sampler, 4)
-    assert len(first) == 2000 and 0.45 < classes[first].float().mean() < 0.55  # 1,000 expected of each class
-    rare_drawn = [i for i in first if i >= 1900]
+    images = [i % 2000 for i in first]  # each draw a virtual index of its own (test below)
+    assert len(first) == 2000 and 0.45 < classes[images].float().mean() < 0.55  # 1,000 expected of each class
+    rare_drawn = [i for i in images if i >= 1900]
     assert len(set(rare_drawn)) < len(rare_drawn)  # with replacement: the 100 rare images come several times
     again = TrainingSampler(range(2000), BatchLayout(1, 0, 10, 1), seed=3, classes=classes)
     assert epoch_of(again, 4) == first and epoch_of(again, 5) != first
@@ -81,7 +82,22 @@ def test_the_balanced_sampler_repeats_each_drawn_image_with_ra_sampler():
     virtual = epoch_of(TrainingSampler(range(12), BatchLayout(1, 0, 1, 1), seed=0, reps=3, classes=classes), 0)
     real = [v % 12 for v in virtual]
     assert len(virtual) == 12 and all(len(set(real[i:i + 3])) == 1 for i in range(0, 12, 3))
-    assert all(v // 12 == i % 3 for i, v in enumerate(virtual))  # copies 0, 1, 2 of each drawn image
+    assert all(v // 12 == i for i, v in enumerate(virtual))  # draw d's copy c: virtual index image + 12 (3d + c)
+
+
+def test_an_image_the_balanced_sampler_draws_again_is_augmented_anew():
+    class Noise(torch.utils.data.Dataset):
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, index):
+            return torch.rand(1)  # stands for a random transform
+
+    classes = (torch.arange(20) >= 19).long()  # one rare image, drawn about 10 times an epoch
+    sampler = TrainingSampler(range(20), BatchLayout(1, 0, 1, 1), seed=0, classes=classes)
+    drawn = [v for v in epoch_of(sampler, 0) if v % 20 == 19]
+    augmented = [SeededSamples(Noise(), seed=0)[v].item() for v in drawn]
+    assert len(drawn) > 3 and len(set(augmented)) == len(drawn)
 
 
 def test_ranks_split_the_one_order_of_the_epoch():

@@ -54,6 +54,9 @@ def read_run(folder, checkpoint_name="best.pth"):
     args = read_json(os.path.join(folder, "args.json"))
     records = read_records(os.path.join(folder, "log.jsonl"))
     path = os.path.join(folder, checkpoint_name)
+    if checkpoint_name != "best.pth" and not os.path.exists(path):  # best.pth is missing until a validation ran
+        raise UserError(f"{path} does not exist: give --checkpoint a checkpoint of the run (best.pth, checkpoint.pth, "
+                        "checkpoint_epoch<E>.pth)")
     checkpoint = load_checkpoint(path) if os.path.exists(path) else None
     train_loss, pictures = read_tensorboard(os.path.join(folder, "tb"))
     task = "segmentation" if "dataset" in args else "classification"
@@ -473,9 +476,9 @@ def page(run):
 
 def write_report(folder, output=None, checkpoint_name="best.pth"):
     """Write the page of the run in `folder` (default: <folder>/report.html); returns its path."""
+    run = read_run(folder, checkpoint_name)
     output = output or os.path.join(folder, "report.html")
     check_destination("-o", output)
-    run = read_run(folder, checkpoint_name)
     text = page(run)
     with open(output, "w", encoding="utf-8") as f:
         f.write(text)
