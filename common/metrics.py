@@ -115,5 +115,4 @@ class SegmentationMeter:
         c = self.confusion
         return {"miou": 100 * c.mean_iou(), "mean_dice": 100 * nanmean(c.f1()), "pixel_acc": 100 * c.accuracy(),
                 "mean_acc": 100 * nanmean(c.per_class_accuracy()), "per_class_iou": percent(c.iou()),
-                "per_class_dice": percent(c.f1()), "num_images": int(self.num_images),
-                "confusion": c.matrix}
+                "per_class_dice": percent(c.f1()), "num_images": int(self.num_images)}

@@ -152,7 +152,6 @@ def main(args):
            f"mean acc {summary['mean_acc']:.2f}  on {summary['num_images']} images "
            f"({args.eval_mode}, scales {args.eval_scales}{', flip' if args.eval_flip else ''})")
     if env.is_main and args.output_json:
-        del summary["confusion"]  # the pixel counts: checkpoints keep them (tools/report.py), the JSON the scores
         with open(args.output_json, "w") as f:  # every number by itself; per-class lists by class name
             json.dump({key: dict(zip(class_names, value)) if isinstance(value, list) else value
                        for key, value in summary.items()}, f, indent=1)

@@ -112,14 +112,14 @@ def predictor_from_args(model, args):
 
 
 def validate(model, val_loader, class_names, precision, args, name, guards=None):
-    """The summary of one evaluation with the --eval-* flags; None when a stop signal came during it."""
+    """(summary, meter) of one evaluation with the --eval-* flags; (None, None) when a stop signal came during it."""
     meter = SegmentationMeter(len(class_names), precision.device, args.ignore_index)
     if evaluate(predictor_from_args(model, args), val_loader, meter, precision, guards) is None:
-        return None
+        return None, None
     summary = meter.summary()
     print0(f"{name}: mIoU {summary['miou']:.2f}  mean Dice {summary['mean_dice']:.2f}  pixel acc "
            f"{summary['pixel_acc']:.2f}  mean acc {summary['mean_acc']:.2f}  on {summary['num_images']} images")
-    return summary
+    return summary, meter
 
 
 @torch.inference_mode()

@@ -290,12 +290,12 @@ def main(args):
                 log.record(record, by)
                 continue
             name = f"Epoch {epoch} val" if by == "epoch" else f"Epoch {epoch} step {stop} val"
-            val = validate(model, val_loader, class_names, precision, args, name, guards)
+            val, meter = validate(model, val_loader, class_names, precision, args, name, guards)
             if val is None:  # a signal during validation: the training is saved now; the validation reruns on resume
                 checkpointer.save(epoch, stop)
                 guards.preemption.exit()
             checkpointer.save_validated(epoch, val["miou"], None if stop == run.epoch_end(epoch) else stop,
-                                        val.pop("confusion"))
+                                        meter.confusion.matrix)
             record.update({f"val_{key}": value for key, value in val.items() if not isinstance(value, list)})
             log.record(record, by)
             if log.writer is not None:

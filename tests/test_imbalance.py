@@ -3,6 +3,7 @@ frozen backbone, and the numbers that show an imbalance, in the validation line,
 import copy
 import json
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -13,15 +14,17 @@ from torch import nn
 
 from common.class_weights import WeightedCrossEntropy, class_weights, read_class_weights
 from common.freeze import freeze_all_but
-from common.log import UserError
+from common.log import SampleError, UserError
 from common.optim import param_groups
 from common.synthetic import SHAPES
 from conftest import SEG_TINY, TINY, evaluate, torchrun, train, train_segmentation
-from segmentation.datasets import ade20k
+from segmentation.datasets import ade20k, folder
 from segmentation.imbalance import class_weights as segmentation_class_weights
 from segmentation.imbalance import dice_loss, value_counts
 from segmentation.model import create_model as create_segmentation_model
 from test_seg_datasets import ade_tree, grid, write_mask
+from test_seg_folder import CLASSES_TXT, FOLDER_RUN, HEIGHT, WIDTH, coloured, folder_tree
+from test_seg_folder import grid as folder_grid
 
 
 def log_of(out):
@@ -192,9 +195,56 @@ def test_pixel_counts_are_cached_and_counted_again_when_a_mask_changes(tmp_path,
     assert "counted" in capsys.readouterr().out
 
 
+def test_pixel_counts_are_counted_again_when_the_classes_map_the_masks_otherwise(tmp_path, capsys):
+    quarter = 3 * HEIGHT * WIDTH // 4  # a quarter of each of the 3 training masks
+    root = folder_tree(tmp_path / "colours", masks=[coloured(folder_grid([0, 1, 1, 2]))] * 5, classes_txt=CLASSES_TXT)
+    cache = tmp_path / "cache"
+    assert value_counts(folder(root, "train"), 0, cache)[:3] == [quarter, 2 * quarter, quarter]
+    lines = CLASSES_TXT.splitlines(keepends=True)
+    (tmp_path / "swapped.txt").write_text(lines[0] + lines[2] + lines[1])  # scratch and dent trade indices
+    os.replace(tmp_path / "swapped.txt", root / "classes.txt")
+    capsys.readouterr()
+    assert value_counts(folder(root, "train"), 0, cache)[:3] == [quarter, quarter, 2 * quarter]
+    assert "counted the pixels" in capsys.readouterr().out
+    # 0 and 255 are background and void, or with --binary-masks background and foreground.
+    root = folder_tree(tmp_path / "binary", masks=[folder_grid([0, 255])] * 5, classes_txt="background\nforeground\n")
+    assert value_counts(folder(root, "train"), 0, cache)[1] == 0
+    assert value_counts(folder(root, "train", binary_masks=True), 0, cache)[1] == 2 * quarter
+
+
+def test_the_pixel_count_leaves_out_bad_masks_as_max_bad_samples_allows(tmp_path, capsys):
+    root = folder_tree(tmp_path / "data", classes_txt="background\nscratch\ndent\n")  # 0, 1, 2 and void
+    Image.fromarray(folder_grid([0, 9])).save(root / "train" / "masks" / "t1.png")
+    cache, quarter = tmp_path / "cache", HEIGHT * WIDTH // 4
+    with pytest.raises(SampleError, match=r"^mask .*t1\.png holds values that are not allowed: 9 \(allowed"):
+        value_counts(folder(root, "train"), 0, cache)  # --max-bad-samples 0: the first bad mask stops the run
+    assert value_counts(folder(root, "train"), 1, cache, max_bad_samples=1)[:3] == [2 * quarter] * 3  # t0 and t2
+    out = capsys.readouterr().out
+    assert "of the 3 training masks in" in out and "(-j 1), leaving out 1 that fails its checks" in out
+    assert value_counts(folder(root, "train"), 0, cache, max_bad_samples=1)[:3] == [2 * quarter] * 3
+    out = capsys.readouterr().out
+    assert "masks: from " in out and "leaving out 1 that fails its checks" in out
+    with pytest.raises(SampleError, match=r"t1\.png holds values"):  # the cached count says so too
+        value_counts(folder(root, "train"), 0, cache)
+    Image.fromarray(folder_grid([0, 7])).save(root / "train" / "masks" / "t2.png")
+    with pytest.raises(UserError, match=r"t2\.png holds values that are not allowed: 7 .*\(bad sample 2 of this run, "
+                                        r"more than --max-bad-samples 1 allows; python tools/check_data.py"):
+        value_counts(folder(root, "train"), 0, cache, max_bad_samples=1)
+
+
+def test_class_weights_train_with_bad_masks_that_max_bad_samples_allows(tmp_path, capsys):
+    root = folder_tree(tmp_path / "data", classes_txt="background\nscratch\ndent\n")
+    Image.fromarray(folder_grid([0, 9])).save(root / "train" / "masks" / "t1.png")
+    train_segmentation(*FOLDER_RUN, "--data-path", root, "--class-weights", "balanced", "--max-bad-samples", "1",
+                       "--output-dir", tmp_path / "out")
+    out = capsys.readouterr().out
+    assert "of the 3 training masks in" in out and "leaving out 1 that fails its checks" in out
+    assert "class weights (balanced" in out and (tmp_path / "out" / "checkpoint.pth").exists()
+
+
 def test_segmentation_weights_leave_out_void_and_the_ignored_label(tmp_path):
     base = ade_tree(tmp_path / "ade", mask=grid([0, 1, 1, 2]))
-    args = SimpleNamespace(class_weights="balanced", ignore_index=0, workers=0, output_dir=None)
+    args = SimpleNamespace(class_weights="balanced", ignore_index=0, workers=0, output_dir=None, max_bad_samples=0)
     weights = segmentation_class_weights(args, ["wall", "building", "sky"], ade20k(base, "train"))
     assert weights.tolist() == pytest.approx([0.0, 1.0, 0.0])  # wall ignored; building alone counted; sky absent
 

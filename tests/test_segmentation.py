@@ -98,6 +98,24 @@ def test_segmentation_meter_by_hand():
     assert summary["num_images"] == 1
 
 
+def test_a_validation_summary_holds_numbers_and_the_meter_keeps_the_pixel_counts(capsys):
+    import argparse
+    from common.data import ShardedEvalSampler
+    from common.engine import Precision
+    from segmentation.data import synthetic_loader
+    from segmentation.inference import validate
+    images, masks = make_scenes(5, 32, 3, split="val")
+    args = argparse.Namespace(eval_mode="whole", eval_crop=None, eval_stride=None, crop_size=[32], eval_scales="1.0",
+                              eval_flip=False, ignore_index=255)
+    summary, meter = validate(UNet(3, 8), synthetic_loader(images, masks, ShardedEvalSampler(masks), 4, False),
+                              ["background", "disk", "ring"], Precision(torch.device("cpu")), args, "Test")
+    assert json.loads(json.dumps(summary)) == summary  # numbers and per-class lists alone, as classification's
+    assert set(summary) == {"miou", "mean_dice", "pixel_acc", "mean_acc", "per_class_iou", "per_class_dice",
+                            "num_images"}
+    assert meter.confusion.matrix.shape == (3, 3) and meter.confusion.total == 5 * 32 * 32
+    assert f"Test: mIoU {summary['miou']:.2f}" in capsys.readouterr().out
+
+
 def test_train_transforms_move_image_and_mask_together():
     torch.manual_seed(0)
     mask = torch.arange(4).repeat_interleave(12).view(1, 48).repeat(40, 1).to(torch.uint8)  # four vertical bands
