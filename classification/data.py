@@ -432,25 +432,15 @@ def synthetic_loader(images, labels, sampler, batch_size, train, mixer=None):
     return TensorLoader(images, labels, sampler, batch_size, transform, drop_last=train)
 
 
-def dataset_classes(args, evaluated=None, trained_on=None):
-    """Class names in label order, for training, --test-only and eval.py: of --train-list (list_file.py), the sorted
-    class folders of train/ (found by rank 0), or the synthetic shapes. eval.py names the checkpoint or weights
-    `evaluated` and the checkpoint's class names `trained_on`, which then label the data, whose val/ must hold no
-    other class; without them, a tree without train/ gives val/'s."""
+def dataset_classes(args, split="train"):
+    """Class names in label order, for training, --test-only and eval.py: of the list files, the sorted class
+    folders of `split` (eval.py: val/ where a tree has no train/), or the synthetic shapes."""
     if any(getattr(args, name, None) for name in ("train_list", "val_list", "classes_file")):
         from classification.list_file import list_class_names  # only with list files
-        return from_rank0(lambda: list_class_names(args, trained_on))
+        return from_rank0(lambda: list_class_names(args))
     if args.data_path is None:
-        return list(trained_on or SHAPES[:args.synthetic_classes])
-    train, val = os.path.join(args.data_path, "train"), os.path.join(args.data_path, "val")
-    if trained_on is None:
-        return from_rank0(lambda: list_classes(val if evaluated and not os.path.isdir(train) else train))
-    unknown = sorted(set(from_rank0(lambda: list_classes(val))) - set(trained_on))
-    if unknown:
-        raise UserError(f"cannot evaluate {evaluated} on {args.data_path}: its val/ has classes the checkpoint was not "
-                        f"trained on ({', '.join(unknown[:5])}; it knows {trained_on[:5]}"
-                        f"{' ...' if len(trained_on) > 5 else ''}). Evaluate it on the data it was trained on")
-    return list(trained_on)
+        return list(SHAPES[:args.synthetic_classes])
+    return from_rank0(lambda: list_classes(os.path.join(args.data_path, split)))
 
 
 def split_files(args, split, class_names, transform=None, resize_shorter_side=None):

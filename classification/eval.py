@@ -72,6 +72,15 @@ def check_task(checkpoint_args, path, script):
         raise UserError(f"{path} was written by segmentation/train.py: use segmentation/{script} for it")
 
 
+def check_val_classes(args, class_names):
+    """A checkpoint labels val/ by the class names it was trained with: val/ must hold no others."""
+    unknown = sorted(set(dataset_classes(args, "val")) - set(class_names))
+    if unknown:
+        raise UserError(f"cannot evaluate {args.checkpoint} on {args.data_path}: its val/ has classes the checkpoint "
+                        f"was not trained on ({', '.join(unknown[:5])}; it knows {class_names[:5]}"
+                        f"{' ...' if len(class_names) > 5 else ''}). Evaluate it on the data it was trained on")
+
+
 def check_val_crop(args):
     if args.val_crop_size > args.val_resize_size:
         raise UserError(f"--val-crop-size {args.val_crop_size} is larger than --val-resize-size "
@@ -133,8 +142,13 @@ def main(args):
 
     if args.data_path is None and args.val_list:
         args.data_path = ""  # list files of absolute paths: real data, not the synthetic set
-    # Labels by the checkpoint's class names when it has them, else as in training.
-    class_names = dataset_classes(args, args.checkpoint or args.weights, checkpoint.get("class_names"))
+    # Labels by the checkpoint's class names when it has them, else as in training (a tree without train/: val/'s).
+    class_names = checkpoint.get("class_names")
+    if class_names is None:
+        no_train = args.data_path and not os.path.isdir(os.path.join(args.data_path, "train"))
+        class_names = dataset_classes(args, "val" if no_train and not args.val_list else "train")
+    elif args.data_path and not args.val_list:
+        check_val_classes(args, class_names)
     if args.weights:
         categories = weights_enum(args.model, args.weights).meta["categories"]
         if len(categories) != len(class_names):

@@ -33,11 +33,8 @@ class ListRows(NamedTuple):
     lines: np.ndarray
 
 
-def list_class_names(args, trained_on=None):
-    """Class names in label order: a checkpoint's (`trained_on`: eval.py labels by them), else --classes-file's, else
-    the sorted labels of --train-list."""
-    if trained_on is not None:
-        return list(trained_on)
+def list_class_names(args):
+    """Class names in label order: --classes-file's, else the sorted labels of --train-list."""
     if not (args.train_list and args.val_list):
         raise UserError("--train-list and --val-list go together (and --classes-file with them): give both, each a "
                         "CSV of path,label rows")

@@ -33,7 +33,7 @@ AUX_HEAD_MODELS = ("googlenet", "inception_v3")
 
 
 def create_model(name, weights, num_classes, freeze_backbone=False):
-    """Returns (model, head name), all but the head frozen with `freeze_backbone`."""
+    """(model, head name)."""
     model, head = build_model(name, weights, num_classes)
     if freeze_backbone:
         from common.freeze import freeze_all_but  # only with --freeze-backbone

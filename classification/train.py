@@ -47,8 +47,8 @@ def get_args_parser():
     add("--data-path", help="ImageFolder root with train/ and val/, or the folder list files' relative paths start "
         "from (default: the built-in synthetic set)")
     add("--train-list", help="instead of class folders, a CSV of path,label rows (with --val-list)")
-    add("--val-list", help="the validation images' CSV of path,label rows (with --train-list)")
-    add("--classes-file", help="class names one a line, in label order (default: the train list's labels, sorted)")
+    add("--val-list", help="the validation images' CSV (with --train-list)")
+    add("--classes-file", help="class names one a line, in label order (default: the train list's, sorted)")
     add("-b", "--batch-size", type=number(int, at_least=1), help=f"images per process per step {recipe('batch_size')}")
     add("--train-crop-size", type=number(int, at_least=1), help=f"RandomResizedCrop size {recipe('train_crop_size')}")
     add("--train-crop-scale", type=number(float, above=0), nargs=2, default=[0.08, 1.0], metavar=("MIN", "MAX"),

@@ -39,7 +39,7 @@ def device_name(text):
 
 
 def class_weights_source(text):
-    """argparse type of --class-weights: a typo (balance) or a missing file is refused before any work."""
+    """argparse type of --class-weights: a typo (balance) is refused before any work."""
     if text not in ("none", "balanced") and not os.path.isfile(text):
         raise argparse.ArgumentTypeError(f"must be none, balanced or a file of 'class weight' lines; {text} is no "
                                          "file")
@@ -75,11 +75,9 @@ def add_shared_flags(parser, recipe, sections):
         help="seed of weights init, data order and augmentation (default: 0)")
     add("--class-weights", type=class_weights_source, default="none", metavar="{none,balanced,FILE}",
         help="loss weights: balanced (inverse to each class's share of the training images/pixels) or a FILE of "
-        "'class weight' lines, scaled to a mean of 1 over those, so the loss keeps its scale and the lr recipe holds "
-        "(default: none)")
+        "'class weight' lines, scaled to a mean of 1 over those (default: none)")
     add("--freeze-backbone", action="store_true", help="train the head alone on pretrained layers: a classifier's "
-        "last layer (a linear probe), a segmenter's every layer after its backbone; the rest keeps its weights and "
-        "batch-norm statistics")
+        "last layer, a segmenter's layers after its backbone")
 
     add = groups["precision and speed"].add_argument
     add("--device", type=device_name, help=f"{DEVICE_NAMES} (default: cuda when available)")

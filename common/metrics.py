@@ -36,7 +36,7 @@ class ConfusionMatrix:
         return (m.diag() / m.sum(1)).tolist()
 
     def f1(self):
-        """F1 (the Dice coefficient) per class, 2 TP / (samples + predictions); NaN for a class absent from both."""
+        """F1 (Dice) per class, 2 TP / (samples + predictions); NaN for a class absent from both."""
         m = self.matrix.double()
         return (2 * m.diag() / (m.sum(0) + m.sum(1))).tolist()
 
@@ -50,7 +50,7 @@ class ConfusionMatrix:
 
 
 def nanmean(values):
-    """The mean over the classes where it is defined (not NaN), as mIoU has always averaged."""
+    """The mean over the classes where it is defined (not NaN)."""
     return torch.tensor(values, dtype=torch.float64).nanmean().item()
 
 

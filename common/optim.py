@@ -11,8 +11,8 @@ NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
 
 
 def param_groups(model, lr, weight_decay, norm_weight_decay=None, head=None, head_lr=None):
-    """Groups by (is normalisation layer, is in the `head` module or modules), each with its own weight decay and
-    lr; frozen parameters (requires_grad False) in none."""
+    """Groups by (is normalisation layer, is in a `head` module), each with its own weight decay and lr; frozen
+    parameters in none."""
     heads = tuple(f"{name}." for name in ([head] if isinstance(head, str) else head or ()))
     groups = {}
     for module_name, module in model.named_modules():
