@@ -86,17 +86,10 @@ def test_the_balanced_sampler_repeats_each_drawn_image_with_ra_sampler():
 
 
 def test_an_image_the_balanced_sampler_draws_again_is_augmented_anew():
-    class Noise(torch.utils.data.Dataset):
-        def __len__(self):
-            return 20
-
-        def __getitem__(self, index):
-            return torch.rand(1)  # stands for a random transform
-
     classes = (torch.arange(20) >= 19).long()  # one rare image, drawn about 10 times an epoch
     sampler = TrainingSampler(range(20), BatchLayout(1, 0, 1, 1), seed=0, classes=classes)
     drawn = [v for v in epoch_of(sampler, 0) if v % 20 == 19]
-    augmented = [SeededSamples(Noise(), seed=0)[v].item() for v in drawn]
+    augmented = [SeededSamples(Noise(20), seed=0)[v].item() for v in drawn]
     assert len(drawn) > 3 and len(set(augmented)) == len(drawn)
 
 
@@ -116,15 +109,21 @@ def test_a_resumed_epoch_yields_the_rest_of_the_same_order():
     assert sampler.position(0) == (2, 0)
 
 
+class Noise(torch.utils.data.Dataset):
+    """`size` samples, each a random number that stands for a random transform."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        return torch.rand(1)
+
+
 def test_copies_of_one_sample_are_augmented_differently():
-    class Noise(torch.utils.data.Dataset):
-        def __len__(self):
-            return 5
-
-        def __getitem__(self, index):
-            return torch.rand(1)  # stands for a random transform
-
-    samples = SeededSamples(Noise(), seed=0)
+    samples = SeededSamples(Noise(5), seed=0)
     assert not torch.equal(samples[2], samples[2 + 5])  # copy 0 and copy 1 of sample 2
     assert torch.equal(samples[2 + 5], samples[2 + 5])  # each copy the same wherever it is loaded
 
