@@ -88,7 +88,7 @@ def get_args_parser():
         help="synthetic set: number of classes (default: 10)")
 
     add = groups["model"].add_argument
-    add("--model", help=f"torchvision classifier name {recipe('model')}")
+    add("--model", help=f"torchvision classifier name, or your own as package.module:function {recipe('model')}")
     add("--weights", help="start from weights: a torchvision enum name (IMAGENET1K_V2) or a local .pth state dict")
     add("--sync-bn", action="store_true", help="synchronise batch-norm statistics across GPUs")
     add("--model-ema", action="store_true", help="keep an exponential moving average of weights and evaluate it")

@@ -85,7 +85,8 @@ def get_args_parser():
         help="synthetic set: classes, background included (default: 6)")
 
     add = groups["model"].add_argument
-    add("--model", choices=MODELS, help=f"DeepLabV3+, UNet, or one of torchvision's {recipe('model')}")
+    add("--model", help=f"{', '.join(MODELS)}, or your own as package.module:function "
+        f"{recipe('model')}")
     add("--output-stride", type=int, choices=[8, 16], help="DeepLabV3+: backbone output stride (default: 8)")
     add("--aux-loss", action="store_true", default=None,
         help="auxiliary FCN head on layer3, its loss weighted by --aux-weight")
@@ -147,6 +148,9 @@ def finish_args(args):
     for name, value in {**DEFAULTS, **(SYNTHETIC_DEFAULTS if args.data_path is None else REAL_DATA_DEFAULTS)}.items():
         if getattr(args, name) is None and not (name == "epochs" and args.iters):
             setattr(args, name, value)
+    if args.model not in MODELS and ":" not in args.model:  # before any work, as argparse's choices would
+        raise UserError(f"unknown --model {args.model!r}: use one of {', '.join(MODELS)}, or your own as "
+                        "package.module:function")
     if args.data_path is None:
         size = args.synthetic_image_size
         args.base_size, args.crop_size = args.base_size or size, args.crop_size or [size]
