@@ -5,7 +5,7 @@ channels_last as the bars' rows run them (compilation is left out: the scripts r
     python benchmarks/memory_flags.py --out DIR            # on the GPU machine: each setting in a process of its own
     python benchmarks/memory_flags.py --out DIR --smoke    # tiny sizes on the CPU, in this process: the code runs
 
-The step is the scripts' own: common.engine.train_one_epoch with the model (checkpointed as train.py does it),
+The step is the scripts' own: common.engine.train_step with the model (checkpointed as train.py does it),
 optimizer and scaler built as train.py builds them (benchmarks/run_step.py), on random batches already on the
 device, so that the input pipeline takes no memory of its own. After 3 warm-up steps (cuDNN's algorithm search,
 the optimizer's state), `state` is the memory allocated (weights, optimizer state) and `peak` the most allocated

@@ -21,7 +21,7 @@ from classification.model import create_model as create_classifier
 from classification.model import enable_grad_checkpointing
 from common.data import BadSamples, BatchLayout
 from common.distributed import DistEnv
-from common.engine import Precision, RunGuards, StepParts, evaluate, train_one_epoch
+from common.engine import Precision, StepParts, configure_kernels, evaluate, install_run_guards, train_step
 from common.log import ProgressLog
 from common.metrics import ClassificationMeter
 from common.optim import create_lr_scheduler, create_optimizer
@@ -55,7 +55,7 @@ def script_args(setting, opts, data, device, backend):
 
 def prepare(setting, args, device):
     """torch's global settings as the script sets them; the class names of the data set."""
-    Precision(device, deterministic=args.use_deterministic_algorithms)
+    configure_kernels(device, args.use_deterministic_algorithms)
     torch.manual_seed(args.seed)
     return dataset_classes(args) if setting.task == "classification" else dataset_info(args)[0]
 
@@ -102,7 +102,7 @@ class Runner:
 
     def __init__(self, setting, args, device, num_classes):
         self.setting, self.args, self.device, self.num_classes = setting, args, device, num_classes
-        precision = Precision(device, args.amp, args.amp_dtype, args.channels_last, args.use_deterministic_algorithms)
+        precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
         if setting.task == "classification":
             model, head = create_classifier(args.model, None, num_classes)
             if args.grad_checkpointing:
@@ -130,15 +130,25 @@ class Runner:
         self.model, self.precision = model, precision
         # Random-label batches that make the loss diverge must not stop the timing (their non-finite steps are still
         # skipped, as in a real run); nor does a stop signal wait for a step's end: a benchmark just ends.
-        self.guards = RunGuards(device, 0, self.parts.scaler, max_nonfinite_steps=10**9)
+        self.guards = install_run_guards(device, 0, self.parts.scaler, max_nonfinite_steps=10**9)
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def train(self, batches):
-        # One progress line per call, at its end.
-        quietly(lambda: train_one_epoch(self.parts, batches, 0, BatchLayout(), self.args.seed, ProgressLog(10**9),
-                                        self.guards))
+        quietly(self.train_steps, batches)
+
+    def train_steps(self, batches):
+        """The steps of the scripts' loop over `batches`, with its bookkeeping: one progress line, at the end,
+        whose read of the losses waits for the device."""
+        self.parts.model.train()
+        progress = ProgressLog(10**9)
+        progress.start_epoch(0, 0, len(batches))
+        timed = progress.timed(iter(batches))
+        for step in range(len(batches)):
+            loss, grad_norm = train_step(self.parts, timed, BatchLayout(), self.args.seed, 0, step)
+            printed = progress.log(step, loss, grad_norm, self.parts.optimizer.param_groups[0]["lr"])
+            self.guards.stop_requested(loss, grad_norm, 0, step, sync_point=printed)
 
     def eval(self, batches):
         quietly(evaluate, self.model, batches, ClassificationMeter(self.num_classes, self.device), self.precision)

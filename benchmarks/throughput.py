@@ -4,7 +4,7 @@
     python benchmarks/throughput.py --out runs/throughput.json            # the rows alone
     python benchmarks/throughput.py --device cpu --smoke                  # tiny sizes: proves it runs
 
-Every row times the step the scripts themselves run: common.engine.train_one_epoch (train rows) or
+Every row times the step the scripts themselves run: common.engine.train_step (train rows) or
 common.engine.evaluate (eval rows), fed by classification/data.py's or segmentation/data.py's own loader for
 the backend (synthetic: random batches on the device, the model-step ceiling; gpu: device decoding and
 augmentation; pil: decoding in DataLoader workers, the baseline), with arguments from the scripts' own parsers

@@ -44,7 +44,7 @@ class Batches:
 
 
 class Take:
-    """What train_one_epoch and evaluate need of a loader: a length and `count` batches."""
+    """What the training steps and evaluate need of a loader: a length and `count` batches."""
 
     def __init__(self, next_batch, count):
         self.next_batch, self.count = next_batch, count

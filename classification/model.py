@@ -43,9 +43,17 @@ def create_model(name, weights, num_classes, freeze_backbone=False):
 
 def build_model(name, weights, num_classes):
     """(model, head name). `weights`: None, a torchvision enum name such as IMAGENET1K_V2, or a file."""
+    if ":" in name:  # package.module:function, the user's own
+        from common.user_model import build_user_model
+        model = build_user_model(name, num_classes)
+        if weights:
+            load_model_state(model, state_dict_from(load_checkpoint(weights), weights), weights)
+        linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        return model, linear[-1] if linear else None  # no head: --head-lr and --freeze-backbone have none to keep
     if name not in classifier_models():
         raise UserError(f"unknown --model {name!r}: use a torchvision classifier such as resnet50, resnet18, "
-                        "convnext_tiny, vit_b_16 (all: torchvision.models.list_models(module=torchvision.models))")
+                        "convnext_tiny, vit_b_16 (all: torchvision.models.list_models(module=torchvision.models)), "
+                        "or your own as package.module:function")
     extra = {"aux_logits": False} if name in AUX_HEAD_MODELS else {}
     # init_weights=True keeps these models' current initialisation (and silences a FutureWarning); weights
     # files set it themselves.

@@ -18,7 +18,8 @@ from classification.pictures import log_pictures
 from common.checkpoint import Checkpointer, ResumePoint
 from common.data import BadSamples, BatchLayout, default_workers
 from common.distributed import data_parallel, init_distributed
-from common.engine import Precision, RunGuards, RunSteps, StepParts, evaluate, train_one_epoch
+from common.engine import (Precision, StepParts, configure_kernels, evaluate, install_run_guards, pause_after,
+                           train_step, training_batches)
 from common.flags import add_shared_flags, number
 from common.log import RunLog, UserError, print0, run_cli
 from common.metrics import ClassificationMeter
@@ -87,7 +88,7 @@ def get_args_parser():
         help="synthetic set: number of classes (default: 10)")
 
     add = groups["model"].add_argument
-    add("--model", help=f"torchvision classifier name {recipe('model')}")
+    add("--model", help=f"torchvision classifier name, or your own as package.module:function {recipe('model')}")
     add("--weights", help="start from weights: a torchvision enum name (IMAGENET1K_V2) or a local .pth state dict")
     add("--sync-bn", action="store_true", help="synchronise batch-norm statistics across GPUs")
     add("--model-ema", action="store_true", help="keep an exponential moving average of weights and evaluate it")
@@ -216,7 +217,8 @@ def main(args):
     layout = BatchLayout.planned(env, args.batch_size, args.accum_steps, args.global_batch)
     args.accum_steps = layout.accum_steps
     log = RunLog(env, device)
-    precision = Precision(device, args.amp, args.amp_dtype, args.channels_last, args.use_deterministic_algorithms)
+    precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
+    configure_kernels(device, args.use_deterministic_algorithms)  # process-wide: cuDNN autotuning, TF32, determinism
     torch.manual_seed(args.seed)  # the weights' initialisation
 
     class_names = dataset_classes(args)
@@ -227,7 +229,7 @@ def main(args):
         test_only(model, val_loader, class_names, precision, args)
         return
 
-    log.claim(args.output_dir, vars(args))  # before anything is read from the output folder or written to it
+    log.lock_output_dir(args.output_dir, vars(args))  # before anything is read from the output folder or written to it
     bad_samples = BadSamples(args.max_bad_samples, args.output_dir)  # files that fail to load mid-run
     train_loader = load_train(args, layout, device, class_names, bad_samples)
     steps_per_epoch = train_loader.sampler.steps_per_epoch
@@ -261,35 +263,52 @@ def main(args):
                                                        SCHEDULE_ARGS)
 
     progress = log.progress(args.print_freq)
-    guards = RunGuards(device, env.rank, parts.scaler, args.output_dir, args.max_nonfinite_steps, args.stall_timeout)
-    run = RunSteps(steps_per_epoch, args.epochs * steps_per_epoch, args.eval_interval)
+    guards = install_run_guards(device, env.rank, parts.scaler, args.output_dir, args.max_nonfinite_steps,
+                                args.stall_timeout)
     by = "step" if args.eval_interval else "epoch"  # what log.jsonl's lines and TensorBoard's scalars follow
-    for epoch in range(args.start_epoch, args.epochs):
-        start = start_step if epoch == args.start_epoch else 0
-        for stop in run.pauses(epoch, start, checkpointer.validated):  # the epoch's end, and any validation inside
-            train_loader.sampler.set_epoch(epoch, start)
-            stats = train_one_epoch(parts, train_loader, epoch, layout, args.seed, progress, guards, checkpointer,
-                                    args.checkpoint_interval, start_step=start, end_step=stop)
-            if stats.pop("stopped"):  # by SIGTERM/SIGUSR1, its checkpoint saved: the same command resumes it
-                guards.preemption.exit()
-            start, record = stop, {"epoch": epoch, "step": epoch * steps_per_epoch + stop, **stats}
-            if not run.validates_after(epoch, stop):  # an epoch's end between validations (--eval-interval)
-                checkpointer.save(epoch)
-                log.record(record, by)
-                continue
-            name = f"Epoch {epoch}" if by == "epoch" else f"Epoch {epoch} step {stop}"
-            val, meter = validate_both(parts, val_loader, class_names, name, guards)
-            if val is None:  # a signal during validation: the training is saved now; the validation reruns on resume
-                checkpointer.save(epoch, stop)
-                guards.preemption.exit()
-            record.update(val)
-            checkpointer.save_validated(epoch, record.get("val_ema_acc1", val["val_acc1"]),  # with EMA, its weights
-                                        None if stop == run.epoch_end(epoch) else stop, meter.confusion.matrix)
+    total_steps, first_step = args.epochs * steps_per_epoch, args.start_epoch * steps_per_epoch + start_step
+    epoch, done = args.start_epoch, start_step  # where the last step left the run: `done` steps into `epoch`
+    # Saved in a pause (a stop signal during its validation): the resumed run finishes that pause before any step.
+    epoch_end, validates = (pause_after(first_step, steps_per_epoch, total_steps, args.eval_interval)
+                            if start_step > 0 and not checkpointer.validated else (False, False))
+    batches = None
+    for step in range(first_step, total_steps + 1):  # each pass: the pause the last step ended in, then a step
+        if epoch_end or validates:
+            batches, record = None, {"epoch": epoch, "step": step, **progress.summary(optimizer.param_groups[0]["lr"])}
+            if validates:
+                name = f"Epoch {epoch}" if by == "epoch" else f"Epoch {epoch} step {done}"
+                val, meter = validate_both(parts, val_loader, class_names, name, guards)
+                if val is None:  # a stop signal during validation: saved now, the validation reruns on resume
+                    checkpointer.save_on_all_ranks(epoch, done)
+                    guards.preemption.exit()
+                record.update(val)
+                checkpointer.save_validated_on_all_ranks(epoch, record.get("val_ema_acc1", val["val_acc1"]),
+                                                         None if epoch_end else done, meter.confusion.matrix)
+                if log.writer is not None:
+                    log_pictures(log.writer, model, guards.watchdog.beating(val_loader), meter, class_names,
+                                 precision, record[by])
+            else:  # an epoch's end between validations (--eval-interval)
+                checkpointer.save_on_all_ranks(epoch)
             log.record(record, by)
-            if log.writer is not None:
-                log_pictures(log.writer, model, guards.watchdog.beating(val_loader), meter, class_names, precision,
-                             record[by])
-
+        if step == total_steps:
+            break
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        if batches is None:  # an epoch's start, or the restart after a validation inside it, as a resume starts
+            model.train()
+            progress.start_epoch(epoch, in_epoch, steps_per_epoch)
+            batches = progress.timed(training_batches(train_loader, epoch, in_epoch, args.seed, env.rank))
+        loss, grad_norm = train_step(parts, batches, layout, args.seed, epoch, in_epoch)
+        done, (epoch_end, validates) = in_epoch + 1, pause_after(step + 1, steps_per_epoch, total_steps,
+                                                                 args.eval_interval)
+        printed = progress.log(in_epoch, loss, grad_norm, optimizer.param_groups[0]["lr"], last=validates)
+        checkpoint_due = args.checkpoint_interval and done % args.checkpoint_interval == 0
+        if guards.stop_requested(loss, grad_norm, epoch, in_epoch, sync_point=printed or checkpoint_due):
+            progress.stop(in_epoch, guards.preemption.received or "another rank")
+            checkpointer.save_on_all_ranks(epoch, done)
+            guards.preemption.exit()  # the same command with --resume auto goes on from this checkpoint
+        if checkpoint_due and not (epoch_end or validates):  # a pause saves after its validation
+            checkpointer.save_on_all_ranks(epoch, done)
+    guards.watchdog.stop()
     best = "none (no epoch evaluated)" if checkpointer.best is None else f"{checkpointer.best:.3f}"
     log.end(f"best top-1 {best}{' (EMA)' if model_ema is not None else ''}")
 

@@ -265,7 +265,7 @@ class Checkpointer:
     """Saves and restores everything a run needs to continue, as plain dicts and tensors: the step's `parts`
     (StepParts), the position, the best `score` so far (its key in the checkpoint and its name in the log:
     "best_acc1", "top-1"), the flags, the bad samples, and `must_match` entries a resumed run must have too
-    (class names, the epoch's length in steps). save() runs on every rank and writes on the main one only."""
+    (class names, the epoch's length in steps)."""
 
     def __init__(self, parts, output_dir, is_main, *, flags, score, keep=0, bad_samples=None, **must_match):
         self.parts, self.output_dir, self.is_main, self.keep = parts, output_dir, is_main, keep
@@ -286,8 +286,9 @@ class Checkpointer:
                 "model_ema_n_averaged": ema.n_averaged if ema is not None else None,
                 "bad_samples": self.bad_samples.state() if self.bad_samples is not None else [], **self.must_match}
 
-    def save(self, epoch, step=None, is_best=False, validated=False, confusion=None):
-        """Without an output folder nothing is written, but a run whose weights went NaN still stops here."""
+    def save_on_all_ranks(self, epoch, step=None, is_best=False, validated=False, confusion=None):
+        """A collective: every rank calls it at the same step (the ranks agree on the bad samples met), the main
+        one writes. Without an output folder nothing is written, but a run whose weights went NaN stops here."""
         models = [self.model] if self.parts.ema is None else [self.model, self.parts.ema]
         check_finite_weights(models, position(epoch, step), self.output_dir)
         if self.bad_samples is not None:
@@ -295,12 +296,12 @@ class Checkpointer:
         if self.output_dir and self.is_main:
             save_training(self.state(epoch, step, validated, confusion), self.output_dir, is_best, self.keep)
 
-    def save_validated(self, epoch, score, step=None, confusion=None):
+    def save_validated_on_all_ranks(self, epoch, score, step=None, confusion=None):
         """Save after a validation, with its confusion matrix (for tools/report.py), as best.pth too when `score`
         is the best so far; returns whether it was."""
         is_best = self.best is None or score > self.best
         self.best = score if is_best else self.best
-        self.save(epoch, step, is_best=is_best, validated=True, confusion=confusion)
+        self.save_on_all_ranks(epoch, step, is_best=is_best, validated=True, confusion=confusion)
         return is_best
 
     def resume(self, path, model_name, schedule_names):

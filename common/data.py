@@ -145,10 +145,10 @@ class NormalizeBytes:
 #   data order (also --ra-sampler's and --balanced-sampler's): from seed + epoch, in TrainingSampler (one order
 #     for all ranks, cut into global batches and those into slots)
 #   each sample's augmentation (CPU workers): from (seed, epoch, sample index), in SeededSamples
-#   the DataLoader workers' base seed (the per-epoch global stream): from (seed, epoch, rank), in train_one_epoch
+#   the DataLoader workers' base seed (the per-epoch global stream): from (seed, epoch, rank), in training_batches
 #     before the epoch's loader iterator is made
 #   dropout, stochastic depth, MixUp/CutMix, the synthetic set's flips (the per-micro-batch global stream): from
-#     (seed, epoch, step, slot), in train_one_epoch before each micro-batch is fetched
+#     (seed, epoch, step, slot), in train_step before each micro-batch is fetched
 #   device augmentation (--data-backend gpu): from (seed, epoch, step, slot), in DeviceLoader, a torch.Generator
 #     of the micro-batch's own (it is prepared on a side thread one batch ahead)
 #   the stand-in for a file that fails to load: from (seed, failed sample index), in SkipBadSamples and GpuPreset,

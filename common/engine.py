@@ -66,13 +66,12 @@ def grad_scaler(device, precision, optimizer):
 
 class Precision:
     """How a run computes, decided once from its flags (a checkpoint records `name`, so a resumed run knows whether
-    the scaler state it saved still applies)."""
+    the scaler state it saved still applies). It changes nothing global: configure_kernels() does that."""
 
-    def __init__(self, device, amp=False, amp_dtype=None, channels_last=False, deterministic=False):
+    def __init__(self, device, amp=False, amp_dtype=None, channels_last=False):
         self.device, self.name = device, precision_from_flags(amp, amp_dtype)
         self.autocast = autocast_context(device, self.name)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        configure_kernels(device, deterministic)
 
     def grad_scaler(self, optimizer):
         return grad_scaler(self.device, self.name, optimizer)
@@ -90,6 +89,8 @@ warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step
 
 
 def configure_kernels(device, deterministic=False):
+    """Process-wide switches, for every model run after: cuDNN's autotuner (off under --use-deterministic-
+    algorithms, whose kernels it would not choose), TF32 matmuls and convolutions, and determinism."""
     torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it
@@ -110,32 +111,6 @@ def gradient_sync(model, last_micro_batch):
     return nullcontext() if last_micro_batch or not hasattr(model, "no_sync") else model.no_sync()
 
 
-class RunSteps(NamedTuple):
-    """Where a run of `total` optimizer steps pauses to validate: every `eval_interval` steps (0: each epoch's
-    end), and at its end."""
-    per_epoch: int
-    total: int
-    eval_interval: int = 0
-
-    def epoch_end(self, epoch):
-        """Fewer than per_epoch where the run ends inside `epoch` (--iters)."""
-        return min(self.per_epoch, self.total - epoch * self.per_epoch)
-
-    def validates_after(self, epoch, step):
-        done = epoch * self.per_epoch + step
-        if done == self.total:
-            return True
-        return done % self.eval_interval == 0 if self.eval_interval else step == self.per_epoch
-
-    def pauses(self, epoch, start, resumed_validated=True):
-        """The steps of `epoch` from `start` on after which training pauses. A run resumed where a validation was
-        due but had not run (saved on a stop signal) or at an epoch's end not yet closed pauses at `start` itself."""
-        end = self.epoch_end(epoch)
-        due = start > 0 and (start == end or (self.validates_after(epoch, start) and not resumed_validated))
-        return [start] * due + [step for step in range(start + 1, end + 1)
-                                if step == end or self.validates_after(epoch, step)]
-
-
 class StepParts(NamedTuple):
     model: torch.nn.Module  # DDP-wrapped and compiled as the run trains it
     criterion: Callable
@@ -147,55 +122,48 @@ class StepParts(NamedTuple):
     ema: Optional[torch.nn.Module] = None  # common.optim.EMA, updated after steps
 
 
-def train_one_epoch(parts, loader, epoch, layout, seed, progress, guards, checkpointer=None, checkpoint_interval=0,
-                    start_step=0, end_step=None):
-    """Optimizer steps `start_step`..`end_step` (default: the epoch's end) of one epoch, `loader` already
-    positioned at `start_step`; a stop signal ends the epoch early ("stopped" in the summary)."""
-    model, criterion, optimizer, scaler = parts.model, parts.criterion, parts.optimizer, parts.scaler
-    model.train()
-    seed_epoch(seed, epoch, layout.rank)  # before the loader's iterator draws its workers' seeds
-    accum_steps = layout.accum_steps
-    epoch_steps = start_step + len(loader) // accum_steps
-    steps = epoch_steps if end_step is None else min(epoch_steps, end_step)
+def pause_after(steps_done, steps_per_epoch, total_steps, eval_interval):
+    """(whether an epoch ends, whether a validation is due) after `steps_done` optimizer steps of the run: at each
+    epoch's end, or every `eval_interval` steps, and at the run's end."""
+    epoch_end = steps_done % steps_per_epoch == 0 or steps_done == total_steps
+    validates = steps_done == total_steps or (steps_done % eval_interval == 0 if eval_interval else epoch_end)
+    return epoch_end, validates
+
+
+def training_batches(loader, epoch, step, seed, rank):
+    """The training batches of `epoch` from optimizer step `step` on, drawn alike in a run that goes on and in
+    one resumed at that step: the sampler positioned, then the workers' seeds drawn as the iterator is made."""
+    loader.sampler.set_epoch(epoch, step)
+    seed_epoch(seed, epoch, rank)
+    return iter(loader)
+
+
+def train_step(parts, batches, layout, seed, epoch, step):
+    """One optimizer step over `layout.accum_steps` micro-batches from `batches`. Returns the loss and the
+    gradient norm as device tensors: reading them here would make the CPU wait for the GPU every step."""
+    model, optimizer, scaler, precision = parts.model, parts.optimizer, parts.scaler, parts.precision
+    loss_sum = torch.zeros((), device=precision.device)
+    for micro in range(layout.accum_steps):
+        # By the micro-batch's place in the global batch, not by rank: any layout of it draws the same.
+        seed_micro_batch(seed, epoch, step, layout.slot(micro))
+        images, targets = precision.to_device(next(batches))
+        with gradient_sync(model, last_micro_batch=micro == layout.accum_steps - 1):
+            with precision.autocast:
+                loss = parts.criterion(model(images), targets) / layout.accum_steps
+            scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    scaler.unscale_(optimizer)  # clip and log the true gradient norm, not the scaled one
     params = [p for p in model.parameters() if p.requires_grad]
-    progress.start_epoch(epoch, start_step, steps, epoch_steps)
-    batches, stopped = progress.timed(iter(loader)), False
-    for step in range(start_step, steps):
-        # ---- the step ----
-        step_loss = torch.zeros((), device=parts.precision.device)
-        for micro in range(accum_steps):
-            # By the micro-batch's place in the global batch, not by rank: any layout of it draws the same.
-            seed_micro_batch(seed, epoch, step, layout.slot(micro))
-            images, targets = parts.precision.to_device(next(batches))
-            with gradient_sync(model, last_micro_batch=micro == accum_steps - 1):
-                with parts.precision.autocast:
-                    loss = criterion(model(images), targets) / accum_steps
-                scaler.scale(loss).backward()
-            step_loss += loss.detach()
-        scaler.unscale_(optimizer)  # clip and log the true gradient norm, not the scaled one
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if parts.clip_grad_norm:
-            torch.nn.utils.clip_grads_with_norm_(params, parts.clip_grad_norm, grad_norm)
-        scaler.step(optimizer)  # skipped when a gradient is not finite, unless the scaler is a disabled one
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        parts.lr_scheduler.step()
-        if parts.ema is not None:
-            parts.ema.update(model, epoch, step)
-        # ---- bookkeeping: values stay on the device until a sync point (a progress line, a checkpoint step) ----
-        guards.watchdog.beat()
-        printed = progress.log(step, step_loss, grad_norm, optimizer.param_groups[0]["lr"])
-        checkpoint_step = bool(checkpoint_interval) and (step + 1) % checkpoint_interval == 0
-        guards.nonfinite.update(step_loss, grad_norm, epoch, step, sync_point=printed or checkpoint_step)
-        stopped = guards.preemption.agreed(sync_point=printed or checkpoint_step)
-        if stopped:
-            progress.stop(step, guards.preemption.received or "another rank")
-        # The epoch's last step is saved after validation; a stop does not wait for that.
-        if checkpointer is not None and (stopped or (checkpoint_step and step < steps - 1)):
-            checkpointer.save(epoch, step + 1)
-        if stopped:
-            break
-    return {**progress.summary(optimizer.param_groups[0]["lr"]), "stopped": stopped}
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if parts.clip_grad_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, parts.clip_grad_norm, grad_norm)
+    scaler.step(optimizer)  # skipped when a gradient is not finite, unless the scaler is a disabled one
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    parts.lr_scheduler.step()
+    if parts.ema is not None:
+        parts.ema.update(model, epoch, step)
+    return loss_sum, grad_norm
 
 
 @torch.inference_mode()
@@ -316,18 +284,15 @@ class StallWatchdog:
     """--stall-timeout: a thread that ends this rank when no optimizer step or evaluation batch has finished for
     `timeout_s` seconds (0: none), instead of letting a stuck file, worker or collective hang the job. The clock
     starts at the first beat(), so start-up and compilation do not count; a beat only reads the clock, no sync.
-
-    It watches only while the function that made it runs and no later watchdog was made, so a run called
-    in-process, as the tests do, ends its watchdog when it returns. It keeps no reference to that function's
-    frame, which would keep the model alive."""
+    A caller that goes on after the run (a test) calls stop()."""
 
     latest = None  # the watchdog of the run in progress
 
-    def __init__(self, timeout_s, rank, owner=None):
-        self.timeout_s, self.rank, self.last_beat = timeout_s, rank, None
+    def __init__(self, timeout_s, rank):
+        self.timeout_s, self.rank, self.last_beat, self.stopped = timeout_s, rank, None, False
         StallWatchdog.latest = self
         if timeout_s:
-            self.thread_id, self.owner = threading.get_ident(), owner or sys._getframe(1).f_code
+            self.thread_id = threading.get_ident()
             threading.Thread(target=self.watch, name="stall watchdog", daemon=True).start()
 
     def beat(self):
@@ -340,17 +305,14 @@ class StallWatchdog:
             self.beat()
             yield batch
 
+    def stop(self):
+        self.stopped = True
+
     def watch(self):
-        while StallWatchdog.latest is self and self.owner_runs():
+        while not self.stopped and StallWatchdog.latest is self:  # a later run's watchdog replaces it
             if self.last_beat is not None and time.monotonic() - self.last_beat > self.timeout_s:
                 self.stop_the_rank()
             time.sleep(min(1.0, self.timeout_s / 4))
-
-    def owner_runs(self):
-        frame = sys._current_frames().get(self.thread_id)
-        while frame is not None and frame.f_code is not self.owner:
-            frame = frame.f_back
-        return frame is not None
 
     def stop_the_rank(self):
         stage = stalled_stage(sys._current_frames().get(self.thread_id))
@@ -371,8 +333,19 @@ class StallWatchdog:
 class RunGuards:
     """The three ways a training run stops early: on a stop signal, on divergence, and when this rank stalls."""
 
-    def __init__(self, device, rank, scaler, output_dir=None, max_nonfinite_steps=3, stall_timeout=0):
-        self.preemption = PreemptionSignal(device)
-        self.nonfinite = NonFiniteGuard(max_nonfinite_steps, output_dir, scaler)
-        # It watches while the function that made this object runs: the script's main, or a test.
-        self.watchdog = StallWatchdog(stall_timeout, rank, owner=sys._getframe(1).f_code)
+    def __init__(self, preemption, nonfinite, watchdog):
+        self.preemption, self.nonfinite, self.watchdog = preemption, nonfinite, watchdog
+
+    def stop_requested(self, loss, grad_norm, epoch, step, sync_point):
+        """After each optimizer step: a beat of the stall clock, the divergence check (which raises), and whether
+        the ranks agree to stop for a signal. The last two read device values at sync points only."""
+        self.watchdog.beat()
+        self.nonfinite.update(loss, grad_norm, epoch, step, sync_point)
+        return self.preemption.agreed(sync_point)
+
+
+def install_run_guards(device, rank, scaler, output_dir=None, max_nonfinite_steps=3, stall_timeout=0):
+    """Installs the SIGTERM, SIGUSR1 and SIGINT handlers and, with a `stall_timeout`, starts the watchdog's
+    thread: the side effects a run's guards need, made here in sight of main."""
+    return RunGuards(PreemptionSignal(device), NonFiniteGuard(max_nonfinite_steps, output_dir, scaler),
+                     StallWatchdog(stall_timeout, rank))

@@ -274,7 +274,8 @@ class RunLog:
         self.world_size, self.started = env.world_size, time.perf_counter()
         self.output_dir, self.writer = None, None
 
-    def claim(self, output_dir, flags):
+    def lock_output_dir(self, output_dir, flags):
+        """Creates the folder, takes its lock for this run's life, writes args.json and opens TensorBoard."""
         start_output_dir(output_dir, flags)
         self.output_dir, self.writer = output_dir, tensorboard_writer(output_dir)
 
@@ -372,11 +373,12 @@ class ProgressLog:
 
     def __init__(self, print_freq, world_size=1, writer=None):
         self.print_freq, self.world_size, self.writer = print_freq, world_size, writer
+        self.start_epoch(0, 0, 0)  # a summary with nothing trained: a run resumed in a pause finishes that first
 
-    def start_epoch(self, epoch, start_step, steps, steps_per_epoch=None):
-        """`steps_per_epoch` numbers the global steps when the run ends before the epoch does."""
-        self.epoch, self.start_step, self.steps = epoch, start_step, steps
-        self.steps_per_epoch = steps_per_epoch or steps
+    def start_epoch(self, epoch, start_step, steps_per_epoch, total_steps=None):
+        """Lines numbered within `epoch` from `start_step` on; `total_steps` ends the last epoch early (--iters)."""
+        self.epoch, self.start_step, self.steps_per_epoch = epoch, start_step, steps_per_epoch
+        self.steps = steps_per_epoch if total_steps is None else min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
         self.losses, self.grad_norms, self.loss_total, self.done = [], [], 0.0, 0
         self.images, self.images_since_print, self.batches, self.data_time = 0, 0, 0, 0.0
         self.start = self.last_print = time.perf_counter()
@@ -395,12 +397,13 @@ class ProgressLog:
             self.images_since_print += len(batch[0])
             yield batch
 
-    def log(self, step, loss, grad_norm, lr):
-        """Returns whether it printed (a sync point)."""
+    def log(self, step, loss, grad_norm, lr, last=False):
+        """Prints every print_freq steps, at the epoch's end and at a `last` step (before a validation); returns
+        whether it printed (a sync point)."""
         self.losses.append(loss)
         self.grad_norms.append(grad_norm)
         self.done += 1
-        if (step + 1) % self.print_freq and step != self.steps - 1:
+        if (step + 1) % self.print_freq and step != self.steps - 1 and not last:
             return False
         images = self.images_since_print
         losses, norms = self.read_back()

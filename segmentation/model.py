@@ -135,8 +135,12 @@ def create_model(name, num_classes, output_stride=16, aux_loss=False, weights_ba
 def create_architecture(name, num_classes, output_stride=16, aux_loss=False, weights_backbone=None, unet_width=64):
     """The model of `name`; --weights-backbone is a torchvision weights name (downloaded once) or a classifier
     checkpoint of the same ResNet, e.g. from classification/train.py."""
+    if ":" in name:  # package.module:function, the user's own
+        from common.user_model import OutputDict, build_user_model
+        return OutputDict(build_user_model(name, num_classes))
     if name not in MODELS:
-        raise UserError(f"unknown --model {name!r}: use one of {', '.join(MODELS)}")
+        raise UserError(f"unknown --model {name!r}: use one of {', '.join(MODELS)}, or your own as "
+                        "package.module:function")
     if name == "unet":
         if weights_backbone or aux_loss:
             raise UserError("unet has no backbone and no auxiliary head: drop --weights-backbone and --aux-loss")

@@ -19,7 +19,8 @@ from torch import nn
 from common.checkpoint import Checkpointer, ResumePoint
 from common.data import BadSamples, BatchLayout, default_workers
 from common.distributed import data_parallel, init_distributed
-from common.engine import Precision, RunGuards, RunSteps, StepParts, train_one_epoch
+from common.engine import (Precision, StepParts, configure_kernels, install_run_guards, pause_after, train_step,
+                           training_batches)
 from common.flags import add_shared_flags, number
 from common.log import RunLog, UserError, print0, run_cli
 from common.optim import create_lr_scheduler, create_optimizer
@@ -84,7 +85,8 @@ def get_args_parser():
         help="synthetic set: classes, background included (default: 6)")
 
     add = groups["model"].add_argument
-    add("--model", choices=MODELS, help=f"DeepLabV3+, UNet, or one of torchvision's {recipe('model')}")
+    add("--model", help=f"{', '.join(MODELS)}, or your own as package.module:function "
+        f"{recipe('model')}")
     add("--output-stride", type=int, choices=[8, 16], help="DeepLabV3+: backbone output stride (default: 8)")
     add("--aux-loss", action="store_true", default=None,
         help="auxiliary FCN head on layer3, its loss weighted by --aux-weight")
@@ -146,6 +148,9 @@ def finish_args(args):
     for name, value in {**DEFAULTS, **(SYNTHETIC_DEFAULTS if args.data_path is None else REAL_DATA_DEFAULTS)}.items():
         if getattr(args, name) is None and not (name == "epochs" and args.iters):
             setattr(args, name, value)
+    if args.model not in MODELS and ":" not in args.model:  # before any work, as argparse's choices would
+        raise UserError(f"unknown --model {args.model!r}: use one of {', '.join(MODELS)}, or your own as "
+                        "package.module:function")
     if args.data_path is None:
         size = args.synthetic_image_size
         args.base_size, args.crop_size = args.base_size or size, args.crop_size or [size]
@@ -216,7 +221,8 @@ def main(args):
     layout = BatchLayout.planned(env, args.batch_size, args.accum_steps, args.global_batch)
     args.accum_steps = layout.accum_steps
     log = RunLog(env, device)
-    precision = Precision(device, args.amp, args.amp_dtype, args.channels_last, args.use_deterministic_algorithms)
+    precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
+    configure_kernels(device, args.use_deterministic_algorithms)  # process-wide: cuDNN autotuning, TF32, determinism
     torch.manual_seed(args.seed)  # the weights' initialisation
     if args.sync_bn is None:  # per-GPU batches of 1-2 crops give poor batch-norm statistics: sync by default
         args.sync_bn = env.distributed and device.type == "cuda"
@@ -237,7 +243,7 @@ def main(args):
         raise UserError("-b 1: DeepLab's image-pooling branch normalises a 1x1 map over the batch, which needs 2 "
                         "or more crops per process (or --sync-bn across GPUs): use -b 2 or more, and --accum-steps "
                         "to keep the effective batch")
-    log.claim(args.output_dir, vars(args))  # before anything is read from the output folder or written to it
+    log.lock_output_dir(args.output_dir, vars(args))  # before anything is read from the output folder or written to it
     bad_samples = BadSamples(args.max_bad_samples, args.output_dir)  # files that fail to load mid-run
     train_loader = load_train(args, layout, device, bad_samples)
     steps_per_epoch = train_loader.sampler.steps_per_epoch
@@ -273,36 +279,55 @@ def main(args):
                                                        SCHEDULE_ARGS)
 
     progress = log.progress(args.print_freq)
-    guards = RunGuards(device, env.rank, parts.scaler, args.output_dir, args.max_nonfinite_steps, args.stall_timeout)
-    run = RunSteps(steps_per_epoch, total_steps, args.eval_interval)
+    guards = install_run_guards(device, env.rank, parts.scaler, args.output_dir, args.max_nonfinite_steps,
+                                args.stall_timeout)
     by = "step" if args.eval_interval else "epoch"  # what log.jsonl's lines and TensorBoard's scalars follow
-    for epoch in range(args.start_epoch, epochs):
-        start = start_step if epoch == args.start_epoch else 0
-        for stop in run.pauses(epoch, start, checkpointer.validated):  # the epoch's end, and any validation inside
-            train_loader.sampler.set_epoch(epoch, start)
-            stats = train_one_epoch(parts, train_loader, epoch, layout, args.seed, progress, guards, checkpointer,
-                                    args.checkpoint_interval, start_step=start, end_step=stop)
-            if stats.pop("stopped"):  # by SIGTERM/SIGUSR1, its checkpoint saved: the same command resumes it
-                guards.preemption.exit()
-            start, record = stop, {"epoch": epoch, "step": epoch * steps_per_epoch + stop, **stats}
-            if not run.validates_after(epoch, stop):  # an epoch's end between validations (--eval-interval)
-                checkpointer.save(epoch)
-                log.record(record, by)
-                continue
-            name = f"Epoch {epoch} val" if by == "epoch" else f"Epoch {epoch} step {stop} val"
+    first_step = args.start_epoch * steps_per_epoch + start_step
+    epoch, done = args.start_epoch, start_step  # where the last step left the run: `done` steps into `epoch`
+    # Saved in a pause (a stop signal during its validation): the resumed run finishes that pause before any step.
+    epoch_end, validates = (pause_after(first_step, steps_per_epoch, total_steps, args.eval_interval)
+                            if start_step > 0 and not checkpointer.validated else (False, False))
+    batches = None
+    for step in range(first_step, total_steps + 1):  # each pass: the pause the last step ended in, then a step
+        if validates:
+            name = f"Epoch {epoch} val" if by == "epoch" else f"Epoch {epoch} step {done} val"
             val, meter = validate(model, val_loader, class_names, precision, args, name, guards)
-            if val is None:  # a signal during validation: the training is saved now; the validation reruns on resume
-                checkpointer.save(epoch, stop)
+            if val is None:  # a stop signal during validation: saved now, the validation reruns on resume
+                checkpointer.save_on_all_ranks(epoch, done)
                 guards.preemption.exit()
-            checkpointer.save_validated(epoch, val["miou"], None if stop == run.epoch_end(epoch) else stop,
-                                        meter.confusion.matrix)
-            record.update({f"val_{key}": value for key, value in val.items() if not isinstance(value, list)})
-            log.record(record, by)
+            checkpointer.save_validated_on_all_ranks(epoch, val["miou"], None if epoch_end else done,
+                                                     meter.confusion.matrix)
+            record = {f"val_{key}": value for key, value in val.items() if not isinstance(value, list)}
+            log.record({"epoch": epoch, "step": step, **progress.summary(optimizer.param_groups[0]["lr"]), **record},
+                       by)
             if log.writer is not None:
                 log_validation(log.writer, val, class_names, model, guards.watchdog.beating(val_loader), palette,
-                               precision, args, record[by])
-    best = "none (no epoch evaluated)" if checkpointer.best is None else f"{checkpointer.best:.2f}"
-    log.end(f"best mIoU {best}")
+                               precision, args, step if by == "step" else epoch)
+        elif epoch_end:  # between validations (--eval-interval)
+            checkpointer.save_on_all_ranks(epoch)
+            log.record({"epoch": epoch, "step": step, **progress.summary(optimizer.param_groups[0]["lr"])}, by)
+        if step == total_steps:
+            break
+        if epoch_end or validates:  # the batches restart where a resumed run would start them
+            batches = None
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        if batches is None:
+            progress.start_epoch(epoch, in_epoch, steps_per_epoch, total_steps)
+            batches = progress.timed(training_batches(train_loader, epoch, in_epoch, args.seed, env.rank))
+            model.train()
+        loss, grad_norm = train_step(parts, batches, layout, args.seed, epoch, in_epoch)
+        epoch_end, validates = pause_after(step + 1, steps_per_epoch, total_steps, args.eval_interval)
+        done = in_epoch + 1
+        checkpoint_due = args.checkpoint_interval and done % args.checkpoint_interval == 0
+        printed = progress.log(in_epoch, loss, grad_norm, optimizer.param_groups[0]["lr"], last=validates)
+        if guards.stop_requested(loss, grad_norm, epoch, in_epoch, sync_point=printed or checkpoint_due):
+            progress.stop(in_epoch, guards.preemption.received or "another rank")
+            checkpointer.save_on_all_ranks(epoch, done)
+            guards.preemption.exit()  # the same command with --resume auto goes on from this checkpoint
+        if checkpoint_due and not (epoch_end or validates):  # a pause saves after its validation
+            checkpointer.save_on_all_ranks(epoch, done)
+    guards.watchdog.stop()
+    log.end(f"best mIoU {'none (no epoch evaluated)' if checkpointer.best is None else f'{checkpointer.best:.2f}'}")
 
 
 if __name__ == "__main__":

@@ -26,12 +26,15 @@ TINY = ["--model", "resnet18", "--device", "cpu", "--print-freq", "4", "--synthe
 @contextlib.contextmanager
 def own_signal_handlers():
     """The scripts install SIGTERM/SIGUSR1/SIGINT handlers for preemption; pytest keeps its own. And a run's claim on
-    its output folder ends with the run, as it does when a script's process exits."""
+    its output folder and its stall watchdog end with the run, as they do when a script's process exits."""
+    from common.engine import StallWatchdog
     from common.log import release_output_dirs
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         yield
     finally:
+        if StallWatchdog.latest is not None:
+            StallWatchdog.latest.stop()
         release_output_dirs()
         for signum, handler in saved.items():
             signal.signal(signum, handler)

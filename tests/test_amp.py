@@ -13,12 +13,10 @@ from torch import nn
 
 from classification.model import create_model as create_classifier
 from common.checkpoint import CheckpointError, Checkpointer, load_checkpoint
-from common.engine import train_one_epoch
 from common.log import UserError
 from common.optim import create_optimizer, param_groups
 from common.data import BatchLayout
-from common.engine import Precision, RunGuards, StepParts, grad_scaler
-from common.log import ProgressLog
+from common.engine import Precision, StepParts, grad_scaler, train_step
 from common.engine import NonFiniteGuard
 from conftest import TINY, train
 from segmentation.model import create_model as create_segmenter
@@ -89,17 +87,18 @@ class OverflowFirst(nn.Module):
 
 
 def train_steps(model, optimizer, criterion, batches, device):
-    """Steps of train_one_epoch under float16 autocast, the first one overflowing; returns the scale, the mean
+    """Steps of the scripts' train_step under float16 autocast, the first one overflowing; returns the scale, the mean
     loss and a copy of the state dict after each step."""
     precision = Precision(device, amp=True)  # float16, as --amp
     scaler = precision.grad_scaler(optimizer)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     parts = StepParts(model, OverflowFirst(criterion), optimizer, scheduler, scaler, precision)
     scales, losses, states = [], [], []
-    for batch in batches:  # one step per call, to read the scale after each
-        stats = train_one_epoch(parts, [batch], 0, BatchLayout(), 0, ProgressLog(10**9), RunGuards(device, 0, scaler))
+    model.train()
+    for step, batch in enumerate(batches):
+        loss, _ = train_step(parts, iter([batch]), BatchLayout(), 0, 0, step)
         scales.append(scaler.get_scale())
-        losses.append(stats["train_loss"])
+        losses.append(loss.item())
         states.append(copy.deepcopy(model.state_dict()))
     return scales, losses, states
 
@@ -168,10 +167,10 @@ def test_a_nan_running_mean_is_never_saved(tmp_path, output_dir):
     precision = Precision(torch.device("cpu"))
     parts = StepParts(model, None, optimizer, scheduler, precision.grad_scaler(optimizer), precision)
     checkpointer = Checkpointer(parts, tmp_path if output_dir else None, True, flags={}, score=("best_acc1", "top-1"))
-    checkpointer.save(0)
+    checkpointer.save_on_all_ranks(0)
     model[1].running_mean[0] = float("nan")  # the parameters are finite: only the statistics went wrong
     with pytest.raises(CheckpointError, match=r"batch-norm statistics are NaN or Inf \(epoch 1 step 3\): nothing"):
-        checkpointer.save(1, 3)
+        checkpointer.save_on_all_ranks(1, 3)
     if output_dir:
         saved = load_checkpoint(tmp_path / "checkpoint.pth")
         assert saved["epoch"] == 0 and torch.isfinite(saved["model"]["1.running_mean"]).all()

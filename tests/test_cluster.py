@@ -315,8 +315,10 @@ def test_the_watchdog_names_the_stage_from_where_the_rank_waits(place, stage):
 def test_the_watchdog_ends_with_the_run_that_made_it():
     def run():
         watchdog = StallWatchdog(0.2, rank=0)
-        watchdog.beat()  # armed; the run returns before the timeout
-        return watchdog
+        try:
+            watchdog.beat()  # armed; the run returns before the timeout
+        finally:
+            watchdog.stop()
 
     watchdogs = [t for t in threading.enumerate() if t.name == "stall watchdog"]
     run()

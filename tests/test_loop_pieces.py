@@ -87,9 +87,9 @@ def test_the_first_epoch_is_best_even_at_zero_score(tmp_path):
     precision = Precision(torch.device("cpu"))
     parts = StepParts(model, None, optimizer, scheduler, precision.grad_scaler(optimizer), precision)
     checkpointer = Checkpointer(parts, tmp_path, True, flags={}, score=("best_acc1", "top-1"))
-    assert checkpointer.save_validated(0, 0.0)
+    assert checkpointer.save_validated_on_all_ranks(0, 0.0)
     assert (tmp_path / "best.pth").exists()
-    assert not checkpointer.save_validated(1, 0.0)
+    assert not checkpointer.save_validated_on_all_ranks(1, 0.0)
     assert load_checkpoint(tmp_path / "best.pth")["epoch"] == 0
     assert load_checkpoint(tmp_path / "checkpoint.pth")["precision"] == "float32"
 

@@ -256,13 +256,13 @@ def test_check_data_reports_a_bad_mask_of_a_folder_set(tmp_path, capsys):
 
 def test_a_folder_set_trains_on_both_backends_resumes_and_evaluates_in_its_colours(tmp_path, capsys, monkeypatch):
     from segmentation import train as script
-    real_save = script.Checkpointer.save
+    real_save = script.Checkpointer.save_on_all_ranks
 
     def save(self, epoch, step=None, **kwargs):  # keeps the checkpoint of the first epoch
         real_save(self, epoch, step, **kwargs)
         if epoch == 0 and self.output_dir == str(tmp_path / "straight"):
             shutil.copy(tmp_path / "straight" / "checkpoint.pth", tmp_path / "resumed" / "checkpoint.pth")
-    monkeypatch.setattr(script.Checkpointer, "save", save)
+    monkeypatch.setattr(script.Checkpointer, "save_on_all_ranks", save)
     (tmp_path / "resumed").mkdir()
     indices = [grid(np.roll([0, 1, 2, 1], k)) for k in range(8)]
     root = folder_tree(tmp_path / "data", masks=[coloured(m) for m in indices[:5]], classes_txt=CLASSES_TXT)

@@ -386,13 +386,13 @@ def seg_tiny_without_epochs():
 def test_iters_end_the_schedule_and_the_run_at_step_n_and_resume_exactly(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from segmentation import train as script
-    real_save = script.Checkpointer.save
+    real_save = script.Checkpointer.save_on_all_ranks
 
     def save(self, epoch, step=None, **kwargs):  # keeps the mid-epoch checkpoint of the partial last epoch
         real_save(self, epoch, step, **kwargs)
         if (epoch, step) == (2, 4):
             shutil.copy(tmp_path / "run" / "checkpoint.pth", tmp_path / "mid.pth")
-    monkeypatch.setattr(script.Checkpointer, "save", save)
+    monkeypatch.setattr(script.Checkpointer, "save_on_all_ranks", save)
     # 256 images at -b 16 are 16 steps an epoch: 40 steps are two epochs and 8 steps of a third.
     flags = [*seg_tiny_without_epochs(), "--iters", "40", "--use-deterministic-algorithms",
              "--checkpoint-interval", "4"]
