@@ -264,14 +264,17 @@ class ResumePoint:
 class Checkpointer:
     """Saves and restores everything a run needs to continue, as plain dicts and tensors: the step's `parts`
     (StepParts), the position, the best `score` so far (its key in the checkpoint and its name in the log:
-    "best_acc1", "top-1"), the flags, the bad samples, and `must_match` entries a resumed run must have too
-    (class names, the epoch's length in steps)."""
+    "best_acc1", "top-1"), the flags, the bad samples, the `provenance` (RunLog's: kept, never checked, so an older
+    checkpoint without it resumes), and `must_match` entries a resumed run must have too (class names, the epoch's
+    length in steps)."""
 
-    def __init__(self, parts, output_dir, is_main, *, flags, score, keep=0, bad_samples=None, **must_match):
+    def __init__(self, parts, output_dir, is_main, *, flags, score, keep=0, bad_samples=None, provenance=None,
+                 **must_match):
         self.parts, self.output_dir, self.is_main, self.keep = parts, output_dir, is_main, keep
         self.model = unwrap(parts.model)  # the state dict's keys carry no DDP prefix; compile keeps them
         self.best_key, self.best_name = score
         self.flags, self.must_match, self.bad_samples = flags, must_match, bad_samples
+        self.provenance = provenance
         self.best = None  # the first evaluated epoch is the best so far, whatever its score
         self.validated = False  # of a resumed checkpoint: whether the validation due where it was saved has run
 
@@ -281,8 +284,8 @@ class Checkpointer:
         return {"model": self.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
                 "lr_scheduler": parts.lr_scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
                 "precision": parts.precision.name, "epoch": epoch, "step": step, "validated": validated,
-                "confusion": confusion, "args": dict(self.flags), self.best_key: self.best,
-                "model_ema": ema.module.state_dict() if ema is not None else None,
+                "confusion": confusion, "args": dict(self.flags), "provenance": self.provenance,
+                self.best_key: self.best, "model_ema": ema.module.state_dict() if ema is not None else None,
                 "model_ema_n_averaged": ema.n_averaged if ema is not None else None,
                 "bad_samples": self.bad_samples.state() if self.bad_samples is not None else [], **self.must_match}
 

@@ -3,8 +3,10 @@ import errno
 import fcntl
 import json
 import os
+import platform
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -149,10 +151,51 @@ def wait_for_launcher_to_stop_this_rank(timeout_s=30):
 _held_locks = {}  # output folder -> the open lock file that holds it, for as long as this process lives
 
 
-def start_output_dir(output_dir, flags):
-    """Create the output folder, claim it for this run and write args.json (rank 0 only). A second live run on the
-    same folder would interleave checkpoints and log lines. The claim is a POSIX lock, which the OS drops when the
-    process ends; unlike an flock, forked DataLoader workers do not hold it too."""
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder above common/
+
+
+def read_provenance(device, repository=REPOSITORY):
+    """What produced a run's results, kept beside them (args.json, checkpoints): the commit of the code and whether
+    the working tree differed from it (None outside a git checkout), the versions and the device."""
+    import torchvision  # here: the tools that only read runs import this module without needing it
+    commit = git(repository, "rev-parse", "HEAD")
+    changes = git(repository, "status", "--porcelain", "--untracked-files=no") if commit else None
+    device = torch.device(device)
+    # str(): torch.__version__ is a TorchVersion, which torch.load(weights_only=True) refuses to unpickle.
+    return {"git_commit": commit, "git_dirty": None if changes is None else changes != "",
+            "torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "cuda": torch.version.cuda,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()}
+
+
+def git(repository, *command):
+    """git's output in `repository`, stripped; None where git is missing, the folder is no checkout (a copy of the
+    scripts), or git fails or hangs (a stalled network file system)."""
+    try:
+        # Without optional locks, status does not rewrite the index, which would fail a git command run meanwhile.
+        done = subprocess.run(["git", "-C", repository, *command], capture_output=True, text=True, timeout=5,
+                              stdin=subprocess.DEVNULL, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def cpu_name():
+    """The CPU's model name: Linux gives it in /proc/cpuinfo only (its platform.processor() is empty)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def start_output_dir(output_dir, flags, provenance=None):
+    """Create the output folder, claim it for this run and write args.json (rank 0 only): the flags, and under the
+    key "provenance", which no flag has, read_provenance's dict. A second live run on the same folder would
+    interleave checkpoints and log lines. The claim is a POSIX lock, which the OS drops when the process ends;
+    unlike an flock, forked DataLoader workers do not hold it too."""
     if not output_dir or not is_main_process():
         return
     try:
@@ -172,7 +215,7 @@ def start_output_dir(output_dir, flags):
             _held_locks[key] = lock
             remove_stale_temporary_files(output_dir)
         with open(os.path.join(output_dir, "args.json"), "w") as f:
-            json.dump(flags, f, indent=1)
+            json.dump({**flags, "provenance": provenance}, f, indent=1)
     except OSError as e:  # a full disk, a quota
         raise UserError(f"cannot write to --output-dir {output_dir} ({e.strerror}): free space there or give "
                         "another folder") from None
@@ -271,12 +314,15 @@ class RunLog:
 
     def __init__(self, env, device):
         print0(f"{' '.join(sys.argv)}\nworld size {env.world_size}, device {device}, torch {torch.__version__}")
-        self.world_size, self.started = env.world_size, time.perf_counter()
-        self.output_dir, self.writer = None, None
+        self.world_size, self.started, self.device = env.world_size, time.perf_counter(), device
+        self.output_dir, self.writer, self.provenance = None, None, None
 
     def lock_output_dir(self, output_dir, flags):
-        """Creates the folder, takes its lock for this run's life, writes args.json and opens TensorBoard."""
-        start_output_dir(output_dir, flags)
+        """Creates the folder, takes its lock for this run's life, writes args.json with the provenance (read once:
+        what ran is the code imported at the start, whatever the working tree becomes) and opens TensorBoard."""
+        if output_dir and is_main_process():
+            self.provenance = read_provenance(self.device)
+        start_output_dir(output_dir, flags, self.provenance)
         self.output_dir, self.writer = output_dir, tensorboard_writer(output_dir)
 
     def progress(self, print_freq):

@@ -1,4 +1,6 @@
 import json
+import re
+import shutil
 import sys
 
 import numpy as np
@@ -7,6 +9,7 @@ import torch
 import torchvision
 
 from classification.model import create_model, enable_grad_checkpointing
+from common.log import read_provenance
 from common.optim import param_groups
 from conftest import ROOT, TINY, evaluate, popen, python, train, write_image, write_tree
 
@@ -32,6 +35,21 @@ def test_checkpoint_is_plain_and_loads_with_weights_only(trained_run):
     records = log_of(trained_run)
     assert [r["epoch"] for r in records] == [0, 1]
     assert {"epoch", "train_loss", "lr", "val_acc1", "val_acc5", "epoch_time_s", "img_per_s"} <= set(records[0])
+
+
+def test_args_json_and_checkpoints_record_the_code_versions_and_device(trained_run, tmp_path, monkeypatch):
+    recorded = json.loads((trained_run / "args.json").read_text())["provenance"]
+    if shutil.which("git") and (ROOT / ".git").exists():  # the Docker image's copy has no .git
+        assert re.fullmatch(r"[0-9a-f]{40}", recorded["git_commit"]) and isinstance(recorded["git_dirty"], bool)
+    assert (recorded["torch"], recorded["torchvision"], recorded["cuda"]) == (
+        torch.__version__, torchvision.__version__, torch.version.cuda)
+    assert isinstance(recorded["device_name"], str) and recorded["device_name"]
+    for name in ("checkpoint.pth", "best.pth"):
+        assert torch.load(trained_run / name, weights_only=True)["provenance"] == recorded
+    outside = read_provenance("cpu", tmp_path)  # a copy of the scripts, outside any git checkout
+    assert (outside["git_commit"], outside["git_dirty"], outside["torch"]) == (None, None, torch.__version__)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+    assert read_provenance("cpu")["git_commit"] is None
 
 
 def test_validation_every_n_steps_writes_a_line_and_keeps_the_best_at_each(tmp_path):

@@ -152,6 +152,8 @@ def test_the_report_of_a_run_validated_every_few_steps(interval_run, tmp_path):
     best = torch.load(interval_run / "best.pth", weights_only=True)
     where = f"epoch {best['epoch']}" + (f", step {best['step']}" if best["step"] else "")
     assert f"best.pth was saved after ({where})" in text
+    provenance = json.loads((interval_run / "args.json").read_text())["provenance"]
+    assert f"torch {provenance['torch']}" in text and "<td>provenance</td>" not in text  # a sentence, not a flag
     rows = re.search(r'<table id="per-class">(.*?)</table>', text, re.S).group(1)
     assert rows.count("<tr>") == 1 + 10 + 1  # header, the classes, the total
     for name in ("val_acc1", "val_acc5", "train_loss"):

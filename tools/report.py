@@ -339,10 +339,23 @@ def shell_word(value):
 
 def settings_section(run):
     processes = run.args.get("world_size", 1)
-    rows = [(name, json.dumps(value)) for name, value in sorted(run.args.items())]
+    rows = [(name, json.dumps(value)) for name, value in sorted(run.args.items()) if name != "provenance"]
     return (f"<h2 id=settings>Command and settings</h2><p>The flags that differ from the script's defaults "
             f"(on {processes} process{'es' if processes > 1 else ''}):</p><code>{html.escape(command(run))}</code>"
+            f"{provenance_line(run.args.get('provenance'))}"
             f"<details><summary>every setting (args.json)</summary>{table(('flag', 'value'), rows)}</details>")
+
+
+def provenance_line(provenance):
+    """args.json's "provenance" in a sentence; nothing for a run older than it."""
+    if not provenance:
+        return ""
+    commit, dirty = provenance.get("git_commit"), provenance.get("git_dirty")
+    changes = {True: " with uncommitted changes", None: " (uncommitted changes unknown)"}.get(dirty, "")
+    code = "code outside a git checkout" if commit is None else f"commit {commit}{changes}"
+    sentence = (f"Run from {code} with torch {provenance.get('torch')}, torchvision {provenance.get('torchvision')}, "
+                f"CUDA {provenance.get('cuda') or 'none'}, on {provenance.get('device_name')}.")
+    return f"<p>{html.escape(sentence)}</p>"
 
 
 def numbers_section(run):
