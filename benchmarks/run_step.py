@@ -19,7 +19,7 @@ from classification.data import load_train as classification_load_train
 from classification.data import load_val as classification_load_val
 from classification.model import create_model as create_classifier
 from classification.model import enable_grad_checkpointing
-from common.data import BadSamples, BatchLayout
+from common.data import BatchLayout
 from common.distributed import DistEnv
 from common.engine import Precision, StepParts, configure_kernels, evaluate, install_run_guards, train_step
 from common.log import ProgressLog
@@ -67,8 +67,8 @@ def load(setting, args, device, class_names, train):
         return classification_load_val(args, env, device, class_names)
     layout = BatchLayout.planned(env, args.batch_size, args.accum_steps, args.global_batch)
     if setting.task == "classification":
-        return classification_load_train(args, layout, device, class_names, BadSamples(0))
-    return segmentation_load_train(args, layout, device, BadSamples(0))
+        return classification_load_train(args, layout, device, class_names, None)
+    return segmentation_load_train(args, layout, device, None)
 
 
 def start_pass(loader, epoch):

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from common.data import (IMAGE_EXTENSIONS, MEAN, STD, BatchesThrough, NormalizeBytes, SeededSamples, ShardedEvalSampler,
-                         SyntheticBatches, TensorLoader, TrainingSampler, ignore_stop_signals, not_a_file_error,
-                         read_image, reason, shown)
+                         TensorLoader, TrainingSampler, ignore_stop_signals, not_a_file_error, read_image, reason,
+                         shown)
 from common.distributed import from_rank0
 from common.log import UserError, print0
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
@@ -470,6 +470,7 @@ def load_train(args, layout, device, class_names, bad_samples):
     folder = split_files(args, "train", class_names)
     classes = torch.from_numpy(folder.targets) if args.balanced_sampler else None  # what --balanced-sampler balances
     if backend == "synthetic":  # the model step alone: random batches of the real data's shape on the device
+        from common.synthetic_batches import SyntheticBatches  # only with --data-backend synthetic
         shape = ((batch_size, 3, crop.size, crop.size), (batch_size,))
         return SyntheticBatches(shape, len(class_names), device, TrainingSampler(folder, layout, seed, reps, classes))
     if backend == "gpu":
@@ -477,12 +478,12 @@ def load_train(args, layout, device, class_names, bad_samples):
         sampler = TrainingSampler(folder, layout, seed, reps, classes)
         return device_loader(folder, sampler, batch_size, workers, crop, device, seed, mixer, bad_samples)
     folder.transform = train_preset(crop, args.auto_augment, args.random_erase)
-    train_set = SeededSamples(bad_samples.stand_ins(folder, seed), seed)
+    train_set = SeededSamples(bad_samples.stand_ins(folder, seed) if bad_samples is not None else folder, seed)
     # Not persistent: fresh workers each epoch take their seeds from the per-epoch RNG (exact resume).
     loader = DataLoader(train_set, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
                         sampler=TrainingSampler(train_set, layout, seed, reps, classes), drop_last=True,
-                        worker_init_fn=ignore_stop_signals, collate_fn=bad_samples.collate)
-    loader = bad_samples.reported(loader)
+                        worker_init_fn=ignore_stop_signals, collate_fn=bad_samples and bad_samples.collate)
+    loader = bad_samples.reported(loader) if bad_samples is not None else loader
     # MixUp/CutMix in the main process, which the loop seeds every step: in a worker they would draw from the
     # stream of whichever worker got the batch, and a resumed run would mix differently.
     return BatchesThrough(loader, mixer) if mixer else loader

@@ -255,7 +255,7 @@ def crop_resize(images, boxes, size):
 
 class GpuPreset:
     """prepare(batch, generator) for common.device_loader.DeviceLoader: decode, crop, flip, normalise. `paths[i]`
-    names sample i in errors. With `stand_ins` (common.data.SkipBadSamples over the EncodedSamples of the
+    names sample i in errors. With `stand_ins` (common.bad_samples.SkipBadSamples over the EncodedSamples of the
     batches, --max-bad-samples), a file that does not decode is replaced as a worker replaces one it cannot read,
     and the batch's reports gain it."""
 

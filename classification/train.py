@@ -16,7 +16,7 @@ from classification.data import dataset_classes, load_train, load_val
 from classification.model import create_model, enable_grad_checkpointing
 from classification.pictures import log_pictures
 from common.checkpoint import Checkpointer, ResumePoint
-from common.data import BadSamples, BatchLayout, default_workers
+from common.data import BatchLayout, default_workers
 from common.distributed import data_parallel, init_distributed
 from common.engine import (Precision, StepParts, configure_kernels, evaluate, install_run_guards, pause_after,
                            train_step, training_batches)
@@ -230,7 +230,10 @@ def main(args):
         return
 
     log.lock_output_dir(args.output_dir, vars(args))  # before anything is read from the output folder or written to it
-    bad_samples = BadSamples(args.max_bad_samples, args.output_dir)  # files that fail to load mid-run
+    bad_samples = None  # a file that fails to load mid-run stops the run, unless --max-bad-samples N replaces it
+    if args.max_bad_samples > 0:
+        from common.bad_samples import BadSamples  # only with the flag, which most runs leave at 0
+        bad_samples = BadSamples(args.max_bad_samples, args.output_dir)
     train_loader = load_train(args, layout, device, class_names, bad_samples)
     steps_per_epoch = train_loader.sampler.steps_per_epoch
     print0(f"{args.model}, {sum(p.numel() for p in model.parameters()):,} parameters; {len(train_loader.dataset)} "

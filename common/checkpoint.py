@@ -343,8 +343,12 @@ class Checkpointer:
             print0(f"note: {path} holds no {self.best_key}: the best {self.best_name} starts over, and best.pth is "
                    "overwritten by the next evaluated epoch")
         self.validated = checkpoint.get("validated", False)
+        saved = checkpoint.get("bad_samples") or []
         if self.bad_samples is not None:
-            self.bad_samples.load_state(checkpoint.get("bad_samples"))
+            self.bad_samples.load_state(saved)
+        elif saved:  # --max-bad-samples 0: the files its run replaced would go uncounted
+            raise UserError(f"the checkpoint counts {len(saved)} bad samples, more than --max-bad-samples 0: resume "
+                            f"with --max-bad-samples {len(saved)} or more")
         epoch, step = checkpoint["epoch"], checkpoint.get("step")
         where = (epoch + 1, 0) if step is None else (epoch, step)
         best = "none yet" if self.best is None else f"{self.best:.2f}"

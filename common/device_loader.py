@@ -6,7 +6,11 @@ import threading
 
 import torch
 
-from common.data import batch_generator
+from common.data import derive_seed
+
+
+def batch_generator(seed, epoch, step, slot):
+    return torch.Generator().manual_seed(derive_seed("batch", seed, epoch, step, slot))
 
 
 class DeviceLoader:

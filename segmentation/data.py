@@ -8,8 +8,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from common.data import (MEAN, STD, NormalizeBytes, SeededSamples, ShardedEvalSampler, SyntheticBatches, TensorLoader,
-                         TrainingSampler, ignore_stop_signals)
+from common.data import (MEAN, STD, NormalizeBytes, SeededSamples, ShardedEvalSampler, TensorLoader, TrainingSampler,
+                         ignore_stop_signals)
 from common.distributed import from_rank0
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
 from segmentation.datasets import IGNORE_INDEX, open_split
@@ -69,6 +69,7 @@ def load_train(args, layout, device, bad_samples):
                                 train=True)
     dataset = load_dataset(args, "train_aug" if args.voc_aug else "train", int(args.scale_range[1] * args.base_size))
     if backend == "synthetic":  # the model step alone: random batches of the real data's shape on the device
+        from common.synthetic_batches import SyntheticBatches  # only with --data-backend synthetic
         shapes = ((batch_size, 3, *args.crop_size), (batch_size, *args.crop_size))
         return SyntheticBatches(shapes, len(dataset.class_names), device, TrainingSampler(dataset, layout, seed))
     if backend == "gpu":  # the workers only decode
@@ -76,12 +77,12 @@ def load_train(args, layout, device, bad_samples):
         sampler = TrainingSampler(dataset, layout, seed)
         return device_loader(dataset, sampler, batch_size, workers, augmentation, device, seed, bad_samples)
     dataset.transforms = train_transforms(*augmentation)
-    train_set = SeededSamples(bad_samples.stand_ins(dataset, seed), seed)
+    train_set = SeededSamples(bad_samples.stand_ins(dataset, seed) if bad_samples is not None else dataset, seed)
     # Not persistent: fresh workers each epoch take their seeds from the per-epoch RNG (exact resume).
     loader = DataLoader(train_set, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
                         sampler=TrainingSampler(train_set, layout, seed), drop_last=True,
-                        worker_init_fn=ignore_stop_signals, collate_fn=bad_samples.collate)
-    return bad_samples.reported(loader)
+                        worker_init_fn=ignore_stop_signals, collate_fn=bad_samples and bad_samples.collate)
+    return bad_samples.reported(loader) if bad_samples is not None else loader
 
 
 def load_val(args, env, device):

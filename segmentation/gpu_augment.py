@@ -83,7 +83,8 @@ class DeviceTransform:
 def device_loader(dataset, sampler, batch_size, workers, augmentation, device, seed, bad_samples):
     """The training loader of --data-backend gpu: `dataset` decodes, the device augments as `augmentation`
     (base_size, crop_size, scale_range) says; bad_samples as for the pil loader."""
-    decoded = bad_samples.stand_ins(dataset, seed)
+    decoded = bad_samples.stand_ins(dataset, seed) if bad_samples is not None else dataset
     loader = DataLoader(decoded, batch_size=batch_size, num_workers=workers, collate_fn=collate_lists,
                         sampler=sampler, drop_last=True, worker_init_fn=ignore_stop_signals)
-    return bad_samples.reported(DeviceLoader(loader, DeviceTransform(augmentation, device), device, seed))
+    loader = DeviceLoader(loader, DeviceTransform(augmentation, device), device, seed)
+    return bad_samples.reported(loader) if bad_samples is not None else loader

@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from common.class_weights import class_weights as scaled_weights
-from common.data import BadSamples, ignore_stop_signals, reason, shown
+from common.bad_samples import BadSamples
+from common.data import ignore_stop_signals, reason, shown
 from common.distributed import from_rank0
 from common.log import SampleError, UserError, print0
 from segmentation.datasets import IGNORE_INDEX

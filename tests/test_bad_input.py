@@ -648,7 +648,8 @@ def test_an_image_too_large_once_resized_is_refused_before_decoding(tmp_path, ba
 def test_segmentation_refuses_an_image_too_large_once_resized(tmp_path, split, backend):
     import argparse
 
-    from common.data import BadSamples, BatchLayout
+    from common.bad_samples import BadSamples
+    from common.data import BatchLayout
     from common.distributed import DistEnv
     from segmentation.data import load_train, load_val
     folder = {"train": "training", "val": "validation"}[split]
@@ -741,7 +742,7 @@ class Files(torch.utils.data.Dataset):
 
 
 def test_a_chain_of_stand_ins_never_comes_back_to_a_sample():
-    from common.data import SkipBadSamples, stand_in_index
+    from common.bad_samples import SkipBadSamples, stand_in_index
     assert (stand_in_index(0, 0, 10), stand_in_index(0, 9, 10)) == (9, 0)  # each the other's stand-in
     # It went 0, 9, 0, 9, ... and stopped after 6 tries, naming one file; now it goes on to 1 (after 0, tried).
     index, reports = SkipBadSamples(Files(10, bad={0, 9}), seed=0, limit=5)[0]
@@ -750,7 +751,7 @@ def test_a_chain_of_stand_ins_never_comes_back_to_a_sample():
 
 
 def test_a_chain_of_stand_ins_that_finds_no_readable_one_says_why_and_names_the_files():
-    from common.data import SkipBadSamples
+    from common.bad_samples import SkipBadSamples
     from common.log import SampleError
     with pytest.raises(SampleError, match=r"^cannot read image 9\.jpg \(2 files failed in turn, each standing in for "
                                           r"the one before \(0\.jpg, 9\.jpg\): more than --max-bad-samples 1 allows; "
@@ -780,7 +781,7 @@ def test_two_bad_files_that_stand_in_for_each_other_are_both_replaced_and_listed
 def test_a_full_disk_while_bad_samples_txt_is_written_is_one_line_naming_the_last_checkpoint(tmp_path, monkeypatch):
     import errno
 
-    import common.data
+    import common.bad_samples
     from common.checkpoint import load_checkpoint
     data, out = write_tree(tmp_path / "data", train_per_class=4), tmp_path / "out"
     (data / "train" / "dog" / "1.jpg").write_bytes(b"")
@@ -792,7 +793,7 @@ def test_a_full_disk_while_bad_samples_txt_is_written_is_one_line_naming_the_las
             if len(writes) == 2:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return open(path, *args, **kwargs)
-    monkeypatch.setattr(common.data, "open", full_at_the_second, raising=False)
+    monkeypatch.setattr(common.bad_samples, "open", full_at_the_second, raising=False)
     with pytest.raises(UserError, match=rf"^cannot save {out}/bad_samples\.txt \(No space left on device: the disk is "
                                         rf"full\): the last good checkpoint, {out}/checkpoint\.pth, is intact; free "
                                         r"space there, then resume from it with --resume auto$"):

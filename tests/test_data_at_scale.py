@@ -15,9 +15,8 @@ import torch
 from PIL import Image
 
 from classification.data import image_folder
-from common.data import BadSamples, SkipBadSamples
+from common.bad_samples import BadSamples, SkipBadSamples, stand_in_index
 from common.log import SampleError, UserError
-from common.data import stand_in_index
 from conftest import ENV, ROOT, train, train_segmentation, write_image, write_tree
 
 IMAGE_FLAGS = ["--model", "resnet18", "--device", "cpu", "-b", "4", "--epochs", "1", "--train-crop-size", "32",
@@ -104,7 +103,7 @@ RANK = """
 import json, os, sys
 import torch.distributed as dist
 from classification.data import dataset_classes, image_folder
-from common.data import BadSamples
+from common.bad_samples import BadSamples
 rank, store, data, out = int(sys.argv[1]), *sys.argv[2:]
 dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
 seen, real = [], os.scandir
@@ -306,6 +305,27 @@ def test_a_resumed_run_counts_the_bad_samples_of_its_checkpoint(tmp_path):
     bad_samples.record([((9, "b.jpg", "cannot read image b.jpg"),)])
     with pytest.raises(SampleError, match=r"cannot read image c.jpg \(bad sample 3 of this run, more than "):
         bad_samples.record([((4, "c.jpg", "cannot read image c.jpg"),)])
+
+
+def test_a_run_without_a_budget_refuses_a_checkpoint_that_counts_bad_samples(tmp_path):
+    from common.checkpoint import Checkpointer, load_checkpoint
+    from common.engine import Precision, StepParts
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    precision = Precision(torch.device("cpu"))
+    parts = StepParts(model, None, optimizer, scheduler, precision.grad_scaler(optimizer), precision)
+    checkpointer = Checkpointer(parts, tmp_path, True, flags={}, score=("best_acc1", "top-1"))  # --max-bad-samples 0
+    checkpointer.save(0)
+    path = tmp_path / "checkpoint.pth"
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["bad_samples"] == []
+    assert checkpointer.resume(path, None, ()) == (1, 0)
+    checkpoint["bad_samples"] = [[3, "a.jpg", "cannot read image a.jpg"], [9, "b.jpg", "cannot read image b.jpg"]]
+    torch.save(checkpoint, path)
+    with pytest.raises(UserError, match=r"^the checkpoint counts 2 bad samples, more than --max-bad-samples 0: resume "
+                                        r"with --max-bad-samples 2 or more$"):
+        checkpointer.resume(path, None, ())
 
 
 @pytest.mark.parametrize("script", ["classification", "segmentation"])

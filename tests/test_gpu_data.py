@@ -262,7 +262,8 @@ def test_segmentation_device_transform_keeps_labels_and_pads_with_ignore():
 def test_both_backends_take_the_crop_scale_and_ratio(tmp_path):
     from classification import train as script
     from classification.data import load_train
-    from common.data import BadSamples, BatchLayout
+    from common.bad_samples import BadSamples
+    from common.data import BatchLayout
     data = write_tree(tmp_path / "data")
 
     def loader(backend):

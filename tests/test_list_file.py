@@ -144,7 +144,8 @@ def test_resuming_with_a_list_of_other_classes_is_refused(list_run, tmp_path):
 
 def test_relative_and_absolute_paths_quotes_bom_and_crlf_read_alike(tmp_path):
     from classification.data import dataset_classes, load_train, split_files
-    from common.data import BadSamples, BatchLayout
+    from common.bad_samples import BadSamples
+    from common.data import BatchLayout
     data = list_set(tmp_path / "data")
     write_image(data / "images" / "a,b.jpg")
     write_list(data / "train.csv", rows_of(data / "train.csv") + [("images/a,b.jpg", "dent")])

@@ -9,7 +9,8 @@ from common.checkpoint import Checkpointer, load_checkpoint
 from common.engine import Precision, StepParts, UnitScaler, grad_scaler, precision_from_flags, uses_loss_scaling
 from common.log import format_duration
 from common.data import BatchLayout
-from common.data import batch_generator, derive_seed, sample_seed, seed_micro_batch
+from common.data import derive_seed, sample_seed, seed_micro_batch
+from common.device_loader import batch_generator
 
 
 def test_the_seeding_scheme_is_pinned():

@@ -445,7 +445,8 @@ def test_voc_aug_reads_sbd_class_index_masks_pixel_by_pixel(tmp_path, list_name)
 
 
 def test_voc_aug_flag_trains_on_the_augmented_set_and_validates_on_val(tmp_path):
-    from common.data import BadSamples, BatchLayout
+    from common.bad_samples import BadSamples
+    from common.data import BatchLayout
     from common.distributed import DistEnv
     from segmentation import train as script
     from segmentation.data import load_train, load_val
