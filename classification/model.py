@@ -32,9 +32,11 @@ def replace_head(model, head, num_classes):
 AUX_HEAD_MODELS = ("googlenet", "inception_v3")
 
 
-def create_model(name, weights, num_classes, freeze_backbone=False):
+def create_model(name, weights, num_classes, freeze_backbone=False, grad_checkpointing=False):
     """(model, head name)."""
     model, head = build_model(name, weights, num_classes)
+    if grad_checkpointing:
+        enable_grad_checkpointing(model)
     if freeze_backbone:
         from common.freeze import freeze_all_but  # only with --freeze-backbone
         freeze_all_but(model, [head])
@@ -86,8 +88,8 @@ def build_model(name, weights, num_classes):
 
 def enable_grad_checkpointing(model):
     """Recompute each stage's activations in backward. Batch-norm running statistics see each batch twice, as
-    with timm's checkpoint_seq. Call it after copying the model for EMA, whose copy would keep the patched
-    forwards."""
+    with timm's checkpoint_seq. The stages' forwards are patched on the instances; common.optim.EMA's copy drops
+    them."""
     if hasattr(model, "layer4"):  # ResNet, ResNeXt, Wide ResNet
         stages = [getattr(model, f"layer{i}") for i in range(1, 5)]
     elif hasattr(model, "features"):  # ConvNeXt, EfficientNet, MobileNet, Swin

@@ -23,7 +23,7 @@ from classification.data import Crop, dataset_classes, val_preset
 from classification.eval import FROM_TRAINING, check_task, check_val_crop, model_from_checkpoint
 from common.checkpoint import load_checkpoint
 from common.distributed import from_rank0, init_distributed
-from common.engine import Precision, configure_kernels
+from common.engine import Precision
 from common.flags import number
 from common.log import check_destination, run_cli
 from common.prediction import (ImageInputs, Progress, add_input_args, find_images, gathered, input_loader,
@@ -120,7 +120,7 @@ def main(args):
     # One listing: the same images on all ranks.
     images = from_rank0(lambda: find_images(args.inputs, args.lists, args.output_dir))
     precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
-    configure_kernels(device)  # process-wide: cuDNN autotuning, TF32
+    precision.configure_kernels()  # process-wide: cuDNN autotuning, TF32
     class_names = checkpoint.get("class_names") or dataset_classes(args)
     model = model_from_checkpoint(checkpoint, args, len(class_names)).to(device, memory_format=precision.memory_format)
 

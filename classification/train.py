@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from classification.data import dataset_classes, load_train, load_val
-from classification.model import create_model, enable_grad_checkpointing
+from classification.model import create_model
 from classification.pictures import log_pictures
 from common.checkpoint import Checkpointer, ResumePoint
 from common.data import BatchLayout, default_workers
 from common.distributed import data_parallel, init_distributed
-from common.engine import (Precision, StepParts, configure_kernels, evaluate, install_run_guards, pause_after,
+from common.engine import (Precision, StepParts, evaluate, install_run_guards, pause_after,
                            train_step, training_batches)
 from common.flags import add_shared_flags, number
 from common.log import RunLog, UserError, print0, run_cli
@@ -218,12 +218,13 @@ def main(args):
     args.accum_steps = layout.accum_steps
     log = RunLog(env, device)
     precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
-    configure_kernels(device, args.use_deterministic_algorithms)  # process-wide: cuDNN autotuning, TF32, determinism
+    precision.configure_kernels(args.use_deterministic_algorithms)  # process-wide: cuDNN autotuning, TF32, determinism
     torch.manual_seed(args.seed)  # the weights' initialisation
 
     class_names = dataset_classes(args)
     val_loader = load_val(args, env, device, class_names)  # before the long work: val/ problems show now
-    model, head = create_model(args.model, args.weights, len(class_names), args.freeze_backbone)
+    model, head = create_model(args.model, args.weights, len(class_names), args.freeze_backbone,
+                               args.grad_checkpointing)
     model.to(device, memory_format=precision.memory_format)
     if args.test_only:
         test_only(model, val_loader, class_names, precision, args)
@@ -241,8 +242,6 @@ def main(args):
            f"{args.batch_size} x {args.accum_steps} accumulation x {env.world_size} processes = {layout.global_batch}")
     model_ema = EMA(model, args.model_ema_decay, args.model_ema_steps, layout.global_batch, args.epochs,
                     args.lr_warmup_epochs) if args.model_ema else None
-    if args.grad_checkpointing:  # after the EMA copy, which must not inherit the patched forwards
-        enable_grad_checkpointing(model)
     optimizer = create_optimizer(args.opt, model, args.lr, args.momentum, args.weight_decay, device.type,
                                  args.norm_weight_decay, head, args.head_lr)
     lr_scheduler = create_lr_scheduler(

@@ -237,7 +237,8 @@ class TrainingSampler(Sampler):
     comes `reps` times in a row, as virtual indices index + copy * len(dataset), so that SeededSamples augments
     each copy its own way, and an epoch sees about 1/reps of the distinct samples. With `classes` (--balanced-sampler)
     it draws len(dataset) samples with replacement, each with the inverse of its class's count: every class equally
-    often in expectation, each draw a virtual index of its own (augmented anew). The entries after the last whole global batch are left out, on every layout alike."""
+    often in expectation, each draw a virtual index of its own (augmented anew). The entries after the last whole
+    global batch are left out, on every layout alike."""
 
     def __init__(self, dataset, layout, seed, reps=0, classes=None):
         self.dataset, self.layout, self.seed, self.reps = dataset, layout, seed, reps

@@ -66,12 +66,17 @@ def grad_scaler(device, precision, optimizer):
 
 class Precision:
     """How a run computes, decided once from its flags (a checkpoint records `name`, so a resumed run knows whether
-    the scaler state it saved still applies). It changes nothing global: configure_kernels() does that."""
+    the scaler state it saved still applies). It changes nothing global until configure_kernels() is called."""
 
     def __init__(self, device, amp=False, amp_dtype=None, channels_last=False):
         self.device, self.name = device, precision_from_flags(amp, amp_dtype)
         self.autocast = autocast_context(device, self.name)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def configure_kernels(self, deterministic=False):
+        """Process-wide switches, for every model run after: cuDNN's autotuner (off under --use-deterministic-
+        algorithms, whose kernels it would not choose), TF32 matmuls and convolutions, and determinism."""
+        configure_kernels(self.device, deterministic)
 
     def grad_scaler(self, optimizer):
         return grad_scaler(self.device, self.name, optimizer)
@@ -89,8 +94,6 @@ warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step
 
 
 def configure_kernels(device, deterministic=False):
-    """Process-wide switches, for every model run after: cuDNN's autotuner (off under --use-deterministic-
-    algorithms, whose kernels it would not choose), TF32 matmuls and convolutions, and determinism."""
     torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it

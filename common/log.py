@@ -424,7 +424,7 @@ class ProgressLog:
     def start_epoch(self, epoch, start_step, steps_per_epoch, total_steps=None):
         """Lines numbered within `epoch` from `start_step` on; `total_steps` ends the last epoch early (--iters)."""
         self.epoch, self.start_step, self.steps_per_epoch = epoch, start_step, steps_per_epoch
-        self.steps = steps_per_epoch if total_steps is None else min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+        self.steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch) if total_steps else steps_per_epoch
         self.losses, self.grad_norms, self.loss_total, self.done = [], [], 0.0, 0
         self.images, self.images_since_print, self.batches, self.data_time = 0, 0, 0, 0.0
         self.start = self.last_print = time.perf_counter()

@@ -83,6 +83,8 @@ class EMA(AveragedModel):
     def __init__(self, model, decay, every, images_per_step, epochs, warmup_epochs):
         alpha = min(1.0, (1 - decay) * images_per_step * every / epochs)
         super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(1 - alpha), use_buffers=True)
+        for module in self.module.modules():  # never trained: no forwards checkpointed by --grad-checkpointing
+            vars(module).pop("forward", None)
         self.every, self.warmup_epochs = every, warmup_epochs
 
     def update(self, model, epoch, step):

@@ -3,7 +3,8 @@ import torch
 
 
 class SyntheticBatches:
-    """--data-backend synthetic: a few random batches already on the device, reused, so that a run measures the model step alone."""
+    """--data-backend synthetic: a few random batches already on the device, reused, so that a run measures the
+    model step alone."""
 
     def __init__(self, shapes, num_classes, device, sampler, distinct=4):
         (image_shape, target_shape), self.batch_size = shapes, shapes[0][0]

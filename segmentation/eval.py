@@ -17,7 +17,7 @@ from PIL import Image
 from common.checkpoint import load_checkpoint, load_model_state, state_dict_from
 from common.data import default_workers
 from common.distributed import init_distributed
-from common.engine import Precision, configure_kernels, evaluate
+from common.engine import Precision, evaluate
 from common.export import add_export_args, export_model, export_requested
 from common.flags import DEVICE_NAMES, device_name, number
 from common.log import UserError, check_destination, print0, run_cli
@@ -123,7 +123,7 @@ def main(args):
     env, device = init_distributed(args.device)
     # TF32 and cuDNN's choice of kernels as in training
     precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
-    configure_kernels(device)  # process-wide: cuDNN autotuning, TF32
+    precision.configure_kernels()  # process-wide: cuDNN autotuning, TF32
 
     class_names, palette = dataset_info(args)
     trained_classes = checkpoint.get("class_names") or class_names

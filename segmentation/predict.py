@@ -28,7 +28,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from common.checkpoint import load_checkpoint
 from common.distributed import from_rank0, init_distributed
-from common.engine import Precision, configure_kernels
+from common.engine import Precision
 from common.flags import number
 from common.log import UserError, check_destination, run_cli
 from common.prediction import (ImageInputs, Progress, add_input_args, find_images, gathered, input_loader,
@@ -159,7 +159,7 @@ def main(args):
     # One listing: the same images on all ranks.
     images = from_rank0(lambda: find_images(args.inputs, args.lists, args.output_dir))
     precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
-    configure_kernels(device)  # process-wide: cuDNN autotuning, TF32
+    precision.configure_kernels()  # process-wide: cuDNN autotuning, TF32
     class_names = checkpoint.get("class_names") or dataset_info(args)[0]
     if len(class_names) > 255:
         raise UserError(f"{args.checkpoint} predicts {len(class_names)} classes: an 8-bit mask holds 255 (0 to 254)")

@@ -19,7 +19,7 @@ from torch import nn
 from common.checkpoint import Checkpointer, ResumePoint
 from common.data import BatchLayout, default_workers
 from common.distributed import data_parallel, init_distributed
-from common.engine import (Precision, StepParts, configure_kernels, install_run_guards, pause_after, train_step,
+from common.engine import (Precision, StepParts, install_run_guards, pause_after, train_step,
                            training_batches)
 from common.flags import add_shared_flags, number
 from common.log import RunLog, UserError, print0, run_cli
@@ -27,7 +27,7 @@ from common.optim import create_lr_scheduler, create_optimizer
 from segmentation.data import dataset_info, load_train, load_val
 from segmentation.datasets import DATASETS, IGNORE_INDEX
 from segmentation.inference import add_eval_args, log_validation, validate
-from segmentation.model import MODELS, create_model
+from segmentation.model import create_model
 
 # Real data gets the Cityscapes DeepLabV3+ recipe: a batch of 8 (-b 8 on one GPU, -b 2 on four), SGD 0.01, poly
 # decay, 80 epochs (the README has mmsegmentation's published flags). The synthetic set gets a small UNet that
@@ -85,8 +85,8 @@ def get_args_parser():
         help="synthetic set: classes, background included (default: 6)")
 
     add = groups["model"].add_argument
-    add("--model", help=f"{', '.join(MODELS)}, or your own as package.module:function "
-        f"{recipe('model')}")
+    add("--model", help="deeplabv3plus_resnet50 or _resnet101, unet, a torchvision segmentation model (fcn_resnet50, "
+        f"deeplabv3_resnet50, lraspp_mobilenet_v3_large, ...), or your own as package.module:function {recipe('model')}")
     add("--output-stride", type=int, choices=[8, 16], help="DeepLabV3+: backbone output stride (default: 8)")
     add("--aux-loss", action="store_true", default=None,
         help="auxiliary FCN head on layer3, its loss weighted by --aux-weight")
@@ -148,9 +148,6 @@ def finish_args(args):
     for name, value in {**DEFAULTS, **(SYNTHETIC_DEFAULTS if args.data_path is None else REAL_DATA_DEFAULTS)}.items():
         if getattr(args, name) is None and not (name == "epochs" and args.iters):
             setattr(args, name, value)
-    if args.model not in MODELS and ":" not in args.model:  # before any work, as argparse's choices would
-        raise UserError(f"unknown --model {args.model!r}: use one of {', '.join(MODELS)}, or your own as "
-                        "package.module:function")
     if args.data_path is None:
         size = args.synthetic_image_size
         args.base_size, args.crop_size = args.base_size or size, args.crop_size or [size]
@@ -222,7 +219,7 @@ def main(args):
     args.accum_steps = layout.accum_steps
     log = RunLog(env, device)
     precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
-    configure_kernels(device, args.use_deterministic_algorithms)  # process-wide: cuDNN autotuning, TF32, determinism
+    precision.configure_kernels(args.use_deterministic_algorithms)  # process-wide: cuDNN autotuning, TF32, determinism
     torch.manual_seed(args.seed)  # the weights' initialisation
     if args.sync_bn is None:  # per-GPU batches of 1-2 crops give poor batch-norm statistics: sync by default
         args.sync_bn = env.distributed and device.type == "cuda"
