@@ -151,7 +151,7 @@ def adamw_unfused_checkpoint(device, smoke):
         return Checkpointer(parts, folder, True, flags=flags, score=score)
 
     with tempfile.TemporaryDirectory() as folder:
-        checkpointer(model, unfused, folder, torch.device("cpu")).save(0)
+        checkpointer(model, unfused, folder, torch.device("cpu")).save_on_all_ranks(0)
         resumed = copy.deepcopy(model).to(device)
         fused = create_optimizer("adamw", [{"params": list(resumed.parameters())}], 1e-2, 0.9, 0.0, device.type)
         checkpointer(resumed, fused, None, device).resume(os.path.join(folder, "checkpoint.pth"), "linear", ())

@@ -18,7 +18,6 @@ from classification.data import dataset_classes
 from classification.data import load_train as classification_load_train
 from classification.data import load_val as classification_load_val
 from classification.model import create_model as create_classifier
-from classification.model import enable_grad_checkpointing
 from common.data import BatchLayout
 from common.distributed import DistEnv
 from common.engine import Precision, StepParts, configure_kernels, evaluate, install_run_guards, train_step
@@ -103,10 +102,9 @@ class Runner:
     def __init__(self, setting, args, device, num_classes):
         self.setting, self.args, self.device, self.num_classes = setting, args, device, num_classes
         precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
+        precision.configure_kernels(args.use_deterministic_algorithms)  # as train.py: cuDNN autotuning, TF32
         if setting.task == "classification":
-            model, head = create_classifier(args.model, None, num_classes)
-            if args.grad_checkpointing:
-                enable_grad_checkpointing(model)
+            model, head = create_classifier(args.model, None, num_classes, grad_checkpointing=args.grad_checkpointing)
             criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
             groups = dict(norm_weight_decay=args.norm_weight_decay, head=head, head_lr=args.head_lr)
             schedule = dict(step_size=args.lr_step_size, gamma=args.lr_gamma)

@@ -35,6 +35,9 @@ AUX_HEAD_MODELS = ("googlenet", "inception_v3")
 def create_model(name, weights, num_classes, freeze_backbone=False, grad_checkpointing=False):
     """(model, head name)."""
     model, head = build_model(name, weights, num_classes)
+    if freeze_backbone and head is None:
+        raise UserError(f"--freeze-backbone keeps the head training, and --model {name} has no nn.Linear head: drop "
+                        "the flag")
     if grad_checkpointing:
         enable_grad_checkpointing(model)
     if freeze_backbone:

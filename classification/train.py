@@ -270,7 +270,8 @@ def main(args):
     by = "step" if args.eval_interval else "epoch"  # what log.jsonl's lines and TensorBoard's scalars follow
     total_steps, first_step = args.epochs * steps_per_epoch, args.start_epoch * steps_per_epoch + start_step
     epoch, done = args.start_epoch, start_step  # where the last step left the run: `done` steps into `epoch`
-    # Saved in a pause (a stop signal during its validation): the resumed run finishes that pause before any step.
+    # Saved by a stop signal at a pause (during its validation, or at the step before): the resumed run finishes
+    # that pause before any step.
     epoch_end, validates = (pause_after(first_step, steps_per_epoch, total_steps, args.eval_interval)
                             if start_step > 0 and not checkpointer.validated else (False, False))
     batches = None
@@ -286,12 +287,12 @@ def main(args):
                 record.update(val)
                 checkpointer.save_validated_on_all_ranks(epoch, record.get("val_ema_acc1", val["val_acc1"]),
                                                          None if epoch_end else done, meter.confusion.matrix)
-                if log.writer is not None:
-                    log_pictures(log.writer, model, guards.watchdog.beating(val_loader), meter, class_names,
-                                 precision, record[by])
             else:  # an epoch's end between validations (--eval-interval)
                 checkpointer.save_on_all_ranks(epoch)
             log.record(record, by)
+            if validates and log.writer is not None:  # after the record: a resume does not redo this pause
+                log_pictures(log.writer, model, guards.watchdog.beating(val_loader), meter, class_names, precision,
+                             record[by])
         if step == total_steps:
             break
         epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -308,7 +309,7 @@ def main(args):
             progress.stop(in_epoch, guards.preemption.received or "another rank")
             checkpointer.save_on_all_ranks(epoch, done)
             guards.preemption.exit()  # the same command with --resume auto goes on from this checkpoint
-        if checkpoint_due and not (epoch_end or validates):  # a pause saves after its validation
+        if checkpoint_due and not (epoch_end or validates):  # the pause, next, saves anyway
             checkpointer.save_on_all_ranks(epoch, done)
     guards.watchdog.stop()
     best = "none (no epoch evaluated)" if checkpointer.best is None else f"{checkpointer.best:.3f}"

@@ -1,5 +1,6 @@
-"""The training loop and what it is made of: the numeric precision, decided once; the training and evaluation
-loops; and the ways a run stops early (a preemption signal, divergence, a stalled rank). No flags are read here.
+"""What the train scripts' loop is made of: the numeric precision, decided once; one optimizer step; where the
+run pauses; the evaluation loop; and the ways a run stops early (a preemption signal, divergence, a stalled rank).
+No flags are read here.
 """
 import faulthandler
 import multiprocessing
@@ -85,7 +86,7 @@ class Precision:
         return to_device(batch, self.device, self.memory_format)
 
 
-# ---- the loops -------------------------------------------------------------------------------------------------
+# ---- the step --------------------------------------------------------------------------------------------------
 
 # GradScaler skips the optimizer step of a float16 step that overflowed, as the first steps of a run usually do;
 # torch then warns that the LR scheduler stepped before the optimizer. Intended: the schedule counts steps, taken

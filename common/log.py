@@ -92,6 +92,9 @@ def run_cli(main, args):
 def report(message, only_this_rank):
     """An error every rank meets is printed by rank 0; one met by this rank alone by this rank, with its number."""
     rank = launch_rank()
+    from common.engine import StallWatchdog  # here: common.engine imports this module
+    if StallWatchdog.latest is not None:  # the run has ended: an error, or the wait below, is no stall
+        StallWatchdog.latest.stop()
     if rank == 0 or only_this_rank:
         print(f"error: {message}{'' if rank == 0 else f' (rank {rank})'}", file=sys.stderr, flush=True)
     else:
@@ -192,9 +195,9 @@ def cpu_name():
 
 
 def start_output_dir(output_dir, flags, provenance=None):
-    """Create the output folder, claim it for this run and write args.json (rank 0 only): the flags, and under the
+    """Create the output folder, lock it for this run and write args.json (rank 0 only): the flags, and under the
     key "provenance", which no flag has, read_provenance's dict. A second live run on the same folder would
-    interleave checkpoints and log lines. The claim is a POSIX lock, which the OS drops when the process ends;
+    interleave checkpoints and log lines. The lock is a POSIX one, which the OS drops when the process ends;
     unlike an flock, forked DataLoader workers do not hold it too."""
     if not output_dir or not is_main_process():
         return
@@ -251,7 +254,7 @@ def release_output_dirs():
 
 def remove_stale_temporary_files(output_dir):
     """The <file>.tmp.<pid> that a save cut short leaves (the stall watchdog ends its rank at once, a SIGKILL does
-    too) are removed when a run claims the folder: with no live process of that pid, nothing will finish them."""
+    too) are removed when a run locks the folder: with no live process of that pid, nothing will finish them."""
     stale = []
     for name in sorted(os.listdir(output_dir)):
         match = re.fullmatch(r"(?:checkpoint.*\.pth|best\.pth|bad_samples\.txt|file_list_.+\.npz|class_pixels_.+\.json)"

@@ -5,6 +5,7 @@ from torch.optim import lr_scheduler as sched
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common.checkpoint import unwrap
+from common.log import UserError
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
                nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
@@ -13,6 +14,9 @@ NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
 def param_groups(model, lr, weight_decay, norm_weight_decay=None, head=None, head_lr=None):
     """Groups by (is normalisation layer, is in a `head` module), each with its own weight decay and lr; frozen
     parameters in none."""
+    if head_lr is not None and not head:
+        raise UserError("--head-lr is the learning rate of the model's head, and this model has no nn.Linear head: "
+                        "drop the flag")
     heads = tuple(f"{name}." for name in ([head] if isinstance(head, str) else head or ()))
     groups = {}
     for module_name, module in model.named_modules():

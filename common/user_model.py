@@ -11,10 +11,6 @@ from torch import nn
 from common.log import UserError
 
 
-def is_import_path(name):
-    return ":" in (name or "")
-
-
 def build_user_model(spec, num_classes):
     module_name, _, function_name = spec.partition(":")
     if os.getcwd() not in sys.path:
@@ -22,6 +18,9 @@ def build_user_model(spec, num_classes):
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
+        if e.name != module_name and not module_name.startswith(f"{e.name}."):  # what the user's module imports
+            raise UserError(f"--model {spec}: {module_name} imports {e.name}, which is not installed: pip install "
+                            "it") from None
         raise UserError(f"--model {spec}: cannot import {module_name} ({e}): start the run in the folder that holds "
                         "it, or add that folder to PYTHONPATH") from None
     build = getattr(module, function_name, None)
@@ -35,13 +34,7 @@ def build_user_model(spec, num_classes):
     return model
 
 
-class OutputDict(nn.Module):
-    """A segmentation model of the user's that returns logits, as the loop reads torchvision's: {"out": logits}."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images):
-        output = self.model(images)
-        return output if isinstance(output, dict) else {"out": output}
+def as_output_dict(module, inputs, output):
+    """A forward hook: a segmentation model of the user's that returns logits gives them as the loop reads
+    torchvision's, {"out": logits}, with its state dict's keys unchanged."""
+    return output if isinstance(output, dict) else {"out": output}

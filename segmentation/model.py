@@ -136,8 +136,10 @@ def create_architecture(name, num_classes, output_stride=16, aux_loss=False, wei
     """The model of `name`; --weights-backbone is a torchvision weights name (downloaded once) or a classifier
     checkpoint of the same ResNet, e.g. from classification/train.py."""
     if ":" in name:  # package.module:function, the user's own
-        from common.user_model import OutputDict, build_user_model
-        return OutputDict(build_user_model(name, num_classes))
+        from common.user_model import as_output_dict, build_user_model
+        model = build_user_model(name, num_classes)
+        model.register_forward_hook(as_output_dict)
+        return model
     if name not in MODELS:
         raise UserError(f"unknown --model {name!r}: use one of {', '.join(MODELS)}, or your own as "
                         "package.module:function")

@@ -86,7 +86,8 @@ def get_args_parser():
 
     add = groups["model"].add_argument
     add("--model", help="deeplabv3plus_resnet50 or _resnet101, unet, a torchvision segmentation model (fcn_resnet50, "
-        f"deeplabv3_resnet50, lraspp_mobilenet_v3_large, ...), or your own as package.module:function {recipe('model')}")
+        "deeplabv3_resnet50, lraspp_mobilenet_v3_large, ...), or your own as package.module:function "
+        f"{recipe('model')}")
     add("--output-stride", type=int, choices=[8, 16], help="DeepLabV3+: backbone output stride (default: 8)")
     add("--aux-loss", action="store_true", default=None,
         help="auxiliary FCN head on layer3, its loss weighted by --aux-weight")
@@ -141,6 +142,10 @@ TRAINED_SETTINGS = ("model", "output_stride", "aux_loss", "unet_width", "base_si
 
 def finish_args(args):
     resume = ResumePoint(args.resume, args.output_dir)  # a wrong path is reported before any work
+    if ":" in (args.model or "") and (args.weights_backbone or args.aux_loss or args.output_stride or
+                                      args.freeze_backbone or args.head_lr is not None):
+        raise UserError(f"--model {args.model} is your own: --weights-backbone, --aux-loss, --output-stride, "
+                        "--freeze-backbone and --head-lr are for the built-in models; drop them")
     if args.test_only:
         vars(args).update(resume.trained_settings(vars(args), TRAINED_SETTINGS))
     if args.iters and args.epochs:
@@ -284,11 +289,14 @@ def main(args):
     by = "step" if args.eval_interval else "epoch"  # what log.jsonl's lines and TensorBoard's scalars follow
     first_step = args.start_epoch * steps_per_epoch + start_step
     epoch, done = args.start_epoch, start_step  # where the last step left the run: `done` steps into `epoch`
-    # Saved in a pause (a stop signal during its validation): the resumed run finishes that pause before any step.
+    # Saved by a stop signal at a pause (during its validation, or at the step before): the resumed run finishes
+    # that pause before any step.
     epoch_end, validates = (pause_after(first_step, steps_per_epoch, total_steps, args.eval_interval)
                             if start_step > 0 and not checkpointer.validated else (False, False))
     batches = None
     for step in range(first_step, total_steps + 1):  # each pass: the pause the last step ended in, then a step
+        if epoch_end or validates:  # the training part's numbers; its batches restart after, as a resumed run's
+            trained, batches = {"epoch": epoch, "step": step, **progress.summary(optimizer.param_groups[0]["lr"])}, None
         if validates:
             name = f"Epoch {epoch} val" if by == "epoch" else f"Epoch {epoch} step {done} val"
             val, meter = validate(model, val_loader, class_names, precision, args, name, guards)
@@ -297,19 +305,15 @@ def main(args):
                 guards.preemption.exit()
             checkpointer.save_validated_on_all_ranks(epoch, val["miou"], None if epoch_end else done,
                                                      meter.confusion.matrix)
-            record = {f"val_{key}": value for key, value in val.items() if not isinstance(value, list)}
-            log.record({"epoch": epoch, "step": step, **progress.summary(optimizer.param_groups[0]["lr"]), **record},
-                       by)
+            log.record({**trained, **{f"val_{key}": v for key, v in val.items() if not isinstance(v, list)}}, by)
             if log.writer is not None:
                 log_validation(log.writer, val, class_names, model, guards.watchdog.beating(val_loader), palette,
                                precision, args, step if by == "step" else epoch)
         elif epoch_end:  # between validations (--eval-interval)
             checkpointer.save_on_all_ranks(epoch)
-            log.record({"epoch": epoch, "step": step, **progress.summary(optimizer.param_groups[0]["lr"])}, by)
+            log.record(trained, by)
         if step == total_steps:
             break
-        if epoch_end or validates:  # the batches restart where a resumed run would start them
-            batches = None
         epoch, in_epoch = divmod(step, steps_per_epoch)
         if batches is None:
             progress.start_epoch(epoch, in_epoch, steps_per_epoch, total_steps)
@@ -324,10 +328,10 @@ def main(args):
             progress.stop(in_epoch, guards.preemption.received or "another rank")
             checkpointer.save_on_all_ranks(epoch, done)
             guards.preemption.exit()  # the same command with --resume auto goes on from this checkpoint
-        if checkpoint_due and not (epoch_end or validates):  # a pause saves after its validation
+        if checkpoint_due and not (epoch_end or validates):  # the pause, next, saves anyway
             checkpointer.save_on_all_ranks(epoch, done)
     guards.watchdog.stop()
-    log.end(f"best mIoU {'none (no epoch evaluated)' if checkpointer.best is None else f'{checkpointer.best:.2f}'}")
+    log.end("best mIoU " + ("none (no epoch evaluated)" if checkpointer.best is None else f"{checkpointer.best:.2f}"))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ TINY = ["--model", "resnet18", "--device", "cpu", "--print-freq", "4", "--synthe
 
 @contextlib.contextmanager
 def own_signal_handlers():
-    """The scripts install SIGTERM/SIGUSR1/SIGINT handlers for preemption; pytest keeps its own. And a run's claim on
+    """The scripts install SIGTERM/SIGUSR1/SIGINT handlers for preemption; pytest keeps its own. And a run's lock on
     its output folder and its stall watchdog end with the run, as they do when a script's process exits."""
     from common.engine import StallWatchdog
     from common.log import release_output_dirs

@@ -28,7 +28,8 @@ def own_module(tmp_path, monkeypatch):
     (tmp_path / "lab_models.py").write_text(OWN_MODELS)
     monkeypatch.chdir(tmp_path)
     yield "lab_models"
-    sys.modules.pop("lab_models", None)
+    for name in ("lab_models", "no_head"):
+        sys.modules.pop(name, None)
     if str(tmp_path) in sys.path:
         sys.path.remove(str(tmp_path))
 
@@ -67,11 +68,13 @@ def test_an_own_classifier_and_metric_train_resume_test_and_evaluate(own_module,
 
 
 def test_an_own_segmenter_and_metric_train_and_evaluate(own_module, tmp_path, monkeypatch, capsys):
+    """Its logits come as {"out": logits} by a hook, and its state dict keeps its own keys."""
     from common.metrics import SegmentationMeter
     with_own_metric(monkeypatch, SegmentationMeter)
     train_segmentation(*SEG_TINY, "--model", f"{own_module}:segmenter", "--synthetic-train-size", "64",
                        "--synthetic-val-size", "16", "--output-dir", tmp_path / "run")
     assert last_record(tmp_path / "run")["val_own_metric"] == 42.0
+    assert "0.weight" in torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["model"]
     train_segmentation("--test-only", "--resume", tmp_path / "run" / "checkpoint.pth", "--device", "cpu")
     assert "Test: mIoU" in capsys.readouterr().out
     evaluate_segmentation("--checkpoint", tmp_path / "run" / "checkpoint.pth", "--device", "cpu",
@@ -79,8 +82,18 @@ def test_an_own_segmenter_and_metric_train_and_evaluate(own_module, tmp_path, mo
     assert json.loads((tmp_path / "eval.json").read_text())["own_metric"] == 42.0
 
 
-def test_an_own_model_that_cannot_be_imported_is_one_line(tmp_path, monkeypatch):
+def test_an_own_model_that_cannot_be_imported_or_lacks_what_a_flag_needs_is_one_line(own_module, tmp_path):
     from common.log import UserError
-    monkeypatch.chdir(tmp_path)
+    tiny = ["--device", "cpu", "--synthetic-train-size", "64", "--epochs", "1"]
     with pytest.raises(UserError, match="cannot import no_such_module .*start the run in the folder that holds it"):
-        train("--model", "no_such_module:build", "--device", "cpu", "--synthetic-train-size", "64", "--epochs", "1")
+        train("--model", "no_such_module:build", *tiny)
+    (tmp_path / "needs_more.py").write_text("import not_installed_anywhere\n")
+    with pytest.raises(UserError, match="needs_more imports not_installed_anywhere, which is not installed"):
+        train("--model", "needs_more:build", *tiny)
+    (tmp_path / "no_head.py").write_text("from torch import nn\n\ndef build(num_classes):\n"
+                                         "    return nn.Sequential(nn.Conv2d(3, num_classes, 1), nn.AdaptiveAvgPool2d(1), "
+                                         "nn.Flatten())\n")
+    with pytest.raises(UserError, match="no nn.Linear head"):
+        train("--model", "no_head:build", "--head-lr", "0.1", *tiny)
+    with pytest.raises(UserError, match="is your own: --weights-backbone, --aux-loss"):
+        train_segmentation(*SEG_TINY, "--model", f"{own_module}:segmenter", "--aux-loss")

@@ -312,7 +312,7 @@ def test_the_watchdog_names_the_stage_from_where_the_rank_waits(place, stage):
         thread.join()
 
 
-def test_the_watchdog_ends_with_the_run_that_made_it():
+def test_the_watchdog_ends_when_its_run_stops_it():
     def run():
         watchdog = StallWatchdog(0.2, rank=0)
         try:

@@ -316,7 +316,7 @@ def test_a_run_without_a_budget_refuses_a_checkpoint_that_counts_bad_samples(tmp
     precision = Precision(torch.device("cpu"))
     parts = StepParts(model, None, optimizer, scheduler, precision.grad_scaler(optimizer), precision)
     checkpointer = Checkpointer(parts, tmp_path, True, flags={}, score=("best_acc1", "top-1"))  # --max-bad-samples 0
-    checkpointer.save(0)
+    checkpointer.save_on_all_ranks(0)
     path = tmp_path / "checkpoint.pth"
     checkpoint = load_checkpoint(path)
     assert checkpoint["bad_samples"] == []

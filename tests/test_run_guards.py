@@ -65,7 +65,7 @@ def test_a_second_live_run_on_one_output_dir_is_refused_and_a_crash_leaves_no_st
         if line.startswith("Epoch: [0] ["):  # the first run holds the folder now
             break
     second = python("classification/train.py", *TINY, "--output-dir", out)
-    first.kill()  # a crash: the claim must not outlive it
+    first.kill()  # a crash: the lock must not outlive it
     first.wait()
     assert second.returncode == 2
     assert f"error: another run (pid {first.pid}) is writing to --output-dir {out}" in second.stderr
