@@ -15,7 +15,7 @@ from torch import nn
 from classification.data import dataset_classes, load_train, load_val
 from classification.model import create_model
 from classification.pictures import log_pictures
-from common.checkpoint import Checkpointer, ResumePoint
+from common.checkpoint import Checkpointer, resolve_resume
 from common.data import BatchLayout, default_workers
 from common.distributed import data_parallel, init_distributed
 from common.engine import (Precision, StepParts, evaluate, install_run_guards, pause_after,
@@ -136,9 +136,7 @@ TRAINED_SETTINGS = ("model", "data_path", "train_crop_size", "val_resize_size", 
 
 
 def finish_args(args):
-    resume = ResumePoint(args.resume, args.output_dir)  # a wrong path is reported before any work
-    if args.test_only:
-        vars(args).update(resume.trained_settings(vars(args), TRAINED_SETTINGS))
+    resolve_resume(args, TRAINED_SETTINGS)  # args.resume_from: the checkpoint, or None
     if args.data_path is None and (args.train_list or args.val_list or args.classes_file):
         args.data_path = ""  # list files of absolute paths: real data, not the synthetic set
     for name, value in {**DEFAULTS, **(SYNTHETIC_DEFAULTS if args.data_path is None else REAL_DATA_DEFAULTS)}.items():
@@ -202,8 +200,8 @@ def validate_both(parts, val_loader, class_names, name, guards):
 def test_only(model, val_loader, class_names, precision, args):
     """Evaluate --resume (and its EMA weights) or --weights."""
     ema = None
-    if args.resume:
-        ema = ResumePoint(args.resume, args.output_dir).load_for_evaluation(model, args.model, class_names)
+    if args.resume_from:
+        ema = Checkpointer.load_for_evaluation(args.resume_from, model, args.model, class_names)
     validate(model, val_loader, class_names, precision, "Test")
     if ema is not None:
         model.load_state_dict(ema)
@@ -261,7 +259,7 @@ def main(args):
     checkpointer = Checkpointer(parts, args.output_dir, env.is_main, flags=vars(args), score=("best_acc1", "top-1"),
                                 keep=args.keep_checkpoints, bad_samples=bad_samples, provenance=log.provenance,
                                 class_names=class_names, steps_per_epoch=steps_per_epoch)
-    args.start_epoch, start_step = checkpointer.resume(ResumePoint(args.resume, args.output_dir).path, args.model,
+    args.start_epoch, start_step = checkpointer.resume(args.resume_from, args.model,
                                                        SCHEDULE_ARGS)
 
     progress = log.progress(args.print_freq)

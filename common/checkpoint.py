@@ -238,27 +238,19 @@ def save_training(state, output_dir, is_best=False, keep=0):
            f"{' and best.pth' if is_best else ''}")
 
 
-class ResumePoint:
-    """--resume, resolved before any work, so that a wrong path is refused at once: `path` is the checkpoint the
-    run starts from (None: a fresh start)."""
-
-    def __init__(self, resume, output_dir):
-        self.resume, self.output_dir = resume, output_dir
-        self.path = resume_path(resume, output_dir)
-
-    def trained_settings(self, given, names):
-        """Of the flags `names`, those left unset (None) in `given`, as the checkpoint was trained with them: what
-        --test-only evaluates with unless told otherwise."""
-        trained = (load_checkpoint(self.path).get("args") or {}) if self.path else {}
-        return {name: trained[name] for name in names if given.get(name) is None and name in trained}
-
-    def load_for_evaluation(self, model, model_name, class_names):
-        """Returns the checkpoint's EMA weights (a state dict), or None."""
-        if not self.path:
-            raise UserError(f"--resume auto found no checkpoint in {self.output_dir}: nothing to evaluate")
-        checkpoint = read_training_checkpoint(self.path, model_name, class_names)
-        load_model_state(model, state_dict_from(checkpoint, self.path), self.path)
-        return checkpoint.get("model_ema")
+def resolve_resume(args, trained_names):
+    """--resume, resolved once and before any work, so that a wrong path is refused at once: `args.resume_from`
+    is the checkpoint the run starts from (None: a fresh start). Under --test-only, the flags of `trained_names`
+    left unset (None) take the checkpoint's values: what it evaluates with unless told otherwise."""
+    args.resume_from = resume_path(args.resume, args.output_dir)
+    if not args.test_only or not args.resume:
+        return
+    if args.resume_from is None:
+        raise UserError(f"--resume auto found no checkpoint in {args.output_dir}: nothing to evaluate")
+    trained = load_checkpoint(args.resume_from).get("args") or {}
+    for name in trained_names:
+        if getattr(args, name, None) is None and name in trained:
+            setattr(args, name, trained[name])
 
 
 class Checkpointer:
@@ -306,6 +298,13 @@ class Checkpointer:
         self.best = score if is_best else self.best
         self.save_on_all_ranks(epoch, step, is_best=is_best, validated=True, confusion=confusion)
         return is_best
+
+    @staticmethod
+    def load_for_evaluation(path, model, model_name, class_names):
+        """--test-only: the checkpoint's weights into `model`; returns its EMA weights (a state dict), or None."""
+        checkpoint = read_training_checkpoint(path, model_name, class_names)
+        load_model_state(model, state_dict_from(checkpoint, path), path)
+        return checkpoint.get("model_ema")
 
     def resume(self, path, model_name, schedule_names):
         """Returns where to go on: (epoch, optimizer steps already done in it); (0, 0) for no `path`."""

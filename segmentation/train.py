@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.checkpoint import Checkpointer, ResumePoint
+from common.checkpoint import Checkpointer, resolve_resume
 from common.data import BatchLayout, default_workers
 from common.distributed import data_parallel, init_distributed
 from common.engine import (Precision, StepParts, install_run_guards, pause_after, train_step,
@@ -141,13 +141,11 @@ TRAINED_SETTINGS = ("model", "output_stride", "aux_loss", "unet_width", "base_si
 
 
 def finish_args(args):
-    resume = ResumePoint(args.resume, args.output_dir)  # a wrong path is reported before any work
     if ":" in (args.model or "") and (args.weights_backbone or args.aux_loss or args.output_stride or
                                       args.freeze_backbone or args.head_lr is not None):
         raise UserError(f"--model {args.model} is your own: --weights-backbone, --aux-loss, --output-stride, "
                         "--freeze-backbone and --head-lr are for the built-in models; drop them")
-    if args.test_only:
-        vars(args).update(resume.trained_settings(vars(args), TRAINED_SETTINGS))
+    resolve_resume(args, TRAINED_SETTINGS)  # args.resume_from: the checkpoint, or None
     if args.iters and args.epochs:
         raise UserError(f"--iters {args.iters} and --epochs {args.epochs} both set the length of the run: give one")
     for name, value in {**DEFAULTS, **(SYNTHETIC_DEFAULTS if args.data_path is None else REAL_DATA_DEFAULTS)}.items():
@@ -212,7 +210,7 @@ class SegmentationLoss(nn.Module):
 
 
 def test_only(model, val_loader, class_names, precision, args):
-    ResumePoint(args.resume, args.output_dir).load_for_evaluation(model, args.model, class_names)
+    Checkpointer.load_for_evaluation(args.resume_from, model, args.model, class_names)
     validate(model, val_loader, class_names, precision, args, "Test")
 
 
@@ -280,7 +278,7 @@ def main(args):
     checkpointer = Checkpointer(parts, args.output_dir, env.is_main, flags=vars(args), score=("best_miou", "mIoU"),
                                 keep=args.keep_checkpoints, bad_samples=bad_samples, provenance=log.provenance,
                                 class_names=class_names, palette=palette, steps_per_epoch=steps_per_epoch)
-    args.start_epoch, start_step = checkpointer.resume(ResumePoint(args.resume, args.output_dir).path, args.model,
+    args.start_epoch, start_step = checkpointer.resume(args.resume_from, args.model,
                                                        SCHEDULE_ARGS)
 
     progress = log.progress(args.print_freq)
