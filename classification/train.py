@@ -16,7 +16,7 @@ from classification.data import dataset_classes, load_train, load_val
 from classification.model import create_model
 from classification.pictures import log_pictures
 from common.checkpoint import Checkpointer, resolve_resume
-from common.data import BatchLayout, default_workers
+from common.data import BatchLayout, bad_sample_budget, default_workers
 from common.distributed import data_parallel, init_distributed
 from common.engine import (Precision, StepParts, evaluate, install_run_guards, pause_after,
                            train_step, training_batches)
@@ -229,10 +229,7 @@ def main(args):
         return
 
     log.lock_output_dir(args.output_dir, vars(args))  # before anything is read from the output folder or written to it
-    bad_samples = None  # a file that fails to load mid-run stops the run, unless --max-bad-samples N replaces it
-    if args.max_bad_samples > 0:
-        from common.bad_samples import BadSamples  # only with the flag, which most runs leave at 0
-        bad_samples = BadSamples(args.max_bad_samples, args.output_dir)
+    bad_samples = bad_sample_budget(args.max_bad_samples, args.output_dir)  # None at 0: a bad file stops the run
     train_loader = load_train(args, layout, device, class_names, bad_samples)
     steps_per_epoch = train_loader.sampler.steps_per_epoch
     print0(f"{args.model}, {sum(p.numel() for p in model.parameters()):,} parameters; {len(train_loader.dataset)} "
@@ -259,8 +256,7 @@ def main(args):
     checkpointer = Checkpointer(parts, args.output_dir, env.is_main, flags=vars(args), score=("best_acc1", "top-1"),
                                 keep=args.keep_checkpoints, bad_samples=bad_samples, provenance=log.provenance,
                                 class_names=class_names, steps_per_epoch=steps_per_epoch)
-    args.start_epoch, start_step = checkpointer.resume(args.resume_from, args.model,
-                                                       SCHEDULE_ARGS)
+    args.start_epoch, start_step = checkpointer.resume(args.resume_from, args.model, SCHEDULE_ARGS)
 
     progress = log.progress(args.print_freq)
     guards = install_run_guards(device, env.rank, parts.scaler, args.output_dir, args.max_nonfinite_steps,

@@ -184,6 +184,15 @@ def sample_seed(seed, epoch, index):
 
 # ---- samplers and loaders ---------------------------------------------------------------------------------------
 
+def bad_sample_budget(limit, output_dir):
+    """--max-bad-samples: common.bad_samples.BadSamples, imported only with the flag; None at 0, where a file that
+    fails to load stops the run."""
+    if not limit:
+        return None
+    from common.bad_samples import BadSamples
+    return BadSamples(limit, output_dir)
+
+
 @dataclass(frozen=True)
 class BatchLayout:
     """How each optimizer step's global batch is cut into world_size x accum_steps slots of batch_size samples

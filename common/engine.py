@@ -157,7 +157,7 @@ def train_step(parts, batches, layout, seed, epoch, step):
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
     scaler.unscale_(optimizer)  # clip and log the true gradient norm, not the scaled one
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # no walk of the modules each step
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if parts.clip_grad_norm:
         torch.nn.utils.clip_grads_with_norm_(params, parts.clip_grad_norm, grad_norm)

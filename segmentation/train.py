@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.checkpoint import Checkpointer, resolve_resume
-from common.data import BatchLayout, default_workers
+from common.data import BatchLayout, bad_sample_budget, default_workers
 from common.distributed import data_parallel, init_distributed
 from common.engine import (Precision, StepParts, install_run_guards, pause_after, train_step,
                            training_batches)
@@ -209,6 +209,27 @@ class SegmentationLoss(nn.Module):
         return loss
 
 
+def create_optimizer_and_schedule(args, model, device_type, steps_per_epoch, total_steps):
+    """--head-lr for every module but the backbone; the schedule laid out in optimizer steps (one scheduler
+    "epoch" = one step), so that --iters need not fill whole epochs."""
+    head = [name for name, _ in model.named_children() if name != "backbone"]
+    optimizer = create_optimizer(args.opt, model, args.lr, args.momentum, args.weight_decay, device_type,
+                                 args.norm_weight_decay, head, args.head_lr)
+    lr_scheduler = create_lr_scheduler(optimizer, args.lr_scheduler, total_steps, 1,
+                                       warmup_epochs=args.lr_warmup_epochs * steps_per_epoch,
+                                       warmup_method=args.lr_warmup_method, warmup_decay=args.lr_warmup_decay,
+                                       lr_min=args.lr_min, power=args.lr_power)
+    return optimizer, lr_scheduler
+
+
+def create_criterion(args, class_names, train_set, device):
+    weights = None
+    if args.class_weights != "none":  # the module only this flag needs is imported with it
+        from segmentation.imbalance import class_weights
+        weights = class_weights(args, class_names, train_set).to(device)
+    return SegmentationLoss(args.ignore_index, args.aux_weight, args.loss, weights)
+
+
 def test_only(model, val_loader, class_names, precision, args):
     Checkpointer.load_for_evaluation(args.resume_from, model, args.model, class_names)
     validate(model, val_loader, class_names, precision, args, "Test")
@@ -244,42 +265,26 @@ def main(args):
                         "or more crops per process (or --sync-bn across GPUs): use -b 2 or more, and --accum-steps "
                         "to keep the effective batch")
     log.lock_output_dir(args.output_dir, vars(args))  # before anything is read from the output folder or written to it
-    bad_samples = None  # a file that fails to load mid-run stops the run, unless --max-bad-samples N replaces it
-    if args.max_bad_samples > 0:
-        from common.bad_samples import BadSamples  # only with the flag, which most runs leave at 0
-        bad_samples = BadSamples(args.max_bad_samples, args.output_dir)
+    bad_samples = bad_sample_budget(args.max_bad_samples, args.output_dir)  # None at 0: a bad file stops the run
     train_loader = load_train(args, layout, device, bad_samples)
     steps_per_epoch = train_loader.sampler.steps_per_epoch
-    total_steps = args.iters or args.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)  # with --iters, the last one may stop early
+    total_steps = args.iters or args.epochs * steps_per_epoch  # with --iters, the last epoch may stop early
     print0(f"{args.model}, {sum(p.numel() for p in model.parameters()):,} parameters; {len(train_loader.dataset)} "
            f"training and {len(val_loader.dataset)} validation images, {len(class_names)} classes; crops "
            f"{args.crop_size[0]}x{args.crop_size[1]}, effective batch {args.batch_size} x {args.accum_steps} x "
-           f"{env.world_size} processes; sync-bn {args.sync_bn}; {total_steps} optimizer steps: {epochs} epochs of "
-           f"{steps_per_epoch}")
-    head = [name for name, _ in model.named_children() if name != "backbone"]  # what --head-lr is for
-    optimizer = create_optimizer(args.opt, model, args.lr, args.momentum, args.weight_decay, device.type,
-                                 args.norm_weight_decay, head, args.head_lr)
-    # Laid out in optimizer steps (one scheduler "epoch" = one step), so that --iters need not fill whole epochs.
-    lr_scheduler = create_lr_scheduler(optimizer, args.lr_scheduler, total_steps, 1,
-                                       warmup_epochs=args.lr_warmup_epochs * steps_per_epoch,
-                                       warmup_method=args.lr_warmup_method, warmup_decay=args.lr_warmup_decay,
-                                       lr_min=args.lr_min, power=args.lr_power)
+           f"{env.world_size} processes; sync-bn {args.sync_bn}; {total_steps} optimizer steps: "
+           f"{math.ceil(total_steps / steps_per_epoch)} epochs of {steps_per_epoch}")
+    optimizer, lr_scheduler = create_optimizer_and_schedule(args, model, device.type, steps_per_epoch, total_steps)
     model = data_parallel(model, env, device, args.sync_bn)
     if args.compile:
         model.compile()  # in place: the state dict keeps its keys
-    weights = None
-    if args.class_weights != "none":  # the module only this flag needs is imported with it
-        from segmentation.imbalance import class_weights
-        weights = class_weights(args, class_names, train_loader.sampler.dataset).to(device)
-    criterion = SegmentationLoss(args.ignore_index, args.aux_weight, args.loss, weights)
+    criterion = create_criterion(args, class_names, train_loader.sampler.dataset, device)
     parts = StepParts(model, criterion, optimizer, lr_scheduler, precision.grad_scaler(optimizer), precision,
                       args.clip_grad_norm)
     checkpointer = Checkpointer(parts, args.output_dir, env.is_main, flags=vars(args), score=("best_miou", "mIoU"),
                                 keep=args.keep_checkpoints, bad_samples=bad_samples, provenance=log.provenance,
                                 class_names=class_names, palette=palette, steps_per_epoch=steps_per_epoch)
-    args.start_epoch, start_step = checkpointer.resume(args.resume_from, args.model,
-                                                       SCHEDULE_ARGS)
+    args.start_epoch, start_step = checkpointer.resume(args.resume_from, args.model, SCHEDULE_ARGS)
 
     progress = log.progress(args.print_freq)
     guards = install_run_guards(device, env.rank, parts.scaler, args.output_dir, args.max_nonfinite_steps,

@@ -322,7 +322,9 @@ def test_the_watchdog_ends_when_its_run_stops_it():
 
     watchdogs = [t for t in threading.enumerate() if t.name == "stall watchdog"]
     run()
-    time.sleep(0.3)  # past the timeout: a watchdog still watching would end this process
+    for thread in set(threading.enumerate()) - set(watchdogs):
+        if thread.name == "stall watchdog":
+            thread.join(timeout=5)  # past the 0.2 s timeout: a watchdog still watching would end this process
     assert [t for t in threading.enumerate() if t.name == "stall watchdog"] == watchdogs
 
 
