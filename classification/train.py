@@ -254,8 +254,8 @@ def main(args):
     parts = StepParts(model, criterion, optimizer, lr_scheduler, precision.grad_scaler(optimizer), precision,
                       args.clip_grad_norm, model_ema)
     checkpointer = Checkpointer(parts, args.output_dir, env.is_main, flags=vars(args), score=("best_acc1", "top-1"),
-                                keep=args.keep_checkpoints, bad_samples=bad_samples, provenance=log.provenance,
-                                class_names=class_names, steps_per_epoch=steps_per_epoch)
+                                layout=layout, keep=args.keep_checkpoints, bad_samples=bad_samples,
+                                provenance=log.provenance, class_names=class_names, steps_per_epoch=steps_per_epoch)
     args.start_epoch, start_step = checkpointer.resume(args.resume_from, args.model, SCHEDULE_ARGS)
 
     progress = log.progress(args.print_freq)

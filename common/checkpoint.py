@@ -6,6 +6,7 @@ import re
 
 import torch
 
+from common.data import BatchLayout
 from common.log import UserError, print0, unwritable_output
 
 
@@ -171,26 +172,21 @@ def check_same_schedule(trained_flags, flags, names, path):
                               f"its weights with --weights {path}")
 
 
-def check_same_global_batch(trained_flags, flags, path):
-    """Any layout of processes x -b x --accum-steps with the checkpoint's product goes on where it stopped
-    (BatchLayout); another product would take other samples in other steps."""
-    def factors(f):
-        return f.get("world_size", 1), f["batch_size"], f.get("accum_steps") or 1
-
-    def described(n, b, a):
-        return f"{n * b * a} images ({n} process{'es' if n > 1 else ''} x -b {b} x --accum-steps {a})"
-
-    if trained_flags.get("batch_size") is None or flags.get("batch_size") is None:
+def check_same_global_batch(trained_flags, layout, path):
+    """Any layout of processes x -b x --accum-steps with the checkpoint's global batch goes on where it stopped
+    (BatchLayout); another global batch would take other samples in other steps."""
+    if layout is None or trained_flags.get("batch_size") is None:
         return
-    (n, b, a), (m, b2, a2) = factors(trained_flags), factors(flags)
-    trained = n * b * a
-    if trained == m * b2 * a2:
+    trained = BatchLayout(trained_flags.get("world_size", 1), 0, trained_flags["batch_size"],
+                          trained_flags.get("accum_steps") or 1)
+    if trained.global_batch == layout.global_batch:
         return
-    fix = f"--accum-steps {trained // (m * b2)} here, or " if trained % (m * b2) == 0 else ""
-    raise CheckpointError(f"cannot resume from {path}: it was trained with a global batch of {described(n, b, a)}, "
-                          f"this run has {described(m, b2, a2)}. Keep the product: {fix}--global-batch {trained}, "
-                          "which sets --accum-steps for any number of processes that, times -b, divides it; or start "
-                          f"a new run from its weights with --weights {path}")
+    per_step = layout.world_size * layout.batch_size
+    fix = f"--accum-steps {trained.global_batch // per_step} here, or " if trained.global_batch % per_step == 0 else ""
+    raise CheckpointError(f"cannot resume from {path}: it was trained with a global batch of {trained.described()}, "
+                          f"this run has {layout.described()}. Keep the product: {fix}--global-batch "
+                          f"{trained.global_batch}, which sets --accum-steps for any number of processes that, times "
+                          f"-b, divides it; or start a new run from its weights with --weights {path}")
 
 
 def last_good_checkpoint(output_dir):
@@ -256,13 +252,13 @@ def resolve_resume(args, trained_names):
 class Checkpointer:
     """Saves and restores everything a run needs to continue, as plain dicts and tensors: the step's `parts`
     (StepParts), the position, the best `score` so far (its key in the checkpoint and its name in the log:
-    "best_acc1", "top-1"), the flags, the bad samples, the `provenance` (RunLog's: kept, never checked, so an older
-    checkpoint without it resumes), and `must_match` entries a resumed run must have too (class names, the epoch's
-    length in steps)."""
+    "best_acc1", "top-1"), the flags, the bad samples, the `provenance` (kept, never checked), and `must_match`
+    entries a resumed run must have too (class names, the epoch's length in steps). A resume must keep the global
+    batch of `layout` (BatchLayout)."""
 
-    def __init__(self, parts, output_dir, is_main, *, flags, score, keep=0, bad_samples=None, provenance=None,
-                 **must_match):
-        self.parts, self.output_dir, self.is_main, self.keep = parts, output_dir, is_main, keep
+    def __init__(self, parts, output_dir, is_main, *, flags, score, layout=None, keep=0, bad_samples=None,
+                 provenance=None, **must_match):
+        self.parts, self.output_dir, self.is_main, self.keep, self.layout = parts, output_dir, is_main, keep, layout
         self.model = unwrap(parts.model)  # the state dict's keys carry no DDP prefix; compile keeps them
         self.best_key, self.best_name = score
         self.flags, self.must_match, self.bad_samples = flags, must_match, bad_samples
@@ -315,7 +311,7 @@ class Checkpointer:
         load_model_state(self.model, state_dict_from(checkpoint, path), path)
         # Before the optimizer's state, which fails less clearly for another --head-lr or --freeze-backbone.
         check_same_schedule(checkpoint.get("args") or {}, self.flags, schedule_names, path)
-        check_same_global_batch(checkpoint.get("args") or {}, self.flags, path)
+        check_same_global_batch(checkpoint.get("args") or {}, self.layout, path)
         optimizer, ema = self.parts.optimizer, self.parts.ema
         try:
             optimizer.load_state_dict(checkpoint["optimizer"])

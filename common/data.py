@@ -219,25 +219,24 @@ class BatchLayout:
 
     @classmethod
     def planned(cls, env, batch_size, accum_steps=None, global_batch=None):
-        return cls(env.world_size, env.rank, batch_size,
-                   accumulation_steps(env.world_size, batch_size, accum_steps, global_batch))
+        """This rank's layout; with --global-batch N, --accum-steps is N / (processes x -b): an elastic launch on
+        another number of processes keeps the global batch (and the run's schedule and order)."""
+        world_size, per_step = env.world_size, env.world_size * batch_size
+        if global_batch is None:
+            return cls(world_size, env.rank, batch_size, accum_steps or 1)
+        processes = f"{world_size} process{'es' if world_size > 1 else ''}"
+        if global_batch % per_step:
+            raise UserError(f"--global-batch {global_batch} is not a multiple of {processes} x -b {batch_size} = "
+                            f"{per_step}: start on a number of processes that divides it, or change -b")
+        if accum_steps not in (None, global_batch // per_step):
+            raise UserError(f"--accum-steps {accum_steps} and --global-batch {global_batch} disagree on {processes} x "
+                            f"-b {batch_size} (that global batch needs --accum-steps {global_batch // per_step}): give "
+                            "one of them")
+        return cls(world_size, env.rank, batch_size, global_batch // per_step)
 
-
-def accumulation_steps(world_size, batch_size, accum_steps=None, global_batch=None):
-    """With --global-batch N, N / (processes x -b): an elastic launch on another number of processes keeps the
-    global batch (and the run's schedule and order)."""
-    if global_batch is None:
-        return accum_steps or 1
-    per_step = world_size * batch_size
-    processes = f"{world_size} process{'es' if world_size > 1 else ''}"
-    if global_batch % per_step:
-        raise UserError(f"--global-batch {global_batch} is not a multiple of {processes} x -b {batch_size} = "
-                        f"{per_step}: start on a number of processes that divides it, or change -b")
-    if accum_steps not in (None, global_batch // per_step):
-        raise UserError(f"--accum-steps {accum_steps} and --global-batch {global_batch} disagree on {processes} x -b "
-                        f"{batch_size} (that global batch needs --accum-steps {global_batch // per_step}): give one "
-                        "of them")
-    return global_batch // per_step
+    def described(self):
+        processes = f"{self.world_size} process{'es' if self.world_size > 1 else ''}"
+        return f"{self.global_batch} images ({processes} x -b {self.batch_size} x --accum-steps {self.accum_steps})"
 
 
 class TrainingSampler(Sampler):
