@@ -22,7 +22,8 @@ from common.distributed import init_distributed
 from common.engine import Precision, evaluate
 from common.export import add_export_args, export_model, export_requested
 from common.flags import DEVICE_NAMES, device_name, number
-from common.log import UserError, check_destination, print0, run_cli
+from common.log import UserError, print0, run_cli
+from common.output_dir import check_destination
 from common.metrics import ClassificationMeter, percent
 
 # Settings of the training run that evaluation must repeat: flags of this script when given, else the

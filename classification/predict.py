@@ -25,7 +25,8 @@ from common.checkpoint import load_checkpoint
 from common.distributed import from_rank0, init_distributed
 from common.engine import Precision
 from common.flags import number
-from common.log import check_destination, run_cli
+from common.log import run_cli
+from common.output_dir import check_destination
 from common.prediction import (ImageInputs, Progress, add_input_args, find_images, gathered, input_loader,
                                report_unreadable, settings_from_training)
 

@@ -14,7 +14,6 @@ from torch import nn
 
 from classification.data import dataset_classes, load_train, load_val
 from classification.model import create_model
-from classification.pictures import log_pictures
 from common.checkpoint import Checkpointer, resolve_resume
 from common.data import BatchLayout, bad_sample_budget, default_workers
 from common.distributed import data_parallel, init_distributed
@@ -285,6 +284,7 @@ def main(args):
                 checkpointer.save_on_all_ranks(epoch)
             log.record(record, by)
             if validates and log.writer is not None:  # after the record: a resume does not redo this pause
+                from classification.pictures import log_pictures  # only with TensorBoard (--output-dir)
                 log_pictures(log.writer, model, guards.watchdog.beating(val_loader), meter, class_names, precision,
                              record[by])
         if step == total_steps:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from common.log import UserError, check_destination, print0
+from common.log import UserError, print0
+from common.output_dir import check_destination
 
 
 def add_export_args(parser):

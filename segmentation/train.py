@@ -26,7 +26,7 @@ from common.log import RunLog, UserError, print0, run_cli
 from common.optim import create_lr_scheduler, create_optimizer
 from segmentation.data import dataset_info, load_train, load_val
 from segmentation.datasets import DATASETS, IGNORE_INDEX
-from segmentation.inference import add_eval_args, log_validation, validate
+from segmentation.inference import add_eval_args, validate
 from segmentation.model import create_model
 
 # Real data gets the Cityscapes DeepLabV3+ recipe: a batch of 8 (-b 8 on one GPU, -b 2 on four), SGD 0.01, poly
@@ -311,6 +311,7 @@ def main(args):
                                                      meter.confusion.matrix)
             log.record({**trained, **{f"val_{key}": v for key, v in val.items() if not isinstance(v, list)}}, by)
             if log.writer is not None:
+                from segmentation.pictures import log_validation  # only with TensorBoard (--output-dir)
                 log_validation(log.writer, val, class_names, model, guards.watchdog.beating(val_loader), palette,
                                precision, args, step if by == "step" else epoch)
         elif epoch_end:  # between validations (--eval-interval)

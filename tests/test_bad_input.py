@@ -833,9 +833,9 @@ def test_the_tensorboard_pictures_after_a_validation_beat_the_stall_watchdog(tas
 
     from common.engine import StallWatchdog
     from conftest import SEG_TINY, train_segmentation
-    script = import_module(f"{task}.train")
+    pictures = import_module(f"{task}.pictures")  # imported by train.py when it logs them
     name = {"classification": "log_pictures", "segmentation": "log_validation"}[task]
-    real, beats = getattr(script, name), []
+    real, beats = getattr(pictures, name), []
 
     def spied(writer, *args):
         model = next(arg for arg in args if isinstance(arg, torch.nn.Module))
@@ -844,7 +844,7 @@ def test_the_tensorboard_pictures_after_a_validation_beat_the_stall_watchdog(tas
             real(writer, *args)
         finally:
             hook.remove()
-    monkeypatch.setattr(script, name, spied)
+    monkeypatch.setattr(pictures, name, spied)
     if task == "classification":  # 2 batches of 32 give the 4 x 16 pictures it picks from
         train(*TINY, "--synthetic-train-size", "64", "--synthetic-val-size", "64", "--output-dir", tmp_path)
     else:  # 4 examples, from 2 batches of 2
@@ -857,7 +857,8 @@ def test_a_save_cut_short_leaves_no_temporary_file_to_the_next_start(tmp_path, c
     # The stall watchdog ends its rank with os._exit, in the middle of a save if that is where it hangs.
     import subprocess
 
-    from common.log import release_output_dirs, start_output_dir
+    from common.log import release_output_dirs
+    from common.output_dir import start_output_dir
     dead = subprocess.Popen(["true"])
     dead.wait()
     out = tmp_path / "run"

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from classification.model import create_model, enable_grad_checkpointing
-from common.log import read_provenance
+from common.output_dir import read_provenance
 from common.optim import param_groups
 from conftest import ROOT, TINY, evaluate, popen, python, train, write_image, write_tree
 

@@ -425,7 +425,7 @@ def test_validation_examples_are_image_label_prediction_at_a_readable_size():
     from common.data import ShardedEvalSampler
     from common.engine import Precision
     from segmentation.data import SYNTHETIC_PALETTE, synthetic_loader
-    from segmentation.inference import EXAMPLE_HEIGHT, log_validation
+    from segmentation.pictures import EXAMPLE_HEIGHT, log_validation
     images, masks = make_scenes(4, 48, 3, split="val")
     shown = {}
     writer = type("Writer", (), {"add_scalar": lambda *a: None,

@@ -28,7 +28,8 @@ import numpy as np
 from PIL import Image
 
 from common.checkpoint import load_checkpoint
-from common.log import UserError, check_destination, format_duration, run_cli
+from common.log import UserError, format_duration, run_cli
+from common.output_dir import check_destination
 
 MOST_CONFUSED = 20  # classes in the close-up of a confusion matrix too large to label
 LABELLED_CLASSES = 40  # up to this many, the whole matrix is drawn with every class name
