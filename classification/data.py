@@ -1,6 +1,5 @@
 """Classification data: ImageFolder trees listed once (and cached) and checked up front, torchvision v2 presets,
 and the synthetic set."""
-import json
 import os
 import time
 from collections import Counter
@@ -21,10 +20,6 @@ from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, sha
 
 LAYOUT_HINT = "--data-path must hold train/ and val/, each with one folder of images per class (ImageNet layout)"
 SORT_VAL_COMMAND = "python tools/sort_imagenet_val.py {folder} LOC_val_solution.csv"
-# A folder changed less than this before it was listed may change again within its timestamp's granularity (FAT
-# and some network file systems: 1-2 s) with its modification time unmoved: the cache lists it again next time.
-MTIME_SLACK_NS = 2 * 10**9
-CACHE_FORMAT = 2  # 2: folders keyed by inode number and change time too
 LISTING_THREADS = 16
 
 
@@ -161,73 +156,6 @@ class FileList(NamedTuple):
     class_index: np.ndarray
 
 
-def cache_path(cache_dir, split_dir):
-    return os.path.join(cache_dir, f"file_list_{os.path.basename(os.path.normpath(split_dir))}.npz")
-
-
-def read_cache(path, split_dir):
-    """({class name: ClassFiles}, listing time) of this split folder's cache; ({}, None) when there is none."""
-    if not os.path.isfile(path):
-        return {}, None
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {key: f[key] for key in f.files}
-        header = json.loads(arrays["header"].tobytes())
-        if header["format"] != CACHE_FORMAT or header["root"] != os.path.realpath(split_dir):
-            return {}, None
-        files = PathArray(arrays["file_paths"], arrays["file_offsets"])
-        folders = PathArray(arrays["folder_paths"], arrays["folder_offsets"])
-        file_starts = np.concatenate([[0], np.cumsum(arrays["files_per_class"])])
-        folder_starts = np.concatenate([[0], np.cumsum(arrays["folders_per_class"])])
-        stamps = list(zip(*(arrays[key].tolist() for key in ("folder_mtimes", "folder_inodes", "folder_ctimes"))))
-        cached = {}
-        for i, name in enumerate(header["classes"]):
-            walked = range(folder_starts[i], folder_starts[i + 1])
-            cached[name] = ClassFiles(files.part(file_starts[i], file_starts[i + 1]),
-                                      [(folders[k], stamps[k]) for k in walked], header["hidden"][i],
-                                      header["skipped"][i])
-        return cached, header["listed_at_ns"]
-    except Exception as e:
-        print0(f"note: the file list cache {shown(path)} cannot be read ({reason(e)}): listing the tree again")
-        return {}, None
-
-
-def write_cache(path, split_dir, listed_at_ns, classes, listed):
-    header = {"format": CACHE_FORMAT, "root": os.path.realpath(split_dir), "listed_at_ns": listed_at_ns,
-              "classes": classes, "hidden": [c.hidden for c in listed], "skipped": [c.skipped for c in listed]}
-    folders = [folder for c in listed for folder, _ in c.folders]
-    folder_paths = PathArray.of(folders)
-    mtimes, inodes, ctimes = zip(*(stamp for c in listed for _, stamp in c.folders)) if folders else ((), (), ())
-    files = PathArray.joined([c.files for c in listed])
-    arrays = dict(header=np.frombuffer(json.dumps(header).encode(), np.uint8), file_paths=files.data,
-                  file_offsets=files.offsets, files_per_class=np.array([len(c.files) for c in listed], np.int64),
-                  folder_paths=folder_paths.data, folder_offsets=folder_paths.offsets,
-                  folder_mtimes=np.array(mtimes, np.int64), folder_inodes=np.array(inodes, np.uint64),
-                  folder_ctimes=np.array(ctimes, np.int64),
-                  folders_per_class=np.array([len(c.folders) for c in listed], np.int64))
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(f"{path}.tmp.{os.getpid()}", "wb") as f:  # written whole, then renamed: never read half-written
-            np.savez(f, **arrays)
-        os.replace(f"{path}.tmp.{os.getpid()}", path)
-    except OSError as e:
-        raise UserError(f"cannot write the file list cache {shown(path)} ({reason(e)}): give --list-cache a "
-                        "writable folder") from None
-
-
-def unchanged(split_dir, cached, listed_at_ns):
-    """Whether a cached class's folders are the ones listed, with the modification times they had well before the
-    listing."""
-    for relative, stamp in cached.folders:
-        try:
-            now = folder_stamp(os.stat(os.path.join(split_dir, os.fsdecode(relative))))
-        except OSError:
-            return False
-        if now != stamp or stamp[0] >= listed_at_ns - MTIME_SLACK_NS:
-            return False
-    return True
-
-
 def in_threads(function, items, threads=LISTING_THREADS):
     """[function(item) for item in items] in threads (a network file system answers many listings at once about
     as fast as one), each taking every threads-th item: thousands of tiny tasks spend their time on the GIL. The
@@ -257,9 +185,12 @@ def list_split(split_dir, cache_dir=None, strict=True):
     only the class folders that changed. `strict` stops on an image name that is no regular file."""
     started, listed_at_ns = time.perf_counter(), time.time_ns()
     classes = list_classes(split_dir)
-    path = cache_path(cache_dir, split_dir) if cache_dir else None
-    cached, cached_at_ns = read_cache(path, split_dir) if path else ({}, None)
-    kept = in_threads(lambda name: name in cached and unchanged(split_dir, cached[name], cached_at_ns), classes)
+    path, cached, kept = None, {}, [False] * len(classes)
+    if cache_dir:
+        from classification.list_cache import cache_path, read_cache, unchanged  # only with a cache folder
+        path = cache_path(cache_dir, split_dir)
+        cached, cached_at_ns = read_cache(path, split_dir)
+        kept = in_threads(lambda name: name in cached and unchanged(split_dir, cached[name], cached_at_ns), classes)
     listed = in_threads(lambda k: cached[classes[k]] if kept[k] else list_class(split_dir, classes[k]),
                         range(len(classes)))
     for name, found in zip(classes, listed):
@@ -271,6 +202,7 @@ def list_split(split_dir, cache_dir=None, strict=True):
     print_skipped(split_dir, listed)
     relisted = len(classes) - sum(kept)
     if path and (relisted or set(cached) != set(classes)) and not any(c.not_files for c in listed):
+        from classification.list_cache import write_cache
         write_cache(path, split_dir, listed_at_ns, classes, listed)
     files = FileList(split_dir, classes, PathArray.joined([c.files for c in listed]),
                      np.repeat(np.arange(len(classes), dtype=np.int32), [len(c.files) for c in listed]))

@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from classification.data import MTIME_SLACK_NS, FileList, ImageFiles, PathArray, in_threads
+from classification.data import FileList, ImageFiles, PathArray, in_threads
+from classification.list_cache import MTIME_SLACK_NS
 from common.data import reason, shown
 from common.distributed import from_rank0
 from common.log import UserError, print0
