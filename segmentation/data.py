@@ -1,6 +1,7 @@
 """Segmentation data: joint image + mask transforms (torchvision v2), loaders, and the synthetic scenes."""
 import math
 from functools import partial
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -12,11 +13,60 @@ from common.data import (MEAN, STD, NormalizeBytes, SeededSamples, ShardedEvalSa
                          ignore_stop_signals)
 from common.distributed import from_rank0
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
-from segmentation.datasets import IGNORE_INDEX, open_split
+from common.log import UserError
 
 COLOUR_JITTER = 0.25  # brightness, contrast and saturation factors in 1 +- this, of training crops
+IGNORE_INDEX = 255  # in a mask: void, left out of the loss and the metrics
 SYNTHETIC_PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
                      (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+
+
+# The readers of each --dataset, imported only when it is chosen: segmentation/datasets.py and folder.py.
+def cityscapes(root, split, transforms=None):
+    from segmentation.datasets import cityscapes
+    return cityscapes(root, split, transforms)
+
+
+def voc(root, split, transforms=None):
+    from segmentation.datasets import voc
+    return voc(root, split, transforms)
+
+
+def ade20k(root, split, transforms=None):
+    from segmentation.datasets import ade20k
+    return ade20k(root, split, transforms)
+
+
+def folder(root, split, transforms=None, classes_file=None, binary_masks=False):
+    from segmentation.folder import folder_split
+    return folder_split(root, split, transforms, classes_file, binary_masks)
+
+
+class Layout(NamedTuple):
+    """A dataset layout: its reader (root, split, transforms=None, **options) -> SegmentationFiles, the sizes its
+    recipe trains at (mmsegmentation's: the shorter side rescaled around base_size, then crop_size crops), and
+    the flags (argparse dests) it reads besides --data-path."""
+    reader: object
+    base_size: int
+    crop_size: list
+    options: tuple = ()
+
+
+DATASETS = {"cityscapes": Layout(cityscapes, 1024, [512, 1024]), "voc": Layout(voc, 512, [512, 512]),
+            "ade20k": Layout(ade20k, 512, [512, 512]),
+            "folder": Layout(folder, 512, [512, 512], ("classes_file", "binary_masks"))}
+
+
+def open_split(name, root, split, flags):
+    """Split `split` of layout `name` at `root`, with the options it reads from `flags` (vars(args)); an option
+    of another layout is refused."""
+    layout = DATASETS[name]
+    for other_name, other in DATASETS.items():
+        for option in other.options:
+            if option not in layout.options and flags.get(option):
+                raise UserError(f"--{option.replace('_', '-')} is an option of --dataset {other_name}, not of "
+                                f"--dataset {name}: drop it")
+    return layout.reader(root, split, **{option: flags.get(option) for option in layout.options})
 
 
 def train_transforms(base_size, crop_size, scale_range):

@@ -1,10 +1,10 @@
-"""Segmentation data in the layouts the datasets ship in (Cityscapes, PASCAL VOC 2012, ADE20K), or a plain folder of
-images and masks, checked up front.
+"""Segmentation data in the layouts the datasets ship in (Cityscapes, PASCAL VOC 2012, ADE20K), checked up front;
+the mask reading that segmentation/folder.py shares. Imported only when --data-path is given (segmentation/data.py's
+DATASETS).
 
 Each sample is (tv_tensors.Image uint8 [3, H, W] RGB, tv_tensors.Mask uint8 [H, W] of train ids or IGNORE_INDEX).
 """
 import os
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -13,8 +13,7 @@ from torchvision import tv_tensors
 
 from common.data import open_regular, read_image, reason, shown
 from common.log import SampleError, UserError
-
-IGNORE_INDEX = 255
+from segmentation.data import IGNORE_INDEX
 
 # (name, labelId, colour) of the 19 classes Cityscapes benchmarks on, in train-id order.
 CITYSCAPES_CLASSES = [
@@ -367,36 +366,3 @@ def ade20k(root, split, transforms=None):
     require_images(files, image_dir)
     return SegmentationFiles(files, [image_stem(image) for image, _ in files], list(ADE20K_CLASSES),
                              list(ADE20K_PALETTE), [ADE20K_MAP] * len(files), transforms)
-
-
-def folder(root, split, transforms=None, classes_file=None, binary_masks=False):
-    """A plain folder of images and masks (segmentation/folder.py, read only for --dataset folder)."""
-    from segmentation.folder import folder_split
-    return folder_split(root, split, transforms, classes_file, binary_masks)
-
-
-class Layout(NamedTuple):
-    """A dataset layout: its reader (root, split, transforms=None, **options) -> SegmentationFiles, the sizes its
-    recipe trains at (mmsegmentation's: the shorter side rescaled around base_size, then crop_size crops), and
-    the flags (argparse dests) it reads besides --data-path."""
-    reader: object
-    base_size: int
-    crop_size: list
-    options: tuple = ()
-
-
-DATASETS = {"cityscapes": Layout(cityscapes, 1024, [512, 1024]), "voc": Layout(voc, 512, [512, 512]),
-            "ade20k": Layout(ade20k, 512, [512, 512]),
-            "folder": Layout(folder, 512, [512, 512], ("classes_file", "binary_masks"))}
-
-
-def open_split(name, root, split, flags):
-    """Split `split` of layout `name` at `root`, with the options it reads from `flags` (vars(args)); an option
-    of another layout is refused."""
-    layout = DATASETS[name]
-    for other_name, other in DATASETS.items():
-        for option in other.options:
-            if option not in layout.options and flags.get(option):
-                raise UserError(f"--{option.replace('_', '-')} is an option of --dataset {other_name}, not of "
-                                f"--dataset {name}: drop it")
-    return layout.reader(root, split, **{option: flags.get(option) for option in layout.options})

@@ -24,7 +24,8 @@ from common.log import UserError, print0, run_cli
 from common.output_dir import check_destination
 from common.metrics import SegmentationMeter
 from segmentation.data import dataset_info, load_val
-from segmentation.datasets import CITYSCAPES_LABEL_IDS, DATASETS, IGNORE_INDEX
+from segmentation.data import DATASETS, IGNORE_INDEX
+from segmentation.datasets import CITYSCAPES_LABEL_IDS
 from segmentation.inference import add_eval_args, predictor_from_args
 from segmentation.model import create_model
 

@@ -10,9 +10,10 @@ from PIL import Image
 
 from common.data import shown
 from common.log import SampleError, UserError, print0
-from segmentation.datasets import (IGNORE_INDEX, INDEX_MODES, LabelMap, SegmentationFiles, image_stem,
-                                   read_mask_values, require_folders, require_images, split_folder_name, text_lines,
-                                   values_present, voc_colour)
+from segmentation.data import IGNORE_INDEX
+from segmentation.datasets import (INDEX_MODES, LabelMap, SegmentationFiles, image_stem, read_mask_values,
+                                   require_folders, require_images, split_folder_name, text_lines, values_present,
+                                   voc_colour)
 
 FOLDER_LAYOUT = ("a folder root holds {train,val}/images/ and {train,val}/masks/, an image and its mask sharing a "
                  "file name stem (a.jpg, a.png), and optionally classes.txt")

@@ -9,7 +9,7 @@ from torchvision.transforms.v2 import functional as F
 from common.data import NormalizeBytes, ignore_stop_signals
 from common.device_loader import DeviceLoader
 from segmentation.data import COLOUR_JITTER
-from segmentation.datasets import IGNORE_INDEX
+from segmentation.data import IGNORE_INDEX
 
 
 def collate_lists(batch):

@@ -14,7 +14,7 @@ from common.bad_samples import BadSamples
 from common.data import ignore_stop_signals, reason, shown
 from common.distributed import from_rank0
 from common.log import SampleError, UserError, print0
-from segmentation.datasets import IGNORE_INDEX
+from segmentation.data import IGNORE_INDEX
 
 CACHE_FILE = "class_pixels_train.json"  # the 256 bins of the training masks' train ids, for the masks it names
 

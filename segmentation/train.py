@@ -24,8 +24,7 @@ from common.engine import (Precision, StepParts, install_run_guards, pause_after
 from common.flags import add_shared_flags, number
 from common.log import RunLog, UserError, print0, run_cli
 from common.optim import create_lr_scheduler, create_optimizer
-from segmentation.data import dataset_info, load_train, load_val
-from segmentation.datasets import DATASETS, IGNORE_INDEX
+from segmentation.data import DATASETS, IGNORE_INDEX, dataset_info, load_train, load_val
 from segmentation.inference import add_eval_args, validate
 from segmentation.model import create_model
 

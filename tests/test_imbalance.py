@@ -18,7 +18,8 @@ from common.log import SampleError, UserError
 from common.optim import param_groups
 from common.synthetic import SHAPES
 from conftest import SEG_TINY, TINY, evaluate, torchrun, train, train_segmentation
-from segmentation.datasets import ade20k, folder
+from segmentation.data import folder
+from segmentation.datasets import ade20k
 from segmentation.imbalance import class_weights as segmentation_class_weights
 from segmentation.imbalance import dice_loss, value_counts
 from segmentation.model import create_model as create_segmentation_model

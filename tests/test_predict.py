@@ -96,7 +96,7 @@ def test_sorting_again_leaves_no_image_in_the_folder_of_its_old_class(classifier
 @pytest.mark.parametrize("flags", [[], ["--base-size", "32", "--eval-mode", "slide", "--eval-crop", "16",
                                         "--eval-stride", "8"]], ids=["whole-resized", "slide-native"])
 def test_written_masks_score_what_eval_scores(segmenter, tmp_path, flags):
-    from segmentation.datasets import open_split
+    from segmentation.data import open_split
     data, checkpoint = segmenter
     evaluate_segmentation("--checkpoint", checkpoint, "--device", "cpu", "-j", "0", *flags,
                           "--output-json", tmp_path / "eval.json")

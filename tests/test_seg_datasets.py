@@ -12,8 +12,8 @@ from torchvision.transforms import v2
 
 from common.log import UserError
 from conftest import run, write_image
-from segmentation.datasets import (CITYSCAPES_LABEL_IDS, DATASETS, IGNORE_INDEX, ade20k, cityscapes, voc,
-                                   voc_colour)
+from segmentation.data import DATASETS, IGNORE_INDEX
+from segmentation.datasets import CITYSCAPES_LABEL_IDS, ade20k, cityscapes, voc, voc_colour
 
 WIDTH, HEIGHT = 24, 16
 # Typed out from the Cityscapes label table rather than taken from the module, so that the test checks the facts.

@@ -11,7 +11,8 @@ from PIL import Image
 
 from common.log import SampleError, UserError
 from conftest import evaluate_segmentation, train_segmentation, write_image
-from segmentation.datasets import DATASETS, folder, open_split, voc_colour
+from segmentation.data import DATASETS, folder, open_split
+from segmentation.datasets import voc_colour
 
 WIDTH, HEIGHT = 24, 16
 COLOURS = {"background": (0, 0, 0), "scratch": (255, 0, 0), "dent": (0, 0, 255)}

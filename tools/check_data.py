@@ -27,7 +27,8 @@ from classification.list_file import check_labels, list_class_names, read_list
 from common.flags import number
 from common.data import read_image, shown
 from common.log import SampleError, UserError, run_cli
-from segmentation.datasets import DATASETS, check_same_size, open_split
+from segmentation.data import DATASETS, open_split
+from segmentation.datasets import check_same_size
 
 
 def get_args_parser():

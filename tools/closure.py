@@ -23,7 +23,8 @@ LAZY_MODULES = ("classification.gpu_preset", "common.device_loader", "common.exp
                 "common.synthetic_batches", "classification.list_file", "common.class_weights", "common.freeze",
                 "segmentation.imbalance", "segmentation.folder", "common.bad_samples", "common.user_model",
                 "common.output_dir", "classification.pictures",
-                "segmentation.pictures", "classification.list_cache")
+                "segmentation.pictures", "classification.list_cache",
+                "segmentation.datasets")
 
 
 def module_file(name):
