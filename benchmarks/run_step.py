@@ -120,7 +120,7 @@ class Runner:
         self.optimizer_label = optimizer_label(optimizer, device)
         # The schedule's shape does not change a step's cost; any epoch length will do.
         lr_scheduler = create_lr_scheduler(
-            optimizer, args.lr_scheduler, args.epochs, 1000, warmup_epochs=args.lr_warmup_epochs,
+            optimizer, args.lr_scheduler, args.epochs * 1000, 1000, warmup_epochs=args.lr_warmup_epochs,
             warmup_method=args.lr_warmup_method, warmup_decay=args.lr_warmup_decay, lr_min=args.lr_min, **schedule)
         if args.compile:
             model.compile()  # in place, as the scripts do; compilation happens in the first warm-up step

@@ -14,7 +14,7 @@ from torch import nn
 
 from classification.data import dataset_classes, load_train, load_val
 from classification.model import create_model
-from common.checkpoint import Checkpointer, resolve_resume
+from common.checkpoint import Checkpointer
 from common.data import BatchLayout, bad_sample_budget, default_workers
 from common.distributed import data_parallel, init_distributed
 from common.engine import (Precision, StepParts, evaluate, install_run_guards, pause_after,
@@ -22,7 +22,7 @@ from common.engine import (Precision, StepParts, evaluate, install_run_guards, p
 from common.flags import add_shared_flags, number
 from common.log import RunLog, UserError, print0, run_cli
 from common.metrics import ClassificationMeter
-from common.optim import EMA, create_lr_scheduler, create_optimizer
+from common.optim import create_optimizer_and_scheduler
 
 # Defaults that depend on the data: torchvision's ResNet-50 V1 recipe (8 GPUs x 32 images) for real data; for the
 # synthetic set a small recipe that finishes on a laptop CPU, AdamW as it needs far fewer steps there than SGD.
@@ -135,7 +135,7 @@ TRAINED_SETTINGS = ("model", "data_path", "train_crop_size", "val_resize_size", 
 
 
 def finish_args(args):
-    resolve_resume(args, TRAINED_SETTINGS)  # args.resume_from: the checkpoint, or None
+    Checkpointer.resolve_resume(args, TRAINED_SETTINGS)  # args.resume_from: the checkpoint, or None
     if args.data_path is None and (args.train_list or args.val_list or args.classes_file):
         args.data_path = ""  # list files of absolute paths: real data, not the synthetic set
     for name, value in {**DEFAULTS, **(SYNTHETIC_DEFAULTS if args.data_path is None else REAL_DATA_DEFAULTS)}.items():
@@ -234,14 +234,13 @@ def main(args):
     print0(f"{args.model}, {sum(p.numel() for p in model.parameters()):,} parameters; {len(train_loader.dataset)} "
            f"training and {len(val_loader.dataset)} validation images, {len(class_names)} classes; effective batch "
            f"{args.batch_size} x {args.accum_steps} accumulation x {env.world_size} processes = {layout.global_batch}")
-    model_ema = EMA(model, args.model_ema_decay, args.model_ema_steps, layout.global_batch, args.epochs,
-                    args.lr_warmup_epochs) if args.model_ema else None
-    optimizer = create_optimizer(args.opt, model, args.lr, args.momentum, args.weight_decay, device.type,
-                                 args.norm_weight_decay, head, args.head_lr)
-    lr_scheduler = create_lr_scheduler(
-        optimizer, args.lr_scheduler, args.epochs, steps_per_epoch, warmup_epochs=args.lr_warmup_epochs,
-        warmup_method=args.lr_warmup_method, warmup_decay=args.lr_warmup_decay, step_size=args.lr_step_size,
-        gamma=args.lr_gamma, lr_min=args.lr_min)
+    model_ema = None
+    if args.model_ema:
+        from common.ema import EMA  # only with --model-ema
+        model_ema = EMA(model, args.model_ema_decay, args.model_ema_steps, layout.global_batch, args.epochs,
+                        args.lr_warmup_epochs)
+    optimizer, lr_scheduler = create_optimizer_and_scheduler(args, model, head, device.type, steps_per_epoch,
+                                                             args.epochs * steps_per_epoch)
     model = data_parallel(model, env, device, args.sync_bn)
     if args.compile:
         model.compile()  # in place: the state dict keeps its keys

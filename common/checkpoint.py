@@ -234,21 +234,6 @@ def save_training(state, output_dir, is_best=False, keep=0):
            f"{' and best.pth' if is_best else ''}")
 
 
-def resolve_resume(args, trained_names):
-    """--resume, resolved once and before any work, so that a wrong path is refused at once: `args.resume_from`
-    is the checkpoint the run starts from (None: a fresh start). Under --test-only, the flags of `trained_names`
-    left unset (None) take the checkpoint's values: what it evaluates with unless told otherwise."""
-    args.resume_from = resume_path(args.resume, args.output_dir)
-    if not args.test_only or not args.resume:
-        return
-    if args.resume_from is None:
-        raise UserError(f"--resume auto found no checkpoint in {args.output_dir}: nothing to evaluate")
-    trained = load_checkpoint(args.resume_from).get("args") or {}
-    for name in trained_names:
-        if getattr(args, name, None) is None and name in trained:
-            setattr(args, name, trained[name])
-
-
 class Checkpointer:
     """Saves and restores everything a run needs to continue, as plain dicts and tensors: the step's `parts`
     (StepParts), the position, the best `score` so far (its key in the checkpoint and its name in the log:
@@ -294,6 +279,21 @@ class Checkpointer:
         self.best = score if is_best else self.best
         self.save_on_all_ranks(epoch, step, is_best=is_best, validated=True, confusion=confusion)
         return is_best
+
+    @staticmethod
+    def resolve_resume(args, trained_names):
+        """--resume, resolved once and before any work, so that a wrong path is refused at once: `args.resume_from`
+        is the checkpoint the run starts from (None: a fresh start). Under --test-only, the flags of `trained_names`
+        left unset (None) take the checkpoint's values: what it evaluates with unless told otherwise."""
+        args.resume_from = resume_path(args.resume, args.output_dir)
+        if not args.test_only or not args.resume:
+            return
+        if args.resume_from is None:
+            raise UserError(f"--resume auto found no checkpoint in {args.output_dir}: nothing to evaluate")
+        trained = load_checkpoint(args.resume_from).get("args") or {}
+        for name in trained_names:
+            if getattr(args, name, None) is None and name in trained:
+                setattr(args, name, trained[name])
 
     @staticmethod
     def load_for_evaluation(path, model, model_name, class_names):

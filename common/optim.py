@@ -1,10 +1,8 @@
-"""How parameters are updated: parameter groups, optimizer, per-iteration LR schedule with warmup, EMA."""
+"""How parameters are updated: parameter groups, optimizer, per-iteration LR schedule with warmup."""
 import torch
 from torch import nn
 from torch.optim import lr_scheduler as sched
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from common.checkpoint import unwrap
 from common.log import UserError
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
@@ -53,11 +51,25 @@ def create_optimizer(name, model, lr, momentum, weight_decay, device_type, norm_
     raise ValueError(f"unknown --opt {name!r}: use sgd, sgd_nesterov, adamw or rmsprop")
 
 
-def create_lr_scheduler(optimizer, name, epochs, steps_per_epoch, *, warmup_epochs=0, warmup_method="linear",
+def create_optimizer_and_scheduler(args, model, head, device_type, steps_per_epoch, total_steps):
+    """The optimizer of --opt, and the schedule of the --lr-* flags laid out for `total_steps` optimizer steps (a
+    run of --iters need not fill whole epochs)."""
+    optimizer = create_optimizer(args.opt, model, args.lr, args.momentum, args.weight_decay, device_type,
+                                 args.norm_weight_decay, head, args.head_lr)
+    # Each script has the flags of the schedules it offers: StepLR's and ExponentialLR's, or PolynomialLR's.
+    shape = {name: getattr(args, flag) for name, flag in (("step_size", "lr_step_size"), ("gamma", "lr_gamma"),
+                                                          ("power", "lr_power")) if hasattr(args, flag)}
+    lr_scheduler = create_lr_scheduler(optimizer, args.lr_scheduler, total_steps, steps_per_epoch,
+                                       warmup_epochs=args.lr_warmup_epochs, warmup_method=args.lr_warmup_method,
+                                       warmup_decay=args.lr_warmup_decay, lr_min=args.lr_min, **shape)
+    return optimizer, lr_scheduler
+
+
+def create_lr_scheduler(optimizer, name, total_steps, steps_per_epoch, *, warmup_epochs=0, warmup_method="linear",
                         warmup_decay=0.01, step_size=30, gamma=0.1, lr_min=0.0, power=0.9):
     """torch's schedulers stepped once per optimizer step, with epoch-based values converted to steps."""
     warmup_steps = warmup_epochs * steps_per_epoch
-    main_steps = max(epochs * steps_per_epoch - warmup_steps, 1)
+    main_steps = max(total_steps - warmup_steps, 1)
     if name == "steplr":
         main = sched.StepLR(optimizer, step_size=step_size * steps_per_epoch, gamma=gamma)
     elif name == "cosineannealinglr":
@@ -77,24 +89,3 @@ def create_lr_scheduler(optimizer, name, epochs, steps_per_epoch, *, warmup_epoc
     else:
         raise ValueError(f"unknown --lr-warmup-method {warmup_method!r}: use linear or constant")
     return sched.SequentialLR(optimizer, [warmup, main], milestones=[warmup_steps])
-
-
-class EMA(AveragedModel):
-    """Exponential moving average of weights and buffers; during the LR warmup it copies the model (the early
-    weights are not worth keeping). The decay is rescaled as torchvision's reference does, so the
-    --model-ema-decay of its published recipes means the same here."""
-
-    def __init__(self, model, decay, every, images_per_step, epochs, warmup_epochs):
-        alpha = min(1.0, (1 - decay) * images_per_step * every / epochs)
-        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(1 - alpha), use_buffers=True)
-        for module in self.module.modules():  # never trained: no forwards checkpointed by --grad-checkpointing
-            vars(module).pop("forward", None)
-        self.every, self.warmup_epochs = every, warmup_epochs
-
-    def update(self, model, epoch, step):
-        """Every `every` steps of an epoch, as torchvision counts them."""
-        if step % self.every:
-            return
-        self.update_parameters(unwrap(model))
-        if epoch < self.warmup_epochs:
-            self.n_averaged.fill_(0)

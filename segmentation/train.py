@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.checkpoint import Checkpointer, resolve_resume
+from common.checkpoint import Checkpointer
 from common.data import BatchLayout, bad_sample_budget, default_workers
 from common.distributed import data_parallel, init_distributed
 from common.engine import (Precision, StepParts, install_run_guards, pause_after, train_step,
                            training_batches)
 from common.flags import add_shared_flags, number
 from common.log import RunLog, UserError, print0, run_cli
-from common.optim import create_lr_scheduler, create_optimizer
+from common.optim import create_optimizer_and_scheduler
 from segmentation.data import DATASETS, IGNORE_INDEX, dataset_info, load_train, load_val
 from segmentation.inference import add_eval_args, validate
 from segmentation.model import create_model
@@ -144,7 +144,7 @@ def finish_args(args):
                                       args.freeze_backbone or args.head_lr is not None):
         raise UserError(f"--model {args.model} is your own: --weights-backbone, --aux-loss, --output-stride, "
                         "--freeze-backbone and --head-lr are for the built-in models; drop them")
-    resolve_resume(args, TRAINED_SETTINGS)  # args.resume_from: the checkpoint, or None
+    Checkpointer.resolve_resume(args, TRAINED_SETTINGS)  # args.resume_from: the checkpoint, or None
     if args.iters and args.epochs:
         raise UserError(f"--iters {args.iters} and --epochs {args.epochs} both set the length of the run: give one")
     for name, value in {**DEFAULTS, **(SYNTHETIC_DEFAULTS if args.data_path is None else REAL_DATA_DEFAULTS)}.items():
@@ -208,19 +208,6 @@ class SegmentationLoss(nn.Module):
         return loss
 
 
-def create_optimizer_and_schedule(args, model, device_type, steps_per_epoch, total_steps):
-    """--head-lr for every module but the backbone; the schedule laid out in optimizer steps (one scheduler
-    "epoch" = one step), so that --iters need not fill whole epochs."""
-    head = [name for name, _ in model.named_children() if name != "backbone"]
-    optimizer = create_optimizer(args.opt, model, args.lr, args.momentum, args.weight_decay, device_type,
-                                 args.norm_weight_decay, head, args.head_lr)
-    lr_scheduler = create_lr_scheduler(optimizer, args.lr_scheduler, total_steps, 1,
-                                       warmup_epochs=args.lr_warmup_epochs * steps_per_epoch,
-                                       warmup_method=args.lr_warmup_method, warmup_decay=args.lr_warmup_decay,
-                                       lr_min=args.lr_min, power=args.lr_power)
-    return optimizer, lr_scheduler
-
-
 def create_criterion(args, class_names, train_set, device):
     weights = None
     if args.class_weights != "none":  # the module only this flag needs is imported with it
@@ -273,7 +260,9 @@ def main(args):
            f"{args.crop_size[0]}x{args.crop_size[1]}, effective batch {args.batch_size} x {args.accum_steps} x "
            f"{env.world_size} processes; sync-bn {args.sync_bn}; {total_steps} optimizer steps: "
            f"{math.ceil(total_steps / steps_per_epoch)} epochs of {steps_per_epoch}")
-    optimizer, lr_scheduler = create_optimizer_and_schedule(args, model, device.type, steps_per_epoch, total_steps)
+    head = [name for name, _ in model.named_children() if name != "backbone"]  # what --head-lr trains
+    optimizer, lr_scheduler = create_optimizer_and_scheduler(args, model, head, device.type, steps_per_epoch,
+                                                             total_steps)
     model = data_parallel(model, env, device, args.sync_bn)
     if args.compile:
         model.compile()  # in place: the state dict keeps its keys

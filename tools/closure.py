@@ -6,9 +6,7 @@ modules, transitively, at module level and inside functions alike.
 For each script it prints the files, their lines and characters, and the names the script itself uses from
 the repository: each name imported from a repository module, and each distinct attribute read from a
 repository module imported whole. An import inside a function of the modules that only an optional flag runs
-(LAZY_MODULES: the GPU and synthetic data backends, export, list files, class weights, a frozen backbone, the Dice
-loss, the folder layout, a bad-sample budget, an own --model, the output folder) is not followed: those files are needed only with
-that flag.
+(LAZY_MODULES) is not followed: those files are needed only with that flag.
 """
 import argparse
 import ast
@@ -16,15 +14,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("classification", "common", "segmentation")
-# Imported inside a function only when their flag is given (--data-backend gpu or synthetic, --export,
-# --train-list, --class-weights, --freeze-backbone, segmentation's --loss and --dataset folder, --max-bad-samples N,
-# --model package.module:function, --output-dir): not followed there.
+# Imported inside a function only when their flag is given: --data-backend gpu or synthetic, --export, --train-list,
+# --class-weights, --freeze-backbone, segmentation's --loss, --max-bad-samples N, --model package.module:function,
+# --output-dir (the folder's lock, provenance and TensorBoard with its pictures), a listing cache, a --dataset's
+# layout, --model-ema.
 LAZY_MODULES = ("classification.gpu_preset", "common.device_loader", "common.export", "segmentation.gpu_augment",
                 "common.synthetic_batches", "classification.list_file", "common.class_weights", "common.freeze",
                 "segmentation.imbalance", "segmentation.folder", "common.bad_samples", "common.user_model",
-                "common.output_dir", "classification.pictures",
-                "segmentation.pictures", "classification.list_cache",
-                "segmentation.datasets")
+                "common.output_dir", "classification.pictures", "segmentation.pictures", "classification.list_cache",
+                "segmentation.datasets", "common.ema")
 
 
 def module_file(name):
