@@ -210,7 +210,6 @@ def test_only(model, val_loader, class_names, precision, args):
 def main(args):
     env, device = init_distributed(args.device, args.dist_timeout, args.dist_backend, args.sync_bn)
     args.world_size = env.world_size
-    # With --global-batch, the --accum-steps that keeps it on the processes this start found.
     layout = BatchLayout.planned(env, args.batch_size, args.accum_steps, args.global_batch)
     args.accum_steps = layout.accum_steps
     log = RunLog(env, device)
