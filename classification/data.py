@@ -1,5 +1,4 @@
-"""Classification data: ImageFolder trees listed once (and cached) and checked up front, torchvision v2 presets,
-and the synthetic set."""
+"""Classification data: ImageFolder trees (listed once, cached, checked), v2 presets, the synthetic set."""
 import os
 import time
 from collections import Counter
@@ -19,16 +18,13 @@ from common.log import UserError, print0
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
 
 LAYOUT_HINT = "--data-path must hold train/ and val/, each with one folder of images per class (ImageNet layout)"
-SORT_VAL_COMMAND = "python tools/sort_imagenet_val.py {folder} LOC_val_solution.csv"
-LISTING_THREADS = 16
 
 
 def list_classes(split_dir):
-    """Class folder names of one split; hidden folders (.thumbnails, .ipynb_checkpoints) are not classes."""
     if not os.path.isdir(split_dir):
         raise UserError(f"split folder {shown(split_dir)} not found: {LAYOUT_HINT}")
     classes, hidden, loose = [], [], []
-    for entry in sorted(os.scandir(split_dir), key=lambda entry: entry.name):
+    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
         if entry.name.startswith("."):
             hidden += [entry.name] if entry.is_dir() else []
         elif entry.is_dir():
@@ -40,12 +36,12 @@ def list_classes(split_dir):
             loose.append(entry.name)
     if hidden:
         print0(f"note: hidden folders are not classes, skipped in {shown(split_dir)}: {', '.join(map(shown, hidden))}")
-    if loose:  # never read as one class, nor left out unsaid
+    if loose:
         images = f"{shown(split_dir)} holds {len(loose)} image{'s' * (len(loose) > 1)}"
-        if not classes and os.path.basename(os.path.normpath(split_dir)) == "val":  # ImageNet's val/ as distributed
+        if not classes and os.path.basename(os.path.normpath(split_dir)) == "val":  # ImageNet's val/ as shipped
             raise UserError(f"{images} and no class folders: sort them into class folders with: "
-                            f"{SORT_VAL_COMMAND.format(folder=shown(split_dir))} (the README shows it with the "
-                            "devkit's labels too)")
+                            f"python tools/sort_imagenet_val.py {shown(split_dir)} LOC_val_solution.csv (the README "
+                            "shows it with the devkit's labels too)")
         named = ", ".join(map(shown, loose[:5])) + (f" and {len(loose) - 5} more" if len(loose) > 5 else "")
         where = "and no class folders" if not classes else "beside its class folders"
         raise UserError(f"{images} {where} ({named}), which no class would read: move each image into the folder of "
@@ -56,35 +52,31 @@ def list_classes(split_dir):
 
 
 class PathArray:
-    """File names as two arrays: their bytes end to end, and where each starts. A list of str holds an object per
-    name, whose reference counts DataLoader workers write to as they read, copying its pages (pytorch#13246)."""
+    """Names as one byte array plus offsets: workers reading a list of str copy its pages as they touch refcounts
+    (pytorch#13246)."""
 
-    def __init__(self, data=None, offsets=None):
-        self.data = np.zeros(0, np.uint8) if data is None else data
-        self.offsets = np.zeros(1, np.int64) if offsets is None else offsets
+    def __init__(self, data, offsets):
+        self.data, self.offsets = data, offsets
 
     @classmethod
     def of(cls, names):
-        """From a list of bytes."""
         offsets = np.zeros(len(names) + 1, np.int64)
         np.cumsum(np.fromiter(map(len, names), np.int64, len(names)), out=offsets[1:])
         return cls(np.frombuffer(b"".join(names), np.uint8).copy(), offsets)
 
     @classmethod
     def joined(cls, parts):
-        if parts and all(part.data is parts[0].data for part in parts) and all(
-                first.offsets[-1] == second.offsets[0] for first, second in zip(parts, parts[1:])):
-            # Consecutive parts of one array (a cache that lists every class again as it was): no copy.
-            return cls(parts[0].data, np.concatenate([parts[0].offsets[:1], *(part.offsets[1:] for part in parts)]))
-        data = np.concatenate([part.data[part.offsets[0]:part.offsets[-1]] for part in parts] or [cls().data])
+        if parts and all(p.data is parts[0].data for p in parts) and all(
+                a.offsets[-1] == b.offsets[0] for a, b in zip(parts, parts[1:])):  # one cached array: no copy
+            return cls(parts[0].data, np.concatenate([parts[0].offsets[:1], *(p.offsets[1:] for p in parts)]))
+        data = np.concatenate([p.data[p.offsets[0]:p.offsets[-1]] for p in parts] or [np.zeros(0, np.uint8)])
         offsets, end = [np.zeros(1, np.int64)], 0
-        for part in parts:
-            offsets.append(part.offsets[1:] - part.offsets[0] + end)
-            end += part.offsets[-1] - part.offsets[0]
+        for p in parts:
+            offsets.append(p.offsets[1:] - p.offsets[0] + end)
+            end += p.offsets[-1] - p.offsets[0]
         return cls(data, np.concatenate(offsets))
 
     def part(self, first, last):
-        """Names first..last-1, sharing this one's arrays."""
         return PathArray(self.data, self.offsets[first:last + 1])
 
     def __len__(self):
@@ -95,32 +87,28 @@ class PathArray:
 
 
 class ClassFiles(NamedTuple):
-    """One class folder listed: its images (paths from the split folder, in torchvision's order), and every
-    folder walked with the stamp the cache compares."""
-    files: PathArray
-    folders: list  # (path from the split folder, bytes; folder_stamp)
-    hidden: int = 0  # files and folders whose names start with '.'
-    skipped: dict = {}  # extension -> files not named as images
-    not_files: list = []  # a SampleError for each image name that is no regular file (a FIFO, a dangling link)
+    files: PathArray  # paths from the split folder, in torchvision's order
+    folders: list  # (relative path as bytes, folder_stamp) of every folder walked
+    hidden: int = 0
+    skipped: dict = {}  # extension -> count
+    not_files: list = []  # SampleErrors: image names that are no regular file
 
 
 def folder_stamp(info):
-    """What the cache compares of a folder's os.stat: the modification time, which adding or removing a file
-    moves, and the inode number and change time, which a folder replaced by one with the same modification time
-    (an archive unpacked with fixed times, rsync -t, a restored snapshot) does not keep: no unpacker sets them."""
+    """Also inode and ctime: a folder replaced by one of the same mtime (rsync -t, an unpacked archive) changes
+    them."""
     return info.st_mtime_ns, info.st_ino, info.st_ctime_ns
 
 
 def list_class(split_dir, name):
-    """Walk one class folder in torchvision's make_dataset order (folders by path, files by name), but stop on
-    what torchvision hangs on (a FIFO), skips silently (an unlistable folder) or lists dozens of times (a loop)."""
-    folders, skipped, hidden, not_files = [], Counter(), 0, []
-    pending = [(name, ())]
+    """torchvision's make_dataset order, but stopping where it hangs (a FIFO), skips silently (an unlistable
+    folder) or loops (symlinks)."""
+    folders, skipped, hidden, not_files, pending = [], Counter(), 0, [], [(name, ())]
     while pending:
         relative, ancestors = pending.pop()
         folder = os.path.join(split_dir, relative)
-        try:  # the time first: a file added while the folder is listed makes it newer than its listing
-            info, entries = os.stat(folder), sorted(os.scandir(folder), key=lambda entry: entry.name)
+        try:  # stat first: a file added during the listing makes the folder newer than its listing
+            info, entries = os.stat(folder), sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as e:
             raise UserError(f"cannot list folder {shown(folder)} ({reason(e)}): fix its permissions or remove "
                             "it") from None
@@ -149,17 +137,15 @@ def list_class(split_dir, name):
 
 
 class FileList(NamedTuple):
-    """The images of one split folder: paths from `root` and the index of each one's class folder in `classes`."""
     root: str
     classes: list
     paths: PathArray
     class_index: np.ndarray
 
 
-def in_threads(function, items, threads=LISTING_THREADS):
-    """[function(item) for item in items] in threads (a network file system answers many listings at once about
-    as fast as one), each taking every threads-th item: thousands of tiny tasks spend their time on the GIL. The
-    first error in the items' order is raised, as a loop would raise it."""
+def in_threads(function, items, threads=16):
+    """[function(item) for item in items] in threads: a network file system answers many listings at once about
+    as fast as one. Each thread takes every threads-th item: tiny tasks would wait on the GIL."""
     items = list(items)
 
     def run(first):
@@ -181,13 +167,11 @@ def in_threads(function, items, threads=LISTING_THREADS):
 
 
 def list_split(split_dir, cache_dir=None, strict=True):
-    """(FileList, [ClassFiles] in class order) of a split folder. With `cache_dir`, the next start lists again
-    only the class folders that changed. `strict` stops on an image name that is no regular file."""
     started, listed_at_ns = time.perf_counter(), time.time_ns()
     classes = list_classes(split_dir)
     path, cached, kept = None, {}, [False] * len(classes)
     if cache_dir:
-        from classification.list_cache import cache_path, read_cache, unchanged  # only with a cache folder
+        from classification.list_cache import cache_path, read_cache, unchanged
         path = cache_path(cache_dir, split_dir)
         cached, cached_at_ns = read_cache(path, split_dir)
         kept = in_threads(lambda name: name in cached and unchanged(split_dir, cached[name], cached_at_ns), classes)
@@ -226,8 +210,7 @@ def print_skipped(split_dir, listed):
 
 
 class ImageFiles(Dataset):
-    """The (image, class index) samples of a FileList; class indices are those of `class_names` (train/'s
-    classes, which val/ may hold only some of)."""
+    """Labels index `class_names`, train/'s classes: val/ may hold only some."""
 
     def __init__(self, files, class_names, transform=None, resize_shorter_side=None):
         if len(class_names) < 2:  # one class is always right: "100% top-1" that means nothing
@@ -235,8 +218,8 @@ class ImageFiles(Dataset):
                             f"({', '.join(map(shown, class_names))}): a classifier needs at least 2: give train/ and "
                             "val/ one folder of images per class")
         index_of = {name: i for i, name in enumerate(class_names)}
-        self.root, self.paths, self.classes, self.transform = files.root, files.paths, list(class_names), transform
-        self.resize_shorter_side = resize_shorter_side
+        self.root, self.paths, self.classes = files.root, files.paths, list(class_names)
+        self.transform, self.resize_shorter_side = transform, resize_shorter_side
         self.targets = np.array([index_of[name] for name in files.classes], np.int64)[files.class_index]
         self.samples = SampleView(self)
 
@@ -248,12 +231,11 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index):
         image = read_image(self.path(index), resize_shorter_side=self.resize_shorter_side)
-        target = int(self.targets[index])
-        return (self.transform(image) if self.transform is not None else image), target
+        return (self.transform(image) if self.transform is not None else image), int(self.targets[index])
 
 
 class SampleView:
-    """ImageFiles.samples: torchvision ImageFolder's (path, class index) pairs, made on demand."""
+    """ImageFolder's .samples, made on demand."""
 
     def __init__(self, files):
         self.files = files
@@ -269,8 +251,6 @@ class SampleView:
 
 
 def image_folder(split_dir, class_names, transform=None, cache_dir=None, resize_shorter_side=None):
-    """The ImageFiles of a split folder, listed by rank 0 alone and sent to the others. `resize_shorter_side`:
-    what `transform` resizes the shorter side to, checked from each file's header before decoding."""
     files = from_rank0(lambda: list_split(split_dir, cache_dir)[0])
     unknown = sorted(set(files.classes) - set(class_names))
     if unknown:
@@ -280,8 +260,7 @@ def image_folder(split_dir, class_names, transform=None, cache_dir=None, resize_
 
 
 class Crop(NamedTuple):
-    """A training random-resized crop of `size` (RandomResizedCrop's `scale` and `ratio`), or a validation resize
-    of the shorter side to `resize`, then a centre crop of `size`."""
+    """Train: RandomResizedCrop; val: the shorter side resized to `resize`, then a centre crop."""
     train: bool
     size: int
     resize: int = 256
@@ -315,20 +294,19 @@ def val_preset(crop):
 
 
 def batch_mixer(mixup_alpha, cutmix_alpha, num_classes):
-    """MixUp and/or CutMix on whole batches (one of them per batch), or None."""
     mixers = [mixer(alpha=alpha, num_classes=num_classes) for mixer, alpha in
               ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]
     return v2.RandomChoice(mixers) if mixers else None
 
 
 def make_shapes(num_samples, image_size=32, num_classes=10, seed=0, split="train", chunk=1024):
-    """Return (uint8 images [N, 3, H, W], int64 labels [N]) with one shape per image; label = shape."""
+    """(uint8 images [N, 3, H, W], int64 labels [N]): one shape per image, its label."""
     if not 2 <= num_classes <= len(SHAPES):
         raise ValueError(f"the synthetic set has 2 to {len(SHAPES)} classes, not {num_classes}")
-    # Train and val come from different random streams, so validation images are never seen in training.
+    # Different streams, so that no validation image is seen in training.
     generator = torch.Generator().manual_seed(seed * 2 + (split != "train"))
     parts = [_draw_shapes(min(chunk, num_samples - start), image_size, num_classes, generator)
-             for start in range(0, num_samples, chunk)]  # in chunks, to bound memory at large image sizes
+             for start in range(0, num_samples, chunk)]  # chunks bound memory at large image sizes
     return torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
 
 
@@ -336,7 +314,7 @@ def _draw_shapes(n, image_size, num_classes, generator):
     labels = torch.randint(num_classes, (n,), generator=generator)
     images, background = noisy_backgrounds(n, image_size, generator)
     colour = contrasting_colours(n, background, generator)
-    # Shapes span 60-90% of the image side, so that at 32 px ResNet-18's stride-4 stem still sees their outline.
+    # 60-90% of the side: at 32 px, ResNet-18's stride-4 stem still sees the outline.
     radius = (torch.rand(n, generator=generator) * 0.15 + 0.3) * image_size
     centre = radius[:, None] + torch.rand(n, 2, generator=generator) * (image_size - 2 * radius[:, None])
     coords = torch.arange(image_size, dtype=torch.float32) + 0.5
@@ -351,7 +329,6 @@ def _draw_shapes(n, image_size, num_classes, generator):
 
 
 def synthetic_loader(images, labels, sampler, batch_size, train, mixer=None):
-    """Batches of the shapes set, already on the device."""
     normalize = NormalizeBytes(images.device)
 
     def transform(images, labels):
@@ -365,10 +342,8 @@ def synthetic_loader(images, labels, sampler, batch_size, train, mixer=None):
 
 
 def dataset_classes(args, split="train"):
-    """Class names in label order, for training, --test-only and eval.py: of the list files, the sorted class
-    folders of `split` (eval.py: val/ where a tree has no train/), or the synthetic shapes."""
     if any(getattr(args, name, None) for name in ("train_list", "val_list", "classes_file")):
-        from classification.list_file import list_class_names  # only with list files
+        from classification.list_file import list_class_names
         return from_rank0(lambda: list_class_names(args))
     if args.data_path is None:
         return list(SHAPES[:args.synthetic_classes])
@@ -376,17 +351,14 @@ def dataset_classes(args, split="train"):
 
 
 def split_files(args, split, class_names, transform=None, resize_shorter_side=None):
-    """The ImageFiles of --train-list or --val-list, else of the split's class folders."""
     if getattr(args, f"{split}_list", None):
-        from classification.list_file import image_list  # only with list files
+        from classification.list_file import image_list
         return image_list(args, split, class_names, transform, resize_shorter_side)
     cache_dir = getattr(args, "list_cache", None) or getattr(args, "output_dir", None)
     return image_folder(os.path.join(args.data_path, split), class_names, transform, cache_dir, resize_shorter_side)
 
 
 def load_train(args, layout, device, class_names, bad_samples):
-    """This rank's training micro-batches (`layout` says which); files that fail to load are replaced by
-    stand-ins and reported to `bad_samples`."""
     seed, batch_size, workers, backend = args.seed, args.batch_size, args.workers, args.data_backend
     reps = args.ra_reps if args.ra_sampler else 0
     crop = Crop(True, args.train_crop_size, scale=args.train_crop_scale, ratio=args.train_crop_ratio,
@@ -400,29 +372,27 @@ def load_train(args, layout, device, class_names, bad_samples):
         raise UserError(f"--auto-augment and --random-erase run in the pil backend only: drop them or use "
                         f"--data-backend pil instead of {backend}")
     folder = split_files(args, "train", class_names)
-    classes = torch.from_numpy(folder.targets) if args.balanced_sampler else None  # what --balanced-sampler balances
-    if backend == "synthetic":  # the model step alone: random batches of the real data's shape on the device
-        from common.synthetic_batches import SyntheticBatches  # only with --data-backend synthetic
+    classes = torch.from_numpy(folder.targets) if args.balanced_sampler else None
+    if backend == "synthetic":  # the model step alone
+        from common.synthetic_batches import SyntheticBatches
         shape = ((batch_size, 3, crop.size, crop.size), (batch_size,))
         return SyntheticBatches(shape, len(class_names), device, TrainingSampler(folder, layout, seed, reps, classes))
     if backend == "gpu":
-        from classification.gpu_preset import device_loader  # only with --data-backend gpu
+        from classification.gpu_preset import device_loader
         sampler = TrainingSampler(folder, layout, seed, reps, classes)
         return device_loader(folder, sampler, batch_size, workers, crop, device, seed, mixer, bad_samples)
     folder.transform = train_preset(crop, args.auto_augment, args.random_erase)
     train_set = SeededSamples(bad_samples.stand_ins(folder, seed) if bad_samples is not None else folder, seed)
-    # Not persistent: fresh workers each epoch take their seeds from the per-epoch RNG (exact resume).
+    # Not persistent: fresh workers each epoch seed from the per-epoch RNG (exact resume).
     loader = DataLoader(train_set, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
                         sampler=TrainingSampler(train_set, layout, seed, reps, classes), drop_last=True,
                         worker_init_fn=ignore_stop_signals, collate_fn=bad_samples and bad_samples.collate)
     loader = bad_samples.reported(loader) if bad_samples is not None else loader
-    # MixUp/CutMix in the main process, which the loop seeds every step: in a worker they would draw from the
-    # stream of whichever worker got the batch, and a resumed run would mix differently.
+    # In the main process, which the loop seeds every step: a worker's stream would mix a resumed run differently.
     return BatchesThrough(loader, mixer) if mixer else loader
 
 
 def load_val(args, env, device, class_names):
-    """Validation loader whose labels index `class_names`; every sample lands on exactly one rank."""
     batch_size, workers = args.batch_size, args.workers
     crop = Crop(False, args.val_crop_size, args.val_resize_size, interpolation=args.interpolation)
     if args.data_path is None:
@@ -433,7 +403,7 @@ def load_val(args, env, device, class_names):
     val_set = split_files(args, "val", class_names, val_preset(crop), crop.resize)
     sampler = ShardedEvalSampler(val_set, env.rank, env.world_size)
     if args.data_backend == "gpu":
-        from classification.gpu_preset import device_loader  # only with --data-backend gpu
+        from classification.gpu_preset import device_loader
         return device_loader(val_set, sampler, batch_size, workers, crop, device)
     return DataLoader(val_set, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
                       sampler=sampler, worker_init_fn=ignore_stop_signals)

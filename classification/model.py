@@ -10,25 +10,14 @@ from common.checkpoint import load_checkpoint, load_model_state, state_dict_from
 from common.log import UserError, print0
 
 
-def classifier_models():
-    return torchvision.models.list_models(module=torchvision.models)
-
-
-def find_head(model):
-    """Qualified name of the final nn.Linear, the classifier head."""
+def find_head(model, required=True):
     linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not linear:
+    if not linear and required:
         raise UserError(f"{type(model).__name__} has no nn.Linear classifier to resize: choose another --model")
-    return linear[-1]
+    return linear[-1] if linear else None
 
 
-def replace_head(model, head, num_classes):
-    parent_name, _, attr = head.rpartition(".")
-    old = model.get_submodule(head)
-    setattr(model.get_submodule(parent_name), attr, nn.Linear(old.in_features, num_classes))
-
-
-# Models whose training-mode output carries auxiliary heads, while the loop expects plain logits.
+# Their training-mode output carries auxiliary heads; the loop expects plain logits.
 AUX_HEAD_MODELS = ("googlenet", "inception_v3")
 
 
@@ -41,27 +30,25 @@ def create_model(name, weights, num_classes, freeze_backbone=False, grad_checkpo
     if grad_checkpointing:
         enable_grad_checkpointing(model)
     if freeze_backbone:
-        from common.freeze import freeze_all_but  # only with --freeze-backbone
+        from common.freeze import freeze_all_but
         freeze_all_but(model, [head])
     return model, head
 
 
 def build_model(name, weights, num_classes):
-    """(model, head name). `weights`: None, a torchvision enum name such as IMAGENET1K_V2, or a file."""
-    if ":" in name:  # package.module:function, the user's own
+    """`weights`: None, a torchvision weights name such as IMAGENET1K_V2, or a file."""
+    if ":" in name:  # package.module:function
         from common.user_model import build_user_model
         model = build_user_model(name, num_classes)
         if weights:
             load_model_state(model, state_dict_from(load_checkpoint(weights), weights), weights)
-        linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-        return model, linear[-1] if linear else None  # no head: --head-lr and --freeze-backbone have none to keep
-    if name not in classifier_models():
+        return model, find_head(model, required=False)  # None: --head-lr and --freeze-backbone have none to keep
+    if name not in torchvision.models.list_models(module=torchvision.models):
         raise UserError(f"unknown --model {name!r}: use a torchvision classifier such as resnet50, resnet18, "
                         "convnext_tiny, vit_b_16 (all: torchvision.models.list_models(module=torchvision.models)), "
                         "or your own as package.module:function")
     extra = {"aux_logits": False} if name in AUX_HEAD_MODELS else {}
-    # init_weights=True keeps these models' current initialisation (and silences a FutureWarning); weights
-    # files set it themselves.
+    # init_weights=True keeps their current initialisation and silences a FutureWarning.
     scratch = {**extra, "init_weights": True} if extra else {}
     if weights and os.path.isfile(weights):
         model = torchvision.models.get_model(name, num_classes=num_classes, **scratch)
@@ -78,10 +65,11 @@ def build_model(name, weights, num_classes):
             options = ", ".join(w.name for w in torchvision.models.get_model_weights(name))
             raise UserError(f"--weights {weights!r} is neither a file nor a weights name of {name} "
                             f"({options})") from None
-        model = torchvision.models.get_model(name, weights=enum, **extra)  # downloads once into torch's hub cache
+        model = torchvision.models.get_model(name, weights=enum, **extra)
         head = find_head(model)
         if len(enum.meta["categories"]) != num_classes:
-            replace_head(model, head, num_classes)
+            parent, _, attr = head.rpartition(".")
+            setattr(model.get_submodule(parent), attr, nn.Linear(model.get_submodule(head).in_features, num_classes))
             print0(f"replaced the {len(enum.meta['categories'])}-class head of {weights} with a "
                    f"{num_classes}-class one")
         return model, head
@@ -90,9 +78,8 @@ def build_model(name, weights, num_classes):
 
 
 def enable_grad_checkpointing(model):
-    """Recompute each stage's activations in backward. Batch-norm running statistics see each batch twice, as
-    with timm's checkpoint_seq. The stages' forwards are patched on the instances; common.optim.EMA's copy drops
-    them."""
+    """Batch-norm statistics see each batch twice, as with timm's checkpoint_seq; EMA's copy drops the patched
+    forwards."""
     if hasattr(model, "layer4"):  # ResNet, ResNeXt, Wide ResNet
         stages = [getattr(model, f"layer{i}") for i in range(1, 5)]
     elif hasattr(model, "features"):  # ConvNeXt, EfficientNet, MobileNet, Swin
@@ -101,8 +88,8 @@ def enable_grad_checkpointing(model):
         stages = list(model.encoder.layers)
     else:
         stages = []
-    # Stages must be blocks: checkpointing single layers saves nothing, and an in-place ReLU checkpointed
-    # on its own modifies a tensor the previous segment needs again (VGG, AlexNet, DenseNet fail so).
+    # Blocks only: single layers save nothing, and an in-place ReLU checkpointed alone modifies a tensor the
+    # previous segment needs again (VGG, AlexNet, DenseNet fail so).
     if not stages or any(not list(stage.children()) for stage in stages):
         raise UserError(f"--grad-checkpointing knows the stages of ResNet, ConvNeXt, EfficientNet, MobileNet, "
                         f"Swin and ViT families, not of {type(model).__name__}: drop the flag")

@@ -1,5 +1,4 @@
-"""Data pieces both tasks share: image files read into RGB or refused in one clear line; the seeding scheme;
-which sample each rank sees, in which order, with which augmentation; and the loaders of the built-in sets."""
+"""Data pieces both tasks share: image files read or refused in one line; the seeding scheme; samplers; loaders."""
 import os
 import signal
 import stat
@@ -18,7 +17,7 @@ from common.log import SampleError, UserError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torchvision's weights expect
 REPLACE_IMAGE = "delete the file or replace it with a valid image"
-# torchvision's list and the other photo formats Pillow reads (of a GIF, the first frame).
+# Besides torchvision's list, the other photo formats Pillow reads (of a GIF, the first frame).
 IMAGE_EXTENSIONS = IMG_EXTENSIONS + (".jfif", ".jpe", ".gif", ".apng", ".avif", ".pbm", ".pnm")
 
 
@@ -27,8 +26,7 @@ def replace_hint(what):
 
 
 def shown(text):
-    """A path as an error shows it: repr-quoted when it holds a character that would break or hide in the one-line
-    message (a newline, a byte-order mark, an undecodable byte)."""
+    """repr-quoted when a character would break or hide in a one-line message (newline, BOM, undecodable byte)."""
     text = os.fsdecode(text) if isinstance(text, bytes) else str(text)
     return text if text.isprintable() else repr(text)
 
@@ -43,7 +41,6 @@ def _kind(mode):
 
 
 def not_a_file_error(path, what="image", mode=None):
-    """A SampleError (met in loading, only the rank that loads it knows) for a dangling symlink, a FIFO, ..."""
     link = os.readlink(path) if os.path.islink(path) else None
     if link is not None and not os.path.exists(path):
         return SampleError(f"{what} {shown(path)} is a symlink to {shown(link)}, which does not exist: "
@@ -59,7 +56,6 @@ def not_a_file_error(path, what="image", mode=None):
 
 
 def reason(e):
-    """An exception as `Type: message` on one line."""
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
@@ -87,11 +83,8 @@ def open_regular(path, what="image"):
 
 
 def read_image(path, name=None, resize_shorter_side=None):
-    """Any Pillow-readable file (or file object, called `name` in errors) as RGB; with `resize_shorter_side`, the
-    resized size is checked before the image is decoded."""
-    source = path
-    if isinstance(path, (str, bytes, os.PathLike)):
-        source, _ = open_regular(path)
+    """As RGB; `name` names a file object in errors; the resized size is checked before decoding."""
+    source = open_regular(path)[0] if isinstance(path, (str, bytes, os.PathLike)) else path
     try:
         with source, Image.open(source) as image:  # opening reads the header only
             check_resized_size(name or path, image.size, resize_shorter_side)
@@ -108,8 +101,7 @@ MAX_RESIZED_PIXELS = 64_000_000  # 768 MB as float32 RGB; a photo of any usual s
 
 
 def check_resized_size(path, size, shorter_side):
-    """Refuse an image that resizing would make larger than MAX_RESIZED_PIXELS: a 143-byte PNG of 20000x1 pixels
-    becomes 256x5,120,000, gigabytes."""
+    """A 143-byte PNG of 20000x1 pixels would be resized to 256x5,120,000: gigabytes."""
     if shorter_side is None:
         return
     width, height = size
@@ -122,8 +114,7 @@ def check_resized_size(path, size, shorter_side):
 
 class NormalizeBytes:
     def __init__(self, device):
-        # Constants made once on the data's device: v2.Normalize builds them from Python lists on every call,
-        # and on a GPU each such host-to-device copy waits for all queued work, a sync in every step.
+        # Made once on the device: v2.Normalize copies Python lists to the GPU every call, a sync in every step.
         self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
         self.inv_std = 1 / (torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
 
@@ -131,35 +122,27 @@ class NormalizeBytes:
         return (images.float() - self.mean) * self.inv_std
 
 
-# ---- the seeding scheme: where every random number of a training run comes from ----------------------------------
+# ---- the seeding scheme: where every random number of a training run comes from ----
 #
-# Each stream is seeded from --seed and the position in the run at which it is used, never from what ran before:
-# a run resumed at any optimizer step, also on another number of processes with the same global and per-process
-# batch, replays what an uninterrupted run does, and a sample's augmentation does not depend on the DataLoader
-# worker that loads it.
+# Each stream is seeded from --seed and where in the run it is used, never from what ran before: a resumed run (also
+# on another number of processes, same global and per-process batch) replays the uninterrupted one, and no
+# augmentation depends on the worker that loads it.
 #
-#   weight initialisation: from seed, in the train script before the model is built (torch.manual_seed)
-#   data order (also --ra-sampler's and --balanced-sampler's): from seed + epoch, in TrainingSampler (one order
-#     for all ranks, cut into global batches and those into slots)
-#   each sample's augmentation (CPU workers): from (seed, epoch, sample index), in SeededSamples
-#   the DataLoader workers' base seed (the per-epoch global stream): from (seed, epoch, rank), in training_batches
-#     before the epoch's loader iterator is made
-#   dropout, stochastic depth, MixUp/CutMix, the synthetic set's flips (the per-micro-batch global stream): from
+#   weight initialisation: seed, in the train script before the model is built
+#   data order (also --ra-sampler's and --balanced-sampler's): seed + epoch, in TrainingSampler
+#   each sample's augmentation (CPU workers): (seed, epoch, sample index), in SeededSamples
+#   the workers' base seed (the per-epoch stream): (seed, epoch, rank), in training_batches
+#   dropout, stochastic depth, MixUp/CutMix, the synthetic set's flips (the per-micro-batch stream):
 #     (seed, epoch, step, slot), in train_step before each micro-batch is fetched
-#   device augmentation (--data-backend gpu): from (seed, epoch, step, slot), in DeviceLoader, a torch.Generator
-#     of the micro-batch's own (it is prepared on a side thread one batch ahead)
-#   the stand-in for a file that fails to load: from (seed, failed sample index), in common/bad_samples.py,
-#     the same on any rank and in any epoch (a stand-in that fails too is replaced in turn, never by a sample
-#     its chain tried before)
+#   device augmentation (--data-backend gpu): (seed, epoch, step, slot), a torch.Generator of its own in
+#     DeviceLoader (it prepares batches on a side thread)
+#   the stand-in for a file that fails to load: (seed, sample index), in common/bad_samples.py, alike on any rank
+#     and epoch (never a sample its chain tried before)
 #
-# A slot is a micro-batch's place in its step's global batch (BatchLayout): keyed by slot, not by rank, a run
-# resumed on another number of processes draws what the uninterrupted run drew. The per-epoch stream stays per
-# rank: the workers' base seed it gives reaches no sample (SeededSamples seeds each one).
-#
-# A DataLoader worker's own stream is not covered (it depends on which worker gets which batch): nothing draws
-# from it, which is why MixUp and CutMix run in the main process, not in the workers' collate function.
-# Seeds come from numpy's SeedSequence, which hashes the whole tuple (stream, seed, position...): positions of
-# any size, ImageNet's 1.28 million sample indices among them, never share a seed by arithmetic accident.
+# Keyed by slot (BatchLayout), not by rank, a run resumed on another number of processes draws the same. The
+# per-epoch stream stays per rank: the workers' base seed reaches no sample. A worker's own stream depends on which
+# worker gets which batch: nothing draws from it, hence MixUp and CutMix run in the main process. SeedSequence
+# hashes the whole tuple: positions of any size (1.28M sample indices) never share a seed by arithmetic accident.
 
 _TAGS = {"epoch": 1, "step": 2, "sample": 3, "batch": 4, "stand-in": 5}
 
@@ -182,11 +165,10 @@ def sample_seed(seed, epoch, index):
     return derive_seed("sample", seed, epoch, index)
 
 
-# ---- samplers and loaders ---------------------------------------------------------------------------------------
+# ---- samplers and loaders ----
 
 def bad_sample_budget(limit, output_dir):
-    """--max-bad-samples: common.bad_samples.BadSamples, imported only with the flag; None at 0, where a file that
-    fails to load stops the run."""
+    """None at 0: the first file that fails to load stops the run."""
     if not limit:
         return None
     from common.bad_samples import BadSamples
@@ -195,11 +177,8 @@ def bad_sample_budget(limit, output_dir):
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """How each optimizer step's global batch is cut into world_size x accum_steps slots of batch_size samples
-    (slot j: entries j, j + slots, ...), and which this rank computes: micro-batch m of rank r is slot
-    m x world_size + r. A slot's samples depend on the global batch and batch_size only, so a run resumed on
-    another layout of the same global batch goes on with the uninterrupted run's samples (README: resume on
-    another number of processes)."""
+    """A step's global batch in `slots` slots of batch_size (slot j: entries j, j + slots, ...); micro-batch m of
+    rank r is slot m x world_size + r: resumed on another layout, a run goes on with the same samples."""
 
     world_size: int = 1
     rank: int = 0
@@ -219,8 +198,7 @@ class BatchLayout:
 
     @classmethod
     def planned(cls, env, batch_size, accum_steps=None, global_batch=None):
-        """This rank's layout; with --global-batch N, --accum-steps is N / (processes x -b): an elastic launch on
-        another number of processes keeps the global batch (and the run's schedule and order)."""
+        """With --global-batch N, --accum-steps is N / (processes x -b): an elastic launch keeps the global batch."""
         world_size, per_step = env.world_size, env.world_size * batch_size
         if global_batch is None:
             return cls(world_size, env.rank, batch_size, accum_steps or 1)
@@ -240,13 +218,9 @@ class BatchLayout:
 
 
 class TrainingSampler(Sampler):
-    """This rank's samples of each epoch, micro-batch after micro-batch, as BatchLayout cuts one order of the data
-    set for all ranks, drawn from seed + epoch. With `reps` (--ra-sampler: torchvision's RASampler) each sample
-    comes `reps` times in a row, as virtual indices index + copy * len(dataset), so that SeededSamples augments
-    each copy its own way, and an epoch sees about 1/reps of the distinct samples. With `classes` (--balanced-sampler)
-    it draws len(dataset) samples with replacement, each with the inverse of its class's count: every class equally
-    often in expectation, each draw a virtual index of its own (augmented anew). The entries after the last whole
-    global batch are left out, on every layout alike."""
+    """One order for all ranks, from seed + epoch, cut by BatchLayout (the tail after the last global batch left
+    out). `reps` (--ra-sampler): each sample `reps` times in a row, as virtual indices index + copy * len(dataset)
+    that SeededSamples augments apart. `classes` (--balanced-sampler): draws weighted by 1 / class count."""
 
     def __init__(self, dataset, layout, seed, reps=0, classes=None):
         self.dataset, self.layout, self.seed, self.reps = dataset, layout, seed, reps
@@ -268,7 +242,7 @@ class TrainingSampler(Sampler):
         copies = torch.arange(max(self.reps, 1))
         if self.weights is None:
             order = torch.randperm(n, generator=generator)[:, None]
-        else:  # each draw a virtual index of its own, so that SeededSamples augments an image's repeats apart
+        else:  # each draw a virtual index of its own, augmented apart
             order = torch.multinomial(self.weights, n, replacement=True, generator=generator)[:, None]
             copies = torch.arange(n)[:, None] * len(copies) + copies
         return (order + n * copies).flatten()
@@ -284,14 +258,13 @@ class TrainingSampler(Sampler):
         return (self.steps_per_epoch - self.start_step) * self.layout.accum_steps * self.layout.batch_size
 
     def position(self, batch_index):
-        """(step, slot) of the `batch_index`-th micro-batch this rank reads from where the epoch began."""
+        """(step, slot) of this rank's `batch_index`-th micro-batch since the epoch (re)started."""
         steps, micro = divmod(batch_index, self.layout.accum_steps)
         return self.start_step + steps, self.layout.slot(micro)
 
 
 class SeededSamples(Dataset):
-    """Seeds each sample's random transforms from (seed, epoch, index), not from the worker's stream: a sample is
-    augmented alike whichever worker or rank loads it and wherever a resumed epoch starts."""
+    """Seeded per (seed, epoch, index), not by the worker's stream: alike on any worker, rank or resume point."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
@@ -306,12 +279,9 @@ class SeededSamples(Dataset):
 
 
 def ignore_stop_signals(worker_id):
-    """DataLoader worker_init_fn: stop signals sent to the whole process group (a terminal, tini -g, many
-    schedulers) must not kill the workers before the main process has saved. A SIGTERM from the main process
-    itself still ends the worker: Python terminates its daemon children so at exit, and an ignored one would
-    leave it waiting for them forever.
-    SIGBUS (shared memory full) gets its default action back, so that the main process reports it in one line
-    (dataloader_worker_failure), not torch's message per worker."""
+    """Stop signals sent to the process group must not kill workers before the main process has saved; its own
+    SIGTERM still ends them (at exit it would wait for them forever). SIGBUS (full /dev/shm) gets its default
+    action back: the worker dies of it, and the main process reports that in one line."""
     signal.signal(signal.SIGBUS, signal.SIG_DFL)
     for signum in (signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
@@ -347,7 +317,6 @@ class ShardedEvalSampler(Sampler):
 
 
 class TensorLoader:
-    """Batches of in-memory (or GPU-resident) tensors in the order of `sampler`, at no per-sample cost."""
 
     def __init__(self, images, labels, sampler, batch_size, transform, drop_last):
         self.images, self.labels, self.sampler = images, labels, sampler
@@ -367,8 +336,8 @@ class TensorLoader:
 
 
 class BatchesThrough:
-    """A DataLoader's batches, each passed through `function(*batch)` in the training thread as it is trained
-    on: not as the workers prefetch it, and not in a worker, whose random stream and memory are its own."""
+    """`function(*batch)` in the training thread as each batch is trained on, not in a worker, whose random
+    stream is its own."""
 
     def __init__(self, loader, function):
         self.loader, self.function = loader, function

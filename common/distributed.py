@@ -1,4 +1,4 @@
-"""Process-group setup for torchrun and SLURM, and the model wrappers that depend on it (DDP, SyncBatchNorm)."""
+"""Process groups under torchrun and SLURM, and the DDP and SyncBatchNorm wrapping that depends on them."""
 import datetime
 import os
 import pickle
@@ -27,7 +27,7 @@ class DistEnv:
 
 
 def read_dist_env(environ=os.environ):
-    """Rank layout from torchrun's variables, else SLURM's (one task per GPU), else a single process."""
+    """torchrun's variables, else SLURM's (one task per GPU)."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
         return DistEnv(int(environ["RANK"]), int(environ.get("LOCAL_RANK", 0)), int(environ["WORLD_SIZE"]))
     # srun sets SLURM_STEP_NUM_TASKS for the processes of its step; SLURM_NTASKS is the whole allocation's.
@@ -42,14 +42,12 @@ def read_dist_env(environ=os.environ):
 
 
 def cuda_device_of(local_rank):
-    """One GPU per process, by local rank among the GPUs this process sees. SLURM's --gpus-per-task=1 shows each
-    task only its own GPU, as cuda:0, whatever its local rank."""
+    """Modulo: SLURM's --gpus-per-task=1 shows each task only its own GPU, as cuda:0, whatever its local rank."""
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def init_distributed(device_name=None, timeout_minutes=30, backend=None, sync_bn=False):
-    """(DistEnv, torch.device) of this rank. gloo on GPUs is slower (it copies through host memory) but takes
-    several ranks on one GPU. `sync_bn` is checked before any work: SyncBatchNorm has CUDA kernels only."""
+    """(DistEnv, torch.device). `sync_bn` is checked before any work: SyncBatchNorm has CUDA kernels only."""
     env = read_dist_env()
     if device_name is None:
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,15 +77,14 @@ def init_distributed(device_name=None, timeout_minutes=30, backend=None, sync_bn
 
 
 def restarts_may_reuse_stale_addresses(environ=os.environ):
-    """Whether torchrun may restart these workers while they use its own store, where a restart that finds the
-    previous attempt's keys connects to ranks that are gone. Static rendezvous always shares it; c10d does
-    unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1."""
+    """A restart on torchrun's own store may find the killed attempt's keys and connect to ranks that are gone.
+    Static rendezvous always shares it; c10d does unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1."""
     return (int(environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
             and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
 
 def check_gpu(device, device_name):
-    """Before any work: without it, the first CUDA call fails with the driver's traceback."""
+    """Otherwise the first CUDA call fails with the driver's traceback."""
     if not torch.cuda.is_available():
         raise UserError(f"--device {device_name}, but this process sees no CUDA GPU (torch {torch.__version__}, "
                         f"CUDA {torch.version.cuda or 'not built in'}): check nvidia-smi and CUDA_VISIBLE_DEVICES, "
@@ -104,9 +101,8 @@ def all_reduce_max(tensor):
 
 
 def from_rank0(compute):
-    """compute() on rank 0 alone (the listing of a data tree), its result sent to every rank; an error on rank 0
-    is raised on every rank, so that none waits for a result that never comes. Arrays are sent as tensors, out of
-    band (pickle protocol 5): ImageNet's listing, some 50 MB, is not copied through pickle's bytes."""
+    """compute() on rank 0, its result (or error, lest a rank wait forever) sent to all. Arrays go out of band
+    (pickle protocol 5): ImageNet's 50 MB listing is not copied through pickle's bytes."""
     if not in_process_group() or dist.get_world_size() == 1:
         return compute()
     box, buffers = [None], []
@@ -137,8 +133,7 @@ def from_rank0(compute):
 
 
 def data_parallel(model, env, device, sync_bn=False):
-    """DistributedDataParallel when there are several processes, the model itself otherwise. The parameters stay
-    the same objects, so an optimizer or an EMA made before still holds them."""
+    """The parameters stay the same objects: an optimizer or EMA made before still holds them."""
     if not env.distributed:
         return model
     if sync_bn:

@@ -1,7 +1,4 @@
-"""What the train scripts' loop is made of: the numeric precision, decided once; one optimizer step; where the
-run pauses; the evaluation loop; and the ways a run stops early (a preemption signal, divergence, a stalled rank).
-No flags are read here.
-"""
+"""The train scripts' loop: precision, one optimizer step, pauses, evaluation, early stops. No flags read here."""
 import faulthandler
 import multiprocessing
 import os
@@ -24,7 +21,7 @@ from common.log import (INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, STALLED_EXIT
                         in_process_group, print0)
 
 
-# ---- precision: "float32", "bfloat16" or "float16", decided once per run ---------------------------------------
+# ---- precision: "float32", "bfloat16" or "float16", decided once per run ----
 # Only float16 needs loss scaling: its range is too narrow for small gradients.
 
 def precision_from_flags(amp, amp_dtype):
@@ -38,15 +35,8 @@ def uses_loss_scaling(precision):
     return precision == "float16"
 
 
-def autocast_context(device, precision):
-    if precision == "float32":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=getattr(torch, precision))
-
-
 class UnitScaler(torch.amp.GradScaler):
-    """A GradScaler held at scale 1, for float32 and bfloat16: its step() still skips a step whose gradients are
-    not finite, on the CPU and with fused optimizers without the host sync a Python `if` would cost."""
+    """Scale 1 for float32 and bfloat16: step() still skips non-finite steps, without the sync a Python `if` costs."""
 
     def __init__(self, device_type):
         super().__init__(device_type, init_scale=1.0)
@@ -56,8 +46,8 @@ class UnitScaler(torch.amp.GradScaler):
 
 
 def grad_scaler(device, precision, optimizer):
-    """Loss scaling for float16. Otherwise a UnitScaler where it is sync-free, and where it would sync every step
-    (SGD and RMSprop on a GPU) a disabled one, which does not skip non-finite steps: NonFiniteGuard stops those."""
+    """A UnitScaler where sync-free; where it would sync every step (SGD, RMSprop on a GPU) a disabled one, which
+    does not skip non-finite steps: NonFiniteGuard stops those."""
     if uses_loss_scaling(precision):
         return torch.amp.GradScaler(device.type)
     if device.type == "cpu" or getattr(optimizer, "_step_supports_amp_scaling", False):
@@ -66,17 +56,16 @@ def grad_scaler(device, precision, optimizer):
 
 
 class Precision:
-    """How a run computes, decided once from its flags (a checkpoint records `name`, so a resumed run knows whether
-    the scaler state it saved still applies). It changes nothing global until configure_kernels() is called."""
+    """A checkpoint records `name`: a resume knows whether its scaler state applies. Nothing global changes until
+    configure_kernels()."""
 
     def __init__(self, device, amp=False, amp_dtype=None, channels_last=False):
         self.device, self.name = device, precision_from_flags(amp, amp_dtype)
-        self.autocast = autocast_context(device, self.name)
+        self.autocast = (torch.autocast(device.type, enabled=False) if self.name == "float32"
+                         else torch.autocast(device.type, dtype=getattr(torch, self.name)))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def configure_kernels(self, deterministic=False):
-        """Process-wide switches, for every model run after: cuDNN's autotuner (off under --use-deterministic-
-        algorithms, whose kernels it would not choose), TF32 matmuls and convolutions, and determinism."""
         configure_kernels(self.device, deterministic)
 
     def grad_scaler(self, optimizer):
@@ -86,20 +75,18 @@ class Precision:
         return to_device(batch, self.device, self.memory_format)
 
 
-# ---- the step --------------------------------------------------------------------------------------------------
+# ---- the step ----
 
-# GradScaler skips the optimizer step of a float16 step that overflowed, as the first steps of a run usually do;
-# torch then warns that the LR scheduler stepped before the optimizer. Intended: the schedule counts steps, taken
-# or skipped, so that it stays aligned with the data.
+# A float16 step that overflows (as a run's first ones do) skips optimizer.step(), and torch warns. Intended: the
+# schedule counts steps, taken or skipped, to stay aligned with the data.
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 
 
 def configure_kernels(device, deterministic=False):
-    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.benchmark = not deterministic  # the autotuner would not choose deterministic kernels
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it
-        # A few CUDA kernels (adaptive average pooling's backward among them) have no deterministic version:
-        # on GPUs they warn instead of stopping the run. On CPU every kernel used here is deterministic.
+        # A few CUDA kernels (adaptive average pooling's backward) have no deterministic version: warn, not stop.
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -111,7 +98,6 @@ def to_device(batch, device, memory_format=torch.contiguous_format):
 
 
 def gradient_sync(model, last_micro_batch):
-    """With accumulation, only the last micro-batch needs DDP's all-reduce."""
     return nullcontext() if last_micro_batch or not hasattr(model, "no_sync") else model.no_sync()
 
 
@@ -123,28 +109,24 @@ class StepParts(NamedTuple):
     scaler: torch.amp.GradScaler
     precision: Precision
     clip_grad_norm: Optional[float] = None
-    ema: Optional[torch.nn.Module] = None  # common.optim.EMA, updated after steps
+    ema: Optional[torch.nn.Module] = None  # common.ema.EMA, updated after steps
 
 
 def pause_after(steps_done, steps_per_epoch, total_steps, eval_interval):
-    """(whether an epoch ends, whether a validation is due) after `steps_done` optimizer steps of the run: at each
-    epoch's end, or every `eval_interval` steps, and at the run's end."""
     epoch_end = steps_done % steps_per_epoch == 0 or steps_done == total_steps
     validates = steps_done == total_steps or (steps_done % eval_interval == 0 if eval_interval else epoch_end)
     return epoch_end, validates
 
 
 def training_batches(loader, epoch, step, seed, rank):
-    """The training batches of `epoch` from optimizer step `step` on, drawn alike in a run that goes on and in
-    one resumed at that step: the sampler positioned, then the workers' seeds drawn as the iterator is made."""
+    """Alike in a run that goes on and one resumed at `step`: the workers' seeds are drawn as the iterator is made."""
     loader.sampler.set_epoch(epoch, step)
     seed_epoch(seed, epoch, rank)
     return iter(loader)
 
 
 def train_step(parts, batches, layout, seed, epoch, step):
-    """One optimizer step over `layout.accum_steps` micro-batches from `batches`. Returns the loss and the
-    gradient norm as device tensors: reading them here would make the CPU wait for the GPU every step."""
+    """(loss, gradient norm) as device tensors: reading them here would make the CPU wait for the GPU every step."""
     model, optimizer, scaler, precision = parts.model, parts.optimizer, parts.scaler, parts.precision
     loss_sum = torch.zeros((), device=precision.device)
     for micro in range(layout.accum_steps):
@@ -172,8 +154,7 @@ def train_step(parts, batches, layout, seed, epoch, step):
 
 @torch.inference_mode()
 def evaluate(model, loader, meter, precision, guards=None):
-    """The meter, summed over ranks; None when a stop signal came: across ranks that is noticed at the end, the
-    one point ranks holding different numbers of batches all reach."""
+    """None on a stop signal, agreed at the end: the one point ranks with different numbers of batches all reach."""
     model.eval()
     for batch in loader:
         if guards is not None and guards.preemption.agreed(sync_point=False):
@@ -190,13 +171,12 @@ def evaluate(model, loader, meter, precision, guards=None):
     return meter
 
 
-# ---- stopping early: on request (a preemption signal), because the run diverged (the loss or gradients went NaN or
-# Inf), or because a rank stalled (no step for --stall-timeout seconds). The first two are decided at sync points,
-# so every rank stops together; a stalled rank cannot reach one, so each rank's watchdog stops it alone. ----------
+# ---- stopping early: on a signal, on divergence (NaN or Inf), on a stall ----
+# The first two are decided at sync points, so every rank stops together; a stalled rank reaches none.
 
 class PreemptionSignal:
-    """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before preempting a job) and a first Ctrl-C ask the loop
-    to stop at the next step boundary, save and exit; a second Ctrl-C stops at once."""
+    """SIGTERM, SIGUSR1 (sent by SLURM and Kubernetes before preempting) and a first Ctrl-C: save at the next step
+    boundary and exit; a second Ctrl-C stops at once."""
 
     def __init__(self, device):
         self.device, self.received = device, None
@@ -217,8 +197,7 @@ class PreemptionSignal:
         return all_reduce_sum(torch.tensor(int(self.received is not None), device=self.device)).item() > 0
 
     def exit(self):
-        """Leave with PREEMPTED_EXIT_CODE (INTERRUPTED_EXIT_CODE after Ctrl-C) once every rank is here, so rank 0
-        has finished saving: a launcher that sees one rank exit stops the others."""
+        """Once every rank is here, so rank 0 has saved: a launcher that sees one rank exit stops the others."""
         if in_process_group():
             dist.barrier()
         code = INTERRUPTED_EXIT_CODE if self.received == "SIGINT" else PREEMPTED_EXIT_CODE
@@ -228,10 +207,8 @@ class PreemptionSignal:
 
 
 class NonFiniteGuard:
-    """Stops a run whose loss or gradients are NaN or Inf in `max_steps` steps in a row, at the next sync point,
-    without saving. Under float16 a non-finite gradient is usually an overflow that GradScaler handles, so the
-    loss is watched instead, and a scale halved below MIN_LOSS_SCALE, which only a run whose every step
-    overflows reaches."""
+    """Stops, without saving, after `max_steps` non-finite steps in a row. Under float16 a non-finite gradient is
+    usually an overflow GradScaler handles: the loss is watched instead, and a scale below MIN_LOSS_SCALE."""
 
     # DeepSpeed's min_loss_scale, the same floor: below 1 even the unscaled gradients overflow float16.
     MIN_LOSS_SCALE = 1.0
@@ -260,9 +237,8 @@ class NonFiniteGuard:
                             f"{last_good_checkpoint(self.output_dir)}")
 
 
-# What a stalled rank was doing, told by the innermost frame of its training thread that lies in one of these
-# places (paths that hold them; with function names, only in those functions). With NCCL a collective returns at
-# once and the rank waits at the next sync instead: the loss of a progress line, the stop or non-finite check.
+# What a stalled rank was doing: the innermost frame of its training thread in one of these paths (and functions).
+# With NCCL a collective returns at once and the rank waits at the next sync: a progress line, a stop check.
 STALL_STAGES = (
     (("torch/distributed/", None), ("torch/nn/parallel/", None), ("common/distributed.py", None),
      ("common/log.py", ("all_reduce_sum", "read_back")), ("common/engine.py", ("agreed", "update", "exit")),
@@ -285,10 +261,8 @@ def stalled_stage(frame):
 
 
 class StallWatchdog:
-    """--stall-timeout: a thread that ends this rank when no optimizer step or evaluation batch has finished for
-    `timeout_s` seconds (0: none), instead of letting a stuck file, worker or collective hang the job. The clock
-    starts at the first beat(), so start-up and compilation do not count; a beat only reads the clock, no sync.
-    A caller that goes on after the run (a test) calls stop()."""
+    """Ends this rank when no step or evaluation batch finished in `timeout_s` seconds (0: off), lest a stuck file,
+    worker or collective hang the job; the clock starts at the first beat()."""
 
     latest = None  # the watchdog of the run in progress
 
@@ -303,8 +277,7 @@ class StallWatchdog:
         self.last_beat = time.monotonic()
 
     def beating(self, batches):
-        """`batches`, with a beat as each comes: the forward passes of a pass over them outside evaluate() (the
-        pictures of a validation, for TensorBoard) count as evaluation batches too."""
+        """Passes outside evaluate() (a validation's TensorBoard pictures) count as evaluation batches too."""
         for batch in batches:
             self.beat()
             yield batch
@@ -335,21 +308,18 @@ class StallWatchdog:
 
 
 class RunGuards:
-    """The three ways a training run stops early: on a stop signal, on divergence, and when this rank stalls."""
 
     def __init__(self, preemption, nonfinite, watchdog):
         self.preemption, self.nonfinite, self.watchdog = preemption, nonfinite, watchdog
 
     def stop_requested(self, loss, grad_norm, epoch, step, sync_point):
-        """After each optimizer step: a beat of the stall clock, the divergence check (which raises), and whether
-        the ranks agree to stop for a signal. The last two read device values at sync points only."""
+        """After each step; the divergence check (which raises) and the stop read device values at sync points only."""
         self.watchdog.beat()
         self.nonfinite.update(loss, grad_norm, epoch, step, sync_point)
         return self.preemption.agreed(sync_point)
 
 
 def install_run_guards(device, rank, scaler, output_dir=None, max_nonfinite_steps=3, stall_timeout=0):
-    """Installs the SIGTERM, SIGUSR1 and SIGINT handlers and, with a `stall_timeout`, starts the watchdog's
-    thread: the side effects a run's guards need, made here in sight of main."""
+    """Side effects (signal handlers, the watchdog's thread), made here in sight of main."""
     return RunGuards(PreemptionSignal(device), NonFiniteGuard(max_nonfinite_steps, output_dir, scaler),
                      StallWatchdog(stall_timeout, rank))

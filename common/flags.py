@@ -1,17 +1,15 @@
-"""The flags both train scripts take, in the --help sections they share; the scripts read the values."""
+"""The flags both train scripts share, in their --help sections."""
 import argparse
 import os
 import re
 
 DEVICE_NAMES = "cpu, cuda or cuda:N"
-# A year: longer is no timeout in practice, and far longer (inf, 1e13) overflows the timedelta the process group
-# is given, or torch's clock arithmetic behind it.
+# A year: far longer (inf, 1e13) overflows the process group's timedelta or torch's clock arithmetic.
 MAX_DIST_TIMEOUT_MINUTES = 525_600
 
 
 def number(kind, at_least=None, above=None, at_most=None):
-    """An argparse type for `kind` within the bounds given: -b 0 is refused with the flag's name at once, instead
-    of failing later or running with a meaning nobody asked for."""
+    """An argparse type within bounds: -b 0 is refused with the flag's name at once, not later or silently."""
     noun = "integer" if kind is int else "number"
     if at_most is not None:
         rule = f"between {at_least} and {at_most}" if above is None else f"more than {above} and at most {at_most}"
@@ -32,14 +30,13 @@ def number(kind, at_least=None, above=None, at_most=None):
 
 
 def device_name(text):
-    """argparse type of --device: a typo (gpu) is refused at once, not by the first tensor moved to it."""
+    """A typo (gpu) is refused at once, not by the first tensor moved to it."""
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"must be {DEVICE_NAMES}, got {text}")
     return text
 
 
 def class_weights_source(text):
-    """argparse type of --class-weights: a typo (balance) is refused before any work."""
     if text not in ("none", "balanced") and not os.path.isfile(text):
         raise argparse.ArgumentTypeError(f"must be none, balanced or a file of 'class weight' lines; {text} is no "
                                          "file")
@@ -47,8 +44,7 @@ def class_weights_source(text):
 
 
 def add_shared_flags(parser, recipe, sections):
-    """Add the --help `sections` to `parser` with the shared flags; returns the sections by name, for the script's
-    own flags. `recipe(name)` is the help text of a data-dependent default."""
+    """Returns the --help groups by name; `recipe(name)` is the help of a data-dependent default."""
     groups = {name: parser.add_argument_group(name) for name in sections}
     add = groups["data"].add_argument
     add("-j", "--workers", type=number(int, at_least=0), help="DataLoader worker processes per rank (default: 8, or "
@@ -96,7 +92,6 @@ def add_shared_flags(parser, recipe, sections):
 
 
 def add_checkpoint_flags(group):
-    """Where a run writes, when it saves and validates, and when it stops on its own (the stop guards)."""
     add = group.add_argument
     add("--output-dir", help="where checkpoints, logs and TensorBoard files go (default: nothing is written)")
     add("--resume", help="checkpoint to continue from, or 'auto' for <output-dir>/checkpoint.pth if it exists")

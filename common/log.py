@@ -1,4 +1,4 @@
-"""What a run tells the user and where: console lines from rank 0, one-line errors, the output folder, TensorBoard."""
+"""Rank-0 console lines, one-line errors and exit statuses, the output folder, TensorBoard."""
 import errno
 import json
 import os
@@ -12,12 +12,11 @@ import torch.distributed as dist
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad path, bad flag, bad file): reported in one line, without a traceback.
-    Every rank meets it alike, so only rank 0 reports it."""
+    """Fixable by the user: one line, no traceback; every rank meets it, rank 0 reports it."""
 
 
 class SampleError(UserError):
-    """A UserError about one data file, met only by the rank that loads it: that rank reports it."""
+    """Met, and reported, only by the rank that loads the file."""
 
 
 def in_process_group():
@@ -34,22 +33,18 @@ def print0(*args, **kwargs):
 
 
 def launch_rank():
-    if in_process_group():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    return dist.get_rank() if in_process_group() else int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
 
 
-# Exit statuses besides 0 and 1 (a bug's traceback), for launchers to act on; the README has the table.
+# Exit statuses besides 0 and 1 (a bug's traceback), for launchers; the README has the table.
 USER_ERROR_EXIT_CODE = 2  # one `error:` line: fix what it names, do not restart
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; run the same command again
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports Ctrl-C; the checkpoint is saved as for 75
-STALLED_EXIT_CODE = 124  # as coreutils' timeout reports one: a rank made no progress; resume from the last checkpoint
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, checkpoint saved; run the same command again
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports Ctrl-C; saved as for 75
+STALLED_EXIT_CODE = 124  # as coreutils' timeout: a rank made no progress; resume from the last checkpoint
 
 
 def stop_at_once_until_training():
-    """Until the training loop's PreemptionSignal takes over, a stop signal has nothing to save: it ends the run at
-    once with PREEMPTED_EXIT_CODE, so a script that requeues on it runs the same command again. Returns the
-    handlers it replaced."""
+    """Before PreemptionSignal takes over there is nothing to save: a stop signal exits at once, requeueable."""
     def stop(signum, frame):
         print0(f"stopped on {signal.Signals(signum).name} before training began (exit status {PREEMPTED_EXIT_CODE}): "
                "nothing was saved; the same command starts again")
@@ -59,8 +54,6 @@ def stop_at_once_until_training():
 
 
 def run_cli(main, args):
-    """Run main(args) as a command: a UserError or the death of a DataLoader worker becomes one line and exit
-    status 2."""
     replaced = stop_at_once_until_training()
     try:
         main(args)
@@ -73,7 +66,7 @@ def run_cli(main, args):
         if message is None:
             raise
         report(message, only_this_rank=True)
-    except KeyboardInterrupt:  # a second Ctrl-C: the user asked to stop at once, so no traceback either
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback either
         if launch_rank() == 0:
             print("interrupted: stopped without saving", file=sys.stderr, flush=True)
         sys.exit(INTERRUPTED_EXIT_CODE)
@@ -86,7 +79,6 @@ def run_cli(main, args):
 
 
 def report(message, only_this_rank):
-    """An error every rank meets is printed by rank 0; one met by this rank alone by this rank, with its number."""
     rank = launch_rank()
     from common.engine import StallWatchdog  # here: common.engine imports this module
     if StallWatchdog.latest is not None:  # the run has ended: an error, or the wait below, is no stall
@@ -98,13 +90,11 @@ def report(message, only_this_rank):
     sys.exit(USER_ERROR_EXIT_CODE)
 
 
-SHARED_MEMORY_FIX = ("in a container, give it more with docker run --shm-size=8g (or --ipc=host), or lower -j "
-                     "or -b")
+SHARED_MEMORY_FIX = "in a container, give it more with docker run --shm-size=8g (or --ipc=host), or lower -j or -b"
 
 
 def dataloader_worker_failure(error):
-    """The one-line message for a RuntimeError that says a DataLoader worker died or ran out of shared memory
-    (/dev/shm, where workers hand their batches over); None for any other error."""
+    """One line for a DataLoader worker's death or a full /dev/shm (where workers hand batches over); else None."""
     chain, cause = [], error
     while cause is not None and cause not in chain:
         chain.append(cause)
@@ -131,13 +121,12 @@ def dataloader_worker_failure(error):
 
 
 def wait_for_launcher_to_stop_this_rank(timeout_s=30):
-    """Were the other ranks to exit first, torchrun would kill rank 0 before its error line is out; so they wait
-    for the SIGTERM it sends once rank 0 has exited. Other launchers (srun) would not send it."""
+    """Were the other ranks to exit first, torchrun would kill rank 0 before its error line is out: they wait for
+    the SIGTERM it sends once rank 0 has exited (srun sends none)."""
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1
     if not under_torchrun or not hasattr(signal, "sigtimedwait"):  # macOS has no sigtimedwait
         return
-    # Blocked first: otherwise its default action would end this rank at once, or PreemptionSignal's handler
-    # would take it and the wait would last the whole timeout.
+    # Blocked first, or its default action (or PreemptionSignal's handler) would take it instead of the wait.
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         signal.sigtimedwait({signal.SIGTERM}, timeout_s)
@@ -147,7 +136,7 @@ def wait_for_launcher_to_stop_this_rank(timeout_s=30):
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-held_output_locks = {}  # output folder -> the open lock file that holds it, for as long as this process lives
+held_output_locks = {}  # output folder -> its open lock file, held for this process's life
 
 
 def release_output_dirs():
@@ -156,8 +145,7 @@ def release_output_dirs():
 
 
 def write_failure(error):
-    """(what went wrong, what to do): torch.save reports a failed write as a RuntimeError "[enforce fail at
-    inline_container.cc:...]", with the OSError behind it as its context."""
+    """(what went wrong, what to do); torch.save's RuntimeError for a failed write has the OSError as context."""
     cause = error
     while cause is not None and not isinstance(cause, OSError):
         cause = cause.__cause__ or cause.__context__
@@ -174,8 +162,6 @@ def write_failure(error):
 
 
 def unwritable_output(path, error, output_dir):
-    """The one line of a file of the run that could not be written to `output_dir` (`error`): what went wrong, and
-    what is left to resume from."""
     if not os.path.isdir(output_dir):
         return (f"cannot save {path}: --output-dir {output_dir} is gone (deleted, moved or unmounted while the run "
                 "wrote to it), and no checkpoint of the run with it: start the run again, on a folder that stays")
@@ -189,8 +175,6 @@ def unwritable_output(path, error, output_dir):
 
 
 class RunLog:
-    """What a training run tells the user and leaves behind: the opening and closing lines, log.jsonl and
-    TensorBoard (`writer`, on rank 0 only)."""
 
     def __init__(self, env, device):
         print0(f"{' '.join(sys.argv)}\nworld size {env.world_size}, device {device}, torch {torch.__version__}")
@@ -198,8 +182,7 @@ class RunLog:
         self.output_dir, self.writer, self.provenance = None, None, None
 
     def lock_output_dir(self, output_dir, flags):
-        """Creates the folder, takes its lock for this run's life, writes args.json with the provenance (read once:
-        what ran is the code imported at the start, whatever the working tree becomes) and opens TensorBoard."""
+        # Provenance read once: what ran is the code imported at the start, whatever the working tree becomes.
         if output_dir and is_main_process():
             from common.output_dir import TensorBoard, read_provenance, start_output_dir  # only with --output-dir
             self.provenance = read_provenance(self.device)
@@ -211,11 +194,11 @@ class RunLog:
         return ProgressLog(print_freq, self.world_size, self.writer)
 
     def record(self, record, by="epoch"):
-        """One line of log.jsonl, and each number as a <by>/<name> scalar in TensorBoard at the record's `by`."""
         if self.output_dir and is_main_process():
             path = os.path.join(self.output_dir, "log.jsonl")
             try:
-                append_jsonl(path, record)
+                with open(path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             except OSError as e:
                 raise UserError(unwritable_output(path, e, self.output_dir)) from None
         if self.writer is not None:
@@ -245,25 +228,18 @@ def all_reduce_sum(tensor):
 
 
 def peak_memory_mib():
-    """The GPU's peak since the epoch began; None on the CPU, which has no such count."""
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
 
 
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 class ProgressLog:
-    """Progress lines, as torchvision's MetricLogger.log_every prints them: each step's loss and gradient norm
-    stay device tensors, read back only every `print_freq` steps, so the loop never waits for the GPU between."""
+    """Losses and norms stay device tensors, read back every `print_freq` steps: the loop never waits for the GPU."""
 
     def __init__(self, print_freq, world_size=1, writer=None):
         self.print_freq, self.world_size, self.writer = print_freq, world_size, writer
         self.start_epoch(0, 0, 0)  # a summary with nothing trained: a run resumed in a pause finishes that first
 
     def start_epoch(self, epoch, start_step, steps_per_epoch, total_steps=None):
-        """Lines numbered within `epoch` from `start_step` on; `total_steps` ends the last epoch early (--iters)."""
+        """`total_steps` ends the last epoch early (--iters)."""
         self.epoch, self.start_step, self.steps_per_epoch = epoch, start_step, steps_per_epoch
         self.steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch) if total_steps else steps_per_epoch
         self.losses, self.grad_norms, self.loss_total, self.done = [], [], 0.0, 0
@@ -285,8 +261,7 @@ class ProgressLog:
             yield batch
 
     def log(self, step, loss, grad_norm, lr, last=False):
-        """Prints every print_freq steps, at the epoch's end and at a `last` step (before a validation); returns
-        whether it printed (a sync point)."""
+        """Returns whether it printed (a sync point)."""
         self.losses.append(loss)
         self.grad_norms.append(grad_norm)
         self.done += 1
@@ -307,7 +282,6 @@ class ProgressLog:
         return True
 
     def read_back(self):
-        """(losses averaged over ranks, gradient norms) of the steps since the last read: the one sync."""
         losses = all_reduce_sum(torch.stack(self.losses)).div_(self.world_size).tolist()
         norms = torch.stack(self.grad_norms).tolist()
         self.loss_total += sum(losses)
@@ -319,16 +293,15 @@ class ProgressLog:
         if self.writer is None:
             return
         global_step = self.epoch * self.steps_per_epoch + step
-        first_step = global_step - len(losses) + 1
-        for i, (loss, norm) in enumerate(zip(losses, norms)):
-            self.writer.add_scalar("train/loss", loss, first_step + i)
-            self.writer.add_scalar("train/grad_norm", norm, first_step + i)
+        for at, (loss, norm) in enumerate(zip(losses, norms), global_step - len(losses) + 1):
+            self.writer.add_scalar("train/loss", loss, at)
+            self.writer.add_scalar("train/grad_norm", norm, at)
         if lr is not None:
             self.writer.add_scalar("train/lr", lr, global_step)
             self.writer.add_scalar("train/img_per_s", img_per_s, global_step)
 
     def stop(self, step, reason):
-        """Log the steps since the last progress line: the checkpoint saved next counts them as done."""
+        """Logs the steps since the last progress line: the checkpoint saved next counts them as done."""
         if self.losses:
             self.log_scalars(step, *self.read_back(), None, None)
         print0(f"stopping at step {step + 1} of epoch {self.epoch} on {reason}'s request")

@@ -6,15 +6,14 @@ from common.log import all_reduce_sum
 
 
 class ConfusionMatrix:
-    """matrix[true, predicted] counts; entries equal to ignore_index are not counted."""
+    """matrix[true, predicted]; entries equal to ignore_index are not counted."""
 
     def __init__(self, num_classes, device="cpu", ignore_index=None):
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
     def update(self, predicted, target):
-        # Ignored entries are added with weight 0 instead of being masked out: boolean masking and
-        # torch.bincount both read a size back from the GPU, a sync per batch.
+        # Ignored entries get weight 0, not a mask: boolean masking and bincount read a size back from the GPU.
         predicted, target = predicted.flatten(), target.flatten()
         keep = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=bool)
         cell = torch.where(keep, target * self.num_classes + predicted, 0)
@@ -36,12 +35,12 @@ class ConfusionMatrix:
         return (m.diag() / m.sum(1)).tolist()
 
     def f1(self):
-        """F1 (Dice) per class, 2 TP / (samples + predictions); NaN for a class absent from both."""
+        """F1 (Dice), 2 TP / (samples + predictions); NaN for a class absent from both."""
         m = self.matrix.double()
         return (2 * m.diag() / (m.sum(0) + m.sum(1))).tolist()
 
     def iou(self):
-        """Intersection over union per class; NaN for a class absent from both target and prediction."""
+        """NaN for a class absent from both target and prediction."""
         m = self.matrix.double()
         return (m.diag() / (m.sum(0) + m.sum(1) - m.diag())).tolist()
 
@@ -50,17 +49,15 @@ class ConfusionMatrix:
 
 
 def nanmean(values):
-    """The mean over the classes where it is defined (not NaN)."""
     return torch.tensor(values, dtype=torch.float64).nanmean().item()
 
 
 def percent(values):
-    """Per-class fractions in percent, None where undefined (JSON has no NaN)."""
+    """None where undefined: JSON has no NaN."""
     return [None if x != x else 100 * x for x in values]
 
 
 class ClassificationMeter:
-    """Top-1 through the confusion matrix (which also gives per-class accuracy) plus a top-5 count."""
 
     def __init__(self, num_classes, device="cpu"):
         self.confusion = ConfusionMatrix(num_classes, device)
@@ -76,7 +73,7 @@ class ClassificationMeter:
         all_reduce_sum(self.topk_correct)
 
     def summary(self):
-        """In percent; macro F1 and balanced accuracy (the mean recall) average the classes where each is defined."""
+        """Macro F1 and balanced accuracy (mean recall) average the classes where each is defined."""
         c, total = self.confusion, self.confusion.total
         return {"acc1": 100 * c.accuracy(), "acc5": 100 * self.topk_correct.item() / max(total, 1),
                 "macro_f1": 100 * nanmean(c.f1()), "balanced_acc": 100 * nanmean(c.per_class_accuracy()),
@@ -84,8 +81,7 @@ class ClassificationMeter:
 
 
 class SegmentationMeter:
-    """Pixel accuracy, mean class accuracy and IoU, each label scored at its own resolution: logits are upsampled
-    to the label's size before the argmax, so the score is that of the original annotation."""
+    """Logits are upsampled to each label's size before the argmax: the score is that of the original annotation."""
 
     VOID = 255  # what every segmentation loader writes for unlabelled pixels
 
@@ -95,7 +91,6 @@ class SegmentationMeter:
         self.num_images = torch.zeros((), dtype=torch.int64, device=device)
 
     def update(self, logits, target):
-        """Count one batch; returns the predicted labels at the target's size."""
         if self.ignore_index != self.VOID:
             target = target.masked_fill(target == self.ignore_index, self.VOID)
         if logits.shape[-2:] != target.shape[-2:]:
@@ -110,8 +105,8 @@ class SegmentationMeter:
         all_reduce_sum(self.num_images)
 
     def summary(self):
-        """In percent, as classification's accuracies. mIoU and mean Dice average the classes that occur in labels
-        or predictions (a class that occurs in neither has IoU and Dice None), mean accuracy those in labels."""
+        """mIoU and mean Dice average the classes in labels or predictions (neither: None), mean accuracy those in
+        labels."""
         c = self.confusion
         return {"miou": 100 * c.mean_iou(), "mean_dice": 100 * nanmean(c.f1()), "pixel_acc": 100 * c.accuracy(),
                 "mean_acc": 100 * nanmean(c.per_class_accuracy()), "per_class_iou": percent(c.iou()),

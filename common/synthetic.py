@@ -1,15 +1,11 @@
-"""Drawing the built-in synthetic data of both tasks: shapes, noisy backgrounds, colours that stand out.
-
-The sets themselves (classification/data.py, segmentation/data.py) draw from a seeded generator, so every
-image is a pure function of (seed, split, index): two runs, two processes or a resumed run see the same.
-"""
+"""Drawing the built-in synthetic sets: shapes, noisy backgrounds, colours that stand out."""
 import torch
 
 SHAPES = ("disk", "ring", "square", "frame", "diamond", "triangle", "plus", "cross", "hbar", "vbar")
 
 
 def shape_mask(shape, dx, dy, r):
-    """Boolean mask of one shape, from offsets (dx, dy) to its centre and its radius r (broadcastable)."""
+    """From offsets (dx, dy) to the shape's centre and its radius r (broadcastable)."""
     ax, ay = dx.abs(), dy.abs()
     thin = r / 3
     if shape == "disk":
@@ -37,7 +33,7 @@ def shape_mask(shape, dx, dy, r):
 
 
 def noisy_backgrounds(n, size, generator):
-    """Random base colours, a random linear gradient and pixel noise, as float images in [0, 1]."""
+    """(images: random base colours plus a random linear gradient, the base colours)."""
     base = torch.rand(n, 3, 1, 1, generator=generator) * 0.8 + 0.1
     ramp = torch.linspace(-0.5, 0.5, size)
     slope = (torch.rand(n, 2, 1, 1, generator=generator) - 0.5) * 0.4
@@ -46,7 +42,7 @@ def noisy_backgrounds(n, size, generator):
 
 
 def contrasting_colours(n, background, generator, min_contrast=0.35):
-    """Random colours [n, 3, 1, 1], pushed away from `background` where too close, so every shape stays visible."""
+    """[n, 3, 1, 1], pushed away from `background` where too close, so every shape stays visible."""
     colour = torch.rand(n, 3, 1, 1, generator=generator)
     too_close = (colour - background).abs().amax(1, keepdim=True) < min_contrast
     return torch.where(too_close, (background + 0.5) % 1.0, colour)

@@ -1,4 +1,4 @@
-"""Segmentation data: joint image + mask transforms (torchvision v2), loaders, and the synthetic scenes."""
+"""Segmentation data: joint image + mask transforms (torchvision v2), loaders, the synthetic scenes."""
 import math
 from functools import partial
 from typing import NamedTuple
@@ -15,13 +15,13 @@ from common.distributed import from_rank0
 from common.synthetic import SHAPES, contrasting_colours, noisy_backgrounds, shape_mask
 from common.log import UserError
 
-COLOUR_JITTER = 0.25  # brightness, contrast and saturation factors in 1 +- this, of training crops
-IGNORE_INDEX = 255  # in a mask: void, left out of the loss and the metrics
+COLOUR_JITTER = 0.25  # brightness, contrast and saturation factors in 1 +- this
+IGNORE_INDEX = 255  # void: left out of the loss and the metrics
 SYNTHETIC_PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
                      (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
 
 
-# The readers of each --dataset, imported only when it is chosen: segmentation/datasets.py and folder.py.
+# Each --dataset's reader, imported only when chosen.
 def cityscapes(root, split, transforms=None):
     from segmentation.datasets import cityscapes
     return cityscapes(root, split, transforms)
@@ -43,13 +43,11 @@ def folder(root, split, transforms=None, classes_file=None, binary_masks=False):
 
 
 class Layout(NamedTuple):
-    """A dataset layout: its reader (root, split, transforms=None, **options) -> SegmentationFiles, the sizes its
-    recipe trains at (mmsegmentation's: the shorter side rescaled around base_size, then crop_size crops), and
-    the flags (argparse dests) it reads besides --data-path."""
+    """Sizes as mmsegmentation's recipes: the shorter side rescaled around base_size, then crop_size crops."""
     reader: object
     base_size: int
     crop_size: list
-    options: tuple = ()
+    options: tuple = ()  # the argparse dests it reads besides --data-path
 
 
 DATASETS = {"cityscapes": Layout(cityscapes, 1024, [512, 1024]), "voc": Layout(voc, 512, [512, 512]),
@@ -58,8 +56,7 @@ DATASETS = {"cityscapes": Layout(cityscapes, 1024, [512, 1024]), "voc": Layout(v
 
 
 def open_split(name, root, split, flags):
-    """Split `split` of layout `name` at `root`, with the options it reads from `flags` (vars(args)); an option
-    of another layout is refused."""
+    """`flags`: vars(args)."""
     layout = DATASETS[name]
     for other_name, other in DATASETS.items():
         for option in other.options:
@@ -70,7 +67,7 @@ def open_split(name, root, split, flags):
 
 
 def train_transforms(base_size, crop_size, scale_range):
-    """v2 resizes tv_tensors.Mask with nearest interpolation, always; the crop pads masks with the ignore index."""
+    """v2 resizes tv_tensors.Mask with nearest interpolation, always."""
     return v2.Compose([
         v2.RandomResize(int(scale_range[0] * base_size), int(scale_range[1] * base_size) + 1),
         v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
@@ -82,22 +79,19 @@ def train_transforms(base_size, crop_size, scale_range):
 
 
 def val_transform(image, mask, base_size):
-    """Only the image is resized: the mask keeps the resolution it was annotated at, where it is scored."""
-    image = F.resize(image, base_size, antialias=True)
-    image = F.normalize(F.to_dtype(image, torch.float32, scale=True), MEAN, STD)
-    return image, mask.to(torch.int64)
+    """The mask is not resized: it is scored at the resolution it was annotated at."""
+    image = F.to_dtype(F.resize(image, base_size, antialias=True), torch.float32, scale=True)
+    return F.normalize(image, MEAN, STD), mask.to(torch.int64)
 
 
 def load_dataset(args, split, resize_shorter_side):
-    """The split of the layout of --dataset, listed by rank 0 alone and sent to the others; not cached, as even
-    ADE20K's lists in well under a second (a folder's classes read from its masks are kept for the process)."""
+    """Listed by rank 0 alone; not cached, as even ADE20K's lists in well under a second."""
     loaded = from_rank0(lambda: open_split(args.dataset, args.data_path, split, vars(args)))
     loaded.resize_shorter_side = resize_shorter_side
     return loaded
 
 
 def dataset_info(args):
-    """(class names, palette) of the chosen data."""
     if args.data_path is None:
         names = ["background", *SHAPES[:args.synthetic_classes - 1]]
         return names, SYNTHETIC_PALETTE[:len(names)]
@@ -109,8 +103,6 @@ def dataset_info(args):
 
 
 def load_train(args, layout, device, bad_samples):
-    """This rank's training micro-batches (`layout` says which); files that fail to load are replaced by
-    stand-ins and reported to `bad_samples`."""
     seed, batch_size, workers, backend = args.seed, args.batch_size, args.workers, args.data_backend
     augmentation = (args.base_size, args.crop_size, args.scale_range)
     if args.data_path is None:
@@ -118,17 +110,17 @@ def load_train(args, layout, device, bad_samples):
         return synthetic_loader(images.to(device), masks.to(device), TrainingSampler(masks, layout, seed), batch_size,
                                 train=True)
     dataset = load_dataset(args, "train_aug" if args.voc_aug else "train", int(args.scale_range[1] * args.base_size))
-    if backend == "synthetic":  # the model step alone: random batches of the real data's shape on the device
-        from common.synthetic_batches import SyntheticBatches  # only with --data-backend synthetic
+    if backend == "synthetic":  # the model step alone
+        from common.synthetic_batches import SyntheticBatches
         shapes = ((batch_size, 3, *args.crop_size), (batch_size, *args.crop_size))
         return SyntheticBatches(shapes, len(dataset.class_names), device, TrainingSampler(dataset, layout, seed))
     if backend == "gpu":  # the workers only decode
-        from segmentation.gpu_augment import device_loader  # only with --data-backend gpu
+        from segmentation.gpu_augment import device_loader
         sampler = TrainingSampler(dataset, layout, seed)
         return device_loader(dataset, sampler, batch_size, workers, augmentation, device, seed, bad_samples)
     dataset.transforms = train_transforms(*augmentation)
     train_set = SeededSamples(bad_samples.stand_ins(dataset, seed) if bad_samples is not None else dataset, seed)
-    # Not persistent: fresh workers each epoch take their seeds from the per-epoch RNG (exact resume).
+    # Not persistent: fresh workers each epoch seed from the per-epoch RNG (exact resume).
     loader = DataLoader(train_set, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
                         sampler=TrainingSampler(train_set, layout, seed), drop_last=True,
                         worker_init_fn=ignore_stop_signals, collate_fn=bad_samples and bad_samples.collate)
@@ -136,7 +128,7 @@ def load_train(args, layout, device, bad_samples):
 
 
 def load_val(args, env, device):
-    """One image per batch for real data (their sizes differ); every image on exactly one rank."""
+    """One image per batch for real data: their sizes differ."""
     if args.data_path is None:
         images, masks = make_scenes(args.synthetic_val_size, args.synthetic_image_size, args.synthetic_classes,
                                     split="val")
@@ -149,7 +141,6 @@ def load_val(args, env, device):
 
 
 def synthetic_loader(images, masks, sampler, batch_size, train):
-    """Batches of the synthetic scenes, already on the device."""
     normalize = NormalizeBytes(images.device)
 
     def transform(images, masks):
@@ -163,14 +154,13 @@ def synthetic_loader(images, masks, sampler, batch_size, train):
 
 
 def make_scenes(num_samples, image_size=64, num_classes=6, seed=0, split="train", max_shapes=3):
-    """(uint8 images [N, 3, S, S], uint8 masks [N, S, S]): one to `max_shapes` shapes on striped, noisy
-    backgrounds; mask 0 is background and k the k-th shape. Deterministic in (seed, split)."""
+    """(uint8 images [N, 3, S, S], uint8 masks [N, S, S]): mask 0 is background and k the k-th shape."""
     if not 2 <= num_classes <= len(SHAPES) + 1:
         raise ValueError(f"synthetic scenes have 2 to {len(SHAPES) + 1} classes, not {num_classes}")
     generator = torch.Generator().manual_seed(seed * 2 + (split != "train"))
     n, rand = num_samples, partial(torch.rand, generator=generator)
     images, background = noisy_backgrounds(n, image_size, generator)
-    # Stripes of random direction and frequency: texture that a colour threshold cannot separate from shapes.
+    # Stripes: texture that a colour threshold cannot separate from shapes.
     angle, cycles, phase = rand(n, 1, 1) * math.pi, rand(n, 1, 1) * 6 + 2, rand(n, 1, 1) * 2 * math.pi
     coords = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size
     along = coords.view(1, 1, -1) * angle.cos() + coords.view(1, -1, 1) * angle.sin()

@@ -1,5 +1,4 @@
-"""Inference for evaluation: whole image or sliding window, optionally over several scales and flips; the
-validation of a training run."""
+"""Evaluation inference: whole image or sliding window, optionally over several scales and flips."""
 import argparse
 
 import torch
@@ -12,8 +11,8 @@ from common.log import UserError, print0
 from common.metrics import SegmentationMeter
 
 class Predictor(nn.Module):
-    """Class scores of a segmentation model at the images' size: its logits, or with test-time augmentation the
-    probabilities averaged over every scale and flip (logits of different scales are not on one scale)."""
+    """Logits at the images' size; with test-time augmentation, probabilities averaged over scales and flips
+    (logits of different scales are not comparable)."""
 
     def __init__(self, model, mode="whole", crop=None, stride=None, scales=(1.0,), flip=False):
         super().__init__()
@@ -40,22 +39,19 @@ class Predictor(nn.Module):
         return self.slide(images) if self.mode == "slide" else self.whole(images)
 
     def whole(self, images):
-        """Logits of the whole image, zero-padded to what the model can take (UNet: multiples of 16)."""
+        """Zero-padded to what the model can take (UNet: multiples of 16)."""
         height, width = images.shape[-2:]
         divisor = getattr(self.model, "size_divisor", 1)
-        padded = F.pad(images, (0, -width % divisor, 0, -height % divisor))
-        return self.model(padded)["out"][..., :height, :width]
+        return self.model(F.pad(images, (0, -width % divisor, 0, -height % divisor)))["out"][..., :height, :width]
 
     def slide(self, images):
-        """Logits averaged over overlapping crop x crop windows `stride` apart that cover the image."""
         (crop_h, crop_w), (stride_h, stride_w) = self.crop, self.stride
         height, width = images.shape[-2:]
         images = F.pad(images, (0, max(crop_w - width, 0), 0, max(crop_h - height, 0)))  # small images: one window
         full_h, full_w = images.shape[-2:]
-        tops, lefts = window_starts(full_h, crop_h, stride_h), window_starts(full_w, crop_w, stride_w)
         total, count = None, torch.zeros(1, 1, full_h, full_w, device=images.device)
-        for top in tops:
-            for left in lefts:
+        for top in window_starts(full_h, crop_h, stride_h):
+            for left in window_starts(full_w, crop_w, stride_w):
                 logits = self.whole(images[..., top:top + crop_h, left:left + crop_w]).float()
                 if total is None:
                     total = logits.new_zeros(*logits.shape[:2], full_h, full_w)
@@ -65,12 +61,11 @@ class Predictor(nn.Module):
 
 
 def window_starts(length, window, stride):
-    """Where windows start along `length` pixels (at least a window): every `stride`, the last ending at the edge."""
+    """Every `stride` along `length` (at least a window), the last ending at the edge."""
     return sorted({*range(0, length - window, stride), length - window})
 
 
 def add_eval_args(parser):
-    """The evaluation flags of train.py and eval.py."""
     add = parser.add_argument
     add("--eval-mode", choices=["whole", "slide"], default="whole",
         help="predict the whole image at once, or windows of --eval-crop every --eval-stride pixels")
@@ -84,7 +79,7 @@ def add_eval_args(parser):
 
 
 def eval_scales(text):
-    """An argparse type: comma-separated positive scales, each once (a typo such as 1,5 for 1.5 repeats 1)."""
+    """Each scale once: a typo such as 1,5 for 1.5 repeats 1."""
     try:
         scales = [float(part) for part in text.split(",")]
     except ValueError:
@@ -107,7 +102,7 @@ def predictor_from_args(model, args):
 
 
 def validate(model, val_loader, class_names, precision, args, name, guards=None):
-    """(summary, meter) of one evaluation with the --eval-* flags; (None, None) when a stop signal came during it."""
+    """(summary, meter); (None, None) when a stop signal came during it."""
     meter = SegmentationMeter(len(class_names), precision.device, args.ignore_index)
     if evaluate(predictor_from_args(model, args), val_loader, meter, precision, guards) is None:
         return None, None

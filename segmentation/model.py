@@ -1,8 +1,5 @@
-"""Segmentation models: DeepLabV3+ (ResNet-50/101, output stride 8 or 16), UNet, and torchvision's by name.
-
-Every model returns {"out": logits at the input size}, plus "aux" when it has an auxiliary head, as
-torchvision's segmentation models do, so one loss and one evaluation serve all of them.
-"""
+"""DeepLabV3+, UNet and torchvision's segmentation models, all returning {"out": logits at the input size}
+(+ "aux"), so one loss and evaluation serve all."""
 import os
 from functools import partial
 
@@ -20,7 +17,7 @@ from common.log import UserError, is_main_process, print0
 OWN_MODELS = ("deeplabv3plus_resnet50", "deeplabv3plus_resnet101", "unet")
 TORCHVISION_MODELS = tuple(torchvision.models.list_models(module=torchvision.models.segmentation))
 MODELS = OWN_MODELS + TORCHVISION_MODELS
-# The classifier layers, which a fine-tune to another class count replaces (torchvision's names and ours).
+# What a fine-tune to another class count replaces.
 HEAD_PREFIXES = ("classifier", "aux_classifier")
 
 
@@ -34,17 +31,16 @@ def upsample_to(x, size):
 
 
 class DeepLabV3Plus(nn.Module):
-    """DeepLabV3+ (Chen et al., 2018): ASPP on the last ResNet stage, refined with layer1 features at 1/4 scale."""
+    """Chen et al., 2018: ASPP on layer4, refined with layer1 features at 1/4 scale."""
 
     def __init__(self, num_classes, backbone="resnet50", output_stride=16, aux_loss=False, weights_backbone=None):
         super().__init__()
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, not {output_stride}")
-        # Dilating the last stages instead of striding them keeps their maps at 1/8 or 1/16 of the input:
-        # finer maps, the same weights as the ImageNet classifier.
+        # Dilated, not strided: finer maps with the same weights as the ImageNet classifier.
         resnet = getattr(torchvision.models, backbone)(
             weights=weights_backbone, replace_stride_with_dilation=[False, output_stride == 8, True])
-        del resnet.avgpool, resnet.fc  # a segmenter has no use for them; their keys leave the state dict
+        del resnet.avgpool, resnet.fc  # so that their keys leave the state dict
         self.backbone = resnet
         rates = (12, 24, 36) if output_stride == 8 else (6, 12, 18)  # the same field of view at both strides
         self.aspp = ASPP(2048, rates, 256)
@@ -66,10 +62,9 @@ class DeepLabV3Plus(nn.Module):
 
 
 class UNet(nn.Module):
-    """UNet (Ronneberger et al., 2015) with padded convolutions and batch norm: four 2x downsamplings, so
-    height and width must be multiples of 16."""
+    """UNet (Ronneberger et al., 2015) with padded convolutions and batch norm."""
 
-    size_divisor = 16
+    size_divisor = 16  # four 2x downsamplings
 
     def __init__(self, num_classes, base_width=64, in_channels=3):
         super().__init__()
@@ -78,8 +73,7 @@ class UNet(nn.Module):
         def double_conv(cin, cout):
             return nn.Sequential(conv_bn_relu(cin, cout), conv_bn_relu(cout, cout))
 
-        self.encoder = nn.ModuleList([double_conv(in_channels, widths[0])] +
-                                     [double_conv(widths[i], widths[i + 1]) for i in range(4)])
+        self.encoder = nn.ModuleList([double_conv(cin, cout) for cin, cout in zip([in_channels, *widths], widths)])
         self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(4))])
         self.decoder = nn.ModuleList([double_conv(2 * widths[i], widths[i]) for i in reversed(range(4))])
         self.classifier = nn.Conv2d(widths[0], num_classes, 1)
@@ -99,10 +93,10 @@ class UNet(nn.Module):
 
 
 def backbone_weights(model_name, weights_backbone):
-    """(torchvision weights name or None, local file or None) for --weights-backbone."""
+    """(torchvision weights name or None, local file or None)."""
     if weights_backbone is None or os.path.isfile(weights_backbone):
         return None, weights_backbone
-    # deeplabv3plus_resnet50 -> resnet50, lraspp_mobilenet_v3_large -> mobilenet_v3_large
+    # deeplabv3plus_resnet50 -> resnet50
     return torchvision_weights("--weights-backbone", weights_backbone, model_name.split("_", 1)[1]).name, None
 
 
@@ -116,9 +110,6 @@ def torchvision_weights(flag, weights, arch):
 
 def create_model(name, num_classes, output_stride=16, aux_loss=False, weights_backbone=None, unet_width=64,
                  weights=None, crop_size=None, grad_checkpointing=False, freeze_backbone=False):
-    """A model by name, then as the train script's flags ask: the whole model from --weights, a check that the
-    training crops fit it, gradient checkpointing, and a frozen backbone: only the head, every module after it,
-    trains."""
     model = create_architecture(name, num_classes, output_stride, aux_loss, weights_backbone, unet_width)
     if crop_size is not None:
         check_input_size(model, *crop_size, "--crop-size")
@@ -127,15 +118,14 @@ def create_model(name, num_classes, output_stride=16, aux_loss=False, weights_ba
     if grad_checkpointing:
         enable_grad_checkpointing(model)
     if freeze_backbone:
-        from common.freeze import freeze_all_but  # only with --freeze-backbone
+        from common.freeze import freeze_all_but
         freeze_all_but(model, [child for child, _ in model.named_children() if child != "backbone"])
     return model
 
 
 def create_architecture(name, num_classes, output_stride=16, aux_loss=False, weights_backbone=None, unet_width=64):
-    """The model of `name`; --weights-backbone is a torchvision weights name (downloaded once) or a classifier
-    checkpoint of the same ResNet, e.g. from classification/train.py."""
-    if ":" in name:  # package.module:function, the user's own
+    """`weights_backbone`: a torchvision weights name or a checkpoint of the same ResNet from classification/."""
+    if ":" in name:  # package.module:function
         from common.user_model import as_output_dict, build_user_model
         model = build_user_model(name, num_classes)
         model.register_forward_hook(as_output_dict)
@@ -161,8 +151,7 @@ def create_architecture(name, num_classes, output_stride=16, aux_loss=False, wei
                                              num_classes=num_classes, **extra)
     if path:
         state = state_dict_from(load_checkpoint(path), path)
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier's head has no place here
-        load_model_state(model.backbone, state, path)
+        load_model_state(model.backbone, {k: v for k, v in state.items() if not k.startswith("fc.")}, path)
     return model
 
 
@@ -174,7 +163,6 @@ def check_input_size(model, height, width, flag):
 
 
 def weights_state(name, weights):
-    """The state dict of --weights: a checkpoint file, or a torchvision model's weights name (downloaded once)."""
     if os.path.isfile(weights):
         return state_dict_from(load_checkpoint(weights), weights)
     if name not in TORCHVISION_MODELS:
@@ -184,12 +172,10 @@ def weights_state(name, weights):
 
 
 def load_weights(model, name, weights):
-    """Start `model` from --weights; classifier layers of another class count keep their fresh initialisation."""
-    state = weights_state(name, weights)
+    """Classifier layers of another class count keep their fresh initialisation."""
     own = model.state_dict()
-    # torchvision's weights carry the auxiliary head they were trained with; a model built without
-    # --aux-loss has no use for it, as evaluation never has.
-    state = {k: v for k, v in state.items() if k in own or not k.startswith("aux_classifier.")}
+    # torchvision's weights carry an auxiliary head, of no use without --aux-loss.
+    state = {k: v for k, v in weights_state(name, weights).items() if k in own or not k.startswith("aux_classifier.")}
     skipped = load_model_state(model, state, weights, skip_mismatched=[k for k in own if k.startswith(HEAD_PREFIXES)])
     if skipped:
         print0(f"--weights {weights}: {len(skipped)} classifier tensors of another class count start afresh")
@@ -197,16 +183,13 @@ def load_weights(model, name, weights):
 
 
 def enable_grad_checkpointing(model):
-    """Recompute each stage's activations in backward, as classification's --grad-checkpointing does."""
-    backbone = getattr(model, "backbone", None)
     if isinstance(model, UNet):
         stages = [*model.encoder, *model.decoder]
-    elif backbone is not None and hasattr(backbone, "layer4"):
-        stages = [getattr(backbone, f"layer{i}") for i in range(1, 5)]
+    elif hasattr(getattr(model, "backbone", None), "layer4"):
+        stages = [getattr(model.backbone, f"layer{i}") for i in range(1, 5)]
     else:
         raise UserError(f"--grad-checkpointing knows the ResNet stages of DeepLabV3+, FCN and DeepLabV3 and the "
                         f"blocks of UNet, not the MobileNet backbone of {type(model).__name__}: drop the flag")
-    # Whole blocks, each starting with a convolution: an in-place ReLU checkpointed on its own would
-    # modify a tensor the previous segment needs again.
+    # Whole blocks: an in-place ReLU checkpointed alone would modify a tensor the previous segment needs again.
     for stage in stages:
         stage.forward = partial(checkpoint, stage.forward, use_reentrant=False)
