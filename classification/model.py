@@ -1,10 +1,8 @@
 """Any torchvision classifier by name, from scratch or from weights, with its head sized to the dataset."""
 import os
-from functools import partial
 
 import torchvision
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from common.checkpoint import load_checkpoint, load_model_state, state_dict_from
 from common.log import UserError, print0
@@ -28,6 +26,7 @@ def create_model(name, weights, num_classes, freeze_backbone=False, grad_checkpo
         raise UserError(f"--freeze-backbone keeps the head training, and --model {name} has no nn.Linear head: drop "
                         "the flag")
     if grad_checkpointing:
+        from classification.grad_checkpointing import enable_grad_checkpointing  # only with the flag
         enable_grad_checkpointing(model)
     if freeze_backbone:
         from common.freeze import freeze_all_but
@@ -75,23 +74,3 @@ def build_model(name, weights, num_classes):
         return model, head
     model = torchvision.models.get_model(name, num_classes=num_classes, **scratch)
     return model, find_head(model)
-
-
-def enable_grad_checkpointing(model):
-    """Batch-norm statistics see each batch twice, as with timm's checkpoint_seq; EMA's copy drops the patched
-    forwards."""
-    if hasattr(model, "layer4"):  # ResNet, ResNeXt, Wide ResNet
-        stages = [getattr(model, f"layer{i}") for i in range(1, 5)]
-    elif hasattr(model, "features"):  # ConvNeXt, EfficientNet, MobileNet, Swin
-        stages = list(model.features)
-    elif hasattr(model, "encoder") and hasattr(model.encoder, "layers"):  # ViT
-        stages = list(model.encoder.layers)
-    else:
-        stages = []
-    # Blocks only: single layers save nothing, and an in-place ReLU checkpointed alone modifies a tensor the
-    # previous segment needs again (VGG, AlexNet, DenseNet fail so).
-    if not stages or any(not list(stage.children()) for stage in stages):
-        raise UserError(f"--grad-checkpointing knows the stages of ResNet, ConvNeXt, EfficientNet, MobileNet, "
-                        f"Swin and ViT families, not of {type(model).__name__}: drop the flag")
-    for stage in stages:
-        stage.forward = partial(checkpoint, stage.forward, use_reentrant=False)

@@ -6,8 +6,8 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, default_collate
 
 from common.data import BatchesThrough, derive_seed, shown
-from common.log import (SampleError, UserError, in_process_group, is_main_process, launch_rank, print0,
-                        unwritable_output)
+from common.log import SampleError, UserError, in_process_group, is_main_process, launch_rank, print0
+from common.output_dir import unwritable_output
 
 CHECK_DATA_HINT = "python tools/check_data.py with the same data flags finds every bad file at once"
 

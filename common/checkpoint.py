@@ -1,5 +1,5 @@
-"""Checkpoints as plain dicts of tensors, written atomically and read with weights_only=True; the Checkpointer
-that saves a run and resumes it, refusing what would not continue it."""
+"""Checkpoints as plain dicts of tensors, written atomically, read with weights_only=True; the Checkpointer that
+saves a run and resumes it, refusing what would not continue it."""
 import os
 import pickle
 import re
@@ -7,14 +7,14 @@ import re
 import torch
 
 from common.data import BatchLayout
-from common.log import UserError, print0, unwritable_output
+from common.log import UserError, print0
 
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used."""
 
 
-def unwrap(model):
+def unwrap(model):  # of DDP
     return model.module if hasattr(model, "module") else model
 
 
@@ -73,7 +73,7 @@ def is_bare_state_dict(checkpoint):
 
 
 def state_dict_from(checkpoint, path):
-    """The model's weights of a training checkpoint or a bare state dict, with DDP/compile prefixes removed."""
+    """The model's weights, of a training checkpoint or a bare state dict, without DDP/compile prefixes."""
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path} holds no model state dict (expected a dict of tensors or a 'model' "
@@ -88,8 +88,7 @@ def state_dict_from(checkpoint, path):
 
 
 def load_model_state(model, state, path, skip_mismatched=()):
-    """Load `state` strictly, except keys in `skip_mismatched` whose shapes differ (a replaced head); returns the
-    skipped keys."""
+    """Strictly, but for keys in `skip_mismatched` whose shapes differ (a replaced head): returns those."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -126,8 +125,8 @@ def resume_path(resume, output_dir):
 
 
 def read_training_checkpoint(path, model_name, class_names=None):
-    """The checkpoint, refused unless trained with --model `model_name` and, when given, on `class_names`: on
-    other classes (cat, dog -> ant, cat) every image would be scored against another class."""
+    """Refused unless trained with --model `model_name` and on `class_names` (if given): on other classes (cat,
+    dog -> ant, cat) every image would be scored against another class."""
     checkpoint = load_checkpoint(path)
     trained_with = (checkpoint.get("args") or {}).get("model")
     if trained_with not in (None, model_name):
@@ -161,8 +160,7 @@ UNRECORDED = {"class_weights": "none", "balanced_sampler": False, "freeze_backbo
 
 
 def check_same_schedule(trained_flags, flags, names, path):
-    """The LR schedule and the data order were laid out for the values of `names`: other values would silently
-    follow the old curve or another order."""
+    """Other values of `names` would silently follow the old LR curve or another data order."""
     trained_flags = {**UNRECORDED, **trained_flags}
     changed = [f"{name} {trained_flags.get(name)} -> {flags[name]}" for name in names
                if trained_flags.get(name) != flags[name]]
@@ -198,8 +196,7 @@ def last_good_checkpoint(output_dir):
 
 
 def check_finite_weights(models, where, output_dir):
-    """Refuse to save NaN or Inf weights over a good checkpoint. Called on every rank: DDP keeps the weights the
-    same on all, so all stop together instead of some waiting for the others."""
+    """Never NaN or Inf over a good checkpoint. On every rank: DDP keeps the weights alike, so all stop together."""
     tensors = [t for model in models for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     if not torch.stack([t.isfinite().all() for t in tensors]).all():  # one sync; a norm could overflow
         raise CheckpointError(f"the model's weights or batch-norm statistics are NaN or Inf ({where}): nothing was "
@@ -207,10 +204,11 @@ def check_finite_weights(models, where, output_dir):
 
 
 def save_checkpoint_file(state, path, output_dir):
-    """save_atomic, with a failed write (a full disk, a file-size limit) in one line that says what is kept."""
+    """A failed write (a full disk, a file-size limit) in one line that says what is kept."""
     try:
         save_atomic(state, path)
     except (OSError, RuntimeError) as e:
+        from common.output_dir import unwritable_output  # saves happen only with an output folder
         raise CheckpointError(unwritable_output(path, e, output_dir)) from None
 
 
@@ -235,16 +233,15 @@ def save_training(state, output_dir, is_best=False, keep=0):
 
 
 class Checkpointer:
-    """Saves and restores everything a run needs to continue, as plain dicts and tensors: the step's `parts`
-    (StepParts), the position, the best `score` so far (its key in the checkpoint and its name in the log:
-    "best_acc1", "top-1"), the flags, the bad samples, the `provenance` (kept, never checked), and `must_match`
-    entries a resumed run must have too (class names, the epoch's length in steps). A resume must keep the global
-    batch of `layout` (BatchLayout)."""
+    """Everything a run needs to continue: the step's `parts` (StepParts), the position, the best `score` (its key
+    and its name in the log: "best_acc1", "top-1"), the flags, the bad samples, the `provenance` (never checked),
+    and what a resume must keep: the global batch of `layout`, the `must_match` entries (class names, the epoch's
+    length in steps)."""
 
     def __init__(self, parts, output_dir, is_main, *, flags, score, layout=None, keep=0, bad_samples=None,
                  provenance=None, **must_match):
         self.parts, self.output_dir, self.is_main, self.keep, self.layout = parts, output_dir, is_main, keep, layout
-        self.model = unwrap(parts.model)  # the state dict's keys carry no DDP prefix; compile keeps them
+        self.model = unwrap(parts.model)  # keys without DDP's prefix; compile keeps them
         self.best_key, self.best_name = score
         self.flags, self.must_match, self.bad_samples = flags, must_match, bad_samples
         self.provenance = provenance
@@ -252,7 +249,7 @@ class Checkpointer:
         self.validated = False  # of a resumed checkpoint: whether the validation due where it was saved has run
 
     def state(self, epoch, step, validated=False, confusion=None):
-        """`step`: the optimizer steps done in `epoch` for a checkpoint saved inside it, None at its end."""
+        """`step`: the steps done in `epoch`, None at its end."""
         parts, ema = self.parts, self.parts.ema
         return {"model": self.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
                 "lr_scheduler": parts.lr_scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
@@ -273,8 +270,7 @@ class Checkpointer:
             save_training(self.state(epoch, step, validated, confusion), self.output_dir, is_best, self.keep)
 
     def save_validated_on_all_ranks(self, epoch, score, step=None, confusion=None):
-        """Save after a validation, with its confusion matrix (for tools/report.py), as best.pth too when `score`
-        is the best so far; returns whether it was."""
+        """With the validation's confusion matrix (for tools/report.py); also best.pth, and True, for the best."""
         is_best = self.best is None or score > self.best
         self.best = score if is_best else self.best
         self.save_on_all_ranks(epoch, step, is_best=is_best, validated=True, confusion=confusion)
@@ -282,9 +278,8 @@ class Checkpointer:
 
     @staticmethod
     def resolve_resume(args, trained_names):
-        """--resume, resolved once and before any work, so that a wrong path is refused at once: `args.resume_from`
-        is the checkpoint the run starts from (None: a fresh start). Under --test-only, the flags of `trained_names`
-        left unset (None) take the checkpoint's values: what it evaluates with unless told otherwise."""
+        """`args.resume_from`: the checkpoint to start from (None: afresh), resolved once and before any work. Under
+        --test-only, the flags of `trained_names` left unset (None) take the checkpoint's values."""
         args.resume_from = resume_path(args.resume, args.output_dir)
         if not args.test_only or not args.resume:
             return
@@ -309,7 +304,7 @@ class Checkpointer:
         checkpoint = read_training_checkpoint(path, model_name)
         check_resumable(checkpoint, path)
         load_model_state(self.model, state_dict_from(checkpoint, path), path)
-        # Before the optimizer's state, which fails less clearly for another --head-lr or --freeze-backbone.
+        # Before the optimizer's state, which fails less clearly.
         check_same_schedule(checkpoint.get("args") or {}, self.flags, schedule_names, path)
         check_same_global_batch(checkpoint.get("args") or {}, self.layout, path)
         optimizer, ema = self.parts.optimizer, self.parts.ema

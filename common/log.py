@@ -1,5 +1,4 @@
 """Rank-0 console lines, one-line errors and exit statuses, the output folder, TensorBoard."""
-import errno
 import json
 import os
 import re
@@ -144,36 +143,6 @@ def release_output_dirs():
         held_output_locks.popitem()[1].close()
 
 
-def write_failure(error):
-    """(what went wrong, what to do); torch.save's RuntimeError for a failed write has the OSError as context."""
-    cause = error
-    while cause is not None and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
-    if cause is None:
-        lines = str(error).strip().splitlines() or ["no message"]
-        return f"{type(error).__name__}: {lines[0]}", "fix that"
-    if cause.errno == errno.ENOSPC:
-        return f"{cause.strerror}: the disk is full", "free space there"
-    if cause.errno == errno.EDQUOT:
-        return cause.strerror, "free space there or raise the quota"
-    if cause.errno == errno.EFBIG:
-        return "File too large: a file-size limit (ulimit -f) is below the checkpoint's size", "raise the limit"
-    return f"{type(cause).__name__}: {cause.strerror or cause}", "fix that"
-
-
-def unwritable_output(path, error, output_dir):
-    if not os.path.isdir(output_dir):
-        return (f"cannot save {path}: --output-dir {output_dir} is gone (deleted, moved or unmounted while the run "
-                "wrote to it), and no checkpoint of the run with it: start the run again, on a folder that stays")
-    problem, fix = write_failure(error)
-    last = os.path.join(output_dir, "checkpoint.pth")
-    if os.path.isfile(last):
-        kept = f"the last good checkpoint, {last}, is intact; {fix}, then resume from it with --resume auto"
-    else:
-        kept = f"no checkpoint was saved yet; {fix}, then run the same command again"
-    return f"cannot save {path} ({problem}): {kept}"
-
-
 class RunLog:
 
     def __init__(self, env, device):
@@ -200,6 +169,7 @@ class RunLog:
                 with open(path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:
+                from common.output_dir import unwritable_output
                 raise UserError(unwritable_output(path, e, self.output_dir)) from None
         if self.writer is not None:
             for key, value in record.items():

@@ -10,8 +10,7 @@ NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
 
 
 def param_groups(model, lr, weight_decay, norm_weight_decay=None, head=None, head_lr=None):
-    """Groups by (is normalisation layer, is in a `head` module), each with its own weight decay and lr; frozen
-    parameters in none."""
+    """Grouped by (normalisation layer?, in `head`?), each with its weight decay and lr; frozen ones left out."""
     if head_lr is not None and not head:
         raise UserError("--head-lr is the learning rate of the model's head, and this model has no nn.Linear head: "
                         "drop the flag")
@@ -32,20 +31,18 @@ def param_groups(model, lr, weight_decay, norm_weight_decay=None, head=None, hea
 
 def create_optimizer(name, model, lr, momentum, weight_decay, device_type, norm_weight_decay=None, head=None,
                      head_lr=None):
-    """Over param_groups of `model`, or over the parameter groups given instead."""
     groups = model if isinstance(model, list) else param_groups(model, lr, weight_decay, norm_weight_decay, head,
                                                                 head_lr)
-    # AdamW's fused kernel honours a step the GradScaler skips. SGD is never fused: its fused kernel leaves the
-    # momentum buffers of a skipped first step unfilled, or advances them with the non-finite gradient, and every
-    # later step is NaN; float16 runs skip their first steps routinely (the scale starts at 65,536 and overflows).
+    # AdamW's fused kernel honours a step the GradScaler skips; SGD's leaves the momentum of a skipped first step
+    # unfilled or advances it with the non-finite gradient, and every later step is NaN. Float16 runs skip their
+    # first steps routinely (the scale starts at 65,536 and overflows).
     if name in ("sgd", "sgd_nesterov"):
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                nesterov=name == "sgd_nesterov")
     if name == "adamw":
         fused = {"fused": True} if device_type in ("cuda", "cpu") else {}
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **fused)
-    # RMSprop has no fused kernel either: with float16 loss scaling, GradScaler reads its inf check back to the CPU
-    # every step (a sync); bfloat16 needs no scaler and avoids it.
+    # No fused RMSprop either: under float16 GradScaler reads its inf check back every step (a sync); bfloat16 not.
     if name == "rmsprop":  # the eps and alpha of TF-style RMSprop used by EfficientNet/MobileNet recipes
         return torch.optim.RMSprop(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eps=0.0316, alpha=0.9)
     raise ValueError(f"unknown --opt {name!r}: use sgd, sgd_nesterov, adamw or rmsprop")

@@ -1,5 +1,6 @@
-"""The output folder of a training run, set up only with --output-dir: its lock, args.json with the provenance of
-the results, and TensorBoard."""
+"""The output folder of a training run, used only with --output-dir: its lock, args.json with the provenance of
+the results, TensorBoard, and the one-line message for a write to it that failed."""
+import errno
 import fcntl
 import json
 import os
@@ -10,7 +11,7 @@ import threading
 
 import torch
 
-from common.log import UserError, held_output_locks, is_main_process, unwritable_output
+from common.log import UserError, held_output_locks, is_main_process
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder above common/
 
@@ -129,6 +130,37 @@ def process_alive(pid):
     except PermissionError:  # another user's
         pass
     return pid != os.getpid()
+
+
+def write_failure(error):
+    """(what went wrong, what to do); torch.save's RuntimeError for a failed write has the OSError as context."""
+    cause = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        lines = str(error).strip().splitlines() or ["no message"]
+        return f"{type(error).__name__}: {lines[0]}", "fix that"
+    if cause.errno == errno.ENOSPC:
+        return f"{cause.strerror}: the disk is full", "free space there"
+    if cause.errno == errno.EDQUOT:
+        return cause.strerror, "free space there or raise the quota"
+    if cause.errno == errno.EFBIG:
+        return "File too large: a file-size limit (ulimit -f) is below the checkpoint's size", "raise the limit"
+    return f"{type(cause).__name__}: {cause.strerror or cause}", "fix that"
+
+
+def unwritable_output(path, error, output_dir):
+    """The one line for a file of the run that could not be written, and what is left to resume from."""
+    if not os.path.isdir(output_dir):
+        return (f"cannot save {path}: --output-dir {output_dir} is gone (deleted, moved or unmounted while the run "
+                "wrote to it), and no checkpoint of the run with it: start the run again, on a folder that stays")
+    problem, fix = write_failure(error)
+    last = os.path.join(output_dir, "checkpoint.pth")
+    if os.path.isfile(last):
+        kept = f"the last good checkpoint, {last}, is intact; {fix}, then resume from it with --resume auto"
+    else:
+        kept = f"no checkpoint was saved yet; {fix}, then run the same command again"
+    return f"cannot save {path} ({problem}): {kept}"
 
 
 def _quiet_tensorboard_threads(args):

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torchvision
 
-from classification.model import create_model, enable_grad_checkpointing
+from classification.grad_checkpointing import enable_grad_checkpointing
+from classification.model import create_model
 from common.output_dir import read_provenance
 from common.optim import param_groups
 from conftest import ROOT, TINY, evaluate, popen, python, train, write_image, write_tree

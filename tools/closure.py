@@ -17,12 +17,12 @@ PACKAGES = ("classification", "common", "segmentation")
 # Imported inside a function only when their flag is given: --data-backend gpu or synthetic, --export, --train-list,
 # --class-weights, --freeze-backbone, segmentation's --loss, --max-bad-samples N, --model package.module:function,
 # --output-dir (the folder's lock, provenance and TensorBoard with its pictures), a listing cache, a --dataset's
-# layout, --model-ema.
+# layout, --model-ema, classification's --grad-checkpointing.
 LAZY_MODULES = ("classification.gpu_preset", "common.device_loader", "common.export", "segmentation.gpu_augment",
                 "common.synthetic_batches", "classification.list_file", "common.class_weights", "common.freeze",
                 "segmentation.imbalance", "segmentation.folder", "common.bad_samples", "common.user_model",
                 "common.output_dir", "classification.pictures", "segmentation.pictures", "classification.list_cache",
-                "segmentation.datasets", "common.ema")
+                "segmentation.datasets", "common.ema", "classification.grad_checkpointing")
 
 
 def module_file(name):
