@@ -19,9 +19,10 @@ def log_of(out):
 
 
 def test_learns_the_synthetic_set_far_above_chance(tmp_path):
-    # 10 classes: chance is 10%. AdamW gets there in a few hundred small steps, which keeps this test short.
+    # 10 classes: chance is 10%. AdamW gets there in a hundred small steps, which keeps this test short (about 63%
+    # with seeds 0 and 1 on 1536 images, 90% on 3072; 37 to 44% on 1024 would be too near the bar).
     train("--model", "resnet18", "--device", "cpu", "--opt", "adamw", "--lr", "1e-3", "--lr-warmup-epochs", "0",
-          "-b", "32", "--epochs", "2", "--synthetic-train-size", "3072", "--synthetic-val-size", "500",
+          "-b", "32", "--epochs", "2", "--synthetic-train-size", "1536", "--synthetic-val-size", "500",
           "--output-dir", tmp_path)
     assert log_of(tmp_path)[-1]["val_acc1"] > 35
 
