@@ -16,7 +16,8 @@ from conftest import ROOT, SEG_TINY, TINY, popen, python, run, torchrun, train, 
 # validation sets and MobileNetV3-small (batch norm and dropout, a seventh of ResNet-18's checkpoint): what is
 # compared is bits, not accuracy.
 CLASSIFICATION = [*TINY, "--model", "mobilenet_v3_small", "--synthetic-train-size", "256", "--synthetic-val-size", "64",
-                  "-b", "16", "--epochs", "2", "--print-freq", "1", "--use-deterministic-algorithms", "--resume", "auto"]
+                  "-b", "16", "--epochs", "2", "--print-freq", "1", "--use-deterministic-algorithms",
+                  "--resume", "auto"]
 SEGMENTATION = [*SEG_TINY, "--synthetic-val-size", "32", "--epochs", "2", "--print-freq", "1",
                 "--use-deterministic-algorithms", "--resume", "auto"]
 
