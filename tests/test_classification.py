@@ -20,9 +20,10 @@ def log_of(out):
 
 
 def test_learns_the_synthetic_set_far_above_chance(tmp_path):
-    # 10 classes: chance is 10%. AdamW gets there in a few hundred small steps, which keeps this test short.
+    # 10 classes: chance is 10%. AdamW gets there in a hundred small steps, which keeps this test short (about 63%
+    # with seeds 0 and 1 on 1536 images, 90% on 3072; 37 to 44% on 1024 would be too near the bar).
     train("--model", "resnet18", "--device", "cpu", "--opt", "adamw", "--lr", "1e-3", "--lr-warmup-epochs", "0",
-          "-b", "32", "--epochs", "2", "--synthetic-train-size", "3072", "--synthetic-val-size", "500",
+          "-b", "32", "--epochs", "2", "--synthetic-train-size", "1536", "--synthetic-val-size", "500",
           "--output-dir", tmp_path)
     assert log_of(tmp_path)[-1]["val_acc1"] > 35
 
@@ -78,10 +79,13 @@ def test_tensorboard_gets_every_step_and_the_confusion_matrix(trained_run):
 
 
 def test_a_killed_run_resumed_with_auto_ends_as_an_uninterrupted_one(tmp_path):
-    flags = [*TINY, "--use-deterministic-algorithms", "--synthetic-train-size", "256", "--epochs", "4",
-             "--lr-scheduler", "cosineannealinglr", "--model-ema", "--model-ema-steps", "2", "--resume", "auto"]
-    straight = python("classification/train.py", *flags, "--output-dir", tmp_path / "straight")
-    assert straight.returncode == 0, straight.stderr[-2000:]
+    # 4 steps an epoch, a small validation set and MobileNetV3-small (batch norm and dropout, a seventh of ResNet-18's
+    # checkpoint): what is compared is bits, not accuracy.
+    flags = [*TINY, "--model", "mobilenet_v3_small", "--use-deterministic-algorithms", "--synthetic-train-size", "128",
+             "--synthetic-val-size", "64",
+             "--epochs", "4", "--lr-scheduler", "cosineannealinglr", "--model-ema", "--model-ema-steps", "2",
+             "--resume", "auto"]
+    train(*flags, "--output-dir", tmp_path / "straight")  # the uninterrupted run in this process: one start less
     interrupted = tmp_path / "interrupted"
     process = popen(sys.executable, ROOT / "classification/train.py", *flags, "--output-dir", interrupted)
     for line in process.stdout:

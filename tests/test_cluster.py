@@ -18,7 +18,7 @@ from common.checkpoint import CheckpointError, load_checkpoint
 from common.log import UserError
 from common.engine import StallWatchdog, stalled_stage
 from common.log import STALLED_EXIT_CODE
-from conftest import ENV, ROOT, TINY, popen, python, torchrun, train, write_tree
+from conftest import ENV, ROOT, TINY, popen, torchrun, train, write_tree
 from test_hardening import descendants
 
 # A few optimizer steps of tiny models: 64 images in global batches of 16 (2 processes x -b 8, or 1 x 8 x 2), one
@@ -31,6 +31,9 @@ TASKS = {
 }
 COMMON = ["--device", "cpu", "--synthetic-train-size", "64", "-b", "8", "--global-batch", "16", "--epochs", "1",
           "--print-freq", "1", "--use-deterministic-algorithms", "--resume", "auto"]
+# The tests of a task that read its reference run go to one pytest-xdist worker (pytest.ini's --dist loadgroup),
+# whose module-scoped fixture then launches that run once, not once on each worker.
+WITH_REFERENCE = [pytest.param(task, marks=pytest.mark.xdist_group(f"cluster-{task}")) for task in TASKS]
 MID_EPOCH = ["--checkpoint-interval", "1"]  # for the runs that are killed: checkpoints after steps 1, 2 and 3 of 4
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 # torchrun's own variables, which a launch that sets its own must not inherit.
@@ -135,7 +138,7 @@ def reference(tmp_path_factory):
     return run_of
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", WITH_REFERENCE)
 @pytest.mark.parametrize("launcher", ["static", "c10d", "slurm"])
 def test_a_multi_node_launch_trains_and_evaluates_as_one_launch_of_two_processes(task, launcher, reference, tmp_path):
     out, port = tmp_path / "run", free_port()
@@ -157,7 +160,7 @@ def test_a_multi_node_launch_trains_and_evaluates_as_one_launch_of_two_processes
     assert records(out) == records(reference(task))
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", WITH_REFERENCE)
 def test_one_process_with_accumulation_killed_mid_epoch_goes_on_on_two_processes(task, reference, tmp_path):
     out = tmp_path / "run"
     process = popen(sys.executable, *command(task), *MID_EPOCH, "--output-dir", out)  # 1 process x -b 8 x 2
@@ -179,7 +182,7 @@ def test_one_process_with_accumulation_killed_mid_epoch_goes_on_on_two_processes
     assert relative_distance(out, reference(task)) < 1e-3
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", WITH_REFERENCE)
 def test_an_elastic_launch_that_loses_a_node_goes_on_alone_with_the_same_global_batch(task, reference, tmp_path):
     out, port = tmp_path / "run", free_port()
     # The surviving launch hosts the rendezvous store; a dead node is noticed after 2 missed 1-second heartbeats, and
@@ -213,7 +216,7 @@ def rank_of(pid):
     return next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", WITH_REFERENCE)
 def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_ends_with_the_same_weights(task, reference, tmp_path):
     out, logs = tmp_path / "run", [tmp_path / "torchrun.log"]
     # Without it, the restart may read the killed attempt's addresses from torchrun's store (README, pytorch #135712)
@@ -258,7 +261,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_a_rank_whose_data_never_comes_is_named_and_every_rank_exits_within_the_stall_timeout(tmp_path):
+def test_a_rank_whose_data_never_comes_is_named_and_every_rank_exits_within_the_stall_timeout(tmp_path, capsys):
     data, out, trigger = write_tree(tmp_path / "data", train_per_class=16), tmp_path / "run", tmp_path / "stop"
     flags = ["--data-path", data, "--model", "mobilenet_v3_small", "--device", "cpu", "-b", "4", "-j", "1",
              "--global-batch", "8", "--epochs", "1", "--train-crop-size", "32", "--val-resize-size", "32",
@@ -285,9 +288,10 @@ def test_a_rank_whose_data_never_comes_is_named_and_every_rank_exits_within_the_
     checkpoint = load_checkpoint(out / "checkpoint.pth")  # whole, and it goes on
     assert checkpoint["epoch"] == 0 and checkpoint["step"] >= 1
     trigger.unlink()
-    resumed = python("classification/train.py", *flags)  # on 1 process: -b 4 x 2
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"epoch 0 step {checkpoint['step']}" in resumed.stdout and "done in" in resumed.stdout
+    capsys.readouterr()
+    train(*flags)  # on 1 process (this one): -b 4 x 2
+    resumed = capsys.readouterr().out
+    assert f"epoch 0 step {checkpoint['step']}" in resumed and "done in" in resumed
 
 
 @pytest.mark.parametrize("place,stage", [

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, python, torchrun
+from conftest import TINY, evaluate, torchrun
 
 from common.data import ShardedEvalSampler
 from common.distributed import DistEnv, cuda_device_of, init_distributed, read_dist_env
@@ -78,14 +78,13 @@ def test_sharded_sampler_counts_every_sample_once(size, world):
 def test_two_process_training_and_exact_evaluation(tmp_path):
     """DDP with gloo trains (with accumulation); eval on 2 processes equals eval on 1, on 301 images."""
     out = tmp_path / "ddp"
-    result = torchrun(2, "classification/train.py", *TINY, "--accum-steps", "2", "--output-dir", out)
+    result = torchrun(2, "classification/train.py", *TINY, "--model", "mobilenet_v3_small", "--synthetic-train-size",
+                      "256", "--accum-steps", "2", "--output-dir", out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "= 128" in result.stdout  # effective batch: 32 x 2 accumulation x 2 processes
     assert "on 301 images" in result.stdout
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    result = python("classification/eval.py", "--checkpoint", out / "checkpoint.pth", "--device", "cpu",
-                    "--output-json", one)
-    assert result.returncode == 0, result.stderr[-3000:]
+    evaluate("--checkpoint", out / "checkpoint.pth", "--device", "cpu", "--output-json", one)  # one process: this one
     result = torchrun(2, "classification/eval.py", "--checkpoint", out / "checkpoint.pth", "--device", "cpu",
                       "--output-json", two)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -89,6 +89,7 @@ def rare_recall(tmp_path_factory):
     return recall
 
 
+@pytest.mark.xdist_group("imbalance-19-to-1")  # one worker: the module-scoped plain run is trained once
 @pytest.mark.parametrize("flags", [("--class-weights", "balanced"), ("--balanced-sampler",)])
 def test_on_a_19_to_1_set_the_rare_class_is_found_only_with_weights_or_the_balanced_sampler(rare_recall, flags,
                                                                                          capsys):

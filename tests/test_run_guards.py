@@ -69,8 +69,7 @@ def test_a_second_live_run_on_one_output_dir_is_refused_and_a_crash_leaves_no_st
     first.wait()
     assert second.returncode == 2
     assert f"error: another run (pid {first.pid}) is writing to --output-dir {out}" in second.stderr
-    again = python("classification/train.py", *TINY, "--output-dir", out)
-    assert again.returncode == 0, again.stderr[-2000:]
+    train(*TINY, "--synthetic-train-size", "64", "--synthetic-val-size", "32", "--output-dir", out)  # in this process
 
 
 def test_sigterm_to_the_whole_process_group_saves_despite_dataloader_workers(tmp_path):

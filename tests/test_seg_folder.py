@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from common.log import SampleError, UserError
-from conftest import evaluate_segmentation, train_segmentation, write_image
+from conftest import SCENES, SCENES_RUN, evaluate_segmentation, train_segmentation, write_image
 from segmentation.data import DATASETS, folder, open_split
 from segmentation.datasets import voc_colour
 
@@ -308,22 +308,20 @@ def write_scenes(root, split, images, masks):
             Image.fromarray(picture.numpy()).save(root / split / folder_name / f"{i:04d}.png")
 
 
-def test_a_folder_set_learns_as_well_as_the_built_in_scenes_it_holds(tmp_path, monkeypatch):
+@pytest.mark.xdist_group("scenes-learned")  # with test_segmentation.py's learning bar, which reads the same run
+def test_a_folder_set_learns_as_well_as_the_built_in_scenes_it_holds(tmp_path, monkeypatch, scenes_learned):
     from segmentation import data
     from test_segmentation import log_of
-    size, train_size, val_size = 32, 1000, 101
-    write_scenes(tmp_path / "scenes", "train", *data.make_scenes(train_size, size, 3))
-    write_scenes(tmp_path / "scenes", "val", *data.make_scenes(val_size, size, 3, split="val"))
-    run = ["--model", "unet", "--unet-width", "16", "--device", "cpu", "-b", "16", "--lr", "0.1", "--epochs", "2",
-           "--print-freq", "25"]
-    train_segmentation(*run, "--synthetic-image-size", size, "--synthetic-classes", 3, "--synthetic-train-size",
-                       train_size, "--synthetic-val-size", val_size, "--output-dir", tmp_path / "built-in")
+    size, classes, train_size, val_size = SCENES["size"], SCENES["classes"], SCENES["train_size"], SCENES["val_size"]
+    write_scenes(tmp_path / "scenes", "train", *data.make_scenes(train_size, size, classes))
+    write_scenes(tmp_path / "scenes", "val", *data.make_scenes(val_size, size, classes, split="val"))
+    run = SCENES_RUN  # scenes_learned: this run on the built-in set
     # The same images in the same order, the same model and epochs. The built-in set's loader flips and does
     # nothing more, so the files get flips alone too: scale 1, crops of the whole image, no colour jitter.
     monkeypatch.setattr(data, "COLOUR_JITTER", 0.0)
     train_segmentation(*run, "--dataset", "folder", "--data-path", tmp_path / "scenes", "--base-size", size,
                        "--crop-size", size, "--scale-range", 1, 1, "-j", "1", "--output-dir", tmp_path / "files")
-    built_in, files = (log_of(tmp_path / name)[-1]["val_miou"] for name in ("built-in", "files"))
+    built_in, files = (log_of(out)[-1]["val_miou"] for out in (scenes_learned, tmp_path / "files"))
     assert built_in > 60  # background everywhere scores about 30
     # "At least", within the noise of 2 epochs: two such runs that differ only in which samples are flipped, or
     # only in float rounding (bytes normalised at once, or after scaling to 0..1), ended 0 to 5.3 points apart

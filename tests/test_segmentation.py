@@ -142,11 +142,11 @@ def test_synthetic_scenes_are_deterministic_and_hold_every_class():
     assert not torch.equal(make_scenes(8, 32, 6, split="val")[1], masks[:8])
 
 
-def test_learns_the_synthetic_scenes_far_above_chance(tmp_path):
-    # Background is ~90% of the pixels: predicting it everywhere scores an mIoU of about 0.3.
-    train_segmentation(*SEG_TINY, "--unet-width", "16", "--synthetic-train-size", "1200", "--lr", "0.1",
-                       "--epochs", "2", "--output-dir", tmp_path)
-    assert log_of(tmp_path)[-1]["val_miou"] > 60
+@pytest.mark.xdist_group("scenes-learned")  # with test_seg_folder.py's, which reads the same run
+def test_learns_the_synthetic_scenes_far_above_chance(scenes_learned):
+    # Background is ~90% of the pixels: predicting it everywhere scores an mIoU of about 0.3. scenes_learned: a
+    # UNet of width 16, 2 epochs on 1000 scenes of 32 pixels and 3 classes at lr 0.1.
+    assert log_of(scenes_learned)[-1]["val_miou"] > 60
 
 
 def test_run_writes_checkpoints_log_and_tensorboard(segmentation_run):
@@ -189,9 +189,9 @@ def test_test_time_augmentation_runs_through_eval(segmentation_run, tmp_path):
 
 
 def test_a_killed_run_resumed_with_auto_ends_as_an_uninterrupted_one(tmp_path):
-    flags = [*SEG_TINY, "--use-deterministic-algorithms", "--epochs", "3", "--resume", "auto"]
-    straight = python("segmentation/train.py", *flags, "--output-dir", tmp_path / "straight")
-    assert straight.returncode == 0, straight.stderr[-2000:]
+    flags = [*SEG_TINY, "--synthetic-val-size", "32", "--use-deterministic-algorithms", "--epochs", "3",
+             "--resume", "auto"]
+    train_segmentation(*flags, "--output-dir", tmp_path / "straight")  # in this process: one start less
     interrupted = tmp_path / "interrupted"
     process = popen(sys.executable, ROOT / "segmentation/train.py", *flags, "--output-dir", interrupted)
     for line in process.stdout:
@@ -209,11 +209,11 @@ def test_a_killed_run_resumed_with_auto_ends_as_an_uninterrupted_one(tmp_path):
 
 
 def test_distributed_eval_equals_single_process(segmentation_run, tmp_path):
-    single = python("segmentation/eval.py", "--checkpoint", segmentation_run / "best.pth", "--device", "cpu",
-                    "--output-json", tmp_path / "one.json")
+    evaluate_segmentation("--checkpoint", segmentation_run / "best.pth", "--device", "cpu",
+                          "--output-json", tmp_path / "one.json")  # one process: this one
     double = torchrun(2, "segmentation/eval.py", "--checkpoint", segmentation_run / "best.pth", "--device", "cpu",
                       "--output-json", tmp_path / "two.json")
-    assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
+    assert double.returncode == 0, double.stderr
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert one == two and one["num_images"] == 101  # 101 images over 2 ranks: none counted twice
 
