@@ -28,9 +28,11 @@ def pytest_collection_modifyitems(config, items):
         suffix = "@" + "_".join(sorted(names))
         if not names or item.nodeid.endswith(suffix):
             continue
-        from _pytest.nodeid import NodeId
-        item._id = NodeId.parse(item.nodeid + suffix)
-        assert item.nodeid.endswith(suffix), item.nodeid
+        try:
+            from _pytest.nodeid import NodeId
+            item._id = NodeId.parse(item.nodeid + suffix)
+        except (ImportError, AttributeError):  # another pytest: the groups spread over workers, slower but alike
+            return
 
 # One thread per test process: pytest-xdist runs as many tests at once as there are cores, and two threads each
 # would only fight over them (runs in a subprocess get OMP_NUM_THREADS=1 from ENV below).
