@@ -145,7 +145,8 @@ class FileList(NamedTuple):
 
 def in_threads(function, items, threads=16):
     """[function(item) for item in items] in threads: a network file system answers many listings at once about
-    as fast as one. Each thread takes every threads-th item: tiny tasks would wait on the GIL."""
+    as fast as one. Each thread takes every threads-th item: tiny tasks would wait on the GIL. The first error in
+    the items' order is raised, as a loop would raise it."""
     items = list(items)
 
     def run(first):
@@ -167,6 +168,8 @@ def in_threads(function, items, threads=16):
 
 
 def list_split(split_dir, cache_dir=None, strict=True):
+    """(FileList, [ClassFiles]); `strict` stops on an image name that is no regular file. list_cache.py imports
+    this module, so it imports list_cache inside functions only."""
     started, listed_at_ns = time.perf_counter(), time.time_ns()
     classes = list_classes(split_dir)
     path, cached, kept = None, {}, [False] * len(classes)

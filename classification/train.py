@@ -227,6 +227,8 @@ def main(args):
         return
 
     log.lock_output_dir(args.output_dir, vars(args))  # before anything is read from the output folder or written to it
+    if log.writer is not None:  # imported at the start, as the provenance says of all the code that runs
+        from classification.pictures import log_pictures
     bad_samples = bad_sample_budget(args.max_bad_samples, args.output_dir)  # None at 0: a bad file stops the run
     train_loader = load_train(args, layout, device, class_names, bad_samples)
     steps_per_epoch = train_loader.sampler.steps_per_epoch
@@ -282,7 +284,6 @@ def main(args):
                 checkpointer.save_on_all_ranks(epoch)
             log.record(record, by)
             if validates and log.writer is not None:  # after the record: a resume does not redo this pause
-                from classification.pictures import log_pictures  # only with TensorBoard (--output-dir)
                 log_pictures(log.writer, model, guards.watchdog.beating(val_loader), meter, class_names, precision,
                              record[by])
         if step == total_steps:

@@ -6,7 +6,6 @@ import re
 
 import torch
 
-from common.data import BatchLayout
 from common.log import UserError, print0
 
 
@@ -170,13 +169,20 @@ def check_same_schedule(trained_flags, flags, names, path):
                               f"its weights with --weights {path}")
 
 
+def layout_of(flags):
+    """The BatchLayout a run's flags record; None without -b."""
+    from common.data import BatchLayout  # here: the tools that only read checkpoints need no torchvision
+    if flags.get("batch_size") is None:
+        return None
+    return BatchLayout(flags.get("world_size", 1), 0, flags["batch_size"], flags.get("accum_steps") or 1)
+
+
 def check_same_global_batch(trained_flags, layout, path):
     """Any layout of processes x -b x --accum-steps with the checkpoint's global batch goes on where it stopped
     (BatchLayout); another global batch would take other samples in other steps."""
-    if layout is None or trained_flags.get("batch_size") is None:
+    trained = layout_of(trained_flags)
+    if layout is None or trained is None:
         return
-    trained = BatchLayout(trained_flags.get("world_size", 1), 0, trained_flags["batch_size"],
-                          trained_flags.get("accum_steps") or 1)
     if trained.global_batch == layout.global_batch:
         return
     per_step = layout.world_size * layout.batch_size
@@ -234,13 +240,14 @@ def save_training(state, output_dir, is_best=False, keep=0):
 
 class Checkpointer:
     """Everything a run needs to continue: the step's `parts` (StepParts), the position, the best `score` (its key
-    and its name in the log: "best_acc1", "top-1"), the flags, the bad samples, the `provenance` (never checked),
-    and what a resume must keep: the global batch of `layout`, the `must_match` entries (class names, the epoch's
-    length in steps)."""
+    and its name in the log: "best_acc1", "top-1"), the flags, the bad samples, the `provenance` (never checked: an
+    older checkpoint without it resumes), and what a resume must keep: the global batch of `layout`, the
+    `must_match` entries (class names, the epoch's length in steps)."""
 
     def __init__(self, parts, output_dir, is_main, *, flags, score, layout=None, keep=0, bad_samples=None,
                  provenance=None, **must_match):
-        self.parts, self.output_dir, self.is_main, self.keep, self.layout = parts, output_dir, is_main, keep, layout
+        self.parts, self.output_dir, self.is_main, self.keep = parts, output_dir, is_main, keep
+        self.layout = layout or layout_of(flags)  # this run's; from its flags where not given
         self.model = unwrap(parts.model)  # keys without DDP's prefix; compile keeps them
         self.best_key, self.best_name = score
         self.flags, self.must_match, self.bad_samples = flags, must_match, bad_samples
@@ -304,7 +311,7 @@ class Checkpointer:
         checkpoint = read_training_checkpoint(path, model_name)
         check_resumable(checkpoint, path)
         load_model_state(self.model, state_dict_from(checkpoint, path), path)
-        # Before the optimizer's state, which fails less clearly.
+        # Before the optimizer's state, which fails less clearly for another --head-lr or --freeze-backbone.
         check_same_schedule(checkpoint.get("args") or {}, self.flags, schedule_names, path)
         check_same_global_batch(checkpoint.get("args") or {}, self.layout, path)
         optimizer, ema = self.parts.optimizer, self.parts.ema

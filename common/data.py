@@ -178,7 +178,8 @@ def bad_sample_budget(limit, output_dir):
 @dataclass(frozen=True)
 class BatchLayout:
     """A step's global batch in `slots` slots of batch_size (slot j: entries j, j + slots, ...); micro-batch m of
-    rank r is slot m x world_size + r: resumed on another layout, a run goes on with the same samples."""
+    rank r is slot m x world_size + r: resumed on another layout of the same global batch, a run goes on with the
+    same samples."""
 
     world_size: int = 1
     rank: int = 0

@@ -47,7 +47,8 @@ def cuda_device_of(local_rank):
 
 
 def init_distributed(device_name=None, timeout_minutes=30, backend=None, sync_bn=False):
-    """(DistEnv, torch.device). `sync_bn` is checked before any work: SyncBatchNorm has CUDA kernels only."""
+    """(DistEnv, torch.device). `sync_bn` is checked before any work: SyncBatchNorm has CUDA kernels only. gloo on
+    GPUs is slower (through host memory) but takes several ranks on one GPU."""
     env = read_dist_env()
     if device_name is None:
         device_name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -262,7 +262,8 @@ def stalled_stage(frame):
 
 class StallWatchdog:
     """Ends this rank when no step or evaluation batch finished in `timeout_s` seconds (0: off), lest a stuck file,
-    worker or collective hang the job; the clock starts at the first beat()."""
+    worker or collective hang the job; the clock starts at the first beat(). A caller that goes on after the run
+    (a test) calls stop()."""
 
     latest = None  # the watchdog of the run in progress
 

@@ -1,4 +1,4 @@
-"""Rank-0 console lines, one-line errors and exit statuses, the output folder, TensorBoard."""
+"""Rank-0 console lines, one-line errors and exit statuses, log.jsonl, progress lines, the output folders held."""
 import json
 import os
 import re

@@ -1,5 +1,5 @@
-"""The output folder of a training run, used only with --output-dir: its lock, args.json with the provenance of
-the results, TensorBoard, and the one-line message for a write to it that failed."""
+"""The output folder of a training run, set up only with --output-dir: its lock, args.json with the provenance of
+the results, TensorBoard, and the one line for a write to it that failed; check_destination for any script's."""
 import errno
 import fcntl
 import json

@@ -21,7 +21,8 @@ SYNTHETIC_PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0
                      (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
 
 
-# Each --dataset's reader, imported only when chosen.
+# Each --dataset's reader, imported only when chosen: segmentation/datasets.py and folder.py import this module,
+# so it imports them inside functions only.
 def cityscapes(root, split, transforms=None):
     from segmentation.datasets import cityscapes
     return cityscapes(root, split, transforms)
@@ -43,7 +44,8 @@ def folder(root, split, transforms=None, classes_file=None, binary_masks=False):
 
 
 class Layout(NamedTuple):
-    """Sizes as mmsegmentation's recipes: the shorter side rescaled around base_size, then crop_size crops."""
+    """A --dataset: its reader (root, split, transforms=None, **options) -> SegmentationFiles, and the sizes its
+    recipe trains at (mmsegmentation's: the shorter side rescaled around base_size, then crop_size crops)."""
     reader: object
     base_size: int
     crop_size: list

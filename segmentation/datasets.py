@@ -1,6 +1,6 @@
 """Segmentation data in the layouts the datasets ship in (Cityscapes, PASCAL VOC 2012, ADE20K), checked up front;
-the mask reading that segmentation/folder.py shares. Imported only when --data-path is given (segmentation/data.py's
-DATASETS).
+the mask reading that segmentation/folder.py shares. train.py imports it only when --data-path is given (through
+segmentation/data.py's DATASETS).
 
 Each sample is (tv_tensors.Image uint8 [3, H, W] RGB, tv_tensors.Mask uint8 [H, W] of train ids or IGNORE_INDEX).
 """

@@ -250,6 +250,8 @@ def main(args):
                         "or more crops per process (or --sync-bn across GPUs): use -b 2 or more, and --accum-steps "
                         "to keep the effective batch")
     log.lock_output_dir(args.output_dir, vars(args))  # before anything is read from the output folder or written to it
+    if log.writer is not None:  # imported at the start, as the provenance says of all the code that runs
+        from segmentation.pictures import log_validation
     bad_samples = bad_sample_budget(args.max_bad_samples, args.output_dir)  # None at 0: a bad file stops the run
     train_loader = load_train(args, layout, device, bad_samples)
     steps_per_epoch = train_loader.sampler.steps_per_epoch
@@ -298,7 +300,6 @@ def main(args):
                                                      meter.confusion.matrix)
             log.record({**trained, **{f"val_{key}": v for key, v in val.items() if not isinstance(v, list)}}, by)
             if log.writer is not None:
-                from segmentation.pictures import log_validation  # only with TensorBoard (--output-dir)
                 log_validation(log.writer, val, class_names, model, guards.watchdog.beating(val_loader), palette,
                                precision, args, step if by == "step" else epoch)
         elif epoch_end:  # between validations (--eval-interval)

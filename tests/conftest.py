@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,10 @@ def pytest_collection_modifyitems(config, items):
         try:
             from _pytest.nodeid import NodeId
             item._id = NodeId.parse(item.nodeid + suffix)
-        except (ImportError, AttributeError):  # another pytest: the groups spread over workers, slower but alike
+        except (ImportError, AttributeError):
+            pass
+        if not item.nodeid.endswith(suffix):  # another pytest: the groups spread over workers, slower but alike
+            warnings.warn("xdist_group has no effect with this pytest: grouped fixtures run on each worker")
             return
 
 # One thread per test process: pytest-xdist runs as many tests at once as there are cores, and two threads each
