@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -667,12 +668,13 @@ def test_a_jupyter_that_exits_before_it_answers_is_told_apart():
 # A child that writes the signals it gets into a file and exits with 75 on SIGTERM, as train.py does. It takes them
 # one at a time with sigwaitinfo: Python runs a signal's handler inside the one of a signal that came just before,
 # so a SIGTERM handler that exits could cut short the writing of a SIGUSR1 or SIGHUP (seen on a loaded machine).
-# It tells the test it is ready with a real-time signal, which queues (two SIGUSR2 at once would arrive as one).
-CHILD = """import os, signal, sys
+# It writes "ready" once its mask is set. (It signalled the test instead, until a thread of the test's process that
+# did not block the signal took it, and its default action ended the pytest worker.)
+CHILD = """import signal, sys
 taken = {signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP}
 signal.pthread_sigmask(signal.SIG_SETMASK, taken)  # kept pending for sigwaitinfo; the rest of the test's mask undone
-open(sys.argv[1], "a").write("ready\\n")
-os.kill(os.getppid(), signal.SIGRTMIN)
+with open(sys.argv[1], "a") as record:
+    record.write("ready\\n")
 while True:
     signum = signal.sigwaitinfo(taken).si_signo
     with open(sys.argv[1], "a") as record:
@@ -685,14 +687,12 @@ while True:
 def test_sigterm_reaches_every_child_other_signals_the_command_and_the_command_s_status_is_kept(tmp_path):
     children = services.Children()
     records = {name: tmp_path / name for name in ("service", "command")}
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGRTMIN})  # kept pending for sigtimedwait
-    try:
-        children.start("service", [sys.executable, "-c", CHILD, records["service"], "0"], service=True)
-        command = children.start("command", [sys.executable, "-c", CHILD, records["command"], "75"], service=False)
-        for _ in records:
-            assert signal.sigtimedwait({signal.SIGRTMIN}, 60) is not None, "the children did not start"
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGRTMIN})
+    children.start("service", [sys.executable, "-c", CHILD, records["service"], "0"], service=True)
+    command = children.start("command", [sys.executable, "-c", CHILD, records["command"], "75"], service=False)
+    deadline = time.monotonic() + 60
+    while not all(path.exists() and "ready" in path.read_text() for path in records.values()):
+        assert time.monotonic() < deadline, "the children did not start"
+        time.sleep(0.01)
     children.forward(signal.SIGUSR1)
     children.forward(signal.SIGHUP)
     children.forward(signal.SIGTERM)  # docker stop
