@@ -98,7 +98,8 @@ def get_args_parser():
         "name (COCO_WITH_VOC_LABELS_V1, downloaded once); classifier layers of another class count start afresh "
         "(default: none)")
     add("--sync-bn", action=argparse.BooleanOptionalAction,
-        help="batch-norm statistics over all GPUs (default: on when distributed on CUDA)")
+        help="batch-norm statistics over all GPUs (default: on when distributed on CUDA, where per-GPU batches of "
+        "1-2 crops give poor statistics)")
 
     add = groups["optimisation"].add_argument
     add("--epochs", type=number(int, at_least=1), help=f"epochs to train {recipe('epochs')}")
@@ -180,6 +181,13 @@ def finish_args(args):
     return args
 
 
+def check_batch_norm_batch(args, env):
+    if args.batch_size == 1 and "deeplab" in args.model and not (args.sync_bn and env.distributed):
+        raise UserError("-b 1: DeepLab's image-pooling branch normalises a 1x1 map over the batch, which needs 2 "
+                        "or more crops per process (or --sync-bn across GPUs): use -b 2 or more, and --accum-steps "
+                        "to keep the effective batch")
+
+
 class SegmentationLoss(nn.Module):
     """Cross-entropy over labelled pixels, soft Dice or their sum (`loss`), with `class_weights` in each; plus the
     auxiliary head's alike when the model has one."""
@@ -230,8 +238,7 @@ def main(args):
     precision = Precision(device, args.amp, args.amp_dtype, args.channels_last)
     precision.configure_kernels(args.use_deterministic_algorithms)  # process-wide: cuDNN autotuning, TF32, determinism
     torch.manual_seed(args.seed)  # the weights' initialisation
-    if args.sync_bn is None:  # per-GPU batches of 1-2 crops give poor batch-norm statistics: sync by default
-        args.sync_bn = env.distributed and device.type == "cuda"
+    args.sync_bn = env.distributed and device.type == "cuda" if args.sync_bn is None else args.sync_bn
 
     class_names, palette = dataset_info(args)
     val_loader = load_val(args, env, device)  # before the long work: val/ problems show now
@@ -245,10 +252,7 @@ def main(args):
         test_only(model, val_loader, class_names, precision, args)
         return
 
-    if args.batch_size == 1 and "deeplab" in args.model and not (args.sync_bn and env.distributed):
-        raise UserError("-b 1: DeepLab's image-pooling branch normalises a 1x1 map over the batch, which needs 2 "
-                        "or more crops per process (or --sync-bn across GPUs): use -b 2 or more, and --accum-steps "
-                        "to keep the effective batch")
+    check_batch_norm_batch(args, env)
     log.lock_output_dir(args.output_dir, vars(args))  # before anything is read from the output folder or written to it
     if log.writer is not None:  # imported at the start, as the provenance says of all the code that runs
         from segmentation.pictures import log_validation

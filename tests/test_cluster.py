@@ -303,13 +303,14 @@ def test_a_rank_whose_data_never_comes_is_named_and_every_rank_exits_within_the_
 ])
 def test_the_watchdog_names_the_stage_from_where_the_rank_waits(place, stage):
     # A thread that blocks in code that says it comes from `place`, beneath a frame of the training loop.
-    release = threading.Event()
-    blocked = compile("release.wait()", f"/site-packages/{place}", "exec")
+    started, release = threading.Event(), threading.Event()
+    # From started.set() on, the thread's frames stand beneath the code from `place`, in set() or in wait().
+    blocked = compile("started.set()\nrelease.wait()", f"/site-packages/{place}", "exec")
     loop = compile("exec(blocked)", f"{ROOT}/common/engine.py", "exec")
-    thread = threading.Thread(target=exec, args=(loop, {"release": release, "blocked": blocked}))
+    thread = threading.Thread(target=exec, args=(loop, {"started": started, "release": release, "blocked": blocked}))
     thread.start()
     try:
-        time.sleep(0.1)
+        assert started.wait(60)
         assert stalled_stage(sys._current_frames()[thread.ident]) == stage
     finally:
         release.set()

@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -17,7 +18,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from importlib import metadata
 from pathlib import Path
 
@@ -668,13 +668,15 @@ def test_a_jupyter_that_exits_before_it_answers_is_told_apart():
 # A child that writes the signals it gets into a file and exits with 75 on SIGTERM, as train.py does. It takes them
 # one at a time with sigwaitinfo: Python runs a signal's handler inside the one of a signal that came just before,
 # so a SIGTERM handler that exits could cut short the writing of a SIGUSR1 or SIGHUP (seen on a loaded machine).
-# It writes "ready" once its mask is set. (It signalled the test instead, until a thread of the test's process that
-# did not block the signal took it, and its default action ended the pytest worker.)
+# Once its mask is set it says "ready" through a FIFO the test waits on. (It signalled the test instead, until a
+# thread of the test's process that did not block the signal took it, and its default action ended the worker.)
 CHILD = """import signal, sys
 taken = {signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP}
 signal.pthread_sigmask(signal.SIG_SETMASK, taken)  # kept pending for sigwaitinfo; the rest of the test's mask undone
 with open(sys.argv[1], "a") as record:
     record.write("ready\\n")
+with open(sys.argv[3], "w") as ready:
+    ready.write("ready")
 while True:
     signum = signal.sigwaitinfo(taken).si_signo
     with open(sys.argv[1], "a") as record:
@@ -687,12 +689,17 @@ while True:
 def test_sigterm_reaches_every_child_other_signals_the_command_and_the_command_s_status_is_kept(tmp_path):
     children = services.Children()
     records = {name: tmp_path / name for name in ("service", "command")}
-    children.start("service", [sys.executable, "-c", CHILD, records["service"], "0"], service=True)
-    command = children.start("command", [sys.executable, "-c", CHILD, records["command"], "75"], service=False)
-    deadline = time.monotonic() + 60
-    while not all(path.exists() and "ready" in path.read_text() for path in records.values()):
-        assert time.monotonic() < deadline, "the children did not start"
-        time.sleep(0.01)
+    ready = {}
+    for name in records:  # opened before the children, whose open for writing waits for a reader
+        os.mkfifo(tmp_path / f"{name}.ready")
+        ready[name] = os.open(tmp_path / f"{name}.ready", os.O_RDONLY | os.O_NONBLOCK)
+    children.start("service", [sys.executable, "-c", CHILD, records["service"], "0", tmp_path / "service.ready"],
+                   service=True)
+    command = children.start("command", [sys.executable, "-c", CHILD, records["command"], "75",
+                                         tmp_path / "command.ready"], service=False)
+    for fd in ready.values():  # readable once the child has written and closed its end
+        assert select.select([fd], [], [], 60)[0], "the children did not start"
+        os.close(fd)
     children.forward(signal.SIGUSR1)
     children.forward(signal.SIGHUP)
     children.forward(signal.SIGTERM)  # docker stop
